@@ -1,0 +1,225 @@
+"""The architecture of a Megatron checkpoint, read from its saved args with every alias, overridable."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...errors import ConfigError
+from ...ir.types import DType, Rope
+
+# field -> arg names to try, in order (newest first). One rule per line.
+ARG_ALIASES: dict[str, tuple[str, ...]] = {
+    "num_layers": ("num_layers", "encoder_num_layers"),
+    "hidden_size": ("hidden_size",),
+    "ffn_hidden_size": ("ffn_hidden_size",),
+    "num_heads": ("num_attention_heads",),
+    "kv_channels": ("kv_channels",),
+    "norm_eps": ("layernorm_epsilon", "norm_epsilon"),
+    "zero_centered_gamma": ("layernorm_zero_centered_gamma", "apply_layernorm_1p"),
+    "normalization": ("normalization",),
+    "padded_vocab_size": ("padded_vocab_size",),
+    "vocab_size": ("vocab_size",),
+    "max_position_embeddings": ("max_position_embeddings", "seq_length"),
+    "position_embedding_type": ("position_embedding_type",),
+    "rotary_percent": ("rotary_percent",),
+    "rotary_base": ("rotary_base",),
+    "rotary_interleaved": ("rotary_interleaved",),
+    "rope_interpolation": ("rotary_seq_len_interpolation_factor",),
+    "use_rope_scaling": ("use_rope_scaling",),
+    "rope_scaling_factor": ("rope_scaling_factor",),
+    "swiglu": ("swiglu",),
+    "squared_relu": ("squared_relu",),
+    "add_bias_linear": ("add_bias_linear",),
+    "add_qkv_bias": ("add_qkv_bias",),
+    "untie": ("untie_embeddings_and_output_weights",),
+    "qk_layernorm": ("qk_layernorm",),
+    "num_experts": ("num_experts", "num_moe_experts"),
+    "moe_topk": ("moe_router_topk",),
+    "moe_ffn_hidden_size": ("moe_ffn_hidden_size",),
+    "moe_score": ("moe_router_score_function",),
+    "moe_pre_softmax": ("moe_router_pre_softmax",),
+    "tp": ("tensor_model_parallel_size", "model_parallel_size"),
+    "pp": ("pipeline_model_parallel_size",),
+    "vp": ("virtual_pipeline_model_parallel_size",),
+    "ep": ("expert_model_parallel_size",),
+    "params_dtype": ("params_dtype",),
+    "bf16": ("bf16",),
+    "fp16": ("fp16",),
+    "first_stage_layers": ("decoder_first_pipeline_num_layers",),
+    "last_stage_layers": ("decoder_last_pipeline_num_layers",),
+    "transformer_impl": ("transformer_impl",),
+    "post_ln": ("apply_residual_connection_post_layernorm",),
+    "parallel_attn": ("parallel_attn", "parallel_attention"),
+    "embedding_scale": ("embedding_multiplier", "scale_embedding"),
+}
+
+
+@dataclass(frozen=True)
+class MegatronArch:
+    """What the IR needs from the args; `from_args` fills it, `overrides` (YAML/flags) may replace fields."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    padded_vocab_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    normalization: str = "layernorm"      # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    zero_centered_gamma: bool = False
+    activation: str = "gelu"              # gelu | squared-relu | silu | relu ...
+    gated: bool = False
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = True
+    position: str = "learned_absolute"    # learned_absolute | rope | none
+    rope: Rope = Rope()
+    tied: bool = True
+    qk_layernorm: bool = False
+    num_experts: int = 0
+    moe_topk: int = 2
+    moe_ffn_hidden_size: int = 0
+    moe_score: str = "softmax"
+    moe_pre_softmax: bool = False
+    parallel_block: bool = False
+    embedding_scale: float = 1.0
+    tp: int = 1
+    pp: int = 1
+    vp: int = 1
+    ep: int = 1
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+    dtype: DType = DType.f32
+    family: str = "gpt"
+
+
+def _get(args: Any, field: str, default=None):
+    for name in ARG_ALIASES[field]:
+        v = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+        if v is not None:
+            return v
+    return default
+
+
+def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) -> MegatronArch:
+    """Build the architecture from saved args (``where`` names the file for errors)."""
+    overrides = dict(overrides or {})
+
+    def need(field):
+        if field in overrides:
+            return overrides[field]
+        v = _get(args, field)
+        if v is None:
+            raise ConfigError(f"{where}: the saved args have no {' / '.join(ARG_ALIASES[field])}",
+                              hint=f"give it in --config FILE.yaml as `{field}: VALUE`")
+        return v
+
+    L, H, nh = int(need("num_layers")), int(need("hidden_size")), int(need("num_heads"))
+    gqa = bool(getattr(args, "group_query_attention", False) if not isinstance(args, dict)
+               else args.get("group_query_attention", False))
+    nkv = int(overrides.get("num_kv_heads") or (
+        (args.get("num_query_groups") if isinstance(args, dict) else getattr(args, "num_query_groups", None))
+        if gqa else nh) or nh)
+    d = int(overrides.get("head_dim") or _get(args, "kv_channels") or H // nh)
+    swiglu = bool(_get(args, "swiglu", False))
+    squared = bool(_get(args, "squared_relu", False))
+    ffn = _get(args, "ffn_hidden_size")
+    if ffn is None:
+        ffn = int(8 * H / 3 / 64) * 64 if swiglu else 4 * H
+    norm = str(_get(args, "normalization", "LayerNorm")).lower()
+    norm = {"layernorm": "layernorm", "rmsnorm": "rmsnorm"}.get(norm)
+    if norm is None:
+        raise ConfigError(f"{where}: unknown normalization {_get(args, 'normalization')!r}",
+                          hint="mexc reads LayerNorm and RMSNorm; set `normalization:` in --config")
+    pos = _get(args, "position_embedding_type")
+    if pos is None:
+        pos = "rope" if getattr(args, "use_rotary_position_embeddings", False) else "learned_absolute"
+    if pos not in ("rope", "learned_absolute", "none"):
+        raise ConfigError(f"{where}: position_embedding_type {pos!r} is not supported yet",
+                          hint="mexc lifts rope, learned_absolute and none")
+    scaling, factor = "none", 1.0
+    if _get(args, "use_rope_scaling", False):
+        scaling, factor = "llama3", float(_get(args, "rope_scaling_factor", 8.0))
+    elif _get(args, "rope_interpolation"):
+        scaling, factor = "linear", float(_get(args, "rope_interpolation"))
+    rope = Rope(base=float(_get(args, "rotary_base", 10000)), percent=float(_get(args, "rotary_percent", 1.0)),
+                interleaved=bool(_get(args, "rotary_interleaved", False)), scaling=scaling, factor=factor)
+    bias = bool(_get(args, "add_bias_linear", not getattr(args, "disable_bias_linear", False)))
+    padded = int(need("padded_vocab_size"))
+    vocab = int(overrides.get("vocab_size") or _get(args, "vocab_size") or padded)
+    params_dtype = _get(args, "params_dtype")
+    if _get(args, "bf16", False):
+        dtype = DType.bf16
+    elif _get(args, "fp16", False):
+        dtype = DType.f16
+    else:
+        dtype = DType.f32 if params_dtype is None else DType.from_torch(params_dtype)
+    E = int(_get(args, "num_experts") or 0)
+    vp = _get(args, "vp") or 1
+    activation = "silu" if swiglu else ("squared-relu" if squared else "gelu")
+    family = "mixtral" if E else ("llama" if (norm == "rmsnorm" and swiglu and pos == "rope") else "gpt")
+    fields = dict(
+        num_layers=L, hidden_size=H, num_heads=nh, num_kv_heads=nkv, head_dim=d, ffn_hidden_size=int(ffn),
+        padded_vocab_size=padded, vocab_size=min(vocab, padded),
+        max_position_embeddings=int(_get(args, "max_position_embeddings", 4096)), normalization=norm,
+        norm_eps=float(_get(args, "norm_eps", 1e-5)), zero_centered_gamma=bool(_get(args, "zero_centered_gamma", False)),
+        activation=activation, gated=swiglu, add_bias_linear=bias,
+        add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
+        tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
+        num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
+        moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),
+        moe_score=str(_get(args, "moe_score", "softmax")), moe_pre_softmax=bool(_get(args, "moe_pre_softmax", False)),
+        parallel_block=bool(_get(args, "parallel_attn", False)),
+        embedding_scale=float(_get(args, "embedding_scale", 1.0) or 1.0),
+        tp=int(_get(args, "tp", 1) or 1), pp=int(_get(args, "pp", 1) or 1), vp=int(vp), ep=int(_get(args, "ep", 1) or 1),
+        first_stage_layers=_get(args, "first_stage_layers"), last_stage_layers=_get(args, "last_stage_layers"),
+        dtype=dtype, family=family,
+    )
+    known = {f.name for f in dataclasses.fields(MegatronArch)}
+    for k, v in overrides.items():
+        if k not in known:
+            raise ConfigError(f"unknown config override {k!r}", hint=f"known fields: {', '.join(sorted(known))}")
+        if k == "rope" and isinstance(v, dict):
+            v = Rope(**v)
+        if k == "dtype":
+            v = DType.parse(v)
+        fields[k] = v
+    arch = MegatronArch(**fields)
+    _validate(arch, where)
+    return arch
+
+
+def _validate(a: MegatronArch, where: str):
+    problems = []
+    if a.num_heads % a.num_kv_heads:
+        problems.append(f"num_attention_heads={a.num_heads} is not a multiple of num_query_groups={a.num_kv_heads}")
+    if a.padded_vocab_size % a.tp:
+        problems.append(f"padded_vocab_size={a.padded_vocab_size} does not split over tp={a.tp}")
+    if a.num_layers % (a.pp * a.vp) and a.first_stage_layers is None and a.last_stage_layers is None:
+        problems.append(f"num_layers={a.num_layers} does not split over pp={a.pp} x vp={a.vp}")
+    if problems:
+        raise ConfigError(f"{where}: inconsistent args: " + "; ".join(problems),
+                          hint="fix them with --config FILE.yaml")
+
+
+def load_overrides(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file", hint="give --config the path of a YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})", hint="write `field: value` lines") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of field: value", hint="write `field: value` lines")
+    return data
+

@@ -1,0 +1,318 @@
+"""Lift a Megatron checkpoint into the IR: keys and shapes only, every weight a lazy recipe.
+
+The IR holds *logical* (unsharded, global-layer) weights. For legacy files the recipes merge the TP shards
+(``concat`` of ``load``s; gated fc1 halves split per shard), renumber stage-local layers to global ones
+(virtual-pipeline chunks included) and map local experts to global ones. For ``torch_dist`` the merge is
+already done on disk; layer-stacked tensors become ``load(key@layer)``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ...errors import CheckpointError, ConfigError
+from ...ir import Builder, ModelConfig, Model, Parallelism, QKVLayout, Recipe, derive, load
+from ...ir.types import TensorType
+from . import mapping
+from .config import MegatronArch, from_args, load_overrides
+from .reader import CheckpointInfo, DcpStore, MegatronTorchStore, open_checkpoint, tensor_type
+
+_CHUNK = re.compile(r"^model(\d*)/(.*)$")
+
+
+def lift(path: str | Path, *, iteration: int | None = None, config: str | Path | None = None,
+         overrides: dict[str, Any] | None = None) -> Model:
+    """Lift the checkpoint at ``path`` (a Megatron ``--save`` dir or one ``iter_*`` dir) into a Model."""
+    info = open_checkpoint(path, iteration)
+    ov = load_overrides(config)
+    ov.update(overrides or {})
+    where = str(info.iter_dir / ("common.pt" if info.format == "torch_dist" else "mp_rank_*/model_optim_rng.pt"))
+    arch = from_args(info.args, where, ov)
+    if info.checkpoint_version is not None and float(info.checkpoint_version) < 2.0:
+        raise CheckpointError(f"{info.iter_dir}: checkpoint_version {info.checkpoint_version} uses an old QKV "
+                              "row order", hint="re-save it with a Megatron-LM from 2020 or later (version >= 2.0)")
+    if info.format == "torch":
+        roles, store = _roles_legacy(info, arch)
+    else:
+        roles, store = _roles_dist(info, arch)
+    model = _build(arch, roles, store, info)
+    from ...ir import verify
+
+    verify(model, context=f"(lifted from {info.iter_dir})")
+    return model
+
+
+# ---------------------------------------------------------------------------------------- legacy
+
+
+def _roles_legacy(info: CheckpointInfo, arch: MegatronArch):
+    store = MegatronTorchStore("ckpt", str(info.iter_dir.resolve()))
+    # (role, layer, expert) -> {tp_rank: (key, type)}; layer numbering resolved below
+    found: dict[tuple, dict[int, tuple[str, TensorType, str]]] = defaultdict(dict)
+    local_layers: dict[tuple[int, int], set[int]] = defaultdict(set)  # (pp, chunk) -> local layer ids
+    unmapped: list[str] = []
+    per_file: list[tuple] = []
+    for (t, p, e), f in sorted(info.rank_files.items()):
+        rank_dir = f.parent.name
+        state = store.state(rank_dir)
+        for key, val in state.items():
+            m = _CHUNK.match(key)
+            if m is None:
+                continue
+            chunk = int(m.group(1) or 0)
+            r = mapping.match(m.group(2))
+            if r is None:
+                if hasattr(val, "shape"):
+                    unmapped.append(f"{rank_dir}: {m.group(2)}")
+                continue
+            role, merge, layer, expert = r
+            if merge == "skip" or not hasattr(val, "shape"):
+                continue
+            if layer is not None:
+                local_layers[(p, chunk)].add(layer)
+            per_file.append((t, p, e, chunk, role, merge, layer, expert, f"{rank_dir}:{key}", tensor_type(val), f))
+    if unmapped:
+        raise CheckpointError(f"{info.iter_dir}: {len(unmapped)} tensor(s) no mapping rule knows: "
+                              + ", ".join(unmapped[:8]) + (" ..." if len(unmapped) > 8 else ""),
+                              hint="this architecture is not supported yet; mexc never drops weights silently "
+                                   "(see `mexc inspect --rules`)")
+    # global layer offsets: stages (and VP chunks) in Megatron's order: chunk-major, then pipeline rank
+    counts = {k: (max(v) + 1) for k, v in local_layers.items()}
+    order = sorted(counts, key=lambda pc: (pc[1], pc[0]))
+    offset, run = {}, 0
+    for pc in order:
+        offset[pc] = run
+        run += counts[pc]
+    if local_layers and run != arch.num_layers:
+        raise CheckpointError(f"{info.iter_dir}: the rank files hold {run} layers, the args say num_layers="
+                              f"{arch.num_layers}", hint="a pipeline stage is missing, or fix num_layers with --config")
+    n_local_experts = arch.num_experts // max(arch.ep, 1) if arch.num_experts else 0
+    for t, p, e, chunk, role, merge, layer, expert, key, typ, f in per_file:
+        g_layer = offset[(p, chunk)] + layer if layer is not None else None
+        g_expert = e * n_local_experts + expert if expert is not None else None
+        slot = (role, g_layer, g_expert)
+        if expert is None and e > 0:
+            prev = found[slot].get(t)
+            if prev is not None and prev[1] != typ:
+                raise CheckpointError(f"{f}: {role} has {typ}, expert rank 0 has {prev[1]}",
+                                      hint="the expert-parallel ranks disagree; the checkpoint is inconsistent")
+            continue
+        if t in found[slot] and expert is None:
+            prev_key = found[slot][t][0]
+            if role != "lm_head.tied_copy":
+                raise CheckpointError(f"{info.iter_dir}: {role} (layer {g_layer}) found twice: {prev_key} and {key}",
+                                      hint="the checkpoint has duplicate keys for one weight")
+        found[slot][t] = (key, typ, str(f), merge)
+    roles: dict[tuple, Recipe] = {}
+    for (role, layer, expert), shards in found.items():
+        roles[(role, layer, expert)] = _merge(store, role, layer, shards, arch, info)
+    return roles, store
+
+
+def _merge(store, role, layer, shards, arch: MegatronArch, info) -> Recipe:
+    ranks = sorted(shards)
+    if ranks != list(range(arch.tp)):
+        missing = sorted(set(range(arch.tp)) - set(ranks))
+        raise CheckpointError(f"{info.iter_dir}: {role} (layer {layer}) is missing on tp rank(s) {missing}",
+                              hint="copy every mp_rank_* directory of the checkpoint")
+    merge = shards[0][3]
+    if merge == "gated?":
+        merge = "gated" if arch.gated else "col"
+    leaves = [load(store, shards[r][0], shards[r][1]) for r in ranks]
+    if merge == "rep" or len(leaves) == 1:
+        for r in ranks[1:]:
+            if shards[r][1] != shards[0][1]:
+                raise CheckpointError(f"{shards[r][2]}: {role} (layer {layer}) is {shards[r][1]} but rank 0 has "
+                                      f"{shards[0][1]}", hint="the TP ranks disagree on a replicated tensor")
+        return leaves[0]
+    dim = 1 if merge == "row" else 0
+    other = [i for i in range(len(leaves[0].type.shape)) if i != dim]
+    for r in ranks[1:]:
+        a, b = shards[r][1], shards[0][1]
+        if len(a.shape) != len(b.shape) or any(a.shape[i] != b.shape[i] for i in range(len(a.shape))) or a.dtype != b.dtype:
+            raise CheckpointError(f"{shards[r][2]}: {role} (layer {layer}) shard is {a}, rank 0's is {b}",
+                                  hint="shapes disagree across TP ranks; the checkpoint is inconsistent")
+    del other
+    if merge == "gated":
+        halves = []
+        for leaf in leaves:
+            n = leaf.type.shape[0]
+            if n % 2:
+                raise CheckpointError(f"{info.iter_dir}: gated fc1 shard {leaf.attrs['key']} has odd rows {n}")
+            halves.append((derive("slice", leaf, dim=0, start=0, stop=n // 2),
+                           derive("slice", leaf, dim=0, start=n // 2, stop=n)))
+        return derive("concat", *[h[0] for h in halves], *[h[1] for h in halves], dim=0)
+    return derive("concat", *leaves, dim=dim)
+
+
+# ---------------------------------------------------------------------------------------- torch_dist
+
+_STACKED = re.compile(r"^decoder\.layers\.(?!\d+\.)(.*)$")
+
+
+def _roles_dist(info: CheckpointInfo, arch: MegatronArch):
+    store = DcpStore("ckpt", str(info.iter_dir.resolve()))
+    roles: dict[tuple, Recipe] = {}
+    unmapped = []
+    for key, (dt, shape) in sorted(store.tensors().items()):
+        m = _STACKED.match(key)
+        items = []
+        if m:
+            if not shape or shape[0] != arch.num_layers:
+                raise CheckpointError(f"{info.iter_dir}: stacked tensor {key} has shape {list(shape)}, expected "
+                                      f"{arch.num_layers} layers first", hint="fix num_layers with --config")
+            for i in range(arch.num_layers):
+                items.append((f"decoder.layers.{i}.{m.group(1)}", f"{key}@{i}", tuple(shape[1:])))
+        else:
+            items.append((key, key, tuple(shape)))
+        for norm_key, skey, sh in items:
+            r = mapping.match(norm_key)
+            if r is None:
+                unmapped.append(key)
+                break
+            role, merge, layer, expert = r
+            if merge == "skip":
+                continue
+            roles[(role, layer, expert)] = load(store, skey, tensor_type((dt, sh)))
+    if unmapped:
+        raise CheckpointError(f"{info.iter_dir}: {len(unmapped)} tensor(s) no mapping rule knows: "
+                              + ", ".join(unmapped[:8]), hint="this architecture is not supported yet; mexc never "
+                              "drops weights silently (see `mexc inspect --rules`)")
+    # global fc1 on disk is [all gate; all up] (TP-invariant); mark it so _build splits it as one shard
+    return roles, store
+
+
+# ---------------------------------------------------------------------------------------- IR
+
+
+def _get(roles, role, layer=None, expert=None, required=True, where=""):
+    r = roles.get((role, layer, expert))
+    if r is None and required:
+        raise CheckpointError(f"{where}: no tensor for {role}" + (f" of layer {layer}" if layer is not None else ""),
+                              hint="the checkpoint is incomplete, or its args describe another architecture")
+    return r
+
+
+def _split_gated(w: Recipe) -> tuple[Recipe, Recipe]:
+    n = w.type.shape[0] if len(w.type.shape) == 2 or len(w.type.shape) == 1 else w.type.shape[-2]
+    dim = 0 if len(w.type.shape) <= 2 else len(w.type.shape) - 2
+    return (derive("slice", w, dim=dim, start=0, stop=n // 2), derive("slice", w, dim=dim, start=n // 2, stop=n))
+
+
+def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
+    where = str(info.iter_dir)
+    H = arch.hidden_size
+    cfg = ModelConfig(family=arch.family, hidden_size=H, num_layers=arch.num_layers, vocab_size=arch.vocab_size,
+                      max_position_embeddings=arch.max_position_embeddings, dtype=arch.dtype)
+    b = Builder(cfg, parallel=Parallelism(), stores={store.name: store},
+                meta={"source": "megatron", "format": info.format, "iteration": info.iteration,
+                      "source_tp": arch.tp, "source_pp": arch.pp, "source_ep": arch.ep, "source_vp": arch.vp,
+                      "checkpoint": str(info.root.resolve())})
+    word = _get(roles, "embedding.word", where=where)
+    if word.type.shape[0] != arch.padded_vocab_size:
+        raise CheckpointError(f"{where}: word embeddings have {word.type.shape[0]} rows, args say "
+                              f"padded_vocab_size={arch.padded_vocab_size}", hint="fix it with --config")
+    pos = roles.get(("embedding.position", None, None))
+    if arch.position == "learned_absolute" and pos is None:
+        raise CheckpointError(f"{where}: learned_absolute positions but no position_embeddings tensor",
+                              hint="set position_embedding_type in --config")
+    x = b.node("embedding", b.input_ids, params={"word": word, "position": pos}, scale=arch.embedding_scale)
+    norm_kw = dict(kind=arch.normalization, eps=arch.norm_eps, zero_centered=arch.zero_centered_gamma)
+    lay = QKVLayout("grouped", arch.num_heads, arch.num_kv_heads, arch.head_dim)
+    for i in range(arch.num_layers):
+        h = b.node("norm", x, layer=i, params={"weight": _get(roles, "input_norm.weight", i, where=where),
+                                               "bias": roles.get(("input_norm.bias", i, None))}, **norm_kw)
+        qkv = _get(roles, "qkv.weight", i, where=where)
+        if qkv.type.shape != (lay.rows, H):
+            raise CheckpointError(f"{where}: layer {i} linear_qkv is {list(qkv.type.shape)}, the args imply "
+                                  f"[{lay.rows}, {H}] (heads={arch.num_heads}, groups={arch.num_kv_heads}, "
+                                  f"kv_channels={arch.head_dim})", hint="fix the head counts with --config")
+        qkv = derive("tag_qkv", qkv, kind="grouped", q=lay.q_heads, kv=lay.kv_heads, d=lay.head_dim)
+        qb = roles.get(("qkv.bias", i, None))
+        if qb is not None:
+            qb = derive("tag_qkv", qb, kind="grouped", q=lay.q_heads, kv=lay.kv_heads, d=lay.head_dim)
+        qk_norm = arch.normalization if roles.get(("q_norm.weight", i, None)) is not None else "none"
+        attn = b.node("attention", h, layer=i,
+                      params={"qkv": qkv, "qkv_bias": qb, "proj": _get(roles, "proj.weight", i, where=where),
+                              "proj_bias": roles.get(("proj.bias", i, None)),
+                              "q_norm": roles.get(("q_norm.weight", i, None)),
+                              "k_norm": roles.get(("k_norm.weight", i, None))},
+                      num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                      position="rope" if arch.position == "rope" else "none", rope=arch.rope, qk_norm=qk_norm)
+        post_w = roles.get(("post_norm.weight", i, None))
+        if arch.parallel_block:
+            m_in = h if post_w is None else b.node("norm", x, layer=i, params={
+                "weight": post_w, "bias": roles.get(("post_norm.bias", i, None))}, **norm_kw)
+            mlp = _mlp(b, roles, arch, i, m_in, where)
+            x = b.node("add", x, attn, mlp, layer=i)
+            continue
+        x = b.node("add", x, attn, layer=i)
+        if post_w is None:
+            raise CheckpointError(f"{where}: layer {i} has no pre-MLP norm", hint="is this a parallel-attention "
+                                  "model? set parallel_block: true in --config")
+        h2 = b.node("norm", x, layer=i, params={"weight": post_w, "bias": roles.get(("post_norm.bias", i, None))},
+                    **norm_kw)
+        x = b.node("add", x, _mlp(b, roles, arch, i, h2, where), layer=i)
+    fx = b.node("norm", x, params={"weight": _get(roles, "final_norm.weight", where=where),
+                                   "bias": roles.get(("final_norm.bias", None, None))}, **norm_kw)
+    head = roles.get(("lm_head.weight", None, None))
+    tied = head is None
+    if head is None:
+        if not arch.tied:
+            raise CheckpointError(f"{where}: untie_embeddings_and_output_weights is set but there is no "
+                                  "output_layer.weight", hint="the last pipeline stage's file is missing or incomplete")
+        head = word
+    logits = b.node("lm_head", fx, params={"weight": head}, tied=tied)
+    return b.output(logits)
+
+
+def _mlp(b: Builder, roles, arch: MegatronArch, i: int, h, where):
+    if roles.get(("router.weight", i, None)) is not None:
+        return _moe(b, roles, arch, i, h, where)
+    fc1 = _get(roles, "fc1.weight", i, where=where)
+    fc1_b = roles.get(("fc1.bias", i, None))
+    params: dict[str, Recipe | None] = {"fc2": _get(roles, "fc2.weight", i, where=where),
+                                        "fc2_bias": roles.get(("fc2.bias", i, None))}
+    if arch.gated:
+        if fc1.type.shape[0] != 2 * arch.ffn_hidden_size:
+            raise CheckpointError(f"{where}: layer {i} gated fc1 has {fc1.type.shape[0]} rows, expected "
+                                  f"2 x ffn_hidden_size = {2 * arch.ffn_hidden_size}", hint="fix ffn_hidden_size")
+        params["gate"], params["up"] = _split_gated(fc1)
+        if fc1_b is not None:
+            params["gate_bias"], params["up_bias"] = _split_gated(fc1_b)
+    else:
+        params["fc1"], params["fc1_bias"] = fc1, fc1_b
+    return b.node("mlp", h, layer=i, params=params, activation=arch.activation, gated=arch.gated)
+
+
+def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
+    E = arch.num_experts
+    if E <= 0:
+        raise ConfigError(f"{where}: layer {i} has a router but num_experts is not set", hint="set num_experts")
+    stacked = roles.get(("experts.fc1.weight", i, None))
+    if stacked is not None:
+        fc1, fc2 = stacked, _get(roles, "experts.fc2.weight", i, where=where)
+    else:
+        missing = [e for e in range(E) if ("expert.fc1.weight", i, e) not in roles]
+        if missing:
+            raise CheckpointError(f"{where}: layer {i} misses experts {missing[:8]}",
+                                  hint="copy every expert-parallel rank (mp_rank_*_EEE)")
+        fc1 = derive("stack", *[roles[("expert.fc1.weight", i, e)] for e in range(E)])
+        fc2 = derive("stack", *[roles[("expert.fc2.weight", i, e)] for e in range(E)])
+    params: dict[str, Recipe | None] = {"router": roles[("router.weight", i, None)], "fc2": fc2}
+    if arch.gated:
+        params["gate"], params["up"] = _split_gated(fc1)
+    else:
+        params["fc1"] = fc1
+    if ("router.expert_bias", i, None) in roles:
+        raise CheckpointError(f"{where}: layer {i} uses expert-bias routing, which mexc does not lower yet",
+                              hint="no target of mexc expresses expert-bias routing today")
+    return b.node("moe", h, layer=i, params=params, num_experts=E, top_k=arch.moe_topk,
+                  activation=arch.activation, gated=arch.gated, score=arch.moe_score,
+                  pre_softmax=arch.moe_pre_softmax)
+
+
+__all__ = ["lift"]

@@ -1,0 +1,92 @@
+"""Megatron state-dict key -> IR role, and how its tensor-parallel shards merge. One rule per line.
+
+Keys are matched after removing the ``model/`` (or ``modelK/`` virtual-pipeline chunk) prefix; ``{L}`` is a
+layer number (local to the stage in legacy files) and ``{E}`` a local expert number. Merge kinds:
+
+``rep``    replicated on every TP rank (norms, row-parallel biases, router): take rank 0, check the others agree
+``col``    column-parallel: concatenate on dim 0 (QKV keeps Megatron's group-interleaved rows)
+``row``    row-parallel: concatenate on dim 1
+``gated``  gated fc1: each rank holds ``[gate_r; up_r]``; halves are split per shard, then concatenated
+``skip``   not a weight of the inference model
+"""
+
+from __future__ import annotations
+
+import re
+
+RULES: list[tuple[str, str, str]] = [
+    # ---- megatron-core GPTModel, local spec and TransformerEngine spec
+    (r"embedding\.word_embeddings\.weight", "embedding.word", "col"),
+    (r"embedding\.position_embeddings\.weight", "embedding.position", "rep"),
+    (r"decoder\.final_layernorm\.weight", "final_norm.weight", "rep"),
+    (r"decoder\.final_layernorm\.bias", "final_norm.bias", "rep"),
+    (r"decoder\.final_norm\.weight", "final_norm.weight", "rep"),
+    (r"output_layer\.weight", "lm_head.weight", "col"),
+    (r"decoder\.layers\.{L}\.input_layernorm\.weight", "input_norm.weight", "rep"),
+    (r"decoder\.layers\.{L}\.input_layernorm\.bias", "input_norm.bias", "rep"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_qkv\.layer_norm_weight", "input_norm.weight", "rep"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_qkv\.layer_norm_bias", "input_norm.bias", "rep"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_qkv\.weight", "qkv.weight", "col"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_qkv\.bias", "qkv.bias", "col"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_proj\.weight", "proj.weight", "row"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_proj\.bias", "proj.bias", "rep"),
+    (r"decoder\.layers\.{L}\.self_attention\.q_layernorm\.weight", "q_norm.weight", "rep"),
+    (r"decoder\.layers\.{L}\.self_attention\.k_layernorm\.weight", "k_norm.weight", "rep"),
+    (r"decoder\.layers\.{L}\.pre_mlp_layernorm\.weight", "post_norm.weight", "rep"),
+    (r"decoder\.layers\.{L}\.pre_mlp_layernorm\.bias", "post_norm.bias", "rep"),
+    (r"decoder\.layers\.{L}\.mlp\.linear_fc1\.layer_norm_weight", "post_norm.weight", "rep"),
+    (r"decoder\.layers\.{L}\.mlp\.linear_fc1\.layer_norm_bias", "post_norm.bias", "rep"),
+    (r"decoder\.layers\.{L}\.mlp\.linear_fc1\.weight", "fc1.weight", "gated?"),
+    (r"decoder\.layers\.{L}\.mlp\.linear_fc1\.bias", "fc1.bias", "gated?"),
+    (r"decoder\.layers\.{L}\.mlp\.linear_fc2\.weight", "fc2.weight", "row"),
+    (r"decoder\.layers\.{L}\.mlp\.linear_fc2\.bias", "fc2.bias", "rep"),
+    (r"decoder\.layers\.{L}\.mlp\.router\.weight", "router.weight", "rep"),
+    (r"decoder\.layers\.{L}\.mlp\.experts\.local_experts\.{E}\.linear_fc1\.weight", "expert.fc1.weight", "gated?"),
+    (r"decoder\.layers\.{L}\.mlp\.experts\.local_experts\.{E}\.linear_fc2\.weight", "expert.fc2.weight", "row"),
+    (r"decoder\.layers\.{L}\.mlp\.experts\.linear_fc1\.weight{E}", "expert.fc1.weight", "gated?"),
+    (r"decoder\.layers\.{L}\.mlp\.experts\.linear_fc2\.weight{E}", "expert.fc2.weight", "row"),
+    # torch_dist global (expert-stacked) keys; TP merge already applied on disk
+    (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc1\.weight", "experts.fc1.weight", "rep"),
+    (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc2\.weight", "experts.fc2.weight", "rep"),
+    # ---- pre-mcore (megatron/legacy/model): nested language_model dict
+    (r"language_model\.embedding\.word_embeddings\.weight", "embedding.word", "col"),
+    (r"language_model\.embedding\.position_embeddings\.weight", "embedding.position", "rep"),
+    (r"language_model\.(?:encoder|transformer)\.final_(?:norm|layernorm)\.weight", "final_norm.weight", "rep"),
+    (r"language_model\.(?:encoder|transformer)\.final_(?:norm|layernorm)\.bias", "final_norm.bias", "rep"),
+    (r"language_model\.output_layer\.weight", "lm_head.weight", "col"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.input_(?:norm|layernorm)\.weight", "input_norm.weight", "rep"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.input_(?:norm|layernorm)\.bias", "input_norm.bias", "rep"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.(?:self_)?attention\.query_key_value\.weight", "qkv.weight", "col"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.(?:self_)?attention\.query_key_value\.bias", "qkv.bias", "col"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.(?:self_)?attention\.dense\.weight", "proj.weight", "row"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.(?:self_)?attention\.dense\.bias", "proj.bias", "rep"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.post_attention_(?:norm|layernorm)\.weight", "post_norm.weight", "rep"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.post_attention_(?:norm|layernorm)\.bias", "post_norm.bias", "rep"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.mlp\.dense_h_to_4h\.weight", "fc1.weight", "gated?"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.mlp\.dense_h_to_4h\.bias", "fc1.bias", "gated?"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.mlp\.dense_4h_to_h\.weight", "fc2.weight", "row"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.{L}\.mlp\.dense_4h_to_h\.bias", "fc2.bias", "rep"),
+    (r"word_embeddings_for_head\.weight", "lm_head.tied_copy", "col"),
+    # ---- not part of the inference model
+    (r".*\._extra_state(?:/.*)?", "", "skip"),
+    (r".*\.rotary_pos_emb\.inv_freq", "", "skip"),
+    (r"decoder\.layers\.{L}\.mlp\.router\.expert_bias", "router.expert_bias", "rep"),
+]
+
+_COMPILED = [(re.compile("^" + p.replace("{L}", r"(?P<L>\d+)").replace("{E}", r"(?P<E>\d+)") + "$"), role, merge)
+             for p, role, merge in RULES]
+
+
+def match(key: str) -> tuple[str, str, int | None, int | None] | None:
+    """(role, merge, layer, expert) for a normalized key, or None when no rule matches."""
+    for rx, role, merge in _COMPILED:
+        m = rx.match(key)
+        if m:
+            g = m.groupdict()
+            return role, merge, (int(g["L"]) if g.get("L") else None), (int(g["E"]) if g.get("E") else None)
+    return None
+
+
+def describe() -> str:
+    """The table, one rule per line (for `mexc inspect --rules` and docs)."""
+    return "\n".join(f"{merge:7s} {pattern:90s} -> {role or '(skipped)'}" for pattern, role, merge in RULES)

@@ -1,0 +1,341 @@
+"""Finding and reading Megatron checkpoints: legacy ``torch`` per-rank files and ``torch_dist`` (DCP).
+
+Both are exposed as :class:`mexc.ir.Store`s, so lifting records keys and shapes and a backend reads tensor
+bytes on demand: legacy files are opened with ``mmap=True`` (tensor pages are read only when touched), DCP
+chunks are read from their byte range in the ``.distcp`` file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import CheckpointError
+from ...ir import Store, TensorType, register_store
+from ...ir.types import DType
+from .safe_load import load_dcp_metadata, torch_load, torch_load_bytes
+
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+
+
+@dataclass
+class CheckpointInfo:
+    """Where a checkpoint is and what it holds (no tensor data read)."""
+
+    root: Path                      # the directory the user gave
+    iter_dir: Path                  # iter_NNNNNNN or release
+    format: str                     # torch | torch_dist
+    iteration: int | None
+    args: Any                       # argparse.Namespace (or a dict-like)
+    checkpoint_version: float | None
+    rank_files: dict[tuple[int, int, int], Path] = field(default_factory=dict)  # (tp, pp, ep) -> file (torch)
+
+
+def locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, int | None]:
+    """Resolve a user path to (root, iteration dir, iteration)."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"{root}: no such directory", hint="give the Megatron save directory (--save)")
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory", hint="give the Megatron save directory, not a file")
+    if _is_iter_dir(root):
+        m = re.match(r"iter_(\d+)$", root.name)
+        return root, root, int(m.group(1)) if m else None
+    iters = sorted(p for p in root.iterdir() if p.is_dir() and (re.match(r"iter_\d{7}$", p.name) or p.name == "release"))
+    tracker = root / "latest_checkpointed_iteration.txt"
+    if iteration is not None:
+        d = root / ("release" if iteration == 0 and (root / "release").is_dir() else f"iter_{iteration:07d}")
+        if not d.is_dir():
+            have = ", ".join(p.name for p in iters) or "none"
+            raise CheckpointError(f"{root}: no iteration {iteration} (found: {have})",
+                                  hint="pick one of the iterations found with --iteration")
+        return root, d, iteration
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text == "release":
+            d, it = root / "release", 0
+        elif text.isdigit():
+            it = int(text)
+            d = root / f"iter_{it:07d}"
+        else:
+            raise CheckpointError(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}",
+                                  hint="fix the file, or pass --iteration N")
+        if not d.is_dir():
+            raise CheckpointError(f"{tracker} names iteration {text} but {d} does not exist",
+                                  hint="pass --iteration N for one of the saved iterations")
+        return root, d, it
+    if len(iters) == 1:
+        m = re.match(r"iter_(\d+)$", iters[0].name)
+        return root, iters[0], int(m.group(1)) if m else 0
+    if not iters:
+        raise CheckpointError(f"{root}: no Megatron checkpoint here (no latest_checkpointed_iteration.txt, "
+                              "no iter_* or release directory, no mp_rank_* or metadata.json)",
+                              hint="give the directory Megatron saved to with --save")
+    raise CheckpointError(f"{root}: {len(iters)} iterations ({', '.join(p.name for p in iters)}) and no "
+                          "latest_checkpointed_iteration.txt", hint="choose one with --iteration N")
+
+
+def _is_iter_dir(d: Path) -> bool:
+    return (d / "metadata.json").is_file() or (d / ".metadata").is_file() or any(
+        p.name.startswith("mp_rank_") for p in d.iterdir())
+
+
+def open_checkpoint(path: str | Path, iteration: int | None = None) -> CheckpointInfo:
+    root, d, it = locate(path, iteration)
+    if (d / "metadata.json").is_file() or (d / ".metadata").is_file():
+        return _open_dist(root, d, it)
+    if any(p.name.startswith("mp_rank_") for p in d.iterdir()):
+        return _open_legacy(root, d, it)
+    raise CheckpointError(f"{d}: neither a legacy (mp_rank_*) nor a torch_dist (metadata.json) checkpoint",
+                          hint="the directory is empty or incomplete; copy the checkpoint again")
+
+
+def _open_legacy(root: Path, d: Path, it: int | None) -> CheckpointInfo:
+    dirs = {}
+    for p in sorted(d.iterdir()):
+        m = _RANK_DIR.match(p.name)
+        if m and p.is_dir():
+            dirs[p.name] = (m, p)
+    if not dirs:
+        raise CheckpointError(f"{d}: no mp_rank_* directories", hint="copy the checkpoint again")
+    first_name = sorted(dirs)[0]
+    first = dirs[first_name][1] / "model_optim_rng.pt"
+    if not first.is_file():
+        raise CheckpointError(f"{first}: missing", hint="every mp_rank_* directory needs model_optim_rng.pt")
+    sd = torch_load(first)
+    args = sd.get("args")
+    if args is None:
+        raise CheckpointError(f"{first}: has no 'args' (not saved by Megatron-LM's training loop?)",
+                              hint="pass the architecture with --config FILE.yaml")
+    tp = _arg(args, "tensor_model_parallel_size", _arg(args, "model_parallel_size", 1)) or 1
+    pp = _arg(args, "pipeline_model_parallel_size", 1) or 1
+    ep = _arg(args, "expert_model_parallel_size", 1) or 1
+    files: dict[tuple[int, int, int], Path] = {}
+    for name, (m, p) in dirs.items():
+        t, a, b = int(m.group(1)), m.group(2), m.group(3)
+        if b is not None:
+            pr, er = int(a), int(b)
+        elif a is not None:
+            pr, er = (int(a), 0) if pp > 1 else (0, int(a))  # a 3-digit suffix is EP when pp == 1
+        else:
+            pr, er = 0, 0
+        files[(t, pr, er)] = p / "model_optim_rng.pt"
+    missing = [(t, p_, e) for t in range(tp) for p_ in range(pp) for e in range(ep) if (t, p_, e) not in files]
+    if missing:
+        names = ", ".join(_rank_dir_name(t, p_, e, pp, ep) for t, p_, e in missing[:6])
+        raise CheckpointError(f"{d}: missing rank directories {names} (args say tp={tp} pp={pp} ep={ep})",
+                              hint="copy the whole iteration directory; every rank's file is needed")
+    for key, f in files.items():
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing", hint="every mp_rank_* directory needs model_optim_rng.pt")
+        if key[0] >= tp or key[1] >= pp or key[2] >= ep:
+            raise CheckpointError(f"{f.parent}: rank outside tp={tp} pp={pp} ep={ep} from the args",
+                                  hint="the args disagree with the files; pass the layout with --config")
+    return CheckpointInfo(root, d, "torch", sd.get("iteration", it), args, sd.get("checkpoint_version"), files)
+
+
+def _rank_dir_name(t, p, e, pp, ep):
+    s = f"mp_rank_{t:02d}"
+    if pp > 1:
+        s += f"_{p:03d}"
+    if ep > 1:
+        s += f"_{e:03d}"
+    return s
+
+
+def _open_dist(root: Path, d: Path, it: int | None) -> CheckpointInfo:
+    import json
+
+    mj = d / "metadata.json"
+    if mj.is_file():
+        try:
+            meta = json.loads(mj.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{mj}: not valid JSON ({e})", hint="copy the checkpoint again") from None
+        backend = meta.get("sharded_backend")
+        if backend != "torch_dist":
+            raise CheckpointError(f"{mj}: sharded_backend {backend!r} is not supported",
+                                  hint="convert it to torch_dist with Megatron-LM's checkpoint tools")
+    common = d / "common.pt"
+    store = DcpStore("ckpt", str(d))
+    if common.is_file():
+        state = torch_load(common, mmap=False)
+    else:
+        state = store.common_state()
+    args = state.get("args") if isinstance(state, dict) else None
+    if args is None:
+        raise CheckpointError(f"{d}: no args in the common state ({'common.pt' if common.is_file() else 'common_state'})",
+                              hint="pass the architecture with --config FILE.yaml")
+    return CheckpointInfo(root, d, "torch_dist", state.get("iteration", it), args, state.get("checkpoint_version"))
+
+
+def _arg(args, name, default=None):
+    if isinstance(args, dict):
+        return args.get(name, default)
+    return getattr(args, name, default)
+
+
+# ------------------------------------------------------------------------------------------ stores
+
+
+@register_store
+class MegatronTorchStore(Store):
+    """Legacy per-rank files. Key: ``mp_rank_TT[_PPP][_EEE]:<model key>/<flat state key>``."""
+
+    kind = "megatron-torch"
+
+    def __init__(self, name: str, root: str):
+        super().__init__(name)
+        self.root = root
+        self._open: dict[str, dict[str, torch.Tensor]] = {}
+
+    def spec(self):
+        return {"root": self.root}
+
+    def state(self, rank_dir: str) -> dict[str, Any]:
+        """The flat state dict of one rank file (tensors memory-mapped, not read)."""
+        if rank_dir not in self._open:
+            path = Path(self.root) / rank_dir / "model_optim_rng.pt"
+            sd = torch_load(path)
+            flat: dict[str, Any] = {}
+            for k, v in sd.items():
+                if k == "model" or re.fullmatch(r"model\d+", k):
+                    _flatten(v, k + "/", flat)
+            self._open[rank_dir] = flat
+        return self._open[rank_dir]
+
+    def read(self, key, type):
+        rank_dir, k = key.split(":", 1)
+        t = self.state(rank_dir).get(k)
+        if t is None:
+            raise CheckpointError(f"{self.root}/{rank_dir}/model_optim_rng.pt: no tensor {k!r}",
+                                  hint="the checkpoint changed since it was lifted; lift it again")
+        return t
+
+
+def _flatten(obj, prefix, out):
+    """Nested state dicts (pre-mcore ``language_model`` etc.) become dotted keys under ``prefix``."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}{k}.", out)
+    else:
+        out[prefix.rstrip(".")] = obj
+
+
+@register_store
+class DcpStore(Store):
+    """A torch_dist (PyTorch DCP) checkpoint. Key: ``<global key>`` or ``<global key>@<i>`` (index on dim 0)."""
+
+    kind = "megatron-dist"
+
+    def __init__(self, name: str, root: str):
+        super().__init__(name)
+        self.root = root
+        self._meta = None
+
+    def spec(self):
+        return {"root": self.root}
+
+    @property
+    def metadata(self):
+        if self._meta is None:
+            self._meta = load_dcp_metadata(Path(self.root) / ".metadata")
+        return self._meta
+
+    def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Global key -> (dtype, global shape) for every tensor item (optimizer state excluded)."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        out = {}
+        for k, md in self.metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata) and not k.startswith(("optimizer.", "rng_state")):
+                out[k] = (md.properties.dtype, tuple(md.size))
+        return out
+
+    def _chunks(self, key):
+        by_key = getattr(self, "_by_key", None)
+        if by_key is None:
+            by_key = defaultdict(list)
+            for idx, info in self.metadata.storage_data.items():
+                by_key[idx.fqn].append((idx, info))
+            self._by_key = by_key
+        return by_key.get(key, [])
+
+    def _read_bytes(self, info) -> bytes:
+        path = Path(self.root) / info.relative_path
+        try:
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                data = f.read(info.length)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing", hint="copy every __*.distcp file of the checkpoint") from None
+        if len(data) != info.length:
+            raise CheckpointError(f"{path}: truncated (needed bytes {info.offset}..{info.offset + info.length}, "
+                                  f"file has {os.path.getsize(path)})", hint="copy the checkpoint again")
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{path}: compressed/transformed DCP items are not supported",
+                                  hint="re-save the checkpoint without DCP transforms")
+        return data
+
+    def read(self, key, type):
+        base, _, sel = key.partition("@")
+        md = self.metadata.state_dict_metadata.get(base)
+        if md is None:
+            raise CheckpointError(f"{self.root}: no tensor {base!r} in .metadata", hint="lift the checkpoint again")
+        gshape = tuple(md.size)
+        index = int(sel) if sel else None
+        out_shape = gshape[1:] if index is not None else gshape
+        out = torch.empty(out_shape, dtype=md.properties.dtype)
+        filled = 0
+        for idx, info in self._chunks(base):
+            off = tuple(idx.offset)
+            chunk_md = next(c for c in md.chunks if tuple(c.offsets) == off)
+            sizes = tuple(chunk_md.sizes)
+            if index is not None and not (off[0] <= index < off[0] + sizes[0]):
+                continue
+            t = torch_load_bytes(self._read_bytes(info), f"{self.root}/{info.relative_path}")
+            t = t.reshape(sizes)
+            if index is not None:
+                t = t[index - off[0]]
+                off, sizes = off[1:], sizes[1:]
+            dst = out
+            for dim, (o, s) in enumerate(zip(off, sizes)):
+                dst = dst.narrow(dim, o, s)
+            dst.copy_(t)
+            filled += t.numel()
+        if filled != out.numel():
+            raise CheckpointError(f"{self.root}: tensor {key!r} is incomplete ({filled} of {out.numel()} values "
+                                  "found in the .distcp files)", hint="a rank's .distcp file is missing; copy it again")
+        return out
+
+    def common_state(self) -> dict:
+        """Megatron-core >= 0.17 keeps args etc. as a bytes item ``common_state`` inside the DCP files."""
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+        keys = [k for k, md in self.metadata.state_dict_metadata.items()
+                if isinstance(md, BytesStorageMetadata) and k.split("/")[0] == "common_state"]
+        if not keys:
+            raise CheckpointError(f"{self.root}: no common.pt and no common_state item",
+                                  hint="the checkpoint is incomplete; copy common.pt too")
+        chunks = self._chunks(keys[0])
+        obj = torch_load_bytes(self._read_bytes(chunks[0][1]), f"{self.root} common_state")
+        if isinstance(obj, list) and obj:
+            obj = obj[0]
+        return obj
+
+
+def dtype_of(t: torch.dtype) -> DType:
+    return DType.from_torch(t)
+
+
+def tensor_type(t: torch.Tensor | tuple) -> TensorType:
+    if isinstance(t, torch.Tensor):
+        return TensorType(DType.from_torch(t.dtype), tuple(t.shape))
+    dt, shape = t
+    return TensorType(DType.from_torch(dt), tuple(shape))

@@ -1,0 +1,594 @@
+"""Lazy weights: recipes whose result type is known without reading data.
+
+A frontend records where each weight lives (a :class:`Store` and a key); passes compose recipes on top
+(``concat``, ``slice``, ``regroup_qkv``, ``cast``, ``quantize``...); only a backend calls
+:meth:`Recipe.materialize`. Every recipe op has a type rule (``infer``) and a kernel (``compute``), both
+registered in :data:`RECIPE_OPS`, so a backend can write a file header before reading one byte of weights.
+
+Recipes are immutable and compare by structure (``key``), so identical sub-recipes can be shared and cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..errors import IRError
+from .types import DType, QKVLayout, TensorType
+
+# --------------------------------------------------------------------------------------------- stores
+
+
+class Store:
+    """A source of named tensors (a checkpoint, a safetensors dir, a seeded generator).
+
+    Subclasses set ``kind`` (the name in the text form) and implement ``read``; ``spec()`` returns the keyword
+    arguments that rebuild the store with ``STORE_KINDS[kind](**spec)``.
+    """
+
+    kind = "abstract"
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def read(self, key: str, type: TensorType) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+STORE_KINDS: dict[str, type[Store]] = {}
+
+
+def register_store(cls: type[Store]) -> type[Store]:
+    if cls.kind in STORE_KINDS and STORE_KINDS[cls.kind] is not cls:
+        raise IRError(f"store kind {cls.kind!r} registered twice")
+    STORE_KINDS[cls.kind] = cls
+    return cls
+
+
+@register_store
+class RandomStore(Store):
+    """Deterministic synthetic weights: each key seeds its own generator (for tests and benchmarks)."""
+
+    kind = "random"
+
+    def __init__(self, name: str, seed: int = 0, std: float = 0.02):
+        super().__init__(name)
+        self.seed, self.std = seed, std
+
+    def spec(self):
+        return {"seed": self.seed, "std": self.std}
+
+    def read(self, key, type):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + _stable_hash(key))
+        t = torch.randn(type.shape, generator=g, dtype=torch.float32) * self.std
+        if key.endswith(("norm", "norm.weight", "ln.weight")):
+            t = 1.0 + t
+        return t.to(type.dtype.torch)
+
+
+@register_store
+class SafetensorsStore(Store):
+    """Tensors in one or more safetensors files under a directory; key = ``file:tensor``."""
+
+    kind = "safetensors"
+
+    def __init__(self, name: str, root: str):
+        super().__init__(name)
+        self.root = root
+        self._handles: dict[str, Any] = {}
+
+    def spec(self):
+        return {"root": self.root}
+
+    def read(self, key, type):
+        from safetensors import safe_open
+
+        fname, tname = key.split(":", 1)
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(f"{self.root}/{fname}", framework="pt")
+        return self._handles[fname].get_tensor(tname)
+
+
+def _stable_hash(s: str) -> int:
+    h = 1469598103934665603
+    for b in s.encode():
+        h = ((h ^ b) * 1099511628211) & 0xFFFFFFFF
+    return h
+
+
+# --------------------------------------------------------------------------------------------- recipe ops
+
+
+@dataclass(frozen=True)
+class RecipeOp:
+    """Type rule and kernel of one recipe op."""
+
+    name: str
+    infer: Callable[..., TensorType]      # (input types, **attrs) -> result type
+    compute: Callable[..., torch.Tensor]  # (input tensors, **attrs) -> tensor
+    doc: str = ""
+
+
+RECIPE_OPS: dict[str, RecipeOp] = {}
+
+
+def recipe_op(name: str, doc: str = ""):
+    def deco(fns):
+        infer, compute = fns()
+        RECIPE_OPS[name] = RecipeOp(name, infer, compute, doc)
+        return fns
+
+    return deco
+
+
+class Recipe:
+    """One lazy tensor: ``op(inputs..., **attrs)`` with a known :class:`TensorType`.
+
+    Leaves are ``load`` recipes bound to a :class:`Store`. Build non-leaves with :func:`derive`, which checks
+    types and simplifies (a slice of a concat that falls inside one piece becomes a slice of that piece, so
+    re-sharding a checkpoint already split the same way reads each source tensor once and copies nothing).
+    """
+
+    __slots__ = ("op", "inputs", "attrs", "type", "store", "_key")
+
+    def __init__(self, op: str, inputs: tuple[Recipe, ...], attrs: dict[str, Any], type: TensorType,
+                 store: Store | None = None):
+        self.op = op
+        self.inputs = tuple(inputs)
+        self.attrs = dict(sorted(attrs.items()))
+        self.type = type
+        self.store = store
+        self._key = None
+
+    # structural identity -----------------------------------------------------------------------------
+    @property
+    def key(self) -> tuple:
+        if self._key is None:
+            self._key = (self.op, self.store.name if self.store else None, tuple(self.attrs.items()),
+                         str(self.type) if self.op == "load" else None,
+                         tuple(i.key for i in self.inputs))
+        return self._key
+
+    def __eq__(self, other):
+        return isinstance(other, Recipe) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+    # reading -------------------------------------------------------------------------------------------
+    def leaves(self):
+        if self.op == "load":
+            yield self
+        for i in self.inputs:
+            yield from i.leaves()
+
+    def materialize(self, cache: dict | None = None) -> torch.Tensor:
+        """Compute the tensor. ``cache`` (keyed by structure) shares work between recipes of one emit."""
+        if cache is not None and self.key in cache:
+            return cache[self.key]
+        if self.op == "load":
+            t = self.store.read(self.attrs["key"], self.type)
+            if tuple(t.shape) != self.type.shape or t.dtype != self.type.dtype.torch:
+                raise IRError(
+                    f"{self.store!r} key {self.attrs['key']!r}: found {t.dtype}{list(t.shape)}, "
+                    f"the IR expects {self.type}",
+                    hint="the checkpoint changed since it was lifted, or its metadata lies; lift it again",
+                )
+        else:
+            args = [i.materialize(cache) for i in self.inputs]
+            t = RECIPE_OPS[self.op].compute(args, **self.attrs)
+        if cache is not None:
+            cache[self.key] = t
+        return t
+
+    def __str__(self) -> str:
+        from .text import format_recipe
+
+        return format_recipe(self)
+
+    __repr__ = __str__
+
+
+def load(store: Store, key: str, type: TensorType) -> Recipe:
+    """A leaf: tensor ``key`` of ``store``, which must have type ``type``."""
+    return Recipe("load", (), {"key": key}, type, store)
+
+
+def derive(op: str, *inputs: Recipe, **attrs) -> Recipe:
+    """Build (and simplify) a recipe; raises :class:`IRError` when the type rule rejects the inputs."""
+    if op not in RECIPE_OPS:
+        raise IRError(f"unknown recipe op {op!r}", hint=f"known: {', '.join(sorted(RECIPE_OPS))}")
+    simplified = _simplify(op, inputs, attrs)
+    if simplified is not None:
+        return simplified
+    t = RECIPE_OPS[op].infer([i.type for i in inputs], **attrs)
+    return Recipe(op, inputs, attrs, t)
+
+
+def _simplify(op, inputs, attrs) -> Recipe | None:
+    if op == "cast" and inputs[0].type.dtype == DType.parse(attrs["dtype"]):
+        return inputs[0]
+    if op == "slice":
+        (x,) = inputs
+        dim, start, stop = attrs["dim"] % len(x.type.shape), attrs["start"], attrs["stop"]
+        if start == 0 and stop == x.type.shape[dim] and x.type.layout is None:
+            return x
+        if x.op == "slice" and x.attrs["dim"] % len(x.type.shape) == dim:
+            off = x.attrs["start"]
+            return derive("slice", x.inputs[0], dim=dim, start=off + start, stop=off + stop)
+        if x.op == "concat" and x.attrs["dim"] % len(x.type.shape) == dim:
+            off = 0
+            pieces = []
+            for piece in x.inputs:
+                n = piece.type.shape[dim]
+                lo, hi = max(start, off), min(stop, off + n)
+                if lo < hi:
+                    pieces.append(derive("slice", piece, dim=dim, start=lo - off, stop=hi - off))
+                off += n
+            return pieces[0] if len(pieces) == 1 else derive("concat", *pieces, dim=dim)
+    if op == "concat" and len(inputs) == 1:
+        return inputs[0]
+    if op == "concat":
+        # adjacent slices of one tensor merge back into one slice
+        dim = attrs["dim"]
+        merged: list[Recipe] = []
+        for p in inputs:
+            q = merged[-1] if merged else None
+            if (q is not None and p.op == "slice" and q.op == "slice" and p.inputs[0] == q.inputs[0]
+                    and p.attrs["dim"] % len(p.type.shape) == dim % len(p.type.shape)
+                    and q.attrs["stop"] == p.attrs["start"]):
+                merged[-1] = derive("slice", q.inputs[0], dim=dim, start=q.attrs["start"], stop=p.attrs["stop"])
+            else:
+                merged.append(p)
+        if len(merged) != len(inputs):
+            return derive("concat", *merged, dim=dim)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- op set
+
+
+def _same_dtype(types):
+    if len({t.dtype for t in types}) != 1:
+        raise IRError(f"inputs disagree on dtype: {', '.join(str(t) for t in types)}")
+    return types[0].dtype
+
+
+@recipe_op("load", "a tensor of a store")
+def _load():
+    def infer(types, **a):  # pragma: no cover - leaves carry their type
+        raise IRError("load recipes are built with ir.load()")
+
+    return infer, None
+
+
+@recipe_op("concat", "concatenate along dim")
+def _concat():
+    def infer(types, dim):
+        dt = _same_dtype(types)
+        shapes = [list(t.shape) for t in types]
+        d = dim % len(shapes[0])
+        for s in shapes[1:]:
+            if len(s) != len(shapes[0]) or any(a != b for i, (a, b) in enumerate(zip(s, shapes[0])) if i != d):
+                raise IRError(f"concat(dim={dim}) of incompatible shapes {[tuple(x) for x in shapes]}")
+        out = list(shapes[0])
+        out[d] = sum(s[d] for s in shapes)
+        return TensorType(dt, tuple(out))
+
+    return infer, lambda xs, dim: torch.cat(xs, dim=dim)
+
+
+@recipe_op("slice", "rows [start, stop) of dim")
+def _slice():
+    def infer(types, dim, start, stop):
+        (t,) = types
+        d = dim % len(t.shape)
+        if not 0 <= start <= stop <= t.shape[d]:
+            raise IRError(f"slice [{start}:{stop}] out of range for dim {d} of {t}")
+        out = list(t.shape)
+        out[d] = stop - start
+        return TensorType(t.dtype, tuple(out))
+
+    return infer, lambda xs, dim, start, stop: xs[0].narrow(dim, start, stop - start)
+
+
+@recipe_op("index", "select one index of dim 0 (unstack)")
+def _index():
+    def infer(types, i):
+        (t,) = types
+        if not 0 <= i < t.shape[0]:
+            raise IRError(f"index {i} out of range for {t}")
+        return TensorType(t.dtype, t.shape[1:])
+
+    return infer, lambda xs, i: xs[0][i]
+
+
+@recipe_op("stack", "stack along a new dim 0")
+def _stack():
+    def infer(types):
+        dt = _same_dtype(types)
+        if len({t.shape for t in types}) != 1:
+            raise IRError(f"stack of different shapes {[t.shape for t in types]}")
+        return TensorType(dt, (len(types), *types[0].shape))
+
+    return infer, lambda xs: torch.stack(xs)
+
+
+@recipe_op("cast", "convert to another float dtype")
+def _cast():
+    def infer(types, dtype):
+        (t,) = types
+        d = DType.parse(dtype)
+        if not (d.is_float and t.dtype.is_float):
+            raise IRError(f"cast {t} -> {d.value}: only float casts are recipes; use quantize for integers")
+        return t.with_(dtype=d)
+
+    return infer, lambda xs, dtype: xs[0].to(DType.parse(dtype).torch)
+
+
+@recipe_op("add_scalar", "add a constant (folds zero-centered gamma: w + 1)")
+def _add_scalar():
+    def infer(types, value):
+        return types[0]
+
+    def compute(xs, value):
+        return (xs[0].float() + value).to(xs[0].dtype)
+
+    return infer, compute
+
+
+@recipe_op("pad", "zero-pad dim to size")
+def _pad():
+    def infer(types, dim, size):
+        (t,) = types
+        d = dim % len(t.shape)
+        if size < t.shape[d]:
+            raise IRError(f"pad to {size} is smaller than dim {d} of {t}")
+        out = list(t.shape)
+        out[d] = size
+        return TensorType(t.dtype, tuple(out))
+
+    def compute(xs, dim, size):
+        x = xs[0]
+        d = dim % x.dim()
+        if x.shape[d] == size:
+            return x
+        shape = list(x.shape)
+        shape[d] = size - x.shape[d]
+        return torch.cat([x, torch.zeros(shape, dtype=x.dtype)], dim=d)
+
+    return infer, compute
+
+
+@recipe_op("transpose", "swap two dims")
+def _transpose():
+    def infer(types, d0, d1):
+        (t,) = types
+        s = list(t.shape)
+        s[d0], s[d1] = s[d1], s[d0]
+        return TensorType(t.dtype, tuple(s))
+
+    return infer, lambda xs, d0, d1: xs[0].transpose(d0, d1).contiguous()
+
+
+def _qkv_perm(layout: QKVLayout, to: str) -> torch.Tensor:
+    """Row permutation (of head blocks) taking ``layout`` to ``to``: out[i] = in[perm[i]]."""
+    q, kv, d = layout.q_heads, layout.kv_heads, layout.head_dim
+    qpg = q // kv
+    # block index of each role in the grouped layout
+    grouped_q = [g * (qpg + 2) + j for g in range(kv) for j in range(qpg)]
+    grouped_k = [g * (qpg + 2) + qpg for g in range(kv)]
+    grouped_v = [g * (qpg + 2) + qpg + 1 for g in range(kv)]
+    concat_blocks = grouped_q + grouped_k + grouped_v  # concat position -> grouped block
+    if layout.kind == to:
+        blocks = list(range(q + 2 * kv))
+    elif layout.kind == "grouped" and to == "concat":
+        blocks = concat_blocks
+    else:  # concat -> grouped
+        inv = [0] * len(concat_blocks)
+        for pos, b in enumerate(concat_blocks):
+            inv[b] = pos
+        blocks = inv
+    return torch.tensor([b * d + i for b in blocks for i in range(d)])
+
+
+@recipe_op("regroup_qkv", "re-layout fused QKV rows between Megatron's grouped and [Q;K;V] concat")
+def _regroup():
+    def infer(types, to):
+        (t,) = types
+        if t.layout is None:
+            raise IRError(f"regroup_qkv needs a QKV-typed input, got {t}")
+        lay = QKVLayout(to, t.layout.q_heads, t.layout.kv_heads, t.layout.head_dim)
+        return t.with_(layout=lay)
+
+    return infer, None  # needs the input's layout: see _materialize_special
+
+
+@recipe_op("tag_qkv", "attach (or with kind=None remove) a QKV layout to a [rows, ...] tensor; no data change")
+def _tag_qkv():
+    def infer(types, kind, q, kv, d):
+        (t,) = types
+        return t.with_(layout=None if kind is None else QKVLayout(kind, q, kv, d))
+
+    return infer, lambda xs, **a: xs[0]
+
+
+@recipe_op("shard", "the part a rank holds (QKV-aware, KV heads replicated when parts > kv heads)")
+def _shard():
+    def infer(types, dim, parts, index):
+        (t,) = types
+        if t.layout is not None and dim == 0:
+            lay = t.layout
+            if lay.q_heads % parts:
+                raise IRError(f"{lay.q_heads} query heads cannot be split {parts} ways")
+            if lay.kind == "grouped" and lay.kv_heads % parts:
+                raise IRError(
+                    f"grouped QKV with {lay.kv_heads} groups cannot be split {parts} ways",
+                    hint="relayout-qkv{to=concat} first (KV heads are then replicated as needed)",
+                )
+            if lay.kv_heads % parts and parts % lay.kv_heads:
+                raise IRError(f"{lay.kv_heads} KV heads cannot be spread over {parts} ranks",
+                              hint="the target TP must divide the KV heads or be a multiple of them")
+            kv = max(1, lay.kv_heads // parts)
+            return TensorType(t.dtype, ((lay.q_heads // parts + 2 * kv) * lay.head_dim, *t.shape[1:]))
+        d = dim % len(t.shape)
+        if t.shape[d] % parts:
+            raise IRError(f"dim {d} of {t} does not split into {parts} equal parts")
+        out = list(t.shape)
+        out[d] //= parts
+        return TensorType(t.dtype, tuple(out))
+
+    return infer, None
+
+
+def _materialize_special(self: Recipe, cache):
+    """Kernels that need the input's type (QKV layout), not just its data."""
+    x = self.inputs[0]
+    data = x.materialize(cache)
+    if self.op == "regroup_qkv":
+        perm = _qkv_perm(x.type.layout, self.attrs["to"])
+        return data.index_select(0, perm)
+    # shard
+    dim, parts, index = self.attrs["dim"], self.attrs["parts"], self.attrs["index"]
+    lay = x.type.layout
+    if lay is not None and dim == 0:
+        if lay.kind == "grouped":
+            n = data.shape[0] // parts
+            return data.narrow(0, index * n, n)
+        d, q, kv = lay.head_dim, lay.q_heads, lay.kv_heads
+        qn = q // parts
+        Q = data.narrow(0, index * qn * d, qn * d)
+        if kv >= parts:
+            kn = kv // parts
+            ks = q * d + index * kn * d
+        else:
+            kn, ks = 1, q * d + (index * kv // parts) * d
+        K = data.narrow(0, ks, kn * d)
+        V = data.narrow(0, ks + kv * d, kn * d)
+        return torch.cat([Q, K, V], 0)
+    n = data.shape[dim] // parts
+    return data.narrow(dim, index * n, n)
+
+
+_SPECIAL = {"regroup_qkv", "shard"}
+_plain_materialize = Recipe.materialize
+
+
+def _materialize(self: Recipe, cache: dict | None = None) -> torch.Tensor:
+    if self.op not in _SPECIAL:
+        return _plain_materialize(self, cache)
+    if cache is not None and self.key in cache:
+        return cache[self.key]
+    t = _materialize_special(self, cache)
+    if cache is not None:
+        cache[self.key] = t
+    return t
+
+
+Recipe.materialize = _materialize  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------------------------- quantization
+
+
+def _quant_group(t: TensorType, scheme: str, group_size: int) -> int:
+    k = t.shape[-1]
+    if scheme == "fp8":
+        return 0
+    if group_size <= 0:
+        return k
+    if k % group_size:
+        raise IRError(f"in-features {k} of {t} is not a multiple of group size {group_size}")
+    return group_size
+
+
+QUANT_SCHEMES = ("int8-wo", "int4-wo", "fp8")
+
+
+@recipe_op("quantize", "symmetric weight quantization of an [out, in] weight (int8/int4 per channel or "
+                       "group; fp8-e4m3 per tensor); result is the quantized codes in [out, in]")
+def _quantize():
+    def infer(types, scheme, group_size):
+        (t,) = types
+        if scheme not in QUANT_SCHEMES:
+            raise IRError(f"unknown quantization scheme {scheme!r}", hint=f"use one of {QUANT_SCHEMES}")
+        if len(t.shape) < 2:
+            raise IRError(f"quantize needs a matrix, got {t}")
+        _quant_group(t, scheme, group_size)
+        dt = {"int8-wo": DType.i8, "int4-wo": DType.i4, "fp8": DType.f8e4m3}[scheme]
+        return TensorType(dt, t.shape, t.layout)
+
+    def compute(xs, scheme, group_size):
+        q, _ = quantize_tensor(xs[0], scheme, group_size)
+        return q
+
+    return infer, compute
+
+
+@recipe_op("quant_scale", "the dequantization scales that go with quantize(x, scheme, group_size)")
+def _quant_scale():
+    def infer(types, scheme, group_size):
+        (t,) = types
+        g = _quant_group(t, scheme, group_size)
+        if scheme == "fp8":
+            return TensorType(DType.f32, ())
+        return TensorType(DType.f32, (*t.shape[:-1], t.shape[-1] // g), t.layout)  # QKV rows keep their layout
+
+    def compute(xs, scheme, group_size):
+        _, s = quantize_tensor(xs[0], scheme, group_size)
+        return s
+
+    return infer, compute
+
+
+@recipe_op("dequantize", "codes * scales, back to float (used by the reference executor and tests)")
+def _dequantize():
+    def infer(types, dtype):
+        return TensorType(DType.parse(dtype), types[0].shape, types[0].layout)
+
+    def compute(xs, dtype):
+        return dequantize_tensor(xs[0], xs[1]).to(DType.parse(dtype).torch)
+
+    return infer, compute
+
+
+def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization of ``w`` ([..., out, in]) -> (codes [..., out, in], scales [..., out, in/g])."""
+    w = w.float()
+    if scheme == "fp8":
+        amax = w.abs().max().clamp(min=1e-12)
+        scale = amax / 448.0
+        return (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale.reshape(())
+    qmax = 127 if scheme == "int8-wo" else 7
+    k = w.shape[-1]
+    g = k if group_size <= 0 else group_size
+    wg = w.reshape(*w.shape[:-1], k // g, g)
+    scale = (wg.abs().amax(-1) / qmax).clamp(min=1e-12)
+    q = torch.round(wg / scale.unsqueeze(-1)).clamp(-qmax - (1 if scheme == "int4-wo" else 0), qmax)
+    return q.reshape(w.shape).to(torch.int8), scale
+
+
+def dequantize_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if q.dtype == torch.float8_e4m3fn:
+        return q.float() * scale
+    ng = scale.shape[-1]
+    k = q.shape[-1]
+    return (q.float().reshape(*q.shape[:-1], ng, k // ng) * scale.unsqueeze(-1)).reshape(q.shape)
+
+
+def nbytes_of(t: TensorType) -> int:
+    return t.nbytes
+
+
+__all__ = [
+    "Store", "STORE_KINDS", "register_store", "RandomStore", "SafetensorsStore", "Recipe", "RecipeOp",
+    "RECIPE_OPS", "load", "derive", "quantize_tensor", "dequantize_tensor", "QUANT_SCHEMES",
+]  # fmt: skip
