@@ -1,0 +1,224 @@
+"""What every backend shares: the Backend interface and registry, compile options, atomic output directories,
+the streaming safetensors writer and the manifest.
+
+The streaming writer computes a file's header from the IR types before it reads any weight, then
+materializes, writes and frees one tensor at a time, so peak memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from ..errors import BackendError, MexcError, UsageError
+from ..ir import Model, TensorType
+from ..ir.types import DType
+
+
+@dataclass
+class CompileOptions:
+    """Everything `mexc compile` takes (the CLI contract), with defaults."""
+
+    target: str = "trtllm"
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dtype: str | None = None              # float32 | float16 | bfloat16; None = the checkpoint's
+    quant: str | None = None              # int8-wo | int4-wo | fp8
+    group_size: int = 0
+    vocab_size: int | None = None
+    profile: str = "ort"                  # onnx: ort | tensorrt
+    pipeline: str = ""                    # user passes, run before the backend's legalization
+    build: str = "auto"                   # auto | always | never
+    force: bool = False
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_seq_len: int = 2048
+    jobs: int = 2
+    parallel_embedding: bool = False
+
+    def validate(self) -> None:
+        for k in ("tp", "pp", "ep", "jobs", "max_batch_size", "max_input_len", "max_seq_len"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < 1:
+                raise UsageError(f"--{k.replace('_', '-')} must be a positive integer, got {v!r}",
+                                 hint=f"e.g. --{k.replace('_', '-')} 2")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise UsageError(f"--vocab-size must be positive, got {self.vocab_size}")
+        if self.build not in ("auto", "always", "never"):
+            raise UsageError(f"--build must be auto, always or never, got {self.build!r}")
+        if self.dtype is not None and self.dtype not in ("float32", "float16", "bfloat16"):
+            raise UsageError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.quant is not None and self.quant not in ("int8-wo", "int4-wo", "fp8"):
+            raise UsageError(f"--quant must be int8-wo, int4-wo or fp8, got {self.quant!r}")
+
+
+@dataclass
+class EmitResult:
+    out: Path
+    files: dict[str, int] = field(default_factory=dict)   # relative path -> bytes
+    tensors: int = 0
+    notes: list[str] = field(default_factory=list)
+    checksums: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> tensor -> sha256
+
+
+class Backend:
+    """Lowers a model to one target. Subclasses set ``name`` and implement the four steps."""
+
+    name = "abstract"
+    description = ""
+
+    def legalize_pipeline(self, opts: CompileOptions, model: Model) -> str:
+        """The passes (pipeline text) that bring a lifted model into the form ``emit`` takes."""
+        return ""
+
+    def check(self, model: Model, opts: CompileOptions) -> list[str]:
+        """What this target cannot lower (each with a hint); empty = fine."""
+        return []
+
+    def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:
+        raise NotImplementedError
+
+    def build(self, out: Path, opts: CompileOptions, log: Callable[[str], None]) -> list[str]:
+        """Make engines where the tool is installed; returns notes. Default: nothing to build."""
+        return []
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(b: Backend) -> Backend:
+    if b.name in BACKENDS:
+        raise BackendError(f"backend {b.name!r} registered twice")
+    BACKENDS[b.name] = b
+    return b
+
+
+# ------------------------------------------------------------------------------------ atomic output
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; on success it becomes ``out``, on any failure it vanishes."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out}: output directory already exists",
+                         hint="choose another -o, or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory", hint="choose another -o")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.mexc-tmp-", dir=parent))
+    except PermissionError:
+        raise BackendError(f"{parent}: no permission to write here", hint="choose an -o you can write to") from None
+    except OSError as e:
+        raise BackendError(f"{parent}: cannot create the output ({e.strerror})", hint="choose another -o") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.mexc-old-", dir=parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, MexcError):
+            hint = "free some disk space and run again" if getattr(e, "errno", None) == 28 else \
+                "check permissions and free space of the output directory"
+            raise BackendError(f"{out}: writing failed ({e.strerror or e}); nothing was left behind",
+                               hint=hint) from e
+        raise
+
+
+# ------------------------------------------------------------------------------------ safetensors
+
+_ST_DTYPE = {DType.f32: "F32", DType.bf16: "BF16", DType.f16: "F16", DType.f8e4m3: "F8_E4M3", DType.i8: "I8",
+             DType.i64: "I64"}
+_ALIGN = 8
+
+
+@dataclass
+class TensorEntry:
+    name: str
+    type: TensorType
+    produce: Callable[[], torch.Tensor]
+
+
+def safetensors_header(entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    off = 0
+    for e in entries:
+        if e.type.dtype not in _ST_DTYPE:
+            raise BackendError(f"tensor {e.name}: dtype {e.type.dtype.value} cannot be stored in safetensors as is",
+                               hint="pack int4 weights into int8 in the backend")
+        n = e.type.numel * (e.type.dtype.bits // 8)
+        header[e.name] = {"dtype": _ST_DTYPE[e.type.dtype], "shape": list(e.type.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
+    raw += b" " * ((-len(raw)) % _ALIGN)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict[str, str] | None = None,
+                      on_tensor: Callable[[str, int], None] | None = None) -> dict[str, str]:
+    """Stream ``entries`` into ``path``; returns name -> sha256 of each tensor's bytes."""
+    entries = sorted(entries, key=lambda e: e.name)
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise BackendError(f"{path.name}: duplicate tensor names {dup[:5]}", hint="this is a bug in a name table")
+    sums: dict[str, str] = {}
+    with open(path, "wb", buffering=0) as f:
+        f.write(safetensors_header(entries, metadata))
+        for e in entries:
+            t = e.produce()
+            want = (e.type.dtype.torch, e.type.shape)
+            if (t.dtype, tuple(t.shape)) != want:
+                raise BackendError(f"{path.name}: tensor {e.name} materialized as {t.dtype}{list(t.shape)}, the "
+                                   f"header says {e.type}", hint="this is a bug in a recipe or a backend")
+            data = t.contiguous().view(torch.uint8).numpy() if t.numel() else b""
+            mv = memoryview(data).cast("B") if t.numel() else b""
+            f.write(mv)
+            sums[e.name] = hashlib.sha256(mv).hexdigest()
+            if on_tensor:
+                on_tensor(e.name, len(mv))
+            del t, data, mv
+    return sums
+
+
+# ------------------------------------------------------------------------------------ manifest
+
+
+def write_manifest(out: Path, *, model: Model, opts: CompileOptions, pipeline: str,
+                   checksums: dict[str, dict[str, str]], extra: dict | None = None) -> None:
+    import mexc
+
+    versions = {"mexc": mexc.__version__, "torch": torch.__version__.split("+")[0]}
+    manifest = {
+        "producer": "mexc",
+        "versions": versions,
+        "target": opts.target,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("force", "jobs", "pipeline")},
+        "pipeline": pipeline,
+        "source": {k: model.meta.get(k) for k in ("source", "format", "iteration", "checkpoint") if k in model.meta},
+        "model": {"family": model.config.family, "parameters": model.param_count(),
+                  "layers": model.config.num_layers, "vocab_size": model.config.vocab_size},
+        "files": checksums,
+        **(extra or {}),
+    }
+    (out / "mexc-manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,107 @@
+"""The compile driver: lift -> passes (user pipeline + the backend's legalization) -> check -> emit -> build.
+
+``compile_checkpoint`` is what ``mexc compile`` calls; it is also the library entry point.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .backends.base import BACKENDS, Backend, CompileOptions, EmitResult, atomic_directory, write_manifest
+from .errors import BackendError, UsageError
+from .ir import Model
+from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file, parse_pipeline
+
+TARGETS = ("trtllm", "hf", "onnx", "tensorrt")
+_BACKEND_MODULES = {"trtllm": "trtllm", "hf": "hf", "onnx": "onnx", "tensorrt": "onnx"}
+
+
+def get_backend(target: str) -> Backend:
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}", hint=f"use one of {', '.join(TARGETS)}")
+    if target not in BACKENDS:
+        try:
+            importlib.import_module(f"mexc.backends.{_BACKEND_MODULES[target]}")
+        except ImportError as e:
+            raise BackendError(f"the {target} backend cannot be loaded: {e}",
+                               hint="reinstall mexc with its dependencies (pip install .)") from e
+    if target not in BACKENDS:
+        raise BackendError(f"target {target!r} is not implemented in this version of mexc",
+                           hint=f"available now: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[target]
+
+
+def lift(ckpt: str | Path, *, iteration: int | None = None, config: str | Path | None = None) -> Model:
+    from .frontends.megatron import lift as megatron_lift
+
+    return megatron_lift(ckpt, iteration=iteration, config=config)
+
+
+def build_pipeline(model: Model, opts: CompileOptions, backend: Backend) -> list:
+    text = opts.pipeline.strip()
+    if opts.vocab_size is not None:
+        text = ",".join(filter(None, [f"trim-vocab{{size={opts.vocab_size}}}", text]))
+    legal = backend.legalize_pipeline(opts, model)
+    return parse_pipeline(",".join(filter(None, [text, legal])))
+
+
+@dataclass
+class CompileResult:
+    out: Path
+    target: str
+    pipeline: str
+    emit: EmitResult
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"out": str(self.out), "target": self.target, "pipeline": self.pipeline,
+                "files": self.emit.files, "bytes": sum(self.emit.files.values()), "tensors": self.emit.tensors,
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "notes": self.notes}
+
+
+def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, *, iteration: int | None = None,
+                       config: str | Path | None = None, load: list[str] | tuple = (),
+                       print_ir_after: set[str] | None = None, dump_ir: Path | None = None,
+                       log: Callable[[str], None] | None = None, progress=None) -> CompileResult:
+    """Compile the Megatron checkpoint ``ckpt`` to ``out`` (written atomically)."""
+    log = log or (lambda s: None)
+    opts.validate()
+    backend = get_backend(opts.target)
+    out = Path(out)
+    if out.exists() and not opts.force:
+        raise UsageError(f"{out}: output directory already exists",
+                         hint="choose another -o, or pass --force to replace it")
+    for f in load:
+        load_pass_file(f)
+    load_entry_point_passes()
+    t0 = time.perf_counter()
+    model = lift(ckpt, iteration=iteration, config=config)
+    t1 = time.perf_counter()
+    log(f"lifted {model.config.family} model: {model.config.num_layers} layers, "
+        f"{model.param_count() / 1e6:.2f}M params ({model.meta.get('format')}, tp={model.meta.get('source_tp')} "
+        f"pp={model.meta.get('source_pp')})")
+    passes = build_pipeline(model, opts, backend)
+    pm = PassManager(passes, print_ir_after=print_ir_after or set(), dump_ir=dump_ir, log=log)
+    pm(model)
+    pipeline_text = format_pipeline(passes)
+    t2 = time.perf_counter()
+    problems = backend.check(model, opts)
+    if problems:
+        raise BackendError(f"the {opts.target} target cannot lower this model: " + "; ".join(problems),
+                           hint="see docs/targets.md for what each target supports")
+    with atomic_directory(out, opts.force) as tmp:
+        res = backend.emit(model, tmp, opts, progress=progress)
+        write_manifest(tmp, model=model, opts=opts, pipeline=pipeline_text, checksums=res.checksums)
+    res.out = out
+    t3 = time.perf_counter()
+    notes = list(res.notes)
+    if opts.build != "never":
+        notes += backend.build(out, opts, log)
+    t4 = time.perf_counter()
+    return CompileResult(out, opts.target, pipeline_text, res,
+                         {"lift": t1 - t0, "passes": t2 - t1, "emit": t3 - t2, "build": t4 - t3}, notes)
