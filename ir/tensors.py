@@ -412,6 +412,14 @@ def _regroup():
     return infer, None  # needs the input's layout: see _materialize_special
 
 
+@recipe_op("zeros", "a zero tensor (e.g. the dense bias a target requires when the source has none)")
+def _zeros():
+    def infer(types, shape, dtype):
+        return TensorType(DType.parse(dtype), tuple(shape))
+
+    return infer, lambda xs, shape, dtype: torch.zeros(tuple(shape), dtype=DType.parse(dtype).torch)
+
+
 @recipe_op("tag_qkv", "attach (or with kind=None remove) a QKV layout to a [rows, ...] tensor; no data change")
 def _tag_qkv():
     def infer(types, kind, q, kv, d):
@@ -503,6 +511,8 @@ def _quant_group(t: TensorType, scheme: str, group_size: int) -> int:
     k = t.shape[-1]
     if scheme == "fp8":
         return 0
+    if scheme == "fp8-channel":
+        return k
     if group_size <= 0:
         return k
     if k % group_size:
@@ -510,7 +520,7 @@ def _quant_group(t: TensorType, scheme: str, group_size: int) -> int:
     return group_size
 
 
-QUANT_SCHEMES = ("int8-wo", "int4-wo", "fp8")
+QUANT_SCHEMES = ("int8-wo", "int4-wo", "fp8", "fp8-channel")
 
 
 @recipe_op("quantize", "symmetric weight quantization of an [out, in] weight (int8/int4 per channel or "
@@ -523,7 +533,7 @@ def _quantize():
         if len(t.shape) < 2:
             raise IRError(f"quantize needs a matrix, got {t}")
         _quant_group(t, scheme, group_size)
-        dt = {"int8-wo": DType.i8, "int4-wo": DType.i4, "fp8": DType.f8e4m3}[scheme]
+        dt = {"int8-wo": DType.i8, "int4-wo": DType.i4, "fp8": DType.f8e4m3, "fp8-channel": DType.f8e4m3}[scheme]
         return TensorType(dt, t.shape, t.layout)
 
     def compute(xs, scheme, group_size):
@@ -561,12 +571,19 @@ def _dequantize():
 
 
 def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric quantization of ``w`` ([..., out, in]) -> (codes [..., out, in], scales [..., out, in/g])."""
+    """Symmetric quantization of ``w`` ([..., out, in]) -> (codes [..., out, in], scales [..., out, in/g]).
+
+    int8/int4: scale = amax / qmax per row (or per group of ``group_size`` inputs); fp8: e4m3 with
+    scale = amax / 448 per tensor (``fp8``, scale shape ()) or per output row (``fp8-channel``, [..., out, 1]).
+    """
     w = w.float()
     if scheme == "fp8":
         amax = w.abs().max().clamp(min=1e-12)
         scale = amax / 448.0
         return (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale.reshape(())
+    if scheme == "fp8-channel":
+        scale = (w.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
+        return (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
     qmax = 127 if scheme == "int8-wo" else 7
     k = w.shape[-1]
     g = k if group_size <= 0 else group_size

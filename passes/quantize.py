@@ -32,7 +32,7 @@ LINEAR_WEIGHTS: set[tuple[str, str]] = {
 class Quantize(Pass):
     """Quantize linear weights: int8-wo / int4-wo (per channel, or per group of group-size) or fp8."""
 
-    scheme: Literal["int8-wo", "int4-wo", "fp8"] = "int8-wo"
+    scheme: Literal["int8-wo", "int4-wo", "fp8", "fp8-channel"] = "int8-wo"
     group_size: int = 0
     exclude: tuple[str, ...] = ("lm_head",)
 
@@ -40,8 +40,8 @@ class Quantize(Pass):
         out = []
         if self.group_size < 0:
             out.append(f"group-size must be >= 0 (0 = per channel), got {self.group_size}")
-        if self.scheme == "fp8" and self.group_size:
-            out.append("fp8 is per-tensor; leave group-size at 0")
+        if self.scheme.startswith("fp8") and self.group_size:
+            out.append("fp8 scales are per tensor or per channel; leave group-size at 0")
         if self.group_size:
             for node, name, p in model.graph.params():
                 if (node.op, name) in LINEAR_WEIGHTS and node.op not in self.exclude and p.type.shape[-1] % self.group_size:

@@ -1,0 +1,256 @@
+"""TensorRT-LLM backend: the checkpoint format ``trtllm-build`` takes (config.json + rank{N}.safetensors).
+
+TensorRT-LLM releases up to 1.2.x build engines from this format with ``trtllm-build``; TensorRT-LLM main
+(2026) removed that flow and its PyTorch backend loads Hugging Face-layout checkpoints: use ``--target hf``
+for it (see docs/targets.md).
+
+Per rank ``pp_rank * tp + tp_rank``: layers of the stage renumbered from 0, per-rank ``[Q_r; K_r; V_r]`` (KV
+heads replicated when tp exceeds them), gated MLP ``fc`` = activated half and ``gate`` = the other,
+row-parallel weights split on dim 1 with their bias whole, ``lm_head`` rows padded to a multiple of tp,
+embeddings on the first stage and ``ln_f``/``lm_head`` on the last. Weight-only int8/int4 is written as float
+weights with ``quant_algo`` W8A16/W4A16: ``trtllm-build`` quantizes them into the GPU-specific packed layout
+its kernels need (a raw int8 matrix would be wrong on some GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ...errors import BackendError
+from ...ir import Model, Param, derive
+from ...ir.analysis import node_roles
+from ...ir.tensors import Recipe
+from ..base import Backend, CompileOptions, EmitResult, TensorEntry, register_backend, write_safetensors
+from .build import build_engines
+from .names import MOE_FC, NAMES
+
+_WO_ALGO = {"int8-wo": "W8A16", "int4-wo": "W4A16"}
+_HIDDEN_ACT = {"gelu": "gelu", "gelu-tanh": "gelu", "relu": "relu", "squared-relu": "squared-relu",
+               "silu": "silu", "quick-gelu": "quick_gelu"}
+_GATED_ACT = {"silu": "swiglu", "gelu": "geglu", "gelu-tanh": "geglu"}
+
+
+def _arch(model: Model) -> tuple[str | None, list[str]]:
+    """(TensorRT-LLM class, problems)."""
+    g = model.graph
+    problems = []
+    norms = {n.attrs["kind"] for n in g.find("norm")}
+    attn = next(g.find("attention"))
+    mlps = list(g.find("mlp"))
+    moes = list(g.find("moe"))
+    emb = next(g.find("embedding"))
+    if emb.attrs["scale"] != 1.0:
+        problems.append("scaled embeddings (Gemma-style) need TensorRT-LLM's Gemma class, which mexc does not emit yet")
+    if any(len(n.inputs) > 2 for n in g.find("add")):
+        problems.append("parallel attention+MLP blocks need TensorRT-LLM's Falcon class, not emitted yet")
+    if attn.attrs["qk_norm"] != "none":
+        problems.append("QK layernorm is not supported by the Llama/GPT checkpoint classes")
+    rope = attn.attrs["rope"]
+    if attn.attrs["position"] == "rope" and rope.scaling not in ("none", "linear", "llama3"):
+        problems.append(f"rope scaling {rope.scaling!r} is not expressible")
+    gated = {n.attrs["gated"] for n in mlps} | {n.attrs["gated"] for n in moes}
+    acts = {n.attrs["activation"] for n in mlps} | {n.attrs["activation"] for n in moes}
+    llama_like = norms == {"rmsnorm"} and gated == {True} and acts == {"silu"} and "position" not in emb.params
+    if moes:
+        if not llama_like:
+            problems.append("MoE is emitted with TensorRT-LLM's Llama class (RMSNorm, SwiGLU experts) only")
+        if any(n.attrs["score"] != "softmax" for n in moes):
+            problems.append("MoE routing other than softmax top-k is not expressible")
+        return "LlamaForCausalLM", problems
+    if llama_like:
+        if attn.attrs["position"] == "rope" and rope.percent != 1.0:
+            problems.append("partial rotary (rotary_percent < 1) on a Llama-style model: TensorRT-LLM's Llama "
+                            "class rotates the whole head; use --target hf")
+        return "LlamaForCausalLM", problems
+    if norms == {"layernorm"}:
+        return "GPTForCausalLM", problems
+    problems.append(f"no TensorRT-LLM class for norm={sorted(norms)}, activation={sorted(acts)}, gated={sorted(gated)}")
+    return None, problems
+
+
+class TRTLLMBackend(Backend):
+    name = "trtllm"
+    description = "TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) and trtllm-build engines"
+
+    def legalize_pipeline(self, opts: CompileOptions, model: Model) -> str:
+        steps = ["canonicalize{fold-gamma=true}", "relayout-qkv{to=concat}"]
+        if any("q" in n.params for n in model.graph.find("attention")):
+            steps.insert(0, "fuse-qkv")
+        steps.append(f"reshard{{tp={opts.tp} pp={opts.pp} ep={opts.ep} "
+                     f"parallel-embedding={'true' if opts.parallel_embedding else 'false'}}}")
+        if opts.dtype:
+            steps.append(f"lower-dtype{{to={opts.dtype}}}")
+        elif model.config.dtype.value == "f32":
+            pass
+        return ",".join(steps)
+
+    def check(self, model: Model, opts: CompileOptions) -> list[str]:
+        cls, problems = _arch(model)
+        if opts.quant == "fp8":
+            problems.append("fp8 for TensorRT-LLM needs activation scales from calibration data, which mexc does "
+                            "not compute; use --quant int8-wo or int4-wo, or calibrate with NVIDIA ModelOpt")
+        if opts.quant and opts.group_size:
+            problems.append("group-wise int4 (AWQ/GPTQ) needs calibrated scales; use per-channel --quant int4-wo")
+        for _, name, p in model.graph.params():
+            if not p.type.dtype.is_float:
+                problems.append(f"param {name} is already quantized ({p.type}); let trtllm-build quantize "
+                                "(--quant) instead of a quantize pass")
+                break
+        return problems
+
+    # --------------------------------------------------------------------------------------- config
+    def config(self, model: Model, opts: CompileOptions) -> dict:
+        cls, problems = _arch(model)
+        if problems:
+            raise BackendError("; ".join(problems))
+        g = model.graph
+        c = model.config
+        attn = next(g.find("attention"))
+        a = attn.attrs
+        emb = next(g.find("embedding"))
+        head = next(g.find("lm_head"))
+        norm = next(g.find("norm"))
+        mlps, moes = list(g.find("mlp")), list(g.find("moe"))
+        ffn_node = (mlps or moes)[0]
+        ffn = ffn_node.params["fc2"].type.shape[-1]
+        par = model.parallel
+        vocab = emb.params["word"].type.shape[0]
+        dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[c.dtype.value]
+        act = ffn_node.attrs["activation"]
+        cfg: dict = {
+            "architecture": cls,
+            "dtype": dtype,
+            "logits_dtype": "float32",
+            "vocab_size": vocab,
+            "max_position_embeddings": c.max_position_embeddings,
+            "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_layers,
+            "num_attention_heads": a["num_heads"],
+            "num_key_value_heads": a["num_kv_heads"],
+            "head_size": a["head_dim"],
+            "intermediate_size": ffn,
+            "norm_epsilon": norm.attrs["eps"],
+            "position_embedding_type": "learned_absolute" if "position" in emb.params else (
+                ("rope_gptj" if a["rope"].interleaved else "rope_gpt_neox") if a["position"] == "rope" else "none"),
+            "use_parallel_embedding": not emb.params["word"].sharding.replicated,
+            "embedding_sharding_dim": 0,
+            "share_embedding_table": False,
+            "tie_word_embeddings": bool(head.attrs["tied"]),
+            "mapping": {"world_size": par.tp * par.pp, "tp_size": par.tp, "pp_size": par.pp, "cp_size": 1,
+                        "moe_tp_size": par.tp // par.ep, "moe_ep_size": par.ep},
+            "quantization": {"quant_algo": _WO_ALGO.get(opts.quant) if opts.quant else None,
+                             "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"] if opts.quant else None},
+            "producer": {"name": "mexc", "source": model.meta.get("source"), "format": model.meta.get("format")},
+        }
+        if a["position"] == "rope":
+            rope = a["rope"]
+            cfg["rotary_base"] = rope.base
+            cfg["rotary_pct"] = rope.percent
+            cfg["rotary_embedding_dim"] = rope.rotary_dim(a["head_dim"])
+            if rope.scaling == "linear":
+                cfg["rotary_scaling"] = {"type": "linear", "factor": rope.factor}
+            elif rope.scaling == "llama3":
+                cfg["rotary_scaling"] = {"type": "llama3", "factor": rope.factor,
+                                         "low_freq_factor": rope.low_freq_factor,
+                                         "high_freq_factor": rope.high_freq_factor,
+                                         "original_max_position_embeddings": rope.original_max_positions}
+            else:
+                cfg["rotary_scaling"] = None
+        if cls == "LlamaForCausalLM":
+            cfg["hidden_act"] = "swiglu" if moes else "silu"
+            cfg["attn_bias"] = "qkv_bias" in attn.params or "proj_bias" in attn.params
+            cfg["mlp_bias"] = any("fc2_bias" in n.params for n in mlps)
+            if moes:
+                m = moes[0].attrs
+                cfg["moe"] = {"num_experts": m["num_experts"], "top_k": m["top_k"],
+                              "normalization_mode": 0 if m["pre_softmax"] else 1,
+                              "shared_expert_intermediate_size": 0}
+        else:
+            gated = ffn_node.attrs["gated"]
+            cfg["hidden_act"] = _GATED_ACT[act] if gated else _HIDDEN_ACT[act]
+            cfg["gpt_variant"] = "gpt2"
+            cfg["bias"] = "proj_bias" in attn.params
+            cfg["apply_query_key_layer_scaling"] = False
+            cfg["qk_layernorm"] = False
+        return cfg
+
+    # --------------------------------------------------------------------------------------- emit
+    def rank_entries(self, model: Model, cfg: dict, tp_rank: int, pp_rank: int) -> list[TensorEntry]:
+        roles = node_roles(model)
+        entries: list[TensorEntry] = []
+        first_layer = min((n.layer for n in model.graph.nodes if n.stage == pp_rank and n.layer is not None),
+                          default=0)
+        attn_bias = cfg.get("attn_bias", False)
+        for node in model.graph.nodes:
+            if node.stage != pp_rank:
+                continue
+            role = roles[node]
+            l = None if node.layer is None else node.layer - first_layer
+            params = dict(node.params)
+            if node.op == "moe":
+                up, gate = (params.pop(k) for k in MOE_FC[0])
+                fc = derive("concat", _shard(up, tp_rank), _shard(gate, tp_rank), dim=1)
+                entries.append(_entry(MOE_FC[1].format(l=l), fc))
+            if node.op == "attention" and attn_bias:
+                H = model.config.hidden_size
+                if "proj_bias" not in params:
+                    params["proj_bias"] = Param(derive("zeros", shape=(H,), dtype=params["proj"].type.dtype.value))
+            for pname, p in params.items():
+                name = NAMES.get((role, pname))
+                if name is None:
+                    raise BackendError(f"{node.location}: no TensorRT-LLM name for param {pname!r} of a {role}",
+                                       hint="this model uses a feature the trtllm target does not map yet")
+                entries.append(_entry(name.format(l=l), _shard(p, tp_rank)))
+        return entries
+
+    def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:
+        cfg = self.config(model, opts)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        par = model.parallel
+        jobs = []
+        for pp_rank in range(par.pp):
+            for tp_rank in range(par.tp):
+                rank = pp_rank * par.tp + tp_rank
+                jobs.append((rank, self.rank_entries(model, cfg, tp_rank, pp_rank)))
+        total = sum(e.type.nbytes for _, es in jobs for e in es)
+        if progress:
+            progress.start("write", total)
+        res = EmitResult(out, {"config.json": (out / "config.json").stat().st_size})
+
+        def write(job):
+            rank, entries = job
+            path = out / f"rank{rank}.safetensors"
+            sums = write_safetensors(path, entries, {"format": "pt", "producer": "mexc"},
+                                     on_tensor=(lambda name, n: progress.advance(n)) if progress else None)
+            return rank, path, sums, len(entries)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(jobs)))) as ex:
+            for rank, path, sums, n in ex.map(write, jobs):
+                res.files[path.name] = path.stat().st_size
+                res.checksums[path.name] = sums
+                res.tensors += n
+        if progress:
+            progress.finish()
+        if opts.quant:
+            res.notes.append(f"weights are written in {cfg['dtype']}; trtllm-build quantizes them to "
+                             f"{cfg['quantization']['quant_algo']} when it builds the engine")
+        return res
+
+    def build(self, out: Path, opts: CompileOptions, log) -> list[str]:
+        return build_engines(out, opts, log)
+
+
+def _shard(p: Param, tp_rank: int) -> Recipe:
+    s = p.sharding
+    if s.replicated:
+        return p.source
+    return derive("shard", p.source, dim=s.dim, parts=s.parts, index=tp_rank % s.parts)
+
+
+def _entry(name: str, r: Recipe) -> TensorEntry:
+    return TensorEntry(name, r.type, lambda r=r: r.materialize())
+
+
+register_backend(TRTLLMBackend())
