@@ -92,9 +92,14 @@ class SafetensorsStore(Store):
         from safetensors import safe_open
 
         fname, tname = key.split(":", 1)
-        if fname not in self._handles:
-            self._handles[fname] = safe_open(f"{self.root}/{fname}", framework="pt")
-        return self._handles[fname].get_tensor(tname)
+        path = f"{self.root}/{fname}"
+        try:
+            if fname not in self._handles:
+                self._handles[fname] = safe_open(path, framework="pt")
+            return self._handles[fname].get_tensor(tname)
+        except Exception as e:  # safetensors raises its own error types
+            raise IRError(f"{path}: cannot read tensor {tname!r} ({e})",
+                          hint="the file is missing, truncated, or does not hold this tensor") from None
 
 
 def _stable_hash(s: str) -> int:

@@ -1,0 +1,266 @@
+"""The `mexc` command: compile, inspect, passes, verify.
+
+Errors print as one line (``error: ...`` plus a ``hint:`` line) and exit non-zero; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ..errors import MexcError, UsageError
+
+EXAMPLES = {
+    "compile": "example:\n  mexc compile examples/llama-tiny --target trtllm --tp 2 -o out/llama-trtllm\n"
+               "  mexc compile examples/llama-tiny --target hf --dtype bfloat16 --vocab-size 100 -o out/llama-hf\n"
+               "  mexc compile CKPT --target onnx --profile ort -o out/onnx --pipeline 'canonicalize'",
+    "inspect": "example:\n  mexc inspect examples/llama-tiny\n  mexc inspect examples/llama-tiny --ir\n"
+               "  mexc inspect out/llama-trtllm --json",
+    "passes": "example:\n  mexc passes\n  mexc passes reshard",
+    "verify": "example:\n  mexc verify out/llama-hf --against examples/llama-tiny",
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        sys.stderr.write(f"error: {message}\nhint: run `{self.prog} --help` for usage\n")
+        raise SystemExit(2)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mexc", description="Compile Megatron-LM / Megatron-Core checkpoints for inference engines.",
+                epilog="example:\n  mexc compile examples/llama-tiny --target trtllm -o out/trtllm",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+
+    c = sub.add_parser("compile", help="compile a checkpoint to a target", epilog=EXAMPLES["compile"],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("ckpt", help="Megatron save directory (or one iter_* directory)")
+    c.add_argument("--target", required=True, choices=["trtllm", "hf", "onnx", "tensorrt"])
+    c.add_argument("-o", "--out", required=True, help="output directory (must not exist unless --force)")
+    c.add_argument("--tp", type=_positive_int, default=1, help="target tensor-parallel size")
+    c.add_argument("--pp", type=_positive_int, default=1, help="target pipeline-parallel size")
+    c.add_argument("--ep", type=_positive_int, default=1, help="target expert-parallel size (MoE; must equal tp)")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    c.add_argument("--quant", choices=["int8-wo", "int4-wo", "fp8"])
+    c.add_argument("--group-size", type=int, default=0, help="int4/int8 group size (0 = per channel)")
+    c.add_argument("--vocab-size", type=_positive_int, help="trim Megatron's vocab padding to the tokenizer's size")
+    c.add_argument("--profile", choices=["ort", "tensorrt"], default="ort", help="ONNX flavour")
+    c.add_argument("--pipeline", default="", help="extra passes to run first, e.g. 'canonicalize,dce'")
+    c.add_argument("--load", action="append", default=[], metavar="FILE", help="load user passes from FILE")
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.add_argument("--build", choices=["auto", "always", "never"], default="auto",
+                   help="build engines: auto (if the tool is installed), always (absence is an error), never")
+    c.add_argument("--iteration", type=int, help="checkpoint iteration (default: the latest)")
+    c.add_argument("--config", help="YAML file overriding architecture fields the saved args lack or get wrong")
+    c.add_argument("--parallel-embedding", action="store_true", help="split the embedding table over tp")
+    c.add_argument("--max-batch-size", type=_positive_int, default=8)
+    c.add_argument("--max-input-len", type=_positive_int, default=1024)
+    c.add_argument("--max-seq-len", type=_positive_int, default=2048)
+    c.add_argument("--jobs", type=_positive_int, default=2, help="ranks written in parallel")
+    c.add_argument("--print-ir-after", action="append", default=[], metavar="PASS|all")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR before and after every pass to DIR")
+    c.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    i = sub.add_parser("inspect", help="summarize a checkpoint or a compiled output", epilog=EXAMPLES["inspect"],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("path")
+    i.add_argument("--ir", action="store_true", help="print the IR")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--layers", action="store_true", help="per-layer table")
+    i.add_argument("--rules", action="store_true", help="print the Megatron key mapping table")
+    i.add_argument("--iteration", type=int)
+    i.add_argument("--config")
+    i.add_argument("--pipeline", default="", help="run these passes before printing")
+    i.add_argument("--load", action="append", default=[], metavar="FILE")
+    i.add_argument("--draw", metavar="FILE", help="draw the layer graph (.dot, .svg or .png)")
+
+    ps = sub.add_parser("passes", help="list passes and their options", epilog=EXAMPLES["passes"],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ps.add_argument("name", nargs="?")
+    ps.add_argument("--load", action="append", default=[], metavar="FILE")
+
+    v = sub.add_parser("verify", help="run a compiled output and compare its logits to the source",
+                       epilog=EXAMPLES["verify"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("out")
+    v.add_argument("--against", required=True, metavar="CKPT")
+    v.add_argument("--tolerance", type=float, help="max |delta logits| allowed (default: by dtype)")
+    v.add_argument("--json", action="store_true")
+    return p
+
+
+class Progress:
+    """Phase progress on a terminal (bytes and ETA while writing); silent when not a tty or --quiet."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.total = self.done = 0
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def start(self, phase: str, total: int):
+        self.phase, self.total, self.done, self.t0 = phase, total, 0, time.perf_counter()
+
+    def advance(self, n: int):
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self.last > 0.2 or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else 0
+            sys.stderr.write(f"\r{self.phase}: {self.done / 1e6:8.1f} / {self.total / 1e6:.1f} MB "
+                             f"({rate / 1e6:.0f} MB/s, ETA {eta:4.0f}s)")
+            sys.stderr.flush()
+
+    def finish(self):
+        if self.enabled and self.total:
+            sys.stderr.write("\n")
+
+
+def _install_signal_handlers():
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_compile(a) -> int:
+    from ..backends.base import CompileOptions
+    from ..driver import compile_checkpoint
+
+    quiet = a.quiet or a.json
+    log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
+    opts = CompileOptions(target=a.target, tp=a.tp, pp=a.pp, ep=a.ep, dtype=a.dtype, quant=a.quant,
+                          group_size=a.group_size, vocab_size=a.vocab_size, profile=a.profile, pipeline=a.pipeline,
+                          build=a.build, force=a.force, max_batch_size=a.max_batch_size, max_input_len=a.max_input_len,
+                          max_seq_len=a.max_seq_len, jobs=a.jobs, parallel_embedding=a.parallel_embedding)
+    progress = Progress(enabled=not quiet and sys.stderr.isatty())
+    res = compile_checkpoint(a.ckpt, a.out, opts, iteration=a.iteration, config=a.config, load=a.load,
+                             print_ir_after=set(a.print_ir_after), dump_ir=Path(a.dump_ir) if a.dump_ir else None,
+                             log=log, progress=progress)
+    if a.json:
+        print(json.dumps(res.summary(), indent=2))
+    elif not quiet:
+        size = sum(res.emit.files.values())
+        print(f"wrote {res.out} ({len(res.emit.files)} files, {size / 1e6:.2f} MB, {res.emit.tensors} tensors) "
+              f"in {sum(res.seconds.values()):.2f}s", file=sys.stderr)
+        print(f"pipeline: {res.pipeline}", file=sys.stderr)
+        for n in res.notes:
+            print(f"note: {n}", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from ..tools.inspect import inspect_path
+
+    return inspect_path(a)
+
+
+def cmd_passes(a) -> int:
+    import dataclasses
+    import typing
+
+    from ..passes import PASSES, load_entry_point_passes, load_pass_file
+
+    for f in a.load:
+        load_pass_file(f)
+    load_entry_point_passes()
+    if a.name:
+        if a.name not in PASSES:
+            raise UsageError(f"unknown pass {a.name!r}", hint=f"known: {', '.join(sorted(PASSES))}")
+        cls = PASSES[a.name]
+        print(f"{a.name}  ({cls.__module__}.{cls.__qualname__})\n")
+        print((cls.__doc__ or "").strip() + "\n")
+        mod_doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+        if mod_doc:
+            print(mod_doc + "\n")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            print(f"  {f.name.replace('_', '-')}: {_type_name(hints.get(f.name))} = {_default(f)}")
+        return 0
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        hints = typing.get_type_hints(cls)
+        opts = " ".join(f"{f.name.replace('_', '-')}:{_type_name(hints.get(f.name))}={_default(f)}"
+                        for f in dataclasses.fields(cls))
+        print(f"{name:14s} {cls.summary()}")
+        if opts:
+            print(f"{'':14s}   options: {opts}")
+    return 0
+
+
+def _type_name(t) -> str:
+    import typing
+
+    if t is None:
+        return "?"
+    if typing.get_origin(t) is typing.Literal:
+        return "|".join(map(str, typing.get_args(t)))
+    if typing.get_origin(t) in (tuple, list):
+        return "list"
+    return getattr(t, "__name__", str(t))
+
+
+def _default(f) -> str:
+    import dataclasses
+
+    from ..passes.pipeline import _fmt_value
+
+    if f.default is not dataclasses.MISSING:
+        return _fmt_value(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return _fmt_value(f.default_factory())
+    return "(required)"
+
+
+def cmd_verify(a) -> int:
+    from .verify import verify_output
+
+    return verify_output(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    a = parser.parse_args(argv)
+    if a.cmd is None:
+        parser.print_help()
+        return 2
+    _install_signal_handlers()
+    try:
+        return {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "verify": cmd_verify}[a.cmd](a)
+    except MexcError as e:
+        if a.debug:
+            raise
+        sys.stderr.write(f"error: {e.message}\n")
+        if e.hint:
+            sys.stderr.write(f"hint: {e.hint}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        if a.debug:
+            raise
+        sys.stderr.write("error: interrupted; nothing was left behind\n")
+        return 130
+    except BrokenPipeError:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

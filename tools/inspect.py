@@ -1,0 +1,112 @@
+"""`mexc inspect`: what a checkpoint (or a compiled output) holds."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def inspect_path(a) -> int:
+    path = Path(a.path)
+    if a.rules:
+        from ..frontends.megatron.mapping import describe
+
+        print(describe())
+        return 0
+    manifest = path / "mexc-manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        if a.json:
+            print(json.dumps(m, indent=2))
+            return 0
+        print(f"mexc output ({m['target']}) of {m['source'].get('checkpoint')} "
+              f"({m['source'].get('format')}, iteration {m['source'].get('iteration')})")
+        print(f"model:    {m['model']['family']}, {m['model']['layers']} layers, "
+              f"{m['model']['parameters'] / 1e6:.2f}M params, vocab {m['model']['vocab_size']}")
+        print(f"pipeline: {m['pipeline']}")
+        for f in sorted(m["files"]):
+            print(f"  {f}: {len(m['files'][f])} tensors, {_human((path / f).stat().st_size)}")
+        return 0
+    from ..driver import lift
+    from ..passes import PassManager, load_pass_file, parse_pipeline
+
+    for f in a.load:
+        load_pass_file(f)
+    model = lift(path, iteration=a.iteration, config=a.config)
+    if a.pipeline:
+        PassManager(parse_pipeline(a.pipeline))(model)
+    if a.draw:
+        draw(model, Path(a.draw))
+        print(f"drew {a.draw}", file=sys.stderr)
+    if a.ir:
+        sys.stdout.write(str(model))
+        return 0
+    meta = model.meta
+    c = model.config
+    attn = next(model.graph.find("attention"), None)
+    summary = {
+        "path": str(path), "format": meta.get("format"), "iteration": meta.get("iteration"),
+        "family": c.family, "layers": c.num_layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
+        "embedding_rows": next(model.graph.find("embedding")).params["word"].type.shape[0],
+        "heads": attn.attrs["num_heads"] if attn else None, "kv_heads": attn.attrs["num_kv_heads"] if attn else None,
+        "head_dim": attn.attrs["head_dim"] if attn else None,
+        "experts": next((n.attrs["num_experts"] for n in model.graph.find("moe")), 0),
+        "parallel": {"tp": meta.get("source_tp"), "pp": meta.get("source_pp"), "ep": meta.get("source_ep"),
+                     "vp": meta.get("source_vp")},
+        "parameters": model.param_count(), "bytes_by_dtype": model.bytes_by_dtype(),
+    }
+    if a.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"checkpoint: {path}")
+    print(f"format:     {summary['format']} (iteration {summary['iteration']})")
+    print(f"arch:       {c.family}: {c.num_layers} layers, hidden {c.hidden_size}, heads {summary['heads']} "
+          f"(kv {summary['kv_heads']}, head_dim {summary['head_dim']}), vocab {c.vocab_size} "
+          f"(padded {summary['embedding_rows']})" + (f", {summary['experts']} experts" if summary["experts"] else ""))
+    p = summary["parallel"]
+    print(f"parallel:   tp={p['tp']} pp={p['pp']} ep={p['ep']} vp={p['vp']}")
+    print(f"params:     {summary['parameters']:,} ({summary['parameters'] / 1e6:.2f}M)")
+    print("bytes:      " + ", ".join(f"{k} {_human(v)}" for k, v in sorted(summary["bytes_by_dtype"].items())))
+    if a.layers:
+        print(f"\n{'layer':>5s}  {'op':10s} {'params':>12s}  types")
+        for n in model.graph.nodes:
+            if not n.params:
+                continue
+            numel = sum(p.type.numel for p in n.params.values())
+            types = ", ".join(f"{k}:{p.type}" for k, p in n.params.items())
+            print(f"{'-' if n.layer is None else n.layer:>5}  {n.op:10s} {numel:>12,}  {types}")
+    return 0
+
+
+def draw(model, path: Path) -> None:
+    """Write the layer graph as Graphviz DOT (or SVG/PNG when the `dot` program is installed)."""
+    import shutil
+    import subprocess
+
+    g = model.graph.to_networkx()
+    lines = ["digraph mexc {", "  rankdir=TB; node [shape=box, style=rounded, fontname=Helvetica];"]
+    for i, d in g.nodes(data=True):
+        lines.append(f'  n{i} [label="{d["label"]}\\nstage {d["stage"]}"];')
+    for u, v in g.edges():
+        lines.append(f"  n{u} -> n{v};")
+    lines.append("}")
+    dot = "\n".join(lines) + "\n"
+    if path.suffix == ".dot":
+        path.write_text(dot)
+        return
+    exe = shutil.which("dot")
+    if exe is None:
+        from ..errors import UsageError
+
+        raise UsageError(f"drawing {path.suffix} needs Graphviz's `dot` program",
+                         hint="install graphviz (apt install graphviz), or use --draw FILE.dot")
+    subprocess.run([exe, f"-T{path.suffix[1:]}", "-o", str(path)], input=dot, text=True, check=True)
