@@ -1,0 +1,223 @@
+"""Hugging Face backend: ``config.json``, ``generation_config.json`` and ``model.safetensors`` (or shards plus
+``model.safetensors.index.json``) in the layout ``transformers.AutoModelForCausalLM.from_pretrained`` loads,
+and with it vLLM and TensorRT-LLM's PyTorch backend.
+
+The output is unsharded (tp=1 pp=1): loaders shard at load time. Tensors are streamed: each file's header is
+computed from the IR types, then every tensor is materialized, written and freed one at a time. The vocab is the
+embedding's rows (Megatron's padded vocab, or ``--vocab-size`` after trim-vocab); logits past the tokenizer's
+vocab are padding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ...errors import BackendError
+from ...ir import Model, derive
+from ...ir.analysis import node_roles
+from ...ir.tensors import Recipe
+from ..base import Backend, CompileOptions, EmitResult, TensorEntry, write_safetensors
+from . import families
+from .names import Rule, rules_for
+
+# Largest shard in bytes (transformers' default max_shard_size "5GB" = 5 * 10**9). Tests lower it to force
+# sharding; the environment variable MEXC_HF_MAX_SHARD_BYTES overrides it too.
+MAX_SHARD_BYTES = 5 * 10**9
+SAFETENSORS_METADATA = {"format": "pt"}
+# recipe ops whose results several tensors of one layer share (q/k/v of one fused QKV, experts of one stack)
+_SHARED_OPS = frozenset({"load", "regroup_qkv", "stack"})
+
+
+def max_shard_bytes() -> int:
+    env = os.environ.get("MEXC_HF_MAX_SHARD_BYTES")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise BackendError(f"MEXC_HF_MAX_SHARD_BYTES={env!r} is not a number of bytes",
+                               hint="e.g. MEXC_HF_MAX_SHARD_BYTES=2000000000") from None
+    return MAX_SHARD_BYTES
+
+
+class _LayerCache(dict):
+    """Keeps only shared intermediates (loads, regrouped QKV, expert stacks), cleared per layer by the emitter."""
+
+    def __setitem__(self, key, value):
+        if key[0] in _SHARED_OPS:
+            super().__setitem__(key, value)
+
+
+def _absent_shape(model: Model, node, param: str) -> tuple[int, ...]:
+    """Shape of a param the IR does not have but the HF class does (a zero bias, zero positions)."""
+    H = model.config.hidden_size
+    a = node.attrs
+    if node.op == "attention":
+        d = a["head_dim"]
+        return {"q_bias": (a["num_heads"] * d,), "k_bias": (a["num_kv_heads"] * d,),
+                "v_bias": (a["num_kv_heads"] * d,), "proj_bias": (H,)}[param]
+    if node.op == "mlp":
+        F = node.params["fc2"].type.shape[1]
+        return {"gate_bias": (F,), "up_bias": (F,), "fc1_bias": (F,), "fc2_bias": (H,)}[param]
+    if node.op == "norm" and param == "bias":
+        return (node.params["weight"].type.shape[0],)
+    if node.op == "embedding" and param == "position":
+        return (model.config.max_position_embeddings, H)
+    raise BackendError(f"{node.location}: the hf target needs param {param!r}, which this model lacks",
+                       hint="this is a gap in the hf name table")
+
+
+def plan(model: Model, family: str) -> tuple[list[tuple[TensorEntry, int | None]], list[str]]:
+    """[(entry, layer)] in model order, and problems (IR params no active rule writes)."""
+    roles = node_roles(model)
+    rules = rules_for(family)
+    fl = families.flags(model, family)
+    entries: list[tuple[TensorEntry, int | None]] = []
+    problems: list[str] = []
+    dtype = model.config.dtype.value
+    for node in model.graph.nodes:
+        role = roles[node]
+        taken: set[str] = set()
+        for r in (r for r in rules if r.role == role):
+            if not fl[r.when]:
+                continue
+            srcs: list[Recipe] = []
+            for pname in r.params:
+                p = node.params.get(pname)
+                if p is not None:
+                    srcs.append(p.source)
+                else:
+                    ref = next((node.params[q].type.dtype.value for q in r.params if q in node.params), None)
+                    srcs.append(derive("zeros", shape=_absent_shape(model, node, pname),
+                                       dtype=ref or _ref_dtype(node, dtype)))
+                taken.add(pname)
+            src = srcs[0] if len(srcs) == 1 else derive("concat", *srcs, dim=0)
+            for name, rec in _apply(r, src, node):
+                entries.append((TensorEntry(name, rec.type, _producer(rec)), node.layer))
+        if role == "lm_head" and node.attrs["tied"]:
+            taken.add("weight")
+        left = sorted(set(node.params) - taken)
+        if left:
+            problems.append(f"{node.location}: params {left} have no place in the {family} family "
+                            f"({families.ARCHITECTURES[family]}) and would be dropped")
+    return entries, problems
+
+
+def _ref_dtype(node, default: str) -> str:
+    for p in node.params.values():
+        if p.type.dtype.is_float:
+            return p.type.dtype.value
+    return default
+
+
+def _apply(r: Rule, src: Recipe, node) -> list[tuple[str, Recipe]]:
+    name = r.name.replace("{L}", str(node.layer)) if node.layer is not None else r.name
+    if "{L}" in name:
+        raise BackendError(f"hf name table line {r.line}: {r.name} needs a layer, {node.location} has none")
+    if r.transform == "copy":
+        return [(name, src)]
+    if r.transform == "conv1d":
+        return [(name, derive("transpose", src, d0=0, d1=1))]
+    return [(name.replace("{E}", str(e)), derive("index", src, i=e)) for e in range(src.type.shape[0])]
+
+
+def _producer(rec: Recipe):
+    holder: dict = {}
+
+    def produce():
+        return rec.materialize(holder.get("cache"))
+
+    produce.holder = holder  # the emitter hands it the current layer's cache
+    return produce
+
+
+def _shards(entries: list[tuple[TensorEntry, int | None]], limit: int) -> list[list[tuple[TensorEntry, int | None]]]:
+    """Greedy, in model order: start a new shard when the next tensor would pass ``limit``."""
+    out: list[list] = [[]]
+    size = 0
+    for e in entries:
+        n = e[0].type.nbytes
+        if out[-1] and size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(e)
+        size += n
+    return out
+
+
+class HFBackend(Backend):
+    name = "hf"
+    description = "Hugging Face layout (config.json + model.safetensors) for transformers, vLLM, TRT-LLM PyTorch"
+
+    def legalize_pipeline(self, opts: CompileOptions, model: Model) -> str:
+        steps = ["split-qkv", "canonicalize{fold-gamma=true}", "reshard{tp=1 pp=1 ep=1}"]
+        if opts.dtype:
+            steps.append(f"lower-dtype{{to={opts.dtype} keep-norms-fp32=false keep-router-fp32=false}}")
+        return ",".join(steps)
+
+    def check(self, model: Model, opts: CompileOptions) -> list[str]:
+        problems: list[str] = []
+        if opts.quant:
+            problems.append(f"--quant {opts.quant} is not supported for the hf target: mexc writes no "
+                            "loader-readable quantization config (drop --quant, or quantize at load time, "
+                            "e.g. vLLM --quantization fp8)")
+        if opts.tp != 1 or opts.pp != 1 or opts.ep != 1:
+            problems.append(f"the hf target writes one unsharded model (got --tp {opts.tp} --pp {opts.pp} "
+                            f"--ep {opts.ep}); loaders shard it at load time: drop --tp/--pp/--ep")
+        family, fam_problems = families.classify(model)
+        problems += fam_problems
+        if family is not None and not fam_problems:
+            problems += plan(model, family)[1]
+        return problems
+
+    def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:
+        family, problems = families.classify(model)
+        entries, more = plan(model, family) if family else ([], [])
+        problems += more
+        if problems:
+            raise BackendError("the hf target cannot lower this model: " + "; ".join(problems))
+        out = Path(out)
+        cfg = families.hf_config(model, family)
+        res = EmitResult(out)
+        for fname, data in (("config.json", cfg), ("generation_config.json", families.generation_config(model))):
+            text = json.dumps(data, indent=2) + "\n"
+            (out / fname).write_text(text)
+            res.files[fname] = len(text.encode())
+        shards = _shards(entries, max_shard_bytes())
+        total = sum(e.type.nbytes for e, _ in entries)
+        if progress:
+            progress.start("write", total)
+        cache = {"layer": object(), "cache": _LayerCache()}
+
+        def bind(e: TensorEntry, layer) -> TensorEntry:
+            def produce():
+                if layer != cache["layer"]:
+                    cache["layer"], cache["cache"] = layer, _LayerCache()
+                e.produce.holder["cache"] = cache["cache"]
+                return e.produce()
+
+            return TensorEntry(e.name, e.type, produce)
+
+        weight_map: dict[str, str] = {}
+        n = len(shards)
+        for i, shard in enumerate(shards, 1):
+            fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            # write_safetensors writes in name order; entries of one layer stay contiguous under it
+            sums = write_safetensors(out / fname, [bind(e, layer) for e, layer in shard], SAFETENSORS_METADATA,
+                                     on_tensor=(lambda name, nb: progress.advance(nb)) if progress else None)
+            res.checksums[fname] = sums
+            res.files[fname] = (out / fname).stat().st_size
+            res.tensors += len(sums)
+            weight_map.update({name: fname for name in sums})
+        cache["cache"] = _LayerCache()
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            text = json.dumps(index, indent=2) + "\n"
+            (out / "model.safetensors.index.json").write_text(text)
+            res.files["model.safetensors.index.json"] = len(text.encode())
+        if progress:
+            progress.finish()
+        res.notes.append(f"hf: {families.ARCHITECTURES[family]}, {res.tensors} tensors in {n} file(s), vocab "
+                         f"{cfg['vocab_size']} (tokenizer vocab {model.config.vocab_size}; rows past it are padding)")
+        return res
