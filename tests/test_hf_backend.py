@@ -265,3 +265,26 @@ def test_name_table_describe():
     # one HF name per (family, role, params)
     keys = [(r.family, r.role, r.params) for r in RULES]
     assert len(keys) == len(set(keys))
+
+
+@pytest.mark.parametrize("kind,tp,pp,fmt,store", [("llama", 2, 1, "torch", "MegatronTorchStore"),
+                                                  ("moe", 1, 1, "torch", "MegatronTorchStore"),
+                                                  ("gpt", 1, 2, "torch_dist", "DcpStore")])
+def test_streaming_reads_each_source_tensor_once(tmp_path, monkeypatch, kind, tp, pp, fmt, store):
+    """q/k/v of one fused QKV, gate/up of one fc1, the experts of one layer and a tied head share their reads."""
+    from collections import Counter
+
+    from mexc.frontends.megatron import reader
+
+    cls = getattr(reader, store)
+    reads: Counter = Counter()
+    orig = cls.read
+
+    def counting(self, key, type):
+        reads[key] += 1
+        return orig(self, key, type)
+
+    monkeypatch.setattr(cls, "read", counting)
+    d = megatron_checkpoint(kind, tp=tp, pp=pp, fmt=fmt)
+    compile_checkpoint(d / "ckpt", tmp_path / "hf", CompileOptions(target="hf"))
+    assert reads and max(reads.values()) == 1, {k: v for k, v in reads.items() if v > 1}

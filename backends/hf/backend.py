@@ -218,6 +218,9 @@ class HFBackend(Backend):
             res.files["model.safetensors.index.json"] = len(text.encode())
         if progress:
             progress.finish()
-        res.notes.append(f"hf: {families.ARCHITECTURES[family]}, {res.tensors} tensors in {n} file(s), vocab "
-                         f"{cfg['vocab_size']} (tokenizer vocab {model.config.vocab_size}; rows past it are padding)")
+        note = f"hf: {families.ARCHITECTURES[family]}, {res.tensors} tensors in {n} file(s), vocab {cfg['vocab_size']}"
+        if cfg["vocab_size"] > model.config.vocab_size:
+            note += (f" (tokenizer vocab {model.config.vocab_size}: logits past it are padding; --vocab-size "
+                     f"{model.config.vocab_size} trims them)")
+        res.notes.append(note)
         return res
