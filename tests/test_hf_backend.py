@@ -288,3 +288,16 @@ def test_streaming_reads_each_source_tensor_once(tmp_path, monkeypatch, kind, tp
     d = megatron_checkpoint(kind, tp=tp, pp=pp, fmt=fmt)
     compile_checkpoint(d / "ckpt", tmp_path / "hf", CompileOptions(target="hf"))
     assert reads and max(reads.values()) == 1, {k: v for k, v in reads.items() if v > 1}
+
+
+def test_gpt2_untied_head(tmp_path):
+    """canonicalize{untie=true} keeps the same weights but writes lm_head.weight (tie_word_embeddings=false)."""
+    d = megatron_checkpoint("gpt", pp=2, fmt="torch_dist")
+    ref = load_reference(d)
+    out = tmp_path / "hf"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="hf", pipeline="canonicalize{untie=true}"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and "lm_head.weight" in _tensor_names(out)
+    model = _load(out)
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    assert (_logits(model, ref["tokens"]) - ref["logits"]).abs().max().item() < FP32_TOL
