@@ -1,0 +1,91 @@
+"""The ONNX backend (``--target onnx``) and the TensorRT engine backend (``--target tensorrt``).
+
+Both emit ``model.onnx`` + one external ``model.onnx.data`` straight from the IR (no tracing). ``onnx`` takes
+``--profile ort`` (contrib ops for ONNX Runtime, plus ``genai_config.json``) or ``--profile tensorrt`` (standard
+ops only); ``tensorrt`` always emits the tensorrt profile and then builds ``model.plan`` through the TensorRT
+Python API when ``import tensorrt`` works. See docs/onnx.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...errors import BackendError, ToolNotFoundError
+from ...ir import Model
+from ...ir.types import DType
+from ..base import Backend, CompileOptions, EmitResult, register_backend
+from .emit import emit_onnx
+from .tensorrt import build_engine, trtexec_command
+
+DTYPE_PASS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+    description = "ONNX decoder with KV cache (profiles: ort = ONNX Runtime contrib ops, tensorrt = standard ops)"
+
+    def profile(self, opts: CompileOptions) -> str:
+        return opts.profile
+
+    def legalize_pipeline(self, opts: CompileOptions, model: Model) -> str:
+        passes = ["canonicalize", "fuse-qkv", "relayout-qkv{to=concat}"]
+        V = model.config.vocab_size
+        for n in model.graph.find(("embedding", "lm_head")):
+            p = n.params.get("word" if n.op == "embedding" else "weight")
+            if p is not None and p.type.shape[0] != V and opts.vocab_size is None:
+                passes.append(f"trim-vocab{{size={V}}}")
+                break
+        if opts.dtype:
+            passes.append(f"lower-dtype{{to={DTYPE_PASS[opts.dtype]}}}")
+        if opts.quant in ("int4-wo", "int8-wo"):
+            gs = opts.group_size or 32
+            passes.append(f"quantize{{scheme={opts.quant} group-size={gs}}}")
+        return ",".join(passes)
+
+    def check(self, model: Model, opts: CompileOptions) -> list[str]:
+        out = []
+        prof = self.profile(opts)
+        if prof not in ("ort", "tensorrt"):
+            out.append(f"unknown --profile {prof!r} (hint: use ort or tensorrt)")
+        if opts.tp != 1 or opts.pp != 1 or opts.ep != 1 or model.parallel.tp != 1 or model.parallel.pp != 1:
+            out.append("the ONNX graph is single-device; compile with --tp 1 --pp 1 --ep 1 (hint: drop --tp/--pp)")
+        if opts.quant == "fp8":
+            out.append("fp8 weights are not supported by the onnx backend (hint: use --quant int4-wo or int8-wo)")
+        if opts.quant in ("int4-wo", "int8-wo") and prof == "ort":
+            gs = opts.group_size or 32
+            if gs < 16 or gs & (gs - 1):
+                out.append(f"MatMulNBits needs a power-of-two group size >= 16, got {gs} (hint: --group-size 32)")
+        for n in model.graph.nodes:
+            if n.op == "attention" and n.attrs["position"] == "rope" and n.attrs["rope"].scaling == "yarn":
+                out.append(f"{n.location}: yarn RoPE scaling is not supported (hint: none/linear/llama3 are)")
+            if n.op == "moe" and any(p.type.dtype in (DType.i4, DType.i8) for p in n.params.values()):
+                out.append(f"{n.location}: quantized MoE experts are not supported (hint: exclude moe from quantize)")
+        return out
+
+    def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:
+        return emit_onnx(model, Path(out), opts, self.profile(opts), progress=progress)
+
+
+class TensorRTBackend(OnnxBackend):
+    name = "tensorrt"
+    description = "TensorRT engine built from the tensorrt-profile ONNX (needs the tensorrt Python package)"
+
+    def profile(self, opts: CompileOptions) -> str:
+        return "tensorrt"
+
+    def build(self, out: Path, opts: CompileOptions, log) -> list[str]:
+        cmd = trtexec_command(Path(out), opts)
+        try:
+            import tensorrt  # noqa: F401  (lazy: only here)
+        except ImportError:
+            if opts.build == "always":
+                raise ToolNotFoundError("TensorRT is not installed (import tensorrt failed); no engine was built",
+                                        hint=f"install TensorRT (pip install tensorrt) or run: {cmd}") from None
+            return [f"TensorRT is not installed; kept the ONNX, build the engine with: {cmd}"]
+        return build_engine(Path(out), opts, log)
+
+
+register_backend(OnnxBackend())
+register_backend(TensorRTBackend())
+
+__all__ = ["OnnxBackend", "TensorRTBackend", "emit_onnx", "trtexec_command", "build_engine", "BackendError"]
