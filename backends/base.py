@@ -124,6 +124,9 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
         raise BackendError(f"{parent}: no permission to write here", hint="choose an -o you can write to") from None
     except OSError as e:
         raise BackendError(f"{parent}: cannot create the output ({e.strerror})", hint="choose another -o") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs are shared with serving containers
     try:
         yield tmp
         if out.exists():
