@@ -71,9 +71,10 @@ _KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
     """Class decorator: register a pass under a kebab-case ``name`` (duplicates are an error)."""
 
+    if not _KEBAB.match(name):
+        raise PassError(f"pass name {name!r} is not kebab-case", hint="use lowercase words joined by '-'")
+
     def deco(cls: type[Pass]) -> type[Pass]:
-        if not _KEBAB.match(name):
-            raise PassError(f"pass name {name!r} is not kebab-case", hint="use lowercase words joined by '-'")
         if name in PASSES and PASSES[name] is not cls:
             raise PassError(f"a pass named {name!r} is already registered ({PASSES[name].__module__})",
                             hint="pick another name for your pass")

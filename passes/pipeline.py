@@ -90,8 +90,12 @@ def parse_pipeline(text: str) -> list[Pass]:
             raise ParseError(f"pass {name}: {e}", hint=f"`mexc passes {name}` shows the options") from None
         pos = m.end()
         if pos < len(text):
+            if text[pos] == "{":
+                raise ParseError(f"malformed pipeline: unclosed '{{' at column {pos + 1} of {text!r}",
+                                 hint="write NAME{key=value key=value}")
             if text[pos] != ",":
-                raise ParseError(f"expected ',' at column {pos + 1} of pipeline {text!r}")
+                raise ParseError(f"expected ',' at column {pos + 1} of pipeline {text!r}",
+                                 hint="separate passes with commas: a,b{k=v},c")
             pos += 1
     return passes
 
