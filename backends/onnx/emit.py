@@ -55,12 +55,11 @@ def genai_config(model: Model, plan: Plan, opts: CompileOptions) -> dict:
     """``genai_config.json`` for onnxruntime-genai (keys as its model builder writes them)."""
     c = model.config
     ctx = max(c.max_position_embeddings, 1)
-    eos = c.get("eos_token_id")
-    eos = eos if eos is not None else c.vocab_size - 1
-    bos = c.get("bos_token_id")
-    bos = bos if bos is not None else 0
-    pad = c.get("pad_token_id")
-    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    # token ids come from the checkpoint's tokenizer when the frontend lifted them (config.extra); otherwise 0.
+    # onnxruntime-genai treats pad_token_id in a prompt as padding, so set these for the real tokenizer.
+    eos = c.get("eos_token_id", 0)
+    bos = c.get("bos_token_id", 0)
+    pad = c.get("pad_token_id", eos[0] if isinstance(eos, (list, tuple)) else eos)
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     layer0 = plan.layers[0] if plan.layers else None
