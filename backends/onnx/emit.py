@@ -18,13 +18,24 @@ GENAI_FILE = "genai_config.json"
 
 def emit_onnx(model: Model, out: Path, opts: CompileOptions, profile: str, progress=None) -> EmitResult:
     out.mkdir(parents=True, exist_ok=True)
-    data = ExternalData(out / DATA_FILE)
+    if progress:   # an estimate: every param once, at the output width (tied/rope copies make it a bit more)
+        width = {"f32": 4, "f16": 2, "bf16": 2, "i8": 1, "i4": 0.5}
+        io_w = width.get(model.config.dtype.value, 4)
+        seen, total = set(), 0
+        for _, _, p in model.graph.params():
+            if p.source.key not in seen:
+                seen.add(p.source.key)
+                total += int(p.type.numel * (width[p.type.dtype.value] if p.type.dtype.value in ("i8", "i4") else io_w))
+        progress.start("write", total)
+    data = ExternalData(out / DATA_FILE, on_tensor=(lambda name, n: progress.advance(n)) if progress else None)
     try:
         g = GraphBuilder(data)
         max_positions = max(model.config.max_position_embeddings, opts.max_seq_len)
         plan = lower(model, g, profile, max_positions=max_positions, progress=progress)
     finally:
         data.close()
+        if progress:
+            progress.finish()
     opsets = {"": OPSET}
     if any(d == MS for d, _ in g.op_types):
         opsets[MS] = 1

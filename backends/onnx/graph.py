@@ -36,7 +36,8 @@ _LARGE = 1 << 20
 class ExternalData:
     """Append-only writer of one external data file; records a sha256 per tensor."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_tensor=None):
+        self.on_tensor = on_tensor
         self.path = Path(path)
         self.location = self.path.name
         self.f = open(self.path, "wb")
@@ -77,6 +78,8 @@ class ExternalData:
         self.offset += n
         self.sums[name] = hashlib.sha256(mv).hexdigest()
         self.count += 1
+        if self.on_tensor:
+            self.on_tensor(name, n)
         return tp
 
     def close(self):

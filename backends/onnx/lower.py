@@ -245,8 +245,6 @@ class Lowering:
             out = fn(node, *[self.env[id(v)] for v in node.inputs])
             if out is not None:
                 self.env[id(node.output)] = out
-            if self.progress:
-                self.progress(k + 1, len(nodes))
         final = self.env[id(self.m.graph.outputs[0])]
         _rename_output(g, final, "logits")
         g.output("logits", self.io_type, [B, S, self.plan.vocab])
