@@ -1,0 +1,238 @@
+"""The `mexc` command as a user meets it: bad inputs give one clear error, outputs are atomic, verify works."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_fixtures import megatron_checkpoint
+from mexc.tools.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mexc(*args):
+    return subprocess.run([sys.executable, "-m", "mexc.tools.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def assert_clean_error(r, *needles):
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return megatron_checkpoint("llama", tp=2) / "ckpt"
+
+
+def copy_ckpt(src, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_help_shows_examples():
+    r = mexc("--help")
+    assert r.returncode == 0 and "example:" in r.stdout
+    for cmd in ("compile", "inspect", "passes", "verify"):
+        r = mexc(cmd, "--help")
+        assert r.returncode == 0 and "example:" in r.stdout, cmd
+
+
+def test_compile_inspect_and_verify_the_example(tmp_path):
+    ex = ROOT / "examples" / "llama-tiny"
+    out = tmp_path / "hf"
+    r = mexc("compile", ex, "--target", "hf", "--vocab-size", "100", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["target"] == "hf" and summary["bytes"] > 0 and "trim-vocab{size=100}" in summary["pipeline"]
+    r = mexc("verify", out, "--against", ex)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+    r = mexc("inspect", ex, "--json")
+    info = json.loads(r.stdout)
+    assert info["format"] == "torch" and info["parallel"]["tp"] == 2 and info["parameters"] == 90432
+    r = mexc("inspect", ex, "--layers")
+    assert "attention" in r.stdout and "qkv:f32[128,64]" in r.stdout
+
+
+def test_verify_catches_a_wrong_output(tmp_path, llama):
+    out = tmp_path / "trt"
+    assert mexc("compile", llama, "--target", "trtllm", "--tp", "2", "-o", out, "--quiet").returncode == 0
+    assert mexc("verify", out, "--against", llama).returncode == 0
+    from safetensors.torch import load_file, save_file
+
+    f = out / "rank1.safetensors"
+    t = load_file(f)
+    t["transformer.layers.1.mlp.proj.weight"] = t["transformer.layers.1.mlp.proj.weight"] * 3
+    save_file(t, f)
+    r = mexc("verify", out, "--against", llama, "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["ok"] is False
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "iterations", "missing-rank", "truncated-pt",
+                                  "unknown-pass", "bad-pipeline", "tp0", "tp-negative", "tp-text", "exists",
+                                  "vocab-tp", "kv-tp", "unknown-target"])
+def test_bad_input_corpus(case, tmp_path, llama):
+    out = tmp_path / "out"
+    args = ["compile", llama, "--target", "trtllm", "-o", out]
+    needles = []
+    if case == "missing":
+        args[1], needles = tmp_path / "nope", ["no such directory"]
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        args[1], needles = tmp_path / "empty", ["no Megatron checkpoint here"]
+    elif case == "iterations":
+        ck = copy_ckpt(llama, tmp_path)
+        shutil.copytree(ck / "iter_0000010", ck / "iter_0000011")
+        (ck / "latest_checkpointed_iteration.txt").unlink()
+        args[1], needles = ck, ["2 iterations", "--iteration"]
+    elif case == "missing-rank":
+        ck = copy_ckpt(llama, tmp_path)
+        shutil.rmtree(ck / "iter_0000010" / "mp_rank_00")
+        args[1], needles = ck, ["mp_rank_00", "copy"]
+    elif case == "truncated-pt":
+        ck = copy_ckpt(llama, tmp_path)
+        f = ck / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
+        f.write_bytes(f.read_bytes()[:3000])
+        args[1], needles = ck, [str(f), "corrupt or truncated"]
+    elif case == "unknown-pass":
+        args += ["--pipeline", "make-it-fast"]
+        needles = ["unknown pass 'make-it-fast'", "mexc passes"]
+    elif case == "bad-pipeline":
+        args += ["--pipeline", "reshard{tp=2"]
+        needles = ["malformed pipeline"]
+    elif case == "tp0":
+        args += ["--tp", "0"]
+        needles = ["--tp", "positive integer"]
+    elif case == "tp-negative":
+        args += ["--pp", "-2"]
+        needles = ["--pp"]
+    elif case == "tp-text":
+        args += ["--tp", "two"]
+        needles = ["--tp"]
+    elif case == "exists":
+        out.mkdir()
+        needles = ["already exists", "--force"]
+    elif case == "vocab-tp":
+        args += ["--tp", "3"]
+        needles = ["tp=3"]
+    elif case == "kv-tp":
+        args[1] = megatron_checkpoint("llama", tp=1) / "ckpt"
+        args += ["--tp", "4", "--pipeline", "reshard{tp=4}"]  # before relayout: grouped QKV over 4 ranks
+        needles = ["relayout-qkv{to=concat}"]
+    elif case == "unknown-target":
+        args[3], needles = "tflite", ["invalid choice"]
+    r = mexc(*args)
+    assert_clean_error(r, *needles)
+    if case != "exists":
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".mexc-tmp-" in p.name]
+
+
+def test_unknown_architecture_tensor_is_named(tmp_path):
+    ck = copy_ckpt(megatron_checkpoint("llama", tp=1) / "ckpt", tmp_path)
+    f = ck / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
+    sd = torch.load(f, weights_only=False)
+    sd["model"]["decoder.layers.0.self_attention.linear_gate.weight"] = torch.zeros(2, 2)
+    torch.save(sd, f)
+    assert_clean_error(mexc("compile", ck, "--target", "hf", "-o", tmp_path / "o"), "linear_gate.weight")
+
+
+def test_args_missing_fields(tmp_path):
+    ck = copy_ckpt(megatron_checkpoint("llama", tp=1) / "ckpt", tmp_path)
+    f = ck / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
+    sd = torch.load(f, weights_only=False)
+    del sd["args"].hidden_size
+    torch.save(sd, f)
+    r = mexc("inspect", ck)
+    assert_clean_error(r, "hidden_size", "--config")
+    cfg = tmp_path / "fix.yaml"
+    cfg.write_text("hidden_size: 64\n")
+    assert mexc("inspect", ck, "--config", cfg).returncode == 0
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
+def test_no_space_or_no_permission_leaves_nothing(tmp_path, llama, monkeypatch, capsys, err):
+    import mexc.backends.trtllm as trt
+
+    real = trt.write_safetensors
+
+    def failing(path, *a, **k):
+        if path.name == "rank1.safetensors":
+            raise OSError(err, os.strerror(err))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(trt, "write_safetensors", failing)
+    out = tmp_path / "o"
+    rc = main(["compile", str(llama), "--target", "trtllm", "--tp", "2", "-o", str(out)])
+    e = capsys.readouterr().err
+    assert rc != 0 and "error:" in e and "nothing was left behind" in e
+    assert ("free some disk space" in e) if err == errno.ENOSPC else ("permissions" in e)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigint", "exception"])
+def test_interrupted_compile_leaves_no_partial_output(tmp_path, llama, monkeypatch, capsys, how):
+    import mexc.backends.base as base
+
+    real = base.write_safetensors
+    state = {"n": 0}
+
+    def interrupting(path, entries, metadata=None, on_tensor=None):
+        def hook(name, n):
+            state["n"] += 1
+            if state["n"] == 5:
+                if how == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                elif how == "sigint":
+                    os.kill(os.getpid(), signal.SIGINT)
+                else:
+                    raise RuntimeError("disk controller on fire")
+        return real(path, entries, metadata, hook)
+
+    import mexc.backends.trtllm as trt
+
+    monkeypatch.setattr(trt, "write_safetensors", interrupting)
+    out = tmp_path / "o"
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        if how == "exception":
+            with pytest.raises(RuntimeError):
+                main(["compile", str(llama), "--target", "trtllm", "-o", str(out), "--jobs", "1"])
+        else:
+            rc = main(["compile", str(llama), "--target", "trtllm", "-o", str(out), "--jobs", "1"])
+            assert rc == 130 and "interrupted" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert state["n"] >= 5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_passes_lists_every_pass_with_options():
+    r = mexc("passes")
+    for name in ("relayout-qkv", "reshard", "lower-dtype", "quantize", "canonicalize", "dce", "fuse-qkv",
+                 "split-qkv", "trim-vocab"):
+        assert name in r.stdout
+    assert "tp:int=1" in r.stdout
+    r = mexc("passes", "reshard")
+    assert r.returncode == 0 and "parallel-embedding: bool = false" in r.stdout and "KV heads replicated" in r.stdout
+
+
+def test_draw_dot(tmp_path, llama):
+    f = tmp_path / "g.dot"
+    r = mexc("inspect", llama, "--draw", f)
+    assert r.returncode == 0
+    text = f.read_text()
+    assert text.startswith("digraph") and 'attention[1]' in text and "->" in text
