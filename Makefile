@@ -21,6 +21,6 @@ example: install
 	$(BIN)/mexc compile examples/llama-tiny --target onnx -o out/llama-tiny-onnx --force
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests
 
 .PHONY: install example test
