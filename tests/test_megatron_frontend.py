@@ -200,3 +200,105 @@ def test_missing_dir_empty_dir_and_ambiguous_iterations(tmp_path):
         lift(ck)
     assert "--iteration" in e.value.hint
     assert lift(ck, iteration=20).meta["iteration"] == 10  # the file's own iteration field
+
+
+# ------------------------------------------------------------------------------ other key layouts of real weights
+# These rewrite a real megatron-core checkpoint into the layouts other Megatron versions save (the weights and
+# the reference logits stay megatron-core's), then check the lifted logits.
+
+
+def _rewrite(src_dir, tmp_path, fn, args_update=None):
+    ck = _copy(src_dir, tmp_path)
+    for f in sorted((ck / "iter_0000010").glob("mp_rank_*/model_optim_rng.pt")):
+        sd = torch.load(f, weights_only=False)
+        sd["model"] = fn(sd["model"])
+        for k, v in (args_update or {}).items():
+            setattr(sd["args"], k, v)
+        torch.save(sd, f)
+    return ck
+
+
+def test_transformer_engine_key_names(tmp_path):
+    import io
+
+    d = megatron_checkpoint("gpt", tp=2)
+
+    def te(sd):
+        out = {}
+        for k, v in sd.items():
+            k = k.replace("input_layernorm.", "self_attention.linear_qkv.layer_norm_")
+            k = k.replace("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")
+            out[k] = io.BytesIO(b"te-fp8-meta") if k.endswith("_extra_state") else v
+        return out
+
+    ck = _rewrite(d, tmp_path, te, {"transformer_impl": "transformer_engine"})
+    ref = load_reference(d)
+    assert (run(lift(ck), ref["tokens"]) - ref["logits"]).abs().max().item() < 1e-5
+
+
+def test_pre_mcore_language_model_names(tmp_path):
+    d = megatron_checkpoint("llama", tp=2)
+    ren = [("decoder.layers.", "layers."), (".input_layernorm.", ".input_norm."),
+           ("self_attention.linear_qkv.", "self_attention.query_key_value."),
+           ("self_attention.linear_proj.", "self_attention.dense."), (".pre_mlp_layernorm.", ".post_attention_norm."),
+           ("mlp.linear_fc1.", "mlp.dense_h_to_4h."), ("mlp.linear_fc2.", "mlp.dense_4h_to_h."),
+           ("decoder.final_layernorm.", "final_norm.")]
+
+    def legacy(sd):
+        lm = {"embedding": {"word_embeddings": {"weight": sd["embedding.word_embeddings.weight"]}}, "encoder": {},
+              "output_layer": {"weight": sd["output_layer.weight"]}}
+        for k, v in sd.items():
+            if k.startswith(("embedding.", "output_layer.")) or k.endswith("_extra_state"):
+                continue
+            for a, b in ren:
+                k = k.replace(a, b)
+            lm["encoder"][k] = v
+        return {"language_model": lm}
+
+    ck = _rewrite(d, tmp_path, legacy, {"use_legacy_models": True})
+    ref = load_reference(d)
+    model = lift(ck)
+    assert "language_model.encoder.layers.1.self_attention.query_key_value.weight" in str(model)
+    assert (run(model, ref["tokens"]) - ref["logits"]).abs().max().item() < 1e-5
+
+
+def test_virtual_pipeline_chunks(tmp_path):
+    """A 4-layer model saved with pp=2, vp=2: stage p, chunk k holds global layer 2k + p as its local layer 0."""
+    import re
+
+    d = megatron_checkpoint("mqa", tp=1)
+    src = torch.load(d / "ckpt" / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    ck = tmp_path / "vp"
+    it = ck / "iter_0000010"
+    for p in range(2):
+        model = {}
+        for k in range(2):
+            chunk = {}
+            g = 2 * k + p
+            for key, v in src["model"].items():
+                m = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
+                if m and int(m.group(1)) == g:
+                    chunk[f"decoder.layers.0.{m.group(2)}"] = v
+                elif key.startswith("embedding.") and p == 0 and k == 0:
+                    chunk[key] = v
+                elif key.startswith(("decoder.final_layernorm", "output_layer")) and p == 1 and k == 1:
+                    chunk[key] = v
+            model[f"model{k}"] = chunk
+        args = argparse_copy(src["args"], pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+        (it / f"mp_rank_00_{p:03d}").mkdir(parents=True)
+        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 10, **model},
+                   it / f"mp_rank_00_{p:03d}" / "model_optim_rng.pt")
+    (ck / "latest_checkpointed_iteration.txt").write_text("10")
+    ref = load_reference(d)
+    lifted = lift(ck)
+    assert lifted.meta["source_vp"] == 2
+    assert "mp_rank_00_001:model0/decoder.layers.0.self_attention" in str(lifted.node("attention", 1).params["qkv"].source)
+    assert (run(lifted, ref["tokens"]) - ref["logits"]).abs().max().item() < 1e-5
+
+
+def argparse_copy(ns, **kw):
+    import argparse
+
+    d = dict(vars(ns))
+    d.update(kw)
+    return argparse.Namespace(**d)
