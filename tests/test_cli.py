@@ -236,3 +236,13 @@ def test_draw_dot(tmp_path, llama):
     assert r.returncode == 0
     text = f.read_text()
     assert text.startswith("digraph") and 'attention[1]' in text and "->" in text
+
+
+def test_shell_completion_script_completes_targets(tmp_path):
+    r = mexc("completion", "bash")
+    assert r.returncode == 0
+    script = tmp_path / "c.sh"
+    script.write_text(r.stdout)
+    probe = subprocess.run(["bash", "-c", f'source {script}; COMP_WORDS=(mexc compile x --target ""); '
+                            'COMP_CWORD=4; _mexc; echo "${COMPREPLY[@]}"'], capture_output=True, text=True)
+    assert probe.stdout.split() == ["trtllm", "hf", "onnx", "tensorrt"]

@@ -104,7 +104,36 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--against", required=True, metavar="CKPT")
     v.add_argument("--tolerance", type=float, help="max |delta logits| allowed (default: by dtype)")
     v.add_argument("--json", action="store_true")
+    comp = sub.add_parser("completion", help="print a shell completion script",
+                          epilog="example:\n  source <(mexc completion bash)\n  mexc completion zsh > ~/.zfunc/_mexc",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    comp.add_argument("shell", choices=["bash", "zsh"])
     return p
+
+
+def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
+    """A completion script generated from the parser itself (commands, options, choices, pass names)."""
+    from ..passes import PASSES
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cases = []
+    for name, sp in sub.choices.items():
+        opts = [o for a in sp._actions for o in a.option_strings]
+        choices = {o: list(a.choices) for a in sp._actions if a.choices for o in a.option_strings}
+        if name == "passes":
+            opts += sorted(PASSES)
+        prev = "".join(f'        {o}) COMPREPLY=($(compgen -W "{" ".join(map(str, c))}" -- "$cur")); return;;\n'
+                       for o, c in choices.items())
+        cases.append(f'    {name})\n      case "$prev" in\n{prev}      esac\n'
+                     f'      COMPREPLY=($(compgen -W "{" ".join(opts)}" -- "$cur") $(compgen -f -- "$cur"));;\n')
+    body = (
+        "_mexc() {\n  local cur prev cmd\n  cur=\"${COMP_WORDS[COMP_CWORD]}\"\n  prev=\"${COMP_WORDS[COMP_CWORD-1]}\"\n"
+        "  cmd=\"${COMP_WORDS[1]}\"\n  if [ \"$COMP_CWORD\" -eq 1 ]; then\n"
+        f"    COMPREPLY=($(compgen -W \"{' '.join(sub.choices)} --help --debug\" -- \"$cur\")); return\n  fi\n"
+        "  case \"$cmd\" in\n" + "".join(cases) + "  esac\n}\ncomplete -F _mexc mexc\n")
+    if shell == "zsh":
+        return "#compdef mexc\nautoload -U bashcompinit && bashcompinit\n" + body
+    return body
 
 
 class Progress:
@@ -243,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd is None:
         parser.print_help()
         return 2
+    if a.cmd == "completion":
+        sys.stdout.write(completion_script(parser, a.shell))
+        return 0
     _install_signal_handlers()
     try:
         return {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "verify": cmd_verify}[a.cmd](a)
