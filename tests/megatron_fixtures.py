@@ -26,7 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "tools" / "fixtures" / "megatron_core.py"
 CACHE_DIR = Path(os.environ.get("MEXC_FIXTURE_CACHE", REPO_ROOT / "tests" / ".fixture-cache"))
 
-KINDS = ("llama", "gpt", "mqa", "qwen", "moe")
+KINDS = ("llama", "gpt", "mqa", "qwen", "moe", "starcoder", "nemotron", "gemma", "gptnext", "llama3", "falcon",
+         "falcon2")
 FORMATS = ("torch", "torch_dist")
 SEED = 1234
 

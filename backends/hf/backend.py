@@ -17,8 +17,8 @@ from pathlib import Path
 from ...errors import BackendError
 from ...ir import Model, derive
 from ...ir.analysis import node_roles
-from ...ir.tensors import Recipe
-from ..base import Backend, CompileOptions, EmitResult, TensorEntry, write_safetensors
+from ...ir.tensors import Recipe, TensorCache
+from ..base import Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, write_safetensors
 from . import families
 from .names import Rule, rules_for
 
@@ -26,8 +26,6 @@ from .names import Rule, rules_for
 # sharding; the environment variable MEXC_HF_MAX_SHARD_BYTES overrides it too.
 MAX_SHARD_BYTES = 5 * 10**9
 SAFETENSORS_METADATA = {"format": "pt"}
-# recipe ops whose results several tensors of one layer share (q/k/v of one fused QKV, experts of one stack)
-_SHARED_OPS = frozenset({"load", "regroup_qkv", "stack"})
 
 
 def max_shard_bytes() -> int:
@@ -41,14 +39,6 @@ def max_shard_bytes() -> int:
     return MAX_SHARD_BYTES
 
 
-class _LayerCache(dict):
-    """Keeps only shared intermediates (loads, regrouped QKV, expert stacks), cleared per layer by the emitter."""
-
-    def __setitem__(self, key, value):
-        if key[0] in _SHARED_OPS:
-            super().__setitem__(key, value)
-
-
 def _absent_shape(model: Model, node, param: str) -> tuple[int, ...]:
     """Shape of a param the IR does not have but the HF class does (a zero bias, zero positions)."""
     H = model.config.hidden_size
@@ -56,7 +46,8 @@ def _absent_shape(model: Model, node, param: str) -> tuple[int, ...]:
     if node.op == "attention":
         d = a["head_dim"]
         return {"q_bias": (a["num_heads"] * d,), "k_bias": (a["num_kv_heads"] * d,),
-                "v_bias": (a["num_kv_heads"] * d,), "proj_bias": (H,)}[param]
+                "v_bias": (a["num_kv_heads"] * d,), "proj_bias": (H,),
+                "qkv_bias": ((a["num_heads"] + 2 * a["num_kv_heads"]) * d,)}[param]
     if node.op == "mlp":
         F = node.params["fc2"].type.shape[1]
         return {"gate_bias": (F,), "up_bias": (F,), "fc1_bias": (F,), "fc2_bias": (H,)}[param]
@@ -117,6 +108,8 @@ def _apply(r: Rule, src: Recipe, node) -> list[tuple[str, Recipe]]:
         raise BackendError(f"hf name table line {r.line}: {r.name} needs a layer, {node.location} has none")
     if r.transform == "copy":
         return [(name, src)]
+    if r.transform == "zc":   # the HF module computes with (1 + w)
+        return [(name, src if node.attrs["zero_centered"] else derive("add_scalar", src, value=-1.0))]
     if r.transform == "conv1d":
         return [(name, derive("transpose", src, d0=0, d1=1))]
     return [(name.replace("{E}", str(e)), derive("index", src, i=e)) for e in range(src.type.shape[0])]
@@ -151,7 +144,10 @@ class HFBackend(Backend):
     description = "Hugging Face layout (config.json + model.safetensors) for transformers, vLLM, TRT-LLM PyTorch"
 
     def legalize_pipeline(self, opts: CompileOptions, model: Model) -> str:
-        steps = ["split-qkv", "canonicalize{fold-gamma=true}", "reshard{tp=1 pp=1 ep=1}"]
+        family = families.classify(model)[0]
+        qkv = (["fuse-qkv", "relayout-qkv{to=grouped}"] if family in families.FUSED_QKV else ["split-qkv"])
+        fold = "false" if family in families.ZERO_CENTERED else "true"   # Gemma/Nemotron norms add 1 themselves
+        steps = [*qkv, f"canonicalize{{fold-gamma={fold}}}", "reshard{tp=1 pp=1 ep=1}"]
         if opts.dtype:
             steps.append(f"lower-dtype{{to={opts.dtype} keep-norms-fp32=false keep-router-fp32=false}}")
         return ",".join(steps)
@@ -188,12 +184,10 @@ class HFBackend(Backend):
         total = sum(e.type.nbytes for e, _ in entries)
         if progress:
             progress.start("write", total)
-        cache = {"layer": object(), "cache": _LayerCache()}
+        cache = {"cache": TensorCache(cache_bytes(model))}
 
         def bind(e: TensorEntry, layer) -> TensorEntry:
             def produce():
-                if layer != cache["layer"]:
-                    cache["layer"], cache["cache"] = layer, _LayerCache()
                 e.produce.holder["cache"] = cache["cache"]
                 return e.produce()
 
@@ -210,7 +204,7 @@ class HFBackend(Backend):
             res.files[fname] = (out / fname).stat().st_size
             res.tensors += len(sums)
             weight_map.update({name: fname for name in sums})
-        cache["cache"] = _LayerCache()
+        cache["cache"].clear()
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             text = json.dumps(index, indent=2) + "\n"

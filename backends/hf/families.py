@@ -10,7 +10,17 @@ llama      LlamaForCausalLM        RMSNorm, rotary, gated MLP; ``attention_bias`
 qwen2      Qwen2ForCausalLM        like llama, with q/k/v biases only (no o_proj / MLP bias)
 mixtral    MixtralForCausalLM      like llama, every layer a softmax top-k MoE of gated experts, no biases
 gpt2       GPT2LMHeadModel         LayerNorm, learned (or no) positions, plain MLP, MHA, head tied or not
+gpt_bigcode GPTBigCodeForCausalLM  like gpt2 with multi-query attention (StarCoder), ``nn.Linear`` weights
+gemma      GemmaForCausalLM        RMSNorm (1 + w), embedding x sqrt(hidden), GeGLU (tanh GELU), rotary
+nemotron   NemotronForCausalLM     LayerNorm1p (1 + w), rotary (partial allowed), plain MLP (squared-relu)
+stablelm   StableLmForCausalLM     LayerNorm, rotary (partial allowed), SwiGLU, q/k/v bias only (NeMo GPT-Next)
+falcon     FalconForCausalLM       parallel attention + MLP off one LayerNorm, rotary, fused grouped QKV,
+                                   biases all or none (falcon2: the same with ln_attn + ln_mlp, Falcon's
+                                   new decoder architecture)
 =========  ======================  ==========================================================================
+
+Gemma and Nemotron store the norm weight zero-centered (their modules add 1 themselves): the hf backend does not
+fold the gamma for them and writes ``w`` (or ``w - 1`` for a norm that was not zero-centered).
 
 Config fields follow transformers 5 (``rope_parameters``, ``dtype``) and also carry the 4.x spellings
 (``rope_theta``, ``rope_scaling``, ``torch_dtype``) so older loaders (vLLM, TensorRT-LLM's PyTorch backend
@@ -25,8 +35,14 @@ from ...ir import Model
 from ...ir.analysis import is_parallel_block
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "mixtral": "mixtral", "gpt2": "gpt2"}
+                 "gpt2": "GPT2LMHeadModel", "gpt_bigcode": "GPTBigCodeForCausalLM", "gemma": "GemmaForCausalLM",
+                 "nemotron": "NemotronForCausalLM", "stablelm": "StableLmForCausalLM",
+                 "falcon": "FalconForCausalLM", "falcon2": "FalconForCausalLM"}
+MODEL_TYPES = {f: f for f in ARCHITECTURES} | {"falcon2": "falcon"}
+# families whose HF norm module computes with (1 + weight): the stored weight stays zero-centered
+ZERO_CENTERED = ("gemma", "nemotron")
+# families that keep the fused QKV (Falcon's query_key_value is Megatron's grouped layout)
+FUSED_QKV = ("falcon", "falcon2")
 # IR activation -> transformers ACT2FN name
 HIDDEN_ACT = {"silu": "silu", "gelu": "gelu", "gelu-tanh": "gelu_pytorch_tanh", "relu": "relu",
               "squared-relu": "relu2", "quick-gelu": "quick_gelu"}
@@ -54,40 +70,53 @@ def classify(model: Model) -> tuple[str | None, list[str]]:
     kinds = {n.attrs["kind"] for n in norms}
     positions = {a.attrs["position"] for a in attns}
     learned = "position" in emb.params
+    parallel = [layer for layer in sorted({n.layer for n in attns}) if is_parallel_block(model, layer)]
+    gated = {m.attrs["gated"] for m in mlps}
+    a0 = attns[0].attrs
+    acts = {m.attrs["activation"] for m in mlps}
     if moes:
         family = "mixtral"
+    elif parallel and kinds == {"layernorm"} and positions == {"rope"}:
+        family = "falcon2" if falcon_block(model) == "two-norm" else "falcon"
+    elif emb.attrs["scale"] != 1.0 and kinds == {"rmsnorm"} and gated == {True} and acts <= {"gelu", "gelu-tanh"}:
+        family = "gemma"
     elif kinds == {"layernorm"} and positions == {"none"}:
-        family = "gpt2"
+        family = "gpt_bigcode" if a0["num_kv_heads"] == 1 < a0["num_heads"] else "gpt2"
+    elif kinds == {"layernorm"} and positions == {"rope"}:
+        family = "stablelm" if gated == {True} else "nemotron"
     elif kinds == {"rmsnorm"} and positions == {"rope"}:
         qkv_bias = _has(attns, ("q_bias", "k_bias", "v_bias"))
         family = "qwen2" if qkv_bias and not _has(attns, ("proj_bias",)) and not _has(mlps, _MLP_BIAS) else "llama"
     else:
         return None, [f"no Hugging Face class in mexc for norm={sorted(kinds)} with positions="
-                      f"{sorted(positions | ({'learned'} if learned else set()))} (hf target: Llama/Qwen2/Mixtral "
-                      "need RMSNorm + rotary; GPT-2 needs LayerNorm + learned or no positions)"]
+                      f"{sorted(positions | ({'learned'} if learned else set()))} (hf target: Llama/Qwen2/Mixtral/"
+                      "Gemma need RMSNorm + rotary; GPT-2/GPTBigCode need LayerNorm + learned or no positions; "
+                      "Nemotron/StableLM/Falcon need LayerNorm + rotary)"]
     name = f"{family} family ({ARCHITECTURES[family]})"
 
     # --- what every family shares
-    if emb.attrs["scale"] != 1.0:
+    if emb.attrs["scale"] != 1.0 and family != "gemma":
         p.append(f"scaled embeddings (x{emb.attrs['scale']:g}, Gemma-style) cannot be expressed by the {name}; "
-                 "only Gemma scales its embeddings, and mexc's hf target does not emit Gemma yet")
-    for layer in sorted({n.layer for n in attns}):
-        if is_parallel_block(model, layer):
-            p.append(f"parallel attention+MLP blocks (layer {layer}) cannot be expressed by the {name}")
-            break
+                 "only GemmaForCausalLM scales its embeddings (by sqrt(hidden), with RMSNorm + rotary)")
+    if parallel and family not in FUSED_QKV:
+        p.append(f"parallel attention+MLP blocks (layer {parallel[0]}) cannot be expressed by the {name}")
     for _, pname, prm in g.params():
         if not prm.type.dtype.is_float or prm.type.dtype.bits == 8 or pname.endswith("_scale"):
             p.append(f"quantized weights ({pname}: {prm.type}) cannot be written to the hf target: mexc emits no "
                      "loader-readable quantization config; drop the quantize pass / --quant")
             break
-    if any(n.attrs["zero_centered"] for n in norms):
+    if any(n.attrs["zero_centered"] for n in norms) and family not in ZERO_CENTERED:
         p.append("zero-centered norm gamma must be folded (run canonicalize) before the hf target")
     if len({n.attrs["eps"] for n in norms}) > 1:
         p.append(f"the norms use different eps {sorted({n.attrs['eps'] for n in norms})}; the {name} has one")
     for a in attns:
         at = a.attrs
-        if "qkv" in a.params:
-            p.append(f"{a.location}: fused QKV must be split (run split-qkv) before the hf target")
+        if ("qkv" in a.params) != (family in FUSED_QKV):
+            p.append(f"{a.location}: fused QKV must be split (run split-qkv) before the hf target"
+                     if "qkv" in a.params else f"{a.location}: the {name} needs a fused QKV (run fuse-qkv)")
+            break
+        if "qkv" in a.params and a.params["qkv"].type.layout.kind != "grouped":
+            p.append(f"{a.location}: the {name} needs the grouped QKV layout (run relayout-qkv{{to=grouped}})")
             break
         if at["qk_norm"] != "none":
             p.append(f"QK normalization cannot be expressed by the {name} (Qwen3/OLMo2 classes are not emitted yet)")
@@ -147,9 +176,9 @@ def classify(model: Model) -> tuple[str | None, list[str]]:
                 break
         if len({(m.attrs["num_experts"], m.attrs["top_k"], m.params["fc2"].type.shape) for m in moes}) > 1:
             p.append("MoE layers differ in experts/top-k/size; MixtralForCausalLM has one per model")
-    if family == "gpt2":
+    if family in ("gpt2", "gpt_bigcode"):
         a = attns[0].attrs
-        if a["num_kv_heads"] != a["num_heads"]:
+        if a["num_kv_heads"] != a["num_heads"] and family == "gpt2":
             p.append(f"grouped/multi-query attention ({a['num_kv_heads']} KV heads for {a['num_heads']} heads) "
                      "cannot be expressed by the gpt2 family (GPT2LMHeadModel is multi-head only)")
         if a["num_heads"] * a["head_dim"] != model.config.hidden_size:
@@ -166,16 +195,98 @@ def classify(model: Model) -> tuple[str | None, list[str]]:
             p.append("MLP sizes differ across layers; GPT2LMHeadModel has one n_inner")
     elif family in ("llama", "qwen2") and len({m.params["fc2"].type.shape for m in mlps}) > 1:
         p.append(f"MLP sizes differ across layers; the {name} has one intermediate_size")
+    if family in ("gemma", "nemotron", "stablelm", "falcon", "falcon2"):
+        p += _check_new_family(model, family, name, attns, mlps, emb, learned)
     return family, p
+
+
+def _check_new_family(model, family, name, attns, mlps, emb, learned) -> list[str]:
+    """What GemmaForCausalLM / NemotronForCausalLM / StableLmForCausalLM / FalconForCausalLM cannot express."""
+    p: list[str] = []
+    H = model.config.hidden_size
+    a = attns[0].attrs
+    rope = a["rope"]
+    if learned:
+        p.append(f"learned position embeddings cannot be expressed by the {name}")
+    if {x.attrs["position"] for x in attns} != {"rope"}:
+        p.append(f"the {name} is rotary-only (Falcon's ALiBi is not emitted by mexc)")
+    if rope.interleaved:
+        p.append(f"interleaved (GPT-J style) rotary cannot be expressed by the {name}: HF rotates halves")
+    if rope.scaling not in ("none", "linear", "llama3"):
+        p.append(f"rope scaling {rope.scaling!r} is not written by mexc's hf target (none, linear, llama3)")
+    if rope.percent != 1.0 and family in ("gemma", "falcon", "falcon2"):
+        p.append(f"partial rotary (rotary_percent={rope.percent:g}) cannot be expressed by the {name}: it rotates "
+                 "the whole head")
+    if family in ("stablelm", "falcon", "falcon2") and a["num_heads"] * a["head_dim"] != H:
+        p.append(f"head_dim {a['head_dim']} x {a['num_heads']} heads != hidden {H}: the {name} derives head_dim "
+                 "from hidden_size")
+    want_gated = family in ("gemma", "stablelm")
+    for m in mlps:
+        act = m.attrs["activation"]
+        if m.attrs["gated"] != want_gated:
+            p.append(f"a {'non-' if want_gated else ''}gated MLP cannot be expressed by the {name}")
+            break
+        if family == "gemma" and act != "gelu-tanh":
+            p.append(f"activation {act!r} cannot be expressed by the {name}: transformers' Gemma always uses the "
+                     "tanh GELU (it rewrites hidden_act='gelu' to gelu_pytorch_tanh); Megatron's Gemma uses "
+                     "openai_gelu (tanh)")
+            break
+        if family == "stablelm" and act != "silu":
+            p.append(f"activation {act!r} cannot be expressed by the {name} (SwiGLU only)")
+            break
+        if act not in HIDDEN_ACT:
+            p.append(f"activation {act!r} has no transformers name")
+            break
+    if len({m.params["fc2"].type.shape for m in mlps}) > 1:
+        p.append(f"MLP sizes differ across layers; the {name} has one intermediate_size")
+    if family in ("gemma", "stablelm") and _has(mlps, _MLP_BIAS):
+        p.append(f"MLP biases cannot be expressed by the {name}")
+    if family == "stablelm" and _has(attns, ("proj_bias",)):
+        p.append(f"an attention output bias cannot be expressed by the {name} (use_qkv_bias covers q/k/v only)")
+    if family == "gemma":
+        if not math.isclose(emb.attrs["scale"], math.sqrt(H), rel_tol=1e-6):
+            p.append(f"embedding scale {emb.attrs['scale']:g} cannot be expressed by the {name}: it multiplies by "
+                     f"sqrt(hidden_size) = {math.sqrt(H):g}")
+    if family in FUSED_QKV:
+        layers = sorted({x.layer for x in attns})
+        blocks = [_falcon_block(model, layer) for layer in layers]
+        if any(b is None for b in blocks):
+            p.append(f"layer {layers[blocks.index(None)]} is not a parallel attention+MLP block; the {name} has "
+                     "one block kind per model")
+        elif len(set(blocks)) > 1:
+            p.append(f"layers mix one-norm and two-norm parallel blocks; the {name} has one per model")
+    return p
+
+
+def _falcon_block(model, layer) -> str | None:
+    """'one-norm' / 'two-norm' for a parallel block (attention and MLP read norms of the same input), else None."""
+    if not is_parallel_block(model, layer):
+        return None
+    nodes = [n for n in model.graph.nodes if n.layer == layer]
+    attn = next(n for n in nodes if n.op == "attention")
+    mlp = next((n for n in nodes if n.op in ("mlp", "moe")), None)
+    if mlp is None:
+        return None
+    return "one-norm" if mlp.inputs[0] is attn.inputs[0] else "two-norm"
+
+
+def falcon_block(model) -> str:
+    return _falcon_block(model, next(model.graph.find("attention")).layer) or "one-norm"
 
 
 def flags(model: Model, family: str) -> dict[str, bool]:
     """The config switches the name table's ``when`` column reads."""
     g = model.graph
     head = next(g.find("lm_head"))
+    attns, mlps = list(g.find("attention")), list(g.find("mlp"))
+    attn_bias, mlp_bias = _has(attns, _ATTN_BIAS), _has(mlps, _MLP_BIAS)
+    if family in FUSED_QKV:                      # Falcon: one `bias` switch for every linear
+        attn_bias = mlp_bias = attn_bias or mlp_bias
+    elif family == "stablelm":                   # use_qkv_bias
+        attn_bias = _has(attns, ("q_bias", "k_bias", "v_bias"))
     return {"always": True, "untied": not head.attrs["tied"],
-            "attn_bias": family == "llama" and _has(list(g.find("attention")), _ATTN_BIAS),
-            "mlp_bias": family == "llama" and _has(list(g.find("mlp")), _MLP_BIAS)}
+            "attn_bias": family in ("llama", "gemma", "nemotron", "stablelm", *FUSED_QKV) and attn_bias,
+            "mlp_bias": family in ("llama", "nemotron", *FUSED_QKV) and mlp_bias}
 
 
 def _rope_fields(rope, out: dict) -> None:
@@ -204,7 +315,9 @@ def hf_config(model: Model, family: str) -> dict:
     dtype = _DTYPE.get(c.dtype.value, "float32")
     ids = {k: c.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}  # unknown -> null
     cfg: dict = {"architectures": [ARCHITECTURES[family]], "model_type": MODEL_TYPES[family]}
-    if family == "gpt2":
+    if family in ("gemma", "nemotron", "stablelm", *FUSED_QKV):
+        cfg.update(_new_family_config(model, family, vocab))
+    elif family in ("gpt2", "gpt_bigcode"):
         mlp = next(g.find("mlp"))
         pos = emb.params.get("position")
         cfg.update({
@@ -222,6 +335,8 @@ def hf_config(model: Model, family: str) -> dict:
             "reorder_and_upcast_attn": False,
             "initializer_range": 0.02,
         })
+        if family == "gpt_bigcode":
+            cfg["multi_query"] = True
     else:
         ffn_node = next(g.find("moe" if family == "mixtral" else "mlp"))
         cfg.update({
@@ -258,6 +373,46 @@ def hf_config(model: Model, family: str) -> dict:
         "dtype": dtype,
         "torch_dtype": dtype,
     })
+    return cfg
+
+
+def _new_family_config(model: Model, family: str, vocab: int) -> dict:
+    g, c = model.graph, model.config
+    a = next(g.find("attention")).attrs
+    mlp = next(g.find("mlp"))
+    norm = next(g.find("norm"))
+    f = flags(model, family)
+    F = mlp.params["fc2"].type.shape[1]
+    cfg: dict = {"vocab_size": vocab, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
+                 "num_attention_heads": a["num_heads"], "max_position_embeddings": c.max_position_embeddings,
+                 "attention_dropout": 0.0, "initializer_range": 0.02}
+    rope = a["rope"]
+    _rope_fields(rope, cfg)
+    # always explicit: StableLM defaults to 0.25 and Nemotron to 0.5
+    cfg["rope_parameters"]["partial_rotary_factor"] = float(rope.percent)   # transformers >= 5
+    cfg["partial_rotary_factor"] = float(rope.percent)                      # 4.x
+    eps = norm.attrs["eps"]
+    act = HIDDEN_ACT[mlp.attrs["activation"]]
+    if family == "gemma":
+        cfg.update(intermediate_size=F, num_key_value_heads=a["num_kv_heads"], head_dim=a["head_dim"],
+                   hidden_act=act, hidden_activation=act, rms_norm_eps=eps, attention_bias=f["attn_bias"])
+    elif family == "nemotron":
+        cfg.update(intermediate_size=F, num_key_value_heads=a["num_kv_heads"], head_dim=a["head_dim"],
+                   hidden_act=act, norm_eps=eps, attention_bias=f["attn_bias"], mlp_bias=f["mlp_bias"])
+    elif family == "stablelm":
+        cfg.update(intermediate_size=F, num_key_value_heads=a["num_kv_heads"], hidden_act=act, layer_norm_eps=eps,
+                   use_qkv_bias=f["attn_bias"], qk_layernorm=False, use_parallel_residual=False,
+                   hidden_dropout=0.0)
+    else:  # falcon
+        nh, nkv = a["num_heads"], a["num_kv_heads"]
+        two = family == "falcon2"
+        new_arch = two or nkv not in (1, nh)
+        cfg.update(ffn_hidden_size=F, activation=act, layer_norm_epsilon=eps, num_kv_heads=nkv, alibi=False,
+                   parallel_attn=True, bias=f["attn_bias"], new_decoder_architecture=new_arch,
+                   multi_query=nkv == 1 and not new_arch, num_ln_in_parallel_attn=(2 if two else 1) if new_arch
+                   else None, hidden_dropout=0.0)
+        if nh == 1:   # one head: MQA and MHA coincide
+            cfg["multi_query"] = False
     return cfg
 
 

@@ -6,7 +6,8 @@ Columns:
 * ``role``      the node role (:func:`mexc.ir.analysis.node_roles`),
 * ``params``    the IR param, or ``a+b+c``: those params concatenated on dim 0 (GPT-2's fused ``c_attn``),
 * ``hf name``   ``{L}`` = layer index, ``{E}`` = expert index,
-* ``transform`` ``copy``; ``conv1d`` (GPT-2 ``Conv1D`` stores ``[in, out]``: the transpose of ``nn.Linear``);
+* ``transform`` ``copy``; ``zc`` (a norm weight the HF module uses as ``1 + w``: the IR's zero-centered weight
+  as is, or ``w - 1`` for a norm that is not zero-centered); ``conv1d`` (GPT-2 ``Conv1D`` stores ``[in, out]``: the transpose of ``nn.Linear``);
   ``expert`` (one tensor per expert: row ``{E}`` of the IR's ``[E, ...]`` stack),
 * ``when``      ``always``: the HF class always has this tensor, zeros are written when the IR has none
   (e.g. a LayerNorm without bias); ``attn_bias`` / ``mlp_bias``: like ``always`` when the family's config
@@ -66,9 +67,69 @@ gpt2                  mlp         fc2_bias               transformer.h.{L}.mlp.c
 gpt2                  final_norm  weight                 transformer.ln_f.weight                                copy      always
 gpt2                  final_norm  bias                   transformer.ln_f.bias                                  copy      always
 gpt2                  lm_head     weight                 lm_head.weight                                         copy      untied
+gpt_bigcode           embedding   word                   transformer.wte.weight                                 copy      always
+gpt_bigcode           embedding   position               transformer.wpe.weight                                 copy      always
+gpt_bigcode           input_norm  weight                 transformer.h.{L}.ln_1.weight                          copy      always
+gpt_bigcode           input_norm  bias                   transformer.h.{L}.ln_1.bias                            copy      always
+gpt_bigcode           attention   q+k+v                  transformer.h.{L}.attn.c_attn.weight                   copy      always
+gpt_bigcode           attention   q_bias+k_bias+v_bias   transformer.h.{L}.attn.c_attn.bias                     copy      always
+gpt_bigcode           attention   proj                   transformer.h.{L}.attn.c_proj.weight                   copy      always
+gpt_bigcode           attention   proj_bias              transformer.h.{L}.attn.c_proj.bias                     copy      always
+gpt_bigcode           post_norm   weight                 transformer.h.{L}.ln_2.weight                          copy      always
+gpt_bigcode           post_norm   bias                   transformer.h.{L}.ln_2.bias                            copy      always
+gpt_bigcode           mlp         fc1                    transformer.h.{L}.mlp.c_fc.weight                      copy      always
+gpt_bigcode           mlp         fc1_bias               transformer.h.{L}.mlp.c_fc.bias                        copy      always
+gpt_bigcode           mlp         fc2                    transformer.h.{L}.mlp.c_proj.weight                    copy      always
+gpt_bigcode           mlp         fc2_bias               transformer.h.{L}.mlp.c_proj.bias                      copy      always
+gpt_bigcode           final_norm  weight                 transformer.ln_f.weight                                copy      always
+gpt_bigcode           final_norm  bias                   transformer.ln_f.bias                                  copy      always
+gpt_bigcode           lm_head     weight                 lm_head.weight                                         copy      untied
+gemma,nemotron,stablelm embedding word                   model.embed_tokens.weight                              copy      always
+gemma,nemotron        input_norm  weight                 model.layers.{L}.input_layernorm.weight                zc        always
+stablelm              input_norm  weight                 model.layers.{L}.input_layernorm.weight                copy      always
+nemotron,stablelm     input_norm  bias                   model.layers.{L}.input_layernorm.bias                  copy      always
+gemma,nemotron,stablelm attention q                      model.layers.{L}.self_attn.q_proj.weight               copy      always
+gemma,nemotron,stablelm attention k                      model.layers.{L}.self_attn.k_proj.weight               copy      always
+gemma,nemotron,stablelm attention v                      model.layers.{L}.self_attn.v_proj.weight               copy      always
+gemma,nemotron,stablelm attention q_bias                 model.layers.{L}.self_attn.q_proj.bias                 copy      attn_bias
+gemma,nemotron,stablelm attention k_bias                 model.layers.{L}.self_attn.k_proj.bias                 copy      attn_bias
+gemma,nemotron,stablelm attention v_bias                 model.layers.{L}.self_attn.v_proj.bias                 copy      attn_bias
+gemma,nemotron,stablelm attention proj                   model.layers.{L}.self_attn.o_proj.weight               copy      always
+gemma,nemotron        attention   proj_bias              model.layers.{L}.self_attn.o_proj.bias                 copy      attn_bias
+gemma,nemotron        post_norm   weight                 model.layers.{L}.post_attention_layernorm.weight       zc        always
+stablelm              post_norm   weight                 model.layers.{L}.post_attention_layernorm.weight       copy      always
+nemotron,stablelm     post_norm   bias                   model.layers.{L}.post_attention_layernorm.bias         copy      always
+gemma,stablelm        mlp         gate                   model.layers.{L}.mlp.gate_proj.weight                  copy      always
+gemma,stablelm        mlp         up                     model.layers.{L}.mlp.up_proj.weight                    copy      always
+nemotron              mlp         fc1                    model.layers.{L}.mlp.up_proj.weight                    copy      always
+nemotron              mlp         fc1_bias               model.layers.{L}.mlp.up_proj.bias                      copy      mlp_bias
+gemma,nemotron,stablelm mlp       fc2                    model.layers.{L}.mlp.down_proj.weight                  copy      always
+nemotron              mlp         fc2_bias               model.layers.{L}.mlp.down_proj.bias                    copy      mlp_bias
+gemma,nemotron        final_norm  weight                 model.norm.weight                                      zc        always
+stablelm              final_norm  weight                 model.norm.weight                                      copy      always
+nemotron,stablelm     final_norm  bias                   model.norm.bias                                        copy      always
+gemma,nemotron,stablelm lm_head   weight                 lm_head.weight                                         copy      untied
+falcon,falcon2        embedding   word                   transformer.word_embeddings.weight                     copy      always
+falcon                input_norm  weight                 transformer.h.{L}.input_layernorm.weight               copy      always
+falcon                input_norm  bias                   transformer.h.{L}.input_layernorm.bias                 copy      always
+falcon2               input_norm  weight                 transformer.h.{L}.ln_attn.weight                       copy      always
+falcon2               input_norm  bias                   transformer.h.{L}.ln_attn.bias                         copy      always
+falcon2               post_norm   weight                 transformer.h.{L}.ln_mlp.weight                        copy      always
+falcon2               post_norm   bias                   transformer.h.{L}.ln_mlp.bias                          copy      always
+falcon,falcon2        attention   qkv                    transformer.h.{L}.self_attention.query_key_value.weight copy     always
+falcon,falcon2        attention   qkv_bias               transformer.h.{L}.self_attention.query_key_value.bias  copy      attn_bias
+falcon,falcon2        attention   proj                   transformer.h.{L}.self_attention.dense.weight          copy      always
+falcon,falcon2        attention   proj_bias              transformer.h.{L}.self_attention.dense.bias            copy      attn_bias
+falcon,falcon2        mlp         fc1                    transformer.h.{L}.mlp.dense_h_to_4h.weight             copy      always
+falcon,falcon2        mlp         fc1_bias               transformer.h.{L}.mlp.dense_h_to_4h.bias               copy      mlp_bias
+falcon,falcon2        mlp         fc2                    transformer.h.{L}.mlp.dense_4h_to_h.weight             copy      always
+falcon,falcon2        mlp         fc2_bias               transformer.h.{L}.mlp.dense_4h_to_h.bias               copy      mlp_bias
+falcon,falcon2        final_norm  weight                 transformer.ln_f.weight                                copy      always
+falcon,falcon2        final_norm  bias                   transformer.ln_f.bias                                  copy      always
+falcon,falcon2        lm_head     weight                 lm_head.weight                                         copy      untied
 """
 
-TRANSFORMS = ("copy", "conv1d", "expert")
+TRANSFORMS = ("copy", "zc", "conv1d", "expert")
 CONDITIONS = ("always", "attn_bias", "mlp_bias", "untied")
 
 

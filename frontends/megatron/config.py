@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ ARG_ALIASES: dict[str, tuple[str, ...]] = {
     "rope_scaling_factor": ("rope_scaling_factor",),
     "swiglu": ("swiglu",),
     "squared_relu": ("squared_relu",),
+    "openai_gelu": ("openai_gelu",),
+    "gated_linear_unit": ("gated_linear_unit",),
     "add_bias_linear": ("add_bias_linear",),
     "add_qkv_bias": ("add_qkv_bias",),
     "untie": ("untie_embeddings_and_output_weights",),
@@ -161,21 +164,47 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         dtype = DType.f32 if params_dtype is None else DType.from_torch(params_dtype)
     E = int(_get(args, "num_experts") or 0)
     vp = _get(args, "vp") or 1
-    activation = "silu" if swiglu else ("squared-relu" if squared else "gelu")
-    family = "mixtral" if E else ("llama" if (norm == "rmsnorm" and swiglu and pos == "rope") else "gpt")
+    # swiglu = gated SiLU; gated_linear_unit (NeMo) gates whichever activation the other flags pick (Gemma: GeGLU
+    # with openai_gelu = tanh GELU); openai_gelu / squared_relu as in Megatron-LM's core_transformer_config_from_args
+    gated = swiglu or bool(_get(args, "gated_linear_unit", False))
+    if swiglu:
+        activation = "silu"
+    elif squared:
+        activation = "squared-relu"
+    elif _get(args, "openai_gelu", False):
+        activation = "gelu-tanh"
+    else:
+        activation = "gelu"
+    emb_scale = _get(args, "embedding_scale", 1.0)
+    if emb_scale is True:                      # NeMo's scale_embedding / Gemma: sqrt(hidden)
+        emb_scale = math.sqrt(H)
+    emb_scale = float(emb_scale or 1.0)
+    parallel = bool(_get(args, "parallel_attn", False))
+    if E:
+        family = "mixtral"
+    elif emb_scale != 1.0:
+        family = "gemma"
+    elif parallel:
+        family = "falcon"
+    elif squared:
+        family = "nemotron"
+    elif norm == "rmsnorm" and swiglu and pos == "rope":
+        family = "llama"
+    else:
+        family = "gpt"
     fields = dict(
         num_layers=L, hidden_size=H, num_heads=nh, num_kv_heads=nkv, head_dim=d, ffn_hidden_size=int(ffn),
         padded_vocab_size=padded, vocab_size=min(vocab, padded),
         max_position_embeddings=int(_get(args, "max_position_embeddings", 4096)), normalization=norm,
         norm_eps=float(_get(args, "norm_eps", 1e-5)), zero_centered_gamma=bool(_get(args, "zero_centered_gamma", False)),
-        activation=activation, gated=swiglu, add_bias_linear=bias,
+        activation=activation, gated=gated, add_bias_linear=bias,
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
         num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),
         moe_score=str(_get(args, "moe_score", "softmax")), moe_pre_softmax=bool(_get(args, "moe_pre_softmax", False)),
-        parallel_block=bool(_get(args, "parallel_attn", False)),
-        embedding_scale=float(_get(args, "embedding_scale", 1.0) or 1.0),
+        parallel_block=parallel,
+        embedding_scale=emb_scale,
         tp=int(_get(args, "tp", 1) or 1), pp=int(_get(args, "pp", 1) or 1), vp=int(vp), ep=int(_get(args, "ep", 1) or 1),
         first_stage_layers=_get(args, "first_stage_layers"), last_stage_layers=_get(args, "last_stage_layers"),
         dtype=dtype, family=family,
