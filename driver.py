@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .backends.base import BACKENDS, Backend, CompileOptions, EmitResult, atomic_directory, write_manifest
+from .backends.base import (BACKENDS, Backend, CompileOptions, EmitResult, atomic_directory, tune_allocator,
+                            write_manifest)
 from .errors import BackendError, UsageError
 from .ir import Model
 from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file, parse_pipeline
@@ -94,6 +95,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     if problems:
         raise BackendError(f"the {opts.target} target cannot lower this model: " + "; ".join(problems),
                            hint="see docs/targets.md for what each target supports")
+    tune_allocator()
     with atomic_directory(out, opts.force) as tmp:
         res = backend.emit(model, tmp, opts, progress=progress)
         write_manifest(tmp, model=model, opts=opts, pipeline=pipeline_text, checksums=res.checksums)

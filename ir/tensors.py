@@ -202,6 +202,64 @@ class Recipe:
     __repr__ = __str__
 
 
+# ops whose result is a fresh tensor worth sharing between recipes (views such as slice/index/shard are
+# cheap to recompute from a cached parent and are not stored)
+CACHEABLE_OPS = frozenset({"load", "concat", "stack", "regroup_qkv", "cast", "transpose", "pad", "add_scalar",
+                           "quantize", "quant_scale", "dequantize"})
+
+
+class TensorCache:
+    """A bounded LRU of materialized tensors keyed by recipe structure, safe to share between writer threads.
+
+    A backend passes one to ``Recipe.materialize`` so a source tensor that feeds several outputs (a fused QKV
+    split into q/k/v, a tensor sharded over ranks) is read once while memory stays bounded by ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int):
+        import threading
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self._d: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            found = key in self._d
+            if found:
+                self._d.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return found
+
+    def __getitem__(self, key):
+        with self._lock:
+            return self._d[key]
+
+    def __setitem__(self, key, t: torch.Tensor):
+        if key[0] not in CACHEABLE_OPS:
+            return
+        n = t.untyped_storage().nbytes()
+        if n > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._d:
+                return
+            self._d[key] = t
+            self._bytes += n
+            while self._bytes > self.max_bytes and self._d:
+                _, old = self._d.popitem(last=False)
+                self._bytes -= old.untyped_storage().nbytes()
+
+    def clear(self):
+        with self._lock:
+            self._d.clear()
+            self._bytes = 0
+
+
 def load(store: Store, key: str, type: TensorType) -> Recipe:
     """A leaf: tensor ``key`` of ``store``, which must have type ``type``."""
     return Recipe("load", (), {"key": key}, type, store)
@@ -611,6 +669,6 @@ def nbytes_of(t: TensorType) -> int:
 
 
 __all__ = [
-    "Store", "STORE_KINDS", "register_store", "RandomStore", "SafetensorsStore", "Recipe", "RecipeOp",
+    "Store", "STORE_KINDS", "register_store", "TensorCache", "CACHEABLE_OPS", "RandomStore", "SafetensorsStore", "Recipe", "RecipeOp",
     "RECIPE_OPS", "load", "derive", "quantize_tensor", "dequantize_tensor", "QUANT_SCHEMES",
 ]  # fmt: skip

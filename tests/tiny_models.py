@@ -121,3 +121,29 @@ def gpt2_ir(model, tmp: Path) -> ir.Model:
 
 
 TOKENS = torch.tensor([[1, 5, 9, 23, 42, 77, 3, 99], [0, 64, 31, 8, 15, 2, 50, 11]])
+
+
+def random_llama(hidden=1024, layers=8, vocab=32000, ffn=2816, heads=16, kv=4, dtype=ir.f32) -> ir.Model:
+    """A Llama-shaped IR model whose weights come from a seeded generator (nothing on disk)."""
+    st = ir.RandomStore("rnd", seed=1)
+    d = hidden // heads
+    lay = ir.QKVLayout("grouped", heads, kv, d)
+
+    def w(key, *shape, layout=None):
+        return ir.load(st, key, ir.TensorType(dtype, shape, layout))
+
+    cfg = ir.ModelConfig(family="llama", hidden_size=hidden, num_layers=layers, vocab_size=vocab, dtype=dtype)
+    b = ir.Builder(cfg, stores={"rnd": st})
+    x = b.node("embedding", b.input_ids, params={"word": w("emb", vocab, hidden)})
+    for i in range(layers):
+        h = b.node("norm", x, layer=i, params={"weight": w(f"{i}.in.norm", hidden)}, kind="rmsnorm")
+        a = b.node("attention", h, layer=i, num_heads=heads, num_kv_heads=kv, head_dim=d,
+                   params={"qkv": w(f"{i}.qkv", lay.rows, hidden, layout=lay), "proj": w(f"{i}.proj", hidden, hidden)})
+        x = b.node("add", x, a, layer=i)
+        h = b.node("norm", x, layer=i, params={"weight": w(f"{i}.post.norm", hidden)}, kind="rmsnorm")
+        m = b.node("mlp", h, layer=i, activation="silu", gated=True,
+                   params={"gate": w(f"{i}.gate", ffn, hidden), "up": w(f"{i}.up", ffn, hidden),
+                           "fc2": w(f"{i}.fc2", hidden, ffn)})
+        x = b.node("add", x, m, layer=i)
+    x = b.node("norm", x, params={"weight": w("final.norm", hidden)}, kind="rmsnorm")
+    return b.output(b.node("lm_head", x, params={"weight": w("head", vocab, hidden)}))
