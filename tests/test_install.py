@@ -1,0 +1,30 @@
+"""A non-editable install carries every module under the `mexc.` import path, and its console script works."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_pip_install_non_editable(tmp_path):
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(ROOT)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    code = ("import mexc, mexc.ir, mexc.passes, mexc.frontends.megatron, mexc.frontends.trtllm, "
+            "mexc.backends.trtllm, mexc.backends.hf, mexc.backends.onnx, mexc.backends.reference.executor; "
+            "print(mexc.__file__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(target / "mexc" / "__init__.py")
+    assert not (target / "mexc" / "tests").exists()
+    r = subprocess.run([sys.executable, "-m", "mexc.tools.cli", "passes"], capture_output=True, text=True,
+                       cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0 and "reshard" in r.stdout
+    eps = list((target).glob("mexc-*.dist-info/entry_points.txt"))
+    assert eps and "mexc = mexc.tools.cli:main" in eps[0].read_text()
