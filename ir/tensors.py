@@ -175,8 +175,8 @@ class Recipe:
         for i in self.inputs:
             yield from i.leaves()
 
-    def materialize(self, cache: dict | None = None) -> torch.Tensor:
-        """Compute the tensor. ``cache`` (keyed by structure) shares work between recipes of one emit."""
+    def materialize(self, cache=None) -> torch.Tensor:
+        """Compute the tensor. ``cache`` (a dict or :class:`TensorCache`) shares work between recipes."""
         if cache is not None and self.key in cache:
             return cache[self.key]
         if self.op == "load":
@@ -187,6 +187,8 @@ class Recipe:
                     f"the IR expects {self.type}",
                     hint="the checkpoint changed since it was lifted, or its metadata lies; lift it again",
                 )
+        elif self.op in _TYPED_KERNELS:
+            t = _TYPED_KERNELS[self.op](self, self.inputs[0].materialize(cache))
         else:
             args = [i.materialize(cache) for i in self.inputs]
             t = RECIPE_OPS[self.op].compute(args, **self.attrs)
@@ -520,16 +522,13 @@ def _shard():
     return infer, None
 
 
-def _materialize_special(self: Recipe, cache):
-    """Kernels that need the input's type (QKV layout), not just its data."""
-    x = self.inputs[0]
-    data = x.materialize(cache)
-    if self.op == "regroup_qkv":
-        perm = _qkv_perm(x.type.layout, self.attrs["to"])
-        return data.index_select(0, perm)
-    # shard
-    dim, parts, index = self.attrs["dim"], self.attrs["parts"], self.attrs["index"]
-    lay = x.type.layout
+def _regroup_kernel(r: Recipe, data: torch.Tensor) -> torch.Tensor:
+    return data.index_select(0, _qkv_perm(r.inputs[0].type.layout, r.attrs["to"]))
+
+
+def _shard_kernel(r: Recipe, data: torch.Tensor) -> torch.Tensor:
+    dim, parts, index = r.attrs["dim"], r.attrs["parts"], r.attrs["index"]
+    lay = r.inputs[0].type.layout
     if lay is not None and dim == 0:
         if lay.kind == "grouped":
             n = data.shape[0] // parts
@@ -540,7 +539,7 @@ def _materialize_special(self: Recipe, cache):
         if kv >= parts:
             kn = kv // parts
             ks = q * d + index * kn * d
-        else:
+        else:  # fewer KV heads than ranks: rank r holds KV head r * kv // parts (replicated)
             kn, ks = 1, q * d + (index * kv // parts) * d
         K = data.narrow(0, ks, kn * d)
         V = data.narrow(0, ks + kv * d, kn * d)
@@ -549,22 +548,8 @@ def _materialize_special(self: Recipe, cache):
     return data.narrow(dim, index * n, n)
 
 
-_SPECIAL = {"regroup_qkv", "shard"}
-_plain_materialize = Recipe.materialize
-
-
-def _materialize(self: Recipe, cache: dict | None = None) -> torch.Tensor:
-    if self.op not in _SPECIAL:
-        return _plain_materialize(self, cache)
-    if cache is not None and self.key in cache:
-        return cache[self.key]
-    t = _materialize_special(self, cache)
-    if cache is not None:
-        cache[self.key] = t
-    return t
-
-
-Recipe.materialize = _materialize  # type: ignore[method-assign]
+# kernels that need their input's type (the QKV layout), not just its data
+_TYPED_KERNELS = {"regroup_qkv": _regroup_kernel, "shard": _shard_kernel}
 
 
 # --------------------------------------------------------------------------------------------- quantization

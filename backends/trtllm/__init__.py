@@ -94,8 +94,6 @@ class TRTLLMBackend(Backend):
                      f"parallel-embedding={'true' if opts.parallel_embedding else 'false'}}}")
         if opts.dtype:
             steps.append(f"lower-dtype{{to={opts.dtype}}}")
-        elif model.config.dtype.value == "f32":
-            pass
         return ",".join(steps)
 
     def check(self, model: Model, opts: CompileOptions) -> list[str]:

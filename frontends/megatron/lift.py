@@ -129,13 +129,11 @@ def _merge(store, role, layer, shards, arch: MegatronArch, info) -> Recipe:
                                       f"{shards[0][1]}", hint="the TP ranks disagree on a replicated tensor")
         return leaves[0]
     dim = 1 if merge == "row" else 0
-    other = [i for i in range(len(leaves[0].type.shape)) if i != dim]
     for r in ranks[1:]:
         a, b = shards[r][1], shards[0][1]
         if len(a.shape) != len(b.shape) or any(a.shape[i] != b.shape[i] for i in range(len(a.shape))) or a.dtype != b.dtype:
             raise CheckpointError(f"{shards[r][2]}: {role} (layer {layer}) shard is {a}, rank 0's is {b}",
                                   hint="shapes disagree across TP ranks; the checkpoint is inconsistent")
-    del other
     if merge == "gated":
         halves = []
         for leaf in leaves:
