@@ -22,9 +22,7 @@ from ...errors import BackendError
 from ...ir import Model, Param, derive
 from ...ir.analysis import node_roles
 from ...ir.tensors import Recipe
-from ...ir.tensors import TensorCache
-from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, register_backend,
-                    write_safetensors)
+from ..base import Backend, CompileOptions, EmitResult, TensorEntry, register_backend, write_safetensors
 from .build import build_engines
 from .names import MOE_FC, NAMES
 
@@ -94,6 +92,8 @@ class TRTLLMBackend(Backend):
                      f"parallel-embedding={'true' if opts.parallel_embedding else 'false'}}}")
         if opts.dtype:
             steps.append(f"lower-dtype{{to={opts.dtype}}}")
+        elif model.config.dtype.value == "f32":
+            pass
         return ",".join(steps)
 
     def check(self, model: Model, opts: CompileOptions) -> list[str]:
@@ -187,8 +187,7 @@ class TRTLLMBackend(Backend):
         return cfg
 
     # --------------------------------------------------------------------------------------- emit
-    def rank_entries(self, model: Model, cfg: dict, tp_rank: int, pp_rank: int,
-                     cache: TensorCache | None = None) -> list[TensorEntry]:
+    def rank_entries(self, model: Model, cfg: dict, tp_rank: int, pp_rank: int) -> list[TensorEntry]:
         roles = node_roles(model)
         entries: list[TensorEntry] = []
         first_layer = min((n.layer for n in model.graph.nodes if n.stage == pp_rank and n.layer is not None),
@@ -203,7 +202,7 @@ class TRTLLMBackend(Backend):
             if node.op == "moe":
                 up, gate = (params.pop(k) for k in MOE_FC[0])
                 fc = derive("concat", _shard(up, tp_rank), _shard(gate, tp_rank), dim=1)
-                entries.append(_entry(MOE_FC[1].format(l=l), fc, cache))
+                entries.append(_entry(MOE_FC[1].format(l=l), fc))
             if node.op == "attention" and attn_bias:
                 H = model.config.hidden_size
                 if "proj_bias" not in params:
@@ -213,19 +212,18 @@ class TRTLLMBackend(Backend):
                 if name is None:
                     raise BackendError(f"{node.location}: no TensorRT-LLM name for param {pname!r} of a {role}",
                                        hint="this model uses a feature the trtllm target does not map yet")
-                entries.append(_entry(name.format(l=l), _shard(p, tp_rank), cache))
+                entries.append(_entry(name.format(l=l), _shard(p, tp_rank)))
         return entries
 
     def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:
         cfg = self.config(model, opts)
         (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         par = model.parallel
-        cache = TensorCache(cache_bytes(model))  # a source read for rank 0 serves the other ranks too
         jobs = []
         for pp_rank in range(par.pp):
             for tp_rank in range(par.tp):
                 rank = pp_rank * par.tp + tp_rank
-                jobs.append((rank, self.rank_entries(model, cfg, tp_rank, pp_rank, cache)))
+                jobs.append((rank, self.rank_entries(model, cfg, tp_rank, pp_rank)))
         total = sum(e.type.nbytes for _, es in jobs for e in es)
         if progress:
             progress.start("write", total)
@@ -243,7 +241,6 @@ class TRTLLMBackend(Backend):
                 res.files[path.name] = path.stat().st_size
                 res.checksums[path.name] = sums
                 res.tensors += n
-        cache.clear()
         if progress:
             progress.finish()
         if opts.quant:
@@ -262,8 +259,8 @@ def _shard(p: Param, tp_rank: int) -> Recipe:
     return derive("shard", p.source, dim=s.dim, parts=s.parts, index=tp_rank % s.parts)
 
 
-def _entry(name: str, r: Recipe, cache: TensorCache | None = None) -> TensorEntry:
-    return TensorEntry(name, r.type, lambda r=r: r.materialize(cache))
+def _entry(name: str, r: Recipe) -> TensorEntry:
+    return TensorEntry(name, r.type, lambda r=r: r.materialize())
 
 
 register_backend(TRTLLMBackend())
