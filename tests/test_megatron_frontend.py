@@ -1,6 +1,7 @@
 """The Megatron frontend on real megatron-core checkpoints: logits of the lifted IR equal megatron-core's."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,3 +303,48 @@ def argparse_copy(ns, **kw):
     d = dict(vars(ns))
     d.update(kw)
     return argparse.Namespace(**d)
+
+
+def test_malicious_dcp_metadata_is_refused(tmp_path):
+    import os
+    import pickle
+
+    ck = _copy(megatron_checkpoint("llama", tp=1, pp=2, fmt="torch_dist"), tmp_path)
+    meta = ck / "iter_0000010" / ".metadata"
+    meta.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UnsafeCheckpointError) as e:
+        lift(ck)
+    assert "posix.system" in e.value.message or "os.system" in e.value.message
+    assert str(meta) in e.value.message
+    assert not os.path.exists("/tmp/mexc-pwned")
+
+
+def test_malicious_common_state_inside_dcp_is_refused(tmp_path):
+    """megatron-core >= 0.17 keeps args in a DCP bytes item; its bytes go through the same allow-list."""
+    import io
+    import os
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from mexc.frontends.megatron.reader import DcpStore
+
+    src = Path(__file__).resolve().parent / "data" / "mcore-0.19.2" / "llama-tp1" / "ckpt"
+    ck = tmp_path / "ckpt"
+    shutil.copytree(src, ck)
+    it = ck / "iter_0000010"
+    store = DcpStore("x", str(it))
+    key = next(k for k, md in store.metadata.state_dict_metadata.items()
+               if isinstance(md, BytesStorageMetadata) and k.startswith("common_state"))
+    info = store._chunks(key)[0][1]
+    buf = io.BytesIO()
+    torch.save([{"args": Payload()}], buf)
+    evil = buf.getvalue()
+    path = it / info.relative_path
+    data = bytearray(path.read_bytes())
+    assert len(evil) <= info.length
+    data[info.offset: info.offset + len(evil)] = evil  # a payload inside the original byte range
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnsafeCheckpointError) as e:
+        lift(ck)
+    assert "common_state" in e.value.message
+    assert not os.path.exists("/tmp/mexc-pwned")
