@@ -36,10 +36,12 @@ def get_backend(target: str) -> Backend:
     return BACKENDS[target]
 
 
-def lift(ckpt: str | Path, *, iteration: int | None = None, config: str | Path | None = None) -> Model:
+def lift(ckpt: str | Path, *, iteration: int | None = None, config: str | Path | None = None,
+         overrides: dict | None = None) -> Model:
+    """Lift a Megatron checkpoint; ``config`` (YAML) and ``overrides`` (flags) fix what its args lack."""
     from .frontends.megatron import lift as megatron_lift
 
-    return megatron_lift(ckpt, iteration=iteration, config=config)
+    return megatron_lift(ckpt, iteration=iteration, config=config, overrides=overrides)
 
 
 def build_pipeline(model: Model, opts: CompileOptions, backend: Backend) -> list:
@@ -66,7 +68,8 @@ class CompileResult:
 
 
 def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, *, iteration: int | None = None,
-                       config: str | Path | None = None, load: list[str] | tuple = (),
+                       config: str | Path | None = None, overrides: dict | None = None,
+                       load: list[str] | tuple = (),
                        print_ir_after: set[str] | None = None, dump_ir: Path | None = None,
                        log: Callable[[str], None] | None = None, progress=None) -> CompileResult:
     """Compile the Megatron checkpoint ``ckpt`` to ``out`` (written atomically)."""
@@ -81,7 +84,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
         load_pass_file(f)
     load_entry_point_passes()
     t0 = time.perf_counter()
-    model = lift(ckpt, iteration=iteration, config=config)
+    model = lift(ckpt, iteration=iteration, config=config, overrides=overrides)
     t1 = time.perf_counter()
     log(f"lifted {model.config.family} model: {model.config.num_layers} layers, "
         f"{model.param_count() / 1e6:.2f}M params ({model.meta.get('format')}, tp={model.meta.get('source_tp')} "

@@ -161,6 +161,9 @@ def test_args_missing_fields(tmp_path):
     cfg = tmp_path / "fix.yaml"
     cfg.write_text("hidden_size: 64\n")
     assert mexc("inspect", ck, "--config", cfg).returncode == 0
+    r = mexc("inspect", ck, "--set", "hidden_size=64", "--set", "vocab_size=120", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["vocab_size"] == 120
+    assert_clean_error(mexc("inspect", ck, "--set", "hidden_size=64", "--set", "heads_of_hydra=9"), "heads_of_hydra")
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])

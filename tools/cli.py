@@ -37,6 +37,18 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _override(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         sys.stderr.write(f"error: {message}\nhint: run `{self.prog} --help` for usage\n")
@@ -70,6 +82,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="build engines: auto (if the tool is installed), always (absence is an error), never")
     c.add_argument("--iteration", type=int, help="checkpoint iteration (default: the latest)")
     c.add_argument("--config", help="YAML file overriding architecture fields the saved args lack or get wrong")
+    c.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=_override,
+                   help="override one architecture field (after --config), e.g. --set num_kv_heads=8")
     c.add_argument("--parallel-embedding", action="store_true", help="split the embedding table over tp")
     c.add_argument("--max-batch-size", type=_positive_int, default=8)
     c.add_argument("--max-input-len", type=_positive_int, default=1024)
@@ -89,6 +103,7 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--rules", action="store_true", help="print the Megatron key mapping table")
     i.add_argument("--iteration", type=int)
     i.add_argument("--config")
+    i.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=_override)
     i.add_argument("--pipeline", default="", help="run these passes before printing")
     i.add_argument("--load", action="append", default=[], metavar="FILE")
     i.add_argument("--draw", metavar="FILE", help="draw the layer graph (.dot, .svg or .png)")
@@ -182,7 +197,8 @@ def cmd_compile(a) -> int:
                           build=a.build, force=a.force, max_batch_size=a.max_batch_size, max_input_len=a.max_input_len,
                           max_seq_len=a.max_seq_len, jobs=a.jobs, parallel_embedding=a.parallel_embedding)
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
-    res = compile_checkpoint(a.ckpt, a.out, opts, iteration=a.iteration, config=a.config, load=a.load,
+    res = compile_checkpoint(a.ckpt, a.out, opts, iteration=a.iteration, config=a.config,
+                             overrides=dict(a.set), load=a.load,
                              print_ir_after=set(a.print_ir_after), dump_ir=Path(a.dump_ir) if a.dump_ir else None,
                              log=log, progress=progress)
     if a.json:

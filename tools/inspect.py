@@ -41,7 +41,7 @@ def inspect_path(a) -> int:
 
     for f in a.load:
         load_pass_file(f)
-    model = lift(path, iteration=a.iteration, config=a.config)
+    model = lift(path, iteration=a.iteration, config=a.config, overrides=dict(a.set))
     if a.pipeline:
         PassManager(parse_pipeline(a.pipeline))(model)
     if a.draw:
