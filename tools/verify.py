@@ -17,6 +17,10 @@ TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
 def artifact_logits(out: Path, target: str, tokens: torch.Tensor) -> torch.Tensor:
     if target == "hf":
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
         m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         with torch.no_grad():
