@@ -22,7 +22,9 @@ from ...errors import BackendError
 from ...ir import Model, Param, derive
 from ...ir.analysis import node_roles
 from ...ir.tensors import Recipe
-from ..base import Backend, CompileOptions, EmitResult, TensorEntry, register_backend, write_safetensors
+from ...ir.tensors import TensorCache
+from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, register_backend,
+                    write_safetensors)
 from .build import build_engines
 from .names import MOE_FC, NAMES
 
@@ -92,8 +94,6 @@ class TRTLLMBackend(Backend):
                      f"parallel-embedding={'true' if opts.parallel_embedding else 'false'}}}")
         if opts.dtype:
             steps.append(f"lower-dtype{{to={opts.dtype}}}")
-        elif model.config.dtype.value == "f32":
-            pass
         return ",".join(steps)
 
     def check(self, model: Model, opts: CompileOptions) -> list[str]:
@@ -187,7 +187,8 @@ class TRTLLMBackend(Backend):
         return cfg
 
     # --------------------------------------------------------------------------------------- emit
-    def rank_entries(self, model: Model, cfg: dict, tp_rank: int, pp_rank: int) -> list[TensorEntry]:
+    def rank_entries(self, model: Model, cfg: dict, tp_rank: int, pp_rank: int,
+                     cache: TensorCache | None = None) -> list[TensorEntry]:
         roles = node_roles(model)
         entries: list[TensorEntry] = []
         first_layer = min((n.layer for n in model.graph.nodes if n.stage == pp_rank and n.layer is not None),
@@ -202,7 +203,7 @@ class TRTLLMBackend(Backend):
             if node.op == "moe":
                 up, gate = (params.pop(k) for k in MOE_FC[0])
                 fc = derive("concat", _shard(up, tp_rank), _shard(gate, tp_rank), dim=1)
-                entries.append(_entry(MOE_FC[1].format(l=l), fc))
+                entries.append(_entry(MOE_FC[1].format(l=l), fc, cache))
             if node.op == "attention" and attn_bias:
                 H = model.config.hidden_size
                 if "proj_bias" not in params:
@@ -212,18 +213,19 @@ class TRTLLMBackend(Backend):
                 if name is None:
                     raise BackendError(f"{node.location}: no TensorRT-LLM name for param {pname!r} of a {role}",
                                        hint="this model uses a feature the trtllm target does not map yet")
-                entries.append(_entry(name.format(l=l), _shard(p, tp_rank)))
+                entries.append(_entry(name.format(l=l), _shard(p, tp_rank), cache))
         return entries
 
     def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:
         cfg = self.config(model, opts)
         (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         par = model.parallel
+        cache = TensorCache(cache_bytes(model))  # a source read for rank 0 serves the other ranks too
         jobs = []
         for pp_rank in range(par.pp):
             for tp_rank in range(par.tp):
                 rank = pp_rank * par.tp + tp_rank
-                jobs.append((rank, self.rank_entries(model, cfg, tp_rank, pp_rank)))
+                jobs.append((rank, self.rank_entries(model, cfg, tp_rank, pp_rank, cache)))
         total = sum(e.type.nbytes for _, es in jobs for e in es)
         if progress:
             progress.start("write", total)
@@ -241,6 +243,7 @@ class TRTLLMBackend(Backend):
                 res.files[path.name] = path.stat().st_size
                 res.checksums[path.name] = sums
                 res.tensors += n
+        cache.clear()
         if progress:
             progress.finish()
         if opts.quant:
@@ -259,8 +262,8 @@ def _shard(p: Param, tp_rank: int) -> Recipe:
     return derive("shard", p.source, dim=s.dim, parts=s.parts, index=tp_rank % s.parts)
 
 
-def _entry(name: str, r: Recipe) -> TensorEntry:
-    return TensorEntry(name, r.type, lambda r=r: r.materialize())
+def _entry(name: str, r: Recipe, cache: TensorCache | None = None) -> TensorEntry:
+    return TensorEntry(name, r.type, lambda r=r: r.materialize(cache))
 
 
 register_backend(TRTLLMBackend())
