@@ -10,6 +10,7 @@ $(BIN)/mexc: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0          # the CPU wheel first, so nothing pulls a multi-GB CUDA build
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps tensorrt-stubs   # types for the TensorRT build code (its deps are GPU-only)
 	touch $(BIN)/mexc
 
 install: $(BIN)/mexc

@@ -88,7 +88,7 @@ def build_engine(out: Path, opts: CompileOptions, log: Callable[[str], None]) ->
             config.set_flag(getattr(trt.BuilderFlag, dt))
     prof = builder.create_optimization_profile()
     for name, (lo, mid, hi) in profile_shapes(onnx_path, opts).items():
-        prof.set_shape(name, lo, mid, hi)
+        prof.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(mid)), trt.Dims(list(hi)))
     config.add_optimization_profile(prof)
     log(f"building TensorRT engine from {onnx_path}")
     plan = builder.build_serialized_network(network, config)
