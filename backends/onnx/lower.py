@@ -418,7 +418,6 @@ class Lowering:
 
     # ------------------------------------------------------------------------------------------ attention
     def op_attention(self, node, x):
-        a = node.attrs
         if "qkv" not in node.params:
             raise BackendError(f"{node.location}: separate q/k/v params", hint="run fuse-qkv before the onnx backend")
         if node.params["qkv"].type.layout.kind != "concat":

@@ -224,7 +224,7 @@ class ReferenceExecutor:
 
     def op_moe(self, node, x, pos):
         a = node.attrs
-        E, k = a["num_experts"], a["top_k"]
+        k = a["top_k"]
         logits = x.float() @ self.w.get(node, "router").float().t()
         if a["score"] == "softmax":
             if a.get("pre_softmax", False):
