@@ -179,7 +179,7 @@ def _roles_dist(info: CheckpointInfo, arch: MegatronArch):
         raise CheckpointError(f"{info.iter_dir}: {len(unmapped)} tensor(s) no mapping rule knows: "
                               + ", ".join(unmapped[:8]), hint="this architecture is not supported yet; mexc never "
                               "drops weights silently (see `mexc inspect --rules`)")
-    # global fc1 on disk is [all gate; all up] (TP-invariant); mark it so _build splits it as one shard
+    # torch_dist gated fc1 is already [all gate; all up] (TP-invariant); _build splits it into gate and up
     return roles, store
 
 
