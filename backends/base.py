@@ -190,6 +190,7 @@ class TensorEntry:
     name: str
     type: TensorType
     produce: Callable[[], torch.Tensor]
+    release: Callable[[], None] | None = None  # called once the tensor is written (drops mapped source pages)
 
 
 def safetensors_header(entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> bytes:
@@ -209,30 +210,73 @@ def safetensors_header(entries: list[TensorEntry], metadata: dict[str, str] | No
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _tensor_bytes(path: Path, e: TensorEntry) -> memoryview | bytes:
+    t = e.produce()
+    if (t.dtype, tuple(t.shape)) != (e.type.dtype.torch, e.type.shape):
+        raise BackendError(f"{path.name}: tensor {e.name} materialized as {t.dtype}{list(t.shape)}, the "
+                           f"header says {e.type}", hint="this is a bug in a recipe or a backend")
+    if not t.numel():
+        return b""
+    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
 def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict[str, str] | None = None,
                       on_tensor: Callable[[str, int], None] | None = None) -> dict[str, str]:
-    """Stream ``entries`` into ``path``; returns name -> sha256 of each tensor's bytes."""
+    """Stream ``entries`` into ``path``; returns name -> sha256 of each tensor's bytes.
+
+    A three-stage pipeline keeps the disk and both cores busy: a producer thread materializes the next
+    tensor while this thread writes the current one and a hasher thread checksums it (torch kernels, file
+    writes and hashlib all release the GIL). At most two tensors are alive at once: one being produced, one
+    being written and hashed.
+    """
+    import queue
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     entries = sorted(entries, key=lambda e: e.name)
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise BackendError(f"{path.name}: duplicate tensor names {dup[:5]}", hint="this is a bug in a name table")
     sums: dict[str, str] = {}
-    with open(path, "wb", buffering=0) as f:
+    slots = threading.Semaphore(2)          # tensors alive at once
+    handoff: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for e in entries:
+                slots.acquire()
+                if stop.is_set():
+                    return
+                handoff.put((e, _tensor_bytes(path, e), None))
+        except BaseException as exc:  # surfaced in the writer thread
+            handoff.put((None, None, exc))
+
+    with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="mexc-hash") as hasher:
         f.write(safetensors_header(entries, metadata))
-        for e in entries:
-            t = e.produce()
-            want = (e.type.dtype.torch, e.type.shape)
-            if (t.dtype, tuple(t.shape)) != want:
-                raise BackendError(f"{path.name}: tensor {e.name} materialized as {t.dtype}{list(t.shape)}, the "
-                                   f"header says {e.type}", hint="this is a bug in a recipe or a backend")
-            data = t.contiguous().view(torch.uint8).numpy() if t.numel() else b""
-            mv = memoryview(data).cast("B") if t.numel() else b""
-            f.write(mv)
-            sums[e.name] = hashlib.sha256(mv).hexdigest()
-            if on_tensor:
-                on_tensor(e.name, len(mv))
-            del t, data, mv
+        producer = threading.Thread(target=produce, name="mexc-produce", daemon=True)
+        producer.start()
+        try:
+            for _ in entries:
+                e, mv, exc = handoff.get()
+                if exc is not None:
+                    raise exc
+                digest = hasher.submit(lambda b: hashlib.sha256(b).hexdigest(), mv)
+                f.write(mv)
+                sums[e.name] = digest.result()
+                n = len(mv)
+                del mv
+                if e.release:
+                    e.release()
+                if on_tensor:
+                    on_tensor(e.name, n)
+                slots.release()
+        finally:
+            stop.set()
+            slots.release()
+            slots.release()
+            producer.join()
     return sums
 
 

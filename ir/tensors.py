@@ -39,6 +39,9 @@ class Store:
     def read(self, key: str, type: TensorType) -> torch.Tensor:
         raise NotImplementedError
 
+    def release(self, key: str) -> None:
+        """Called when a backend has written everything made from ``key`` (memory-mapped stores drop pages)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -174,6 +177,11 @@ class Recipe:
             yield self
         for i in self.inputs:
             yield from i.leaves()
+
+    def release(self) -> None:
+        """Tell the stores of this recipe's leaves that their data was consumed (bounded RSS when streaming)."""
+        for leaf in self.leaves():
+            leaf.store.release(leaf.attrs["key"])
 
     def materialize(self, cache=None) -> torch.Tensor:
         """Compute the tensor. ``cache`` (a dict or :class:`TensorCache`) shares work between recipes."""

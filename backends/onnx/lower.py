@@ -245,6 +245,8 @@ class Lowering:
             out = fn(node, *[self.env[id(v)] for v in node.inputs])
             if out is not None:
                 self.env[id(node.output)] = out
+            for p in node.params.values():  # its weights are written: memory-mapped sources may drop pages
+                p.source.release()
         final = self.env[id(self.m.graph.outputs[0])]
         _rename_output(g, final, "logits")
         g.output("logits", self.io_type, [B, S, self.plan.vocab])

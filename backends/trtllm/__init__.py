@@ -263,7 +263,7 @@ def _shard(p: Param, tp_rank: int) -> Recipe:
 
 
 def _entry(name: str, r: Recipe, cache: TensorCache | None = None) -> TensorEntry:
-    return TensorEntry(name, r.type, lambda r=r: r.materialize(cache))
+    return TensorEntry(name, r.type, lambda r=r: r.materialize(cache), r.release)
 
 
 register_backend(TRTLLMBackend())

@@ -94,9 +94,14 @@ def torch_load(path: Path, *, mmap: bool = True) -> Any:
 
 
 def torch_load_bytes(data: bytes, what: str) -> Any:
+    return torch_load_file(io.BytesIO(data), what)
+
+
+def torch_load_file(f, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with the allow-list, from a seekable file-like object."""
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(f"{what}: refused to unpickle: {str(e).splitlines()[0][:300]}",
                                     hint="mexc never runs code from a checkpoint") from None
