@@ -119,7 +119,8 @@ _DCP_MODULES = (
     "torch.distributed.checkpoint._extension",
 )
 _DCP_BUILTINS = {("collections", "OrderedDict"), ("torch", "Size"), ("builtins", "set"),
-                 ("builtins", "frozenset"), ("builtins", "slice"), ("torch.serialization", "_get_layout")}
+                 ("builtins", "frozenset"), ("builtins", "slice"), ("torch.serialization", "_get_layout"),
+                 ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}  # plain torch's FileSystemWriter id
 
 
 class _MetadataUnpickler(pickle.Unpickler):
