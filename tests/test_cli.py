@@ -233,12 +233,21 @@ def test_passes_lists_every_pass_with_options():
     assert r.returncode == 0 and "parallel-embedding: bool = false" in r.stdout and "KV heads replicated" in r.stdout
 
 
-def test_draw_dot(tmp_path, llama):
+def test_draw_dot_and_svg(tmp_path, llama):
     f = tmp_path / "g.dot"
     r = mexc("inspect", llama, "--draw", f)
     assert r.returncode == 0
     text = f.read_text()
     assert text.startswith("digraph") and 'attention[1]' in text and "->" in text
+    svg = tmp_path / "g.svg"
+    assert mexc("inspect", llama, "--draw", svg).returncode == 0
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(svg).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    labels = [t.text for t in root.iter(ns + "text")]
+    assert len(labels) == 15 and labels[0].startswith("embedding") and labels[-1].startswith("lm_head")
+    assert len(list(root.iter(ns + "path"))) >= 4  # residual skip edges
 
 
 def test_shell_completion_script_completes_targets(tmp_path):

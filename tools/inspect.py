@@ -88,11 +88,14 @@ def inspect_path(a) -> int:
 
 
 def draw(model, path: Path) -> None:
-    """Write the layer graph as Graphviz DOT (or SVG/PNG when the `dot` program is installed)."""
+    """Draw the layer graph: ``.dot`` (Graphviz source) and ``.svg`` natively; other formats through Graphviz."""
     import shutil
     import subprocess
 
     g = model.graph.to_networkx()
+    if path.suffix == ".svg":
+        path.write_text(_svg(g))
+        return
     lines = ["digraph mexc {", "  rankdir=TB; node [shape=box, style=rounded, fontname=Helvetica];"]
     for i, d in g.nodes(data=True):
         lines.append(f'  n{i} [label="{d["label"]}\\nstage {d["stage"]}"];')
@@ -108,5 +111,39 @@ def draw(model, path: Path) -> None:
         from ..errors import UsageError
 
         raise UsageError(f"drawing {path.suffix} needs Graphviz's `dot` program",
-                         hint="install graphviz (apt install graphviz), or use --draw FILE.dot")
+                         hint="use --draw FILE.svg or FILE.dot, or install graphviz (apt install graphviz)")
     subprocess.run([exe, f"-T{path.suffix[1:]}", "-o", str(path)], input=dot, text=True, check=True)
+
+
+_COLORS = {"embedding": "#dbeafe", "norm": "#f3f4f6", "attention": "#fde68a", "mlp": "#bbf7d0", "moe": "#a7f3d0",
+           "add": "#ffffff", "lm_head": "#fecaca"}
+
+
+def _svg(g) -> str:
+    """Nodes in program order down a column; data edges straight, skip (residual) edges as arcs on the right."""
+    from html import escape
+
+    W, H, GAP, X = 220, 30, 14, 40
+    n = g.number_of_nodes()
+    y = {i: 20 + i * (H + GAP) for i in g.nodes}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W + 2 * X + 160}" height="{40 + n * (H + GAP)}" '
+             'font-family="Helvetica, Arial, sans-serif" font-size="12">',
+             '<defs><marker id="a" markerWidth="8" markerHeight="8" refX="7" refY="4" orient="auto">'
+             '<path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>']
+    for u, v in g.edges():
+        x0 = X + W // 2
+        if v == u + 1:
+            parts.append(f'<line x1="{x0}" y1="{y[u] + H}" x2="{x0}" y2="{y[v]}" stroke="#555" marker-end="url(#a)"/>')
+        else:
+            bend = X + W + 20 + 12 * min(v - u, 10)
+            parts.append(f'<path d="M{X + W},{y[u] + H // 2} C{bend},{y[u] + H // 2} {bend},{y[v] + H // 2} '
+                         f'{X + W},{y[v] + H // 2}" fill="none" stroke="#999" marker-end="url(#a)"/>')
+    for i, d in g.nodes(data=True):
+        op = d["op"]
+        tip = escape("; ".join(f"{k}: {t}" for k, t in d["params"].items()))
+        parts.append(f'<g><title>{tip}</title><rect x="{X}" y="{y[i]}" width="{W}" height="{H}" rx="6" '
+                     f'fill="{_COLORS.get(op, "#eee")}" stroke="#333"/>'
+                     f'<text x="{X + W // 2}" y="{y[i] + 19}" text-anchor="middle">{escape(d["label"])} '
+                     f'(stage {d["stage"]})</text></g>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
