@@ -348,3 +348,26 @@ def test_malicious_common_state_inside_dcp_is_refused(tmp_path):
         lift(ck)
     assert "common_state" in e.value.message
     assert not os.path.exists("/tmp/mexc-pwned")
+
+
+def test_moe_grouped_gemm_key_names(tmp_path):
+    """TEGroupedMLP saves experts as experts.linear_fc1.weight<j> instead of experts.local_experts.<j>..."""
+    import re
+
+    d = megatron_checkpoint("moe", tp=1)
+
+    def grouped(sd):
+        out = {}
+        for k, v in sd.items():
+            m = re.match(r"(.*)\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$", k)
+            if m:
+                out[f"{m.group(1)}.mlp.experts.{m.group(3)}.weight{m.group(2)}"] = v
+            elif "local_experts" not in k:
+                out[k] = v
+        return out
+
+    ck = _rewrite(d, tmp_path, grouped, {"moe_grouped_gemm": True})
+    model = lift(ck)
+    assert "mlp.experts.linear_fc1.weight3" in str(model)
+    ref = load_reference(d)
+    assert (run(model, ref["tokens"]) - ref["logits"]).abs().max().item() < 1e-5
