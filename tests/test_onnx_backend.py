@@ -7,7 +7,6 @@ past/present are compared with the reference executor run on the whole sequence 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 
@@ -20,7 +19,7 @@ from megatron_fixtures import have_megatron_core, load_reference, megatron_check
 
 ort = pytest.importorskip("onnxruntime")
 
-from mexc.backends.base import CompileOptions  # noqa: E402
+from mexc.backends.base import CompileOptions, checksum  # noqa: E402
 from mexc.backends.reference import executor  # noqa: E402
 from mexc.driver import compile_checkpoint, get_backend, lift  # noqa: E402
 from mexc.errors import ToolNotFoundError  # noqa: E402
@@ -187,7 +186,7 @@ def test_checker_full_and_external_data(tmp_path_factory, profile):
         off, n = int(info["offset"]), int(info["length"])
         assert off >= end, "external tensors overlap"
         assert off + n <= len(data)
-        assert hashlib.sha256(data[off:off + n]).hexdigest() == sums[t.name]
+        assert checksum(data[off:off + n]) == sums[t.name]
         end = max(end, off + n)
     assert n_ext == res.emit.tensors == len(sums)
     # every weight of the IR is in the data file, and the proto itself holds no weight bytes

@@ -8,7 +8,6 @@ from external data), so the proto stays small whatever the model's size.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ...errors import BackendError
+from ..base import checksum
 
 TORCH_TO_ONNX = {
     torch.float32: TensorProto.FLOAT,
@@ -34,7 +34,7 @@ _LARGE = 1 << 20
 
 
 class ExternalData:
-    """Append-only writer of one external data file; records a sha256 per tensor."""
+    """Append-only writer of one external data file; records a checksum (xxh3-128) per tensor."""
 
     def __init__(self, path: Path, on_tensor=None):
         self.on_tensor = on_tensor
@@ -76,7 +76,7 @@ class ExternalData:
             e = tp.external_data.add()
             e.key, e.value = k, v
         self.offset += n
-        self.sums[name] = hashlib.sha256(mv).hexdigest()
+        self.sums[name] = checksum(mv)
         self.count += 1
         if self.on_tensor:
             self.on_tensor(name, n)

@@ -217,6 +217,7 @@ class MegatronTorchStore(Store):
         if t is None:
             raise CheckpointError(f"{self.root}/{rank_dir}/model_optim_rng.pt: no tensor {k!r}",
                                   hint="the checkpoint changed since it was lifted; lift it again")
+        _advise_pages(t, _MADV_WILLNEED)  # start the kernel's readahead now, while the writer is still busy
         return t  # a view of the memory map: nothing is copied; see release()
 
     def release(self, key: str) -> None:
@@ -232,9 +233,17 @@ _PAGE = 4096
 _LIBC = None
 
 
+_MADV_WILLNEED, _MADV_DONTNEED = 3, 4
+
+
 def _release_pages(t: torch.Tensor) -> None:
     """madvise(MADV_DONTNEED) the pages of a memory-mapped tensor's storage (re-read from the file if touched
-    again); a no-op where libc's madvise is unavailable."""
+    again)."""
+    _advise_pages(t, _MADV_DONTNEED)
+
+
+def _advise_pages(t: torch.Tensor, advice: int) -> None:
+    """madvise() the page range of a memory-mapped tensor's storage; a no-op where libc's madvise is missing."""
     global _LIBC
     import ctypes
 
@@ -246,7 +255,7 @@ def _release_pages(t: torch.Tensor) -> None:
         lo = start & ~(_PAGE - 1)
         hi = (end + _PAGE - 1) & ~(_PAGE - 1)
         if hi > lo:
-            _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+            _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice)
     except (OSError, AttributeError):
         pass
 
