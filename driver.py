@@ -80,6 +80,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     if out.exists() and not opts.force:
         raise UsageError(f"{out}: output directory already exists",
                          hint="choose another -o, or pass --force to replace it")
+    backend.preflight(out, opts)
     for f in load:
         load_pass_file(f)
     load_entry_point_passes()

@@ -85,6 +85,9 @@ class Backend:
         """What this target cannot lower (each with a hint); empty = fine."""
         return []
 
+    def preflight(self, out: Path, opts: CompileOptions) -> None:
+        """Fail before any work when the options cannot succeed here (``--build always`` without the tool)."""
+
     def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:
         raise NotImplementedError
 

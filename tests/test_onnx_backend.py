@@ -278,6 +278,7 @@ def test_tensorrt_target_without_tensorrt(tmp_path, no_tensorrt):
     with pytest.raises(ToolNotFoundError) as e:
         compile_checkpoint(d / "ckpt", tmp_path / "b", CompileOptions(target="tensorrt", build="always"))
     assert "trtexec --onnx=" in (e.value.hint or "")
+    assert not (tmp_path / "b").exists()  # refused before any work
 
 
 def test_both_backends_registered():

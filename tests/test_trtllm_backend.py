@@ -150,7 +150,8 @@ def test_engine_build_is_never_faked(tmp_path):
     assert not (out / "engines").exists()
     with pytest.raises(ToolNotFoundError) as e:
         compile_to(tmp_path, "gpt-pp2-dist", build="always")
-    assert "trtllm-build" in e.value.hint
+    assert "trtllm-build --checkpoint_dir" in e.value.hint and "nothing was written" in e.value.message
+    assert not (tmp_path / "gpt-pp2-dist-1-1").exists()
 
 
 def test_existing_output_is_refused_then_replaced_with_force(tmp_path):

@@ -73,6 +73,15 @@ class TensorRTBackend(OnnxBackend):
     def profile(self, opts: CompileOptions) -> str:
         return "tensorrt"
 
+    def preflight(self, out: Path, opts: CompileOptions) -> None:
+        import importlib.util
+
+        if opts.build == "always" and importlib.util.find_spec("tensorrt") is None:
+            raise ToolNotFoundError("--build always: TensorRT is not installed (no `tensorrt` module); nothing was "
+                                    "written", hint="install TensorRT (pip install tensorrt), or use --build auto to write "
+                                                    f"the ONNX and get the full command (trtexec --onnx={out}/model.onnx "
+                                                    f"--saveEngine={out}/model.plan with shape ranges)")
+
     def build(self, out: Path, opts: CompileOptions, log) -> list[str]:
         cmd = trtexec_command(Path(out), opts)
         try:

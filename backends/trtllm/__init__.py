@@ -25,7 +25,7 @@ from ...ir.tensors import Recipe
 from ...ir.tensors import TensorCache
 from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, register_backend,
                     write_safetensors)
-from .build import build_engines
+from .build import build_engines, require_tool
 from .names import MOE_FC, NAMES
 
 _WO_ALGO = {"int8-wo": "W8A16", "int4-wo": "W4A16"}
@@ -250,6 +250,9 @@ class TRTLLMBackend(Backend):
             res.notes.append(f"weights are written in {cfg['dtype']}; trtllm-build quantizes them to "
                              f"{cfg['quantization']['quant_algo']} when it builds the engine")
         return res
+
+    def preflight(self, out: Path, opts: CompileOptions) -> None:
+        require_tool(out, opts)
 
     def build(self, out: Path, opts: CompileOptions, log) -> list[str]:
         return build_engines(out, opts, log)

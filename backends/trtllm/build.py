@@ -17,6 +17,15 @@ def build_command(out: Path, opts) -> list[str]:
             "--max_seq_len", str(opts.max_seq_len), "--gemm_plugin", "auto"]
 
 
+def require_tool(out: Path, opts) -> None:
+    """``--build always`` without trtllm-build fails before anything is read or written."""
+    if opts.build == "always" and shutil.which("trtllm-build") is None:
+        raise ToolNotFoundError("--build always: trtllm-build (TensorRT-LLM <= 1.2.x) is not installed here; "
+                                "nothing was written",
+                                hint="use --build auto to write the checkpoint and get the command, then on a machine "
+                                     f"with TensorRT-LLM run: {shlex.join(build_command(out, opts))}")
+
+
 def build_engines(out: Path, opts, log) -> list[str]:
     cmd = build_command(out, opts)
     exe = shutil.which("trtllm-build")
@@ -24,7 +33,7 @@ def build_engines(out: Path, opts, log) -> list[str]:
         text = shlex.join(cmd)
         if opts.build == "always":
             raise ToolNotFoundError("--build always: trtllm-build (TensorRT-LLM <= 1.2.x) is not installed here",
-                                    hint=f"the checkpoint was not written; on a machine with TensorRT-LLM run: {text}")
+                                    hint=f"the checkpoint is in {out}; on a machine with TensorRT-LLM run: {text}")
         return [f"TensorRT-LLM is not installed: kept the checkpoint in {out}; build the engines on a GPU "
                 f"machine with TensorRT-LLM <= 1.2.x: {text}"]
     log("running " + shlex.join(cmd))
