@@ -45,11 +45,16 @@ def lift(ckpt: str | Path, *, iteration: int | None = None, config: str | Path |
 
 
 def build_pipeline(model: Model, opts: CompileOptions, backend: Backend) -> list:
+    """User passes first (after trim-vocab for --vocab-size), then the backend's legalization."""
     text = opts.pipeline.strip()
     if opts.vocab_size is not None:
         text = ",".join(filter(None, [f"trim-vocab{{size={opts.vocab_size}}}", text]))
-    legal = backend.legalize_pipeline(opts, model)
-    return parse_pipeline(",".join(filter(None, [text, legal])))
+    user = parse_pipeline(text)
+    for p in user:
+        if p.name == "reshard" and (p.tp, p.pp, p.ep) != (opts.tp, opts.pp, opts.ep):
+            raise UsageError(f"--pipeline has {p} but the target layout is --tp {opts.tp} --pp {opts.pp} "
+                             f"--ep {opts.ep}", hint="set the layout with --tp/--pp/--ep; the backend adds reshard")
+    return user + parse_pipeline(backend.legalize_pipeline(opts, model))
 
 
 @dataclass
@@ -80,6 +85,10 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     if out.exists() and not opts.force:
         raise UsageError(f"{out}: output directory already exists",
                          hint="choose another -o, or pass --force to replace it")
+    src, dst = Path(ckpt).resolve(), out.resolve()
+    if dst == src or dst in src.parents:
+        raise UsageError(f"{out}: the output directory is the checkpoint or contains it ({ckpt})",
+                         hint="choose an -o outside the checkpoint; --force would delete the checkpoint")
     backend.preflight(out, opts)
     for f in load:
         load_pass_file(f)

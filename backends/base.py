@@ -232,14 +232,18 @@ def _tensor_bytes(path: Path, e: TensorEntry) -> memoryview | bytes:
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
+class Cancelled(Exception):
+    """Another writer failed or the user interrupted: stop writing (the output is discarded)."""
+
+
 def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict[str, str] | None = None,
-                      on_tensor: Callable[[str, int], None] | None = None) -> dict[str, str]:
+                      on_tensor: Callable[[str, int], None] | None = None, cancel=None) -> dict[str, str]:
     """Stream ``entries`` into ``path``; returns name -> xxh3-128 checksum of each tensor's bytes.
 
     A three-stage pipeline keeps the disk and both cores busy: a producer thread materializes the next
     tensor while this thread writes the current one and a hasher thread checksums it (torch kernels, file
     writes and hashlib all release the GIL). At most two tensors are alive at once: one being produced, one
-    being written and hashed.
+    being written and hashed. ``cancel`` (a ``threading.Event``) stops it between tensors.
     """
     import queue
     import threading
@@ -259,7 +263,8 @@ def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict
         try:
             for e in entries:
                 slots.acquire()
-                if stop.is_set():
+                if stop.is_set() or (cancel is not None and cancel.is_set()):
+                    handoff.put((None, None, Cancelled(path.name)))
                     return
                 handoff.put((e, _tensor_bytes(path, e), None))
         except BaseException as exc:  # surfaced in the writer thread
@@ -274,6 +279,8 @@ def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict
                 e, mv, exc = handoff.get()
                 if exc is not None:
                     raise exc
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(path.name)
                 digest = hasher.submit(checksum, mv)
                 f.write(mv)
                 sums[e.name] = digest.result()

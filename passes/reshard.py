@@ -99,7 +99,7 @@ class Reshard(Pass):
         return out
 
     def run(self, model: Model) -> PassResult:
-        stats = {"sharded": 0, "padded": 0}
+        stats = {"sharded": 0, "padded": 0, "unpadded": 0}
         old = model.parallel
         model.parallel = type(old)(tp=self.tp, pp=self.pp, ep=self.ep)
         rules = dict(TP_RULES)
@@ -109,6 +109,9 @@ class Reshard(Pass):
             for name, p in list(node.params.items()):
                 if name.endswith("_scale"):
                     continue
+                if p.source.op == "pad" and (node.op, name) in (("lm_head", "weight"), ("embedding", "word")):
+                    p.source = p.source.inputs[0]  # an earlier reshard's vocab padding: pad for this layout
+                    stats["unpadded"] += 1
                 if node.op == "moe":
                     table = MOE_EP_RULES if self.ep > 1 else MOE_TP_RULES
                     dim = table.get(name)

@@ -193,7 +193,7 @@ def test_interrupted_compile_leaves_no_partial_output(tmp_path, llama, monkeypat
     real = base.write_safetensors
     state = {"n": 0}
 
-    def interrupting(path, entries, metadata=None, on_tensor=None):
+    def interrupting(path, entries, metadata=None, on_tensor=None, cancel=None):
         def hook(name, n):
             state["n"] += 1
             if state["n"] == 5:
@@ -203,7 +203,7 @@ def test_interrupted_compile_leaves_no_partial_output(tmp_path, llama, monkeypat
                     os.kill(os.getpid(), signal.SIGINT)
                 else:
                     raise RuntimeError("disk controller on fire")
-        return real(path, entries, metadata, hook)
+        return real(path, entries, metadata, hook, cancel=cancel)
 
     import mexc.backends.trtllm as trt
 
@@ -258,3 +258,16 @@ def test_shell_completion_script_completes_targets(tmp_path):
     probe = subprocess.run(["bash", "-c", f'source {script}; COMP_WORDS=(mexc compile x --target ""); '
                             'COMP_CWORD=4; _mexc; echo "${COMPREPLY[@]}"'], capture_output=True, text=True)
     assert probe.stdout.split() == ["trtllm", "hf", "onnx", "tensorrt"]
+
+
+def test_output_that_is_or_contains_the_checkpoint_is_refused(tmp_path):
+    ck = copy_ckpt(megatron_checkpoint("llama", tp=1) / "ckpt", tmp_path)
+    for out in (ck, tmp_path):
+        r = mexc("compile", ck, "--target", "trtllm", "-o", out, "--force")
+        assert_clean_error(r, "is the checkpoint or contains it")
+    assert (ck / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+
+
+def test_user_reshard_that_contradicts_the_target_layout(tmp_path, llama):
+    r = mexc("compile", llama, "--target", "trtllm", "-o", tmp_path / "o", "--pipeline", "reshard{tp=2}")
+    assert_clean_error(r, "--tp 1", "reshard")

@@ -371,3 +371,57 @@ def test_moe_grouped_gemm_key_names(tmp_path):
     assert "mlp.experts.linear_fc1.weight3" in str(model)
     ref = load_reference(d)
     assert (run(model, ref["tokens"]) - ref["logits"]).abs().max().item() < 1e-5
+
+
+# ------------------------------------------------------------------------------ what real training runs also save
+
+
+def test_legacy_file_with_optimizer_and_numpy_rng_state(tmp_path):
+    """Megatron-LM saves optimizer state, fp32 masters and rng_state (with np.random.get_state()) by default."""
+    import numpy as np
+
+    d = megatron_checkpoint("llama", tp=1)
+    ck = _copy(d, tmp_path)
+    f = ck / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
+    sd = torch.load(f, weights_only=False)
+    sd["optimizer"] = {"fp32_from_fp16_params": [[torch.zeros(4)]], "optimizer": {"state": {}}}
+    sd["opt_param_scheduler"] = {"max_lr": 3e-4}
+    sd["rng_state"] = [{"random_rng_state": (3, tuple(range(5)), None), "np_rng_state": np.random.get_state(),
+                        "torch_rng_state": torch.get_rng_state()}]
+    torch.save(sd, f)
+    ref = load_reference(d)
+    assert (run(lift(ck), ref["tokens"]) - ref["logits"]).abs().max().item() < 1e-5
+
+
+def test_dist_checkpoint_with_chained_optimizer_state(tmp_path):
+    """megatron-core's ChainedOptimizer saves its state under chained_<i>.optimizer.*: not model weights."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    d = megatron_checkpoint("moe", tp=2, fmt="torch_dist")
+    ck = _copy(d, tmp_path)
+    it = ck / "iter_0000010"
+    dcp_to_torch_save(str(it), str(tmp_path / "full.pt"))
+    sd = torch.load(tmp_path / "full.pt", weights_only=False)
+    for i in (0, 1):
+        sd[f"chained_{i}.optimizer.distributed.dp_group_idx_0.gbuf_idx_0.bucket_idx_0.exp_avg"] = torch.zeros(64)
+    for p in it.glob("*.distcp"):
+        p.unlink()
+    (it / ".metadata").unlink()
+    dcp.save(sd, checkpoint_id=str(it), no_dist=True)
+    ref = load_reference(d)
+    assert (run(lift(ck), ref["tokens"]) - ref["logits"]).abs().max().item() < 1e-5
+
+
+def test_old_non_zip_torch_save_format(tmp_path):
+    d = megatron_checkpoint("llama", tp=2)
+    ck = _copy(d, tmp_path)
+    for f in (ck / "iter_0000010").glob("mp_rank_*/model_optim_rng.pt"):
+        sd = torch.load(f, weights_only=False)
+        torch.save(sd, f, _use_new_zipfile_serialization=False)
+    model = lift(ck)
+    ref = load_reference(d)
+    for _, _, p in model.graph.params():  # reading and releasing heap tensors must not corrupt them
+        p.source.materialize()
+        p.source.release()
+    assert (run(model, ref["tokens"]) - ref["logits"]).abs().max().item() < 1e-5

@@ -177,3 +177,16 @@ def test_outputs_are_deterministic(tmp_path):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     ma, mb = (json.loads((x / "mexc-manifest.json").read_text()) for x in (a, b))
     assert ma["files"] == mb["files"] and ma["pipeline"] == mb["pipeline"]
+
+
+def test_parallel_embedding_keeps_the_trimmed_vocab(tmp_path):
+    d, out, _ = compile_to(tmp_path, "llama-tp2-legacy", tp=2, vocab_size=99, parallel_embedding=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == 99 and cfg["use_parallel_embedding"]
+    with safe_open(out / "rank1.safetensors", "pt") as f:
+        assert f.get_slice("transformer.vocab_embedding.weight").get_shape() == [50, 64]
+    tokens = load_reference(d)["tokens"] % 99
+    got = trtllm_reader.logits(str(out), tokens)
+    model = lift(d / "ckpt")
+    PassManager(parse_pipeline("trim-vocab{size=99}"))(model)
+    assert got.shape[-1] == 99 and (got - run(model, tokens)).abs().max().item() < 1e-4

@@ -15,6 +15,7 @@ its kernels need (a raw int8 matrix would be wrong on some GPUs).
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -126,7 +127,8 @@ class TRTLLMBackend(Backend):
         ffn_node = (mlps or moes)[0]
         ffn = ffn_node.params["fc2"].type.shape[-1]
         par = model.parallel
-        vocab = emb.params["word"].type.shape[0]
+        word = emb.params["word"].source
+        vocab = (word.inputs[0] if word.op == "pad" else word).type.shape[0]  # rows before TP padding
         dtype = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[c.dtype.value]
         act = ffn_node.attrs["activation"]
         cfg: dict = {
@@ -231,19 +233,28 @@ class TRTLLMBackend(Backend):
             progress.start("write", total)
         res = EmitResult(out, {"config.json": (out / "config.json").stat().st_size})
 
+        cancel = threading.Event()  # Ctrl-C or a failing rank stops the other writers within one tensor
+
         def write(job):
             rank, entries = job
             path = out / f"rank{rank}.safetensors"
             sums = write_safetensors(path, entries, {"format": "pt", "producer": "mexc"},
-                                     on_tensor=(lambda name, n: progress.advance(n)) if progress else None)
+                                     on_tensor=(lambda name, n: progress.advance(n)) if progress else None,
+                                     cancel=cancel)
             return rank, path, sums, len(entries)
 
-        with ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(jobs)))) as ex:
+        ex = ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(jobs))))
+        try:
             for rank, path, sums, n in ex.map(write, jobs):
                 res.files[path.name] = path.stat().st_size
                 res.checksums[path.name] = sums
                 res.tensors += n
-        cache.clear()
+        except BaseException:
+            cancel.set()
+            raise
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+            cache.clear()
         if progress:
             progress.finish()
         if opts.quant:

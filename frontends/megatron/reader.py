@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from ...ir import Store, TensorType, register_store
 from ...ir.types import DType
 from .safe_load import load_dcp_metadata, torch_load, torch_load_bytes, torch_load_file
 
+# optimizer state (also under a ChainedOptimizer's chained_N. prefix) and RNG state are not model weights
+_NOT_MODEL = re.compile(r"^(chained_\d+\.)?(optimizer\.|rng_state)")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
@@ -109,7 +112,7 @@ def _open_legacy(root: Path, d: Path, it: int | None) -> CheckpointInfo:
     first = dirs[first_name][1] / "model_optim_rng.pt"
     if not first.is_file():
         raise CheckpointError(f"{first}: missing", hint="every mp_rank_* directory needs model_optim_rng.pt")
-    sd = torch_load(first)
+    sd = torch_load(first, mmap=zipfile.is_zipfile(first))
     args = sd.get("args")
     if args is None:
         raise CheckpointError(f"{first}: has no 'args' (not saved by Megatron-LM's training loop?)",
@@ -195,6 +198,7 @@ class MegatronTorchStore(Store):
         super().__init__(name)
         self.root = root
         self._open: dict[str, dict[str, torch.Tensor]] = {}
+        self._mapped: dict[str, bool] = {}
 
     def spec(self):
         return {"root": self.root}
@@ -203,7 +207,9 @@ class MegatronTorchStore(Store):
         """The flat state dict of one rank file (tensors memory-mapped, not read)."""
         if rank_dir not in self._open:
             path = Path(self.root) / rank_dir / "model_optim_rng.pt"
-            sd = torch_load(path)
+            mapped = zipfile.is_zipfile(path)  # torch < 1.6 files cannot be memory-mapped
+            self._mapped[rank_dir] = mapped
+            sd = torch_load(path, mmap=mapped)
             flat: dict[str, Any] = {}
             for k, v in sd.items():
                 if k == "model" or re.fullmatch(r"model\d+", k):
@@ -217,7 +223,8 @@ class MegatronTorchStore(Store):
         if t is None:
             raise CheckpointError(f"{self.root}/{rank_dir}/model_optim_rng.pt: no tensor {k!r}",
                                   hint="the checkpoint changed since it was lifted; lift it again")
-        _advise_pages(t, _MADV_WILLNEED)  # start the kernel's readahead now, while the writer is still busy
+        if self._mapped.get(rank_dir):
+            _advise_pages(t, _MADV_WILLNEED)  # start the kernel's readahead now, while the writer is busy
         return t  # a view of the memory map: nothing is copied; see release()
 
     def release(self, key: str) -> None:
@@ -225,7 +232,7 @@ class MegatronTorchStore(Store):
         page ever touched stays in this process's RSS until the compile ends (14 GB for a 7B checkpoint)."""
         rank_dir, k = key.split(":", 1)
         t = self._open.get(rank_dir, {}).get(k)
-        if isinstance(t, torch.Tensor):
+        if isinstance(t, torch.Tensor) and self._mapped.get(rank_dir):  # never on heap memory: it would zero it
             _release_pages(t)
 
 
@@ -295,7 +302,7 @@ class DcpStore(Store):
 
         out = {}
         for k, md in self.metadata.state_dict_metadata.items():
-            if isinstance(md, TensorStorageMetadata) and not k.startswith(("optimizer.", "rng_state")):
+            if isinstance(md, TensorStorageMetadata) and not _NOT_MODEL.match(k):
                 out[k] = (md.properties.dtype, tuple(md.size))
         return out
 

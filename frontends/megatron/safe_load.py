@@ -68,7 +68,24 @@ def _stand_in(qualname: str) -> type:
 
 
 _STAND_INS = [(_stand_in(q), q) for q in MEGATRON_ARG_CLASSES]
-ALLOWED_GLOBALS: list[Any] = [argparse.Namespace, *_STAND_INS]
+
+
+def _numpy_array_globals() -> list[Any]:
+    """What `np.random.get_state()` in Megatron's saved ``rng_state`` needs: array reconstruction only."""
+    import numpy as np
+
+    out: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64)),
+                      type(np.dtype(np.int64))]
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    out.append(_reconstruct)
+    out.append((_reconstruct, "numpy.core.multiarray._reconstruct"))  # pickles written under numpy 1.x
+    return out
+
+
+ALLOWED_GLOBALS: list[Any] = [argparse.Namespace, *_STAND_INS, *_numpy_array_globals()]
 
 
 def torch_load(path: Path, *, mmap: bool = True) -> Any:
@@ -80,7 +97,8 @@ def torch_load(path: Path, *, mmap: bool = True) -> Any:
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Unsupported global" in msg or "not an allowed global" in msg.lower() or "GLOBAL" in msg:
-            first = msg.strip().splitlines()[0][:300]
+            lines = [l.strip() for l in msg.strip().splitlines() if "global" in l.lower()]
+            first = (lines[0] if lines else msg.strip().splitlines()[0])[:300]
             raise UnsafeCheckpointError(
                 f"{path}: refused to unpickle: it references code outside mexc's allow-list ({first})",
                 hint="mexc never runs code from a checkpoint; if this file is trusted, re-save its state dict "
