@@ -1,8 +1,9 @@
 """Model families Megatron-Core's exporter lists (issue 10), each from a real megatron-core checkpoint
 (tools/fixtures/megatron_core.py kinds starcoder, nemotron, gemma, gptnext, llama3, falcon, falcon2):
 the reference executor, the hf output (through transformers' own class for the family), the onnx output (both
-profiles) and the trtllm output (through tests/trtllm_reader.py) reproduce megatron-core's logits; unsupported
-family x target pairs are one clear error and write nothing."""
+profiles) and the trtllm output (through tests/trtllm_reader.py, including TensorRT-LLM's GemmaForCausalLM and
+FalconForCausalLM classes) reproduce megatron-core's logits; unsupported family x target pairs are one clear error
+and write nothing."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from mexc.driver import compile_checkpoint, lift  # noqa: E402
 from mexc.errors import BackendError  # noqa: E402
 
 TOL = 1e-4           # fp32, every target
-GELU_TANH_TOL = 1e-3  # TensorRT-LLM's "gelu" is the tanh approximation, Megatron's GPT/StarCoder use erf
+GELU_TANH_TOL = 1e-3  # TensorRT-LLM's "gelu" is the tanh approximation, Megatron's GPT/StarCoder/Falcon use erf
 
 HF_CLASS = {"starcoder": "GPTBigCodeForCausalLM", "nemotron": "NemotronForCausalLM", "gemma": "GemmaForCausalLM",
             "gptnext": "StableLmForCausalLM", "llama3": "LlamaForCausalLM", "falcon": "FalconForCausalLM",
@@ -339,12 +340,91 @@ def test_trtllm_gpt_class_mqa_and_swiglu(tmp_path, kind, tp):
         assert err(got, ref["logits"]) < TOL
 
 
-@pytest.mark.parametrize("kind,family", [("gemma", "Gemma"), ("falcon", "Falcon"), ("falcon2", "Falcon")])
-def test_trtllm_refuses_unverified_families(tmp_path, kind, family):
-    d = megatron_checkpoint(kind)
-    with pytest.raises(BackendError) as e:
-        compile_checkpoint(d / "ckpt", tmp_path / "out", CompileOptions(target="trtllm", build="never"))
-    msg = str(e.value)
-    assert f"{family}-style" in msg and "trtllm target" in msg and "--target hf" in msg
-    assert msg.count("not supported") == 1                     # one error, not a cascade
-    assert not (tmp_path / "out").exists()                     # never a wrong file
+def _src_state(d):
+    return torch.load(d / "ckpt/iter_0000010/mp_rank_00/model_optim_rng.pt", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("kind", ["gemma", "falcon", "falcon2"])
+def test_trtllm_gemma_and_falcon_classes(tmp_path, kind, tp):
+    """Gemma -> TensorRT-LLM's GemmaForCausalLM, Falcon (one norm, MQA) and the new decoder architecture (two
+    norms, GQA, biases) -> FalconForCausalLM; the reader builds transformers' Gemma / Falcon from the checkpoint
+    with TensorRT-LLM's semantics (its own, not mexc's). Falcon2 at tp 2 is refused: TensorRT-LLM adds a parallel
+    block's row-parallel biases on every rank before one all-reduce."""
+    if (kind, tp) == ("falcon2", 2):
+        d = megatron_checkpoint(kind)
+        with pytest.raises(BackendError) as e:
+            compile_checkpoint(d / "ckpt", tmp_path / "out", CompileOptions(target="trtllm", tp=2, build="never"))
+        msg = str(e.value)
+        assert "FalconForCausalLM" in msg and "biases with tp > 1" in msg and "--target hf" in msg
+        assert not (tmp_path / "out").exists()
+        return
+    d, out, cfg, t = _trtllm(tmp_path, kind, tp)
+    ref = load_reference(d)
+    src = _src_state(d)
+    got = trtllm_reader.logits(str(out), ref["tokens"])
+    if kind == "gemma":
+        assert (cfg["architecture"], cfg["hidden_act"], cfg["head_size"], cfg["num_key_value_heads"]) == \
+            ("GemmaForCausalLM", "gelu", 32, 1)
+        assert cfg["share_embedding_table"] is True and cfg["use_parallel_embedding"] == (tp > 1)
+        assert cfg["position_embedding_type"] == "rope_gpt_neox" and cfg["norm_epsilon"] == 1e-6
+        # TRT-LLM's converter stores 1 + w (its RmsNorm multiplies by the weight) and the raw embedding (its
+        # GemmaModel multiplies by sqrt(hidden_size))
+        assert torch.equal(t["transformer.layers.0.input_layernorm.weight"],
+                           src["decoder.layers.0.input_layernorm.weight"] + 1)
+        assert torch.equal(t["transformer.ln_f.weight"], src["decoder.final_layernorm.weight"] + 1)
+        assert torch.equal(t["transformer.vocab_embedding.weight"], src["embedding.word_embeddings.weight"])
+        assert err(got, ref["logits"]) < TOL         # GeGLU with tanh GELU on both sides: no approximation
+        return
+    assert cfg["architecture"] == "FalconForCausalLM" and cfg["hidden_act"] == "gelu"
+    assert cfg["parallel_attention"] is True and cfg["head_size"] * cfg["num_attention_heads"] == cfg["hidden_size"]
+    layer0 = {k.split(".", 3)[3] for k in t if k.startswith("transformer.layers.0.")}
+    assert not any(k.startswith("post_layernorm") for k in layer0)
+    if kind == "falcon":
+        assert (cfg["new_decoder_architecture"], cfg["bias"], cfg["num_key_value_heads"]) == (False, False, 1)
+        assert not any(k.startswith("mlp_layernorm") for k in layer0)
+    else:
+        assert (cfg["new_decoder_architecture"], cfg["num_ln_in_parallel_attn"], cfg["bias"],
+                cfg["num_key_value_heads"]) == (True, 2, True, 2)
+        assert {"mlp_layernorm.weight", "mlp_layernorm.bias", "attention.dense.bias", "mlp.proj.bias"} <= layer0
+    # TRT-LLM's "gelu" is the tanh approximation, the fixture's MLP uses exact erf GELU
+    assert err(got, ref["logits"]) < GELU_TANH_TOL
+    model = lift(d / "ckpt")
+    for n in model.graph.find("mlp"):
+        n.attrs["activation"] = "gelu-tanh"
+    assert err(got, run(model, ref["tokens"])) < 1e-5     # the difference is only the tanh approximation
+
+
+def test_trtllm_gemma_and_falcon_refusals(tmp_path):
+    """What the two classes cannot express is one clear error naming the class, before any file is written."""
+    from mexc.driver import get_backend
+    from mexc.passes import PassManager, parse_pipeline
+
+    def check(kind, mutate=None, **kw):
+        model = lift(megatron_checkpoint(kind) / "ckpt")
+        if mutate:
+            mutate(model)
+        backend, opts = get_backend("trtllm"), CompileOptions(target="trtllm", build="never", **kw)
+        PassManager(parse_pipeline(backend.legalize_pipeline(opts, model)))(model)
+        return " ".join(backend.check(model, opts))
+
+    def exact_gelu(m):
+        for n in m.graph.find("mlp"):
+            n.attrs["activation"] = "gelu"
+
+    def partial(m):
+        for n in m.graph.find("attention"):
+            n.attrs["rope"] = type(n.attrs["rope"])(percent=0.5)
+
+    def untie(m):
+        next(m.graph.find("lm_head")).attrs["tied"] = False
+
+    assert check("gemma") == "" and check("falcon") == "" and check("falcon2") == ""
+    msg = check("gemma", exact_gelu)
+    assert "GemmaForCausalLM" in msg and "tanh" in msg
+    assert "share_embedding_table" in check("gemma", untie)
+    assert "pipeline" in check("gemma", pp=2)
+    msg = check("falcon", partial)
+    assert "partial rotary" in msg and "FalconForCausalLM" in msg
+    assert "biases with tp > 1" in check("falcon2", tp=2)
+    assert check("falcon", tp=2) == "" and check("falcon", pp=2) == ""

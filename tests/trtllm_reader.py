@@ -23,7 +23,12 @@ MoE expert placement (``moe_ep_rank = tp_rank % moe_ep``,
 (``symmetric_quantize_last_axis_of_batched_matrix``: scale = amax/2^(bits-1)
 per output column of the ``[in, out]`` matrix, int4 packed two per byte along
 the out axis, element 2j in the LOW nibble), TensorRT-LLM's ``gelu`` being the
-tanh approximation.
+tanh approximation; Gemma (gemma/model.py, config.py, convert.py: embedding x
+sqrt(hidden_size) in the model, stored RmsNorm weight = 1 + w, GatedMLP with
+``fc`` activated, shared table and parallel embedding when tp > 1) and Falcon
+(falcon/model.py, config.py, convert.py: parallel_attention /
+new_decoder_architecture with ``mlp_layernorm``, head_size = hidden/heads, ln_f
+at eps 1e-5, a parallel block's row-parallel biases summed over TP ranks).
 
 Weight-only caveat: TensorRT-LLM's own converters store the *processed* bytes
 returned by ``symmetric_quantize_last_axis_of_batched_matrix`` (CUTLASS
@@ -54,9 +59,11 @@ import torch
 
 _GPT = "GPTForCausalLM"
 _LLAMA = "LLaMAForCausalLM"
+_GEMMA = "GemmaForCausalLM"
+_FALCON = "FalconForCausalLM"
 
 # architecture string -> TRT-LLM model class (tensorrt_llm/models/__init__.py MODEL_MAP,
-# union over the 0.x/1.x versions).  Only the GPT and LLaMA classes can be read here.
+# union over the 0.x/1.x versions).  The GPT, LLaMA, Gemma and Falcon classes can be read here.
 MODEL_MAP: Dict[str, str] = {
     **{a: _GPT for a in (
         "GPTForCausalLM", "GPT2LMHeadModel", "GPT2LMHeadCustomModel", "GPTBigCodeForCausalLM",
@@ -67,14 +74,15 @@ MODEL_MAP: Dict[str, str] = {
         "InternLMForCausalLM", "InternLM2ForCausalLM", "InternLMXComposer2ForCausalLM",
         "GraniteForCausalLM", "GraniteMoeForCausalLM", "ExaoneForCausalLM", "SkyworkForCausalLM",
         "LlavaLlamaModel")},
-    **{a: "FalconForCausalLM" for a in ("FalconForCausalLM", "RWForCausalLM")},
+    **{a: _FALCON for a in ("FalconForCausalLM", "RWForCausalLM")},
+    _GEMMA: _GEMMA,
     **{a: "Other" for a in (
         "OPTForCausalLM", "BloomForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "Phi3VForCausalLM",
         "Phi3SmallForCausalLM", "PhiMoEForCausalLM", "Phi4MMForCausalLM", "MambaForCausalLM",
         "GPTNeoXForCausalLM", "GPTJForCausalLM", "MPTForCausalLM", "MptForCausalLM", "GLMModel",
         "ChatGLMModel", "ChatGLMForCausalLM", "ChatGLMForConditionalGeneration",
         "Grok1ModelForCausalLM", "MedusaForCausalLM", "MedusaLlamaForCausalLM", "ReDrafterForCausalLM",
-        "BaichuanForCausalLM", "BaiChuanForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
+        "BaichuanForCausalLM", "BaiChuanForCausalLM", "Gemma2ForCausalLM",
         "Gemma3ForCausalLM", "QWenLMHeadModel", "QWenForCausalLM", "Qwen2ForCausalLM",
         "Qwen2MoeForCausalLM", "Qwen2ForSequenceClassification", "DbrxForCausalLM",
         "RecurrentGemmaForCausalLM", "CogVLMForCausalLM", "DeepseekForCausalLM",
@@ -227,9 +235,20 @@ def check_config(cfg: dict) -> List[str]:
         rp = cfg.get("rotary_pct", 1.0)
         if not (0.0 < float(rp) <= 1.0):
             p.append(f"rotary_pct {rp} outside (0, 1]")
-        if MODEL_MAP.get(arch) == _LLAMA and float(rp) != 1.0:
-            p.append(f"rotary_pct={rp} on the LLaMA class: the TRT-LLM LLaMA decoder layer does not "
+        if MODEL_MAP.get(arch) in (_LLAMA, _GEMMA, _FALCON) and float(rp) != 1.0:
+            p.append(f"rotary_pct={rp} on the {MODEL_MAP[arch]} class: its TRT-LLM decoder layer does not "
                      "pass rotary_pct to its attention (it would rotate the full head)")
+        if MODEL_MAP.get(arch) in (_GEMMA, _FALCON) and act in GATED_ACTS:
+            p.append(f"hidden_act '{act}' on the {MODEL_MAP[arch]} class: its MLP applies hidden_act to one "
+                     "projection (a gated name would split it)")
+        if MODEL_MAP.get(arch) == _FALCON:
+            # falcon/model.py builds Attention without attention_head_size (-> hidden_size // heads) and
+            # without rotary_embedding_scaling
+            if hs * nh != H:
+                p.append(f"head_size {hs} != hidden_size/num_attention_heads on the Falcon class (its "
+                         "attention ignores head_size)")
+            if cfg.get("rotary_scaling"):
+                p.append("rotary_scaling on the Falcon class: its decoder layer does not pass it to attention")
     except (TypeError, ValueError) as e:
         p.append(f"bad size fields: {e}")
         return p
@@ -239,6 +258,16 @@ def check_config(cfg: dict) -> List[str]:
     if min(tp, pp, cp) < 1:
         p.append(f"mapping sizes must be >= 1 (tp={tp}, pp={pp}, cp={cp})")
         return p
+    if MODEL_MAP.get(arch) == _GEMMA:
+        # gemma/config.py: GemmaConfig passes share_embedding_table=True and use_parallel_embedding =
+        # tp_size > 1 whatever config.json says; a shared table cannot be split over pipeline stages
+        if bool(cfg.get("use_parallel_embedding", False)) != (tp > 1):
+            p.append(f"use_parallel_embedding={cfg.get('use_parallel_embedding')} on the Gemma class: "
+                     f"GemmaConfig overrides it with tp_size > 1 = {tp > 1}")
+        if cfg.get("use_parallel_embedding") and int(cfg.get("embedding_sharding_dim", 0)) != 0:
+            p.append("the Gemma class shares its table with lm_head: embedding_sharding_dim must be 0")
+        if pp > 1:
+            p.append("the Gemma class shares its embedding table, which cannot be split over pipeline stages")
     if not m["auto_parallel"] and m["world_size"] != tp * pp * cp:
         p.append(f"mapping.world_size {m['world_size']} != tp_size*pp_size*cp_size = {tp}*{pp}*{cp}")
     L = cfg["num_hidden_layers"]
@@ -505,6 +534,7 @@ def _expected_layer_shapes(cfg: dict, sub: str, tp_rank: int):
     table = {
         "input_layernorm.weight": (H,), "input_layernorm.bias": (H,),
         "post_layernorm.weight": (H,), "post_layernorm.bias": (H,),
+        "mlp_layernorm.weight": (H,), "mlp_layernorm.bias": (H,),
         "attention.qkv.weight": (qkv_out, H), "attention.qkv.bias": (qkv_out,),
         "attention.dense.weight": (H, nh * d // tp), "attention.dense.bias": (H,),
         "attention.q_layernorm.weight": (d,), "attention.k_layernorm.weight": (d,),
@@ -532,15 +562,28 @@ def _allowed_layer_names(cfg: dict) -> Tuple[set, set]:
     req = {"input_layernorm.weight", "attention.qkv.weight", "attention.dense.weight",
            "post_layernorm.weight"}
     opt = set()
+    if cls == _FALCON:
+        # falcon/model.py: LayerNorm (weight + bias) everywhere; mlp_layernorm only for the new decoder
+        # architecture with two norms; no post_layernorm in a parallel block; one `bias` flag for all linears
+        req = {"input_layernorm.weight", "input_layernorm.bias", "attention.qkv.weight",
+               "attention.dense.weight", "mlp.fc.weight", "mlp.proj.weight"}
+        if _falcon_parallel(cfg):
+            if _falcon_num_ln(cfg) == 2:
+                req |= {"mlp_layernorm.weight", "mlp_layernorm.bias"}
+        else:
+            req |= {"post_layernorm.weight", "post_layernorm.bias"}
+        if cfg.get("bias", False):
+            req |= {"attention.qkv.bias", "attention.dense.bias", "mlp.fc.bias", "mlp.proj.bias"}
+        return req, opt
     if cfg.get("qk_layernorm"):
         req |= {"attention.q_layernorm.weight", "attention.k_layernorm.weight"}
     if moe["num_experts"] > 1:
         req |= {"mlp.router.weight", "mlp.fc.weight", "mlp.proj.weight"}
     else:
         req |= {"mlp.fc.weight", "mlp.proj.weight"}
-        if cls == _LLAMA or act in GATED_ACTS:
+        if cls in (_LLAMA, _GEMMA) or act in GATED_ACTS:  # LLaMA and Gemma build a GatedMLP
             req.add("mlp.gate.weight")
-    if cls == _LLAMA:
+    if cls in (_LLAMA, _GEMMA):
         if cfg.get("attn_bias"):
             req |= {"attention.qkv.bias", "attention.dense.bias"}
         if cfg.get("mlp_bias") and moe["num_experts"] <= 1:
@@ -555,6 +598,19 @@ def _allowed_layer_names(cfg: dict) -> Tuple[set, set]:
     else:
         _fail(f"architecture {cfg['architecture']} ({cls}) cannot be read by this reader")
     return req, opt
+
+
+def _falcon_parallel(cfg: dict) -> bool:
+    """falcon/model.py is_parallel_attention: new_decoder_architecture or parallel_attention."""
+    return bool(cfg.get("new_decoder_architecture", False) or cfg.get("parallel_attention", False))
+
+
+def _falcon_num_ln(cfg: dict):
+    """falcon/model.py: num_ln_in_parallel_attn, 2 when unset with the new decoder architecture."""
+    n = cfg.get("num_ln_in_parallel_attn")
+    if n is None and cfg.get("new_decoder_architecture", False):
+        n = 2
+    return n if cfg.get("new_decoder_architecture", False) else None
 
 
 def _merge_replicated(name, shards):
@@ -595,6 +651,12 @@ def _merge_layer_tensor(cfg, sub, name, shards):
     moe = _moe(cfg)
     if sub.startswith("attention.qkv."):
         return _merge_qkv(cfg, name, shards)
+    if MODEL_MAP.get(cfg["architecture"]) == _FALCON and _falcon_parallel(cfg) \
+            and sub in ("attention.dense.bias", "mlp.proj.bias"):
+        # falcon/model.py builds a parallel block's Attention and MLP with tp_group=None, so RowLinear
+        # (layers/linear.py collect_and_bias) adds each rank's bias before the block's one allreduce:
+        # the engine's bias is the sum over TP ranks.
+        return torch.stack(shards).sum(0)
     if sub == "attention.dense.weight" or (sub == "mlp.proj.weight" and moe["num_experts"] <= 1):
         return torch.cat(shards, dim=1)
     if sub in ("mlp.fc.weight", "mlp.gate.weight", "mlp.fc.bias", "mlp.gate.bias") \
@@ -628,7 +690,7 @@ def read_checkpoint(ckpt_dir: str, emulate_build_quant: bool = True):
     if probs:
         _fail("config.json problems: " + "; ".join(probs))
     cls = MODEL_MAP[cfg["architecture"]]
-    if cls not in (_GPT, _LLAMA):
+    if cls not in (_GPT, _LLAMA, _GEMMA, _FALCON):
         _fail(f"architecture {cfg['architecture']} ({cls}) not supported by this reader")
     m = _mapping(cfg)
     tp, pp = m["tp"], m["pp"]
@@ -648,6 +710,8 @@ def read_checkpoint(ckpt_dir: str, emulate_build_quant: bool = True):
         _fail(f"unexpected rank files: {sorted(extra)} (tp={tp}, pp={pp})")
 
     par_emb = bool(cfg.get("use_parallel_embedding", False))
+    if cls == _GEMMA:
+        par_emb = tp > 1  # GemmaConfig overrides the flag (checked equal in check_config)
     sdim = int(cfg.get("embedding_sharding_dim", 0))
 
     def emb_shape(rows):
@@ -701,7 +765,7 @@ def read_checkpoint(ckpt_dir: str, emulate_build_quant: bool = True):
                 elif name in ("transformer.ln_f.weight", "transformer.ln_f.bias"):
                     if not last:
                         _fail(f"{where}: ln_f must only be on the last PP stage")
-                    if name.endswith("bias") and cls != _GPT:
+                    if name.endswith("bias") and cls not in (_GPT, _FALCON):
                         _fail(f"{where}: provided but not required (RmsNorm has no bias)")
                     if tuple(v.shape) != (H,):
                         _fail(f"{where}: shape {tuple(v.shape)} != expected {(H,)}")
@@ -730,7 +794,7 @@ def read_checkpoint(ckpt_dir: str, emulate_build_quant: bool = True):
                 _fail(f"rank{rank}: missing transformer.position_embedding.weight (learned_absolute)")
             if last and "transformer.ln_f.weight" not in ten:
                 _fail(f"rank{rank}: missing transformer.ln_f.weight on the last PP stage")
-            if last and cls == _GPT and "transformer.ln_f.bias" not in ten:
+            if last and cls in (_GPT, _FALCON) and "transformer.ln_f.bias" not in ten:
                 _fail(f"rank{rank}: missing transformer.ln_f.bias on the last PP stage")
             if last and "lm_head.weight" not in ten and not (first and "transformer.vocab_embedding.weight" in ten):
                 _fail(f"rank{rank}: missing lm_head.weight on the last PP stage (no embedding to share there)")
@@ -959,13 +1023,128 @@ def _to_hf_gpt(cfg: dict, t: Dict[str, torch.Tensor]):
     raise NotImplementedError(f"GPT class with position_embedding_type {pet}")
 
 
+def _to_hf_gemma(cfg: dict, t: Dict[str, torch.Tensor]):
+    """Gemma class -> transformers GemmaForCausalLM.
+
+    TRT-LLM (gemma/model.py): embedding x sqrt(hidden_size) in the model, RmsNorm multiplies by the stored
+    weight (gemma/convert.py stores 1 + w), GatedMLP = ACT2FN[hidden_act](fc(x)) * gate(x), rope_gpt_neox on
+    the whole head_size, q_scaling 1.  transformers' Gemma: the same embedding normalizer, GemmaRMSNorm
+    multiplies by (1 + w): the HF weight is the stored one minus 1."""
+    import transformers as tr
+    H, L, nh, nkv, d, I, V = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+                              _nkv(cfg), _head_size(cfg), _inter(cfg), cfg["vocab_size"])
+    act = cfg["hidden_act"]
+    if _ACT_TO_HF.get(act) != "gelu_new":
+        raise NotImplementedError(f"Gemma class with hidden_act {act!r} (transformers' Gemma is tanh GELU)")
+    if cfg.get("attn_bias") or cfg.get("mlp_bias") or cfg.get("inter_layernorms"):
+        raise NotImplementedError("Gemma class with biases / Gemma 2 layernorms")
+    lm, tied = _lm_head(cfg, t)
+    hf_cfg = tr.GemmaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                            num_attention_heads=nh, num_key_value_heads=nkv, head_dim=d,
+                            hidden_act="gelu_pytorch_tanh", rms_norm_eps=float(cfg.get("norm_epsilon", 1e-6)),
+                            max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+                            tie_word_embeddings=tied, rope_parameters=_rope_parameters(cfg),
+                            attention_bias=False, attention_dropout=0.0)
+    one = lambda w: w.float() - 1.0  # noqa: E731
+    sd = {"model.embed_tokens.weight": t["transformer.vocab_embedding.weight"],
+          "model.norm.weight": one(t["transformer.ln_f.weight"]), "lm_head.weight": lm}
+    for i in range(L):
+        s, o = f"transformer.layers.{i}.", f"model.layers.{i}."
+        sd[o + "input_layernorm.weight"] = one(t[s + "input_layernorm.weight"])
+        sd[o + "post_attention_layernorm.weight"] = one(t[s + "post_layernorm.weight"])
+        q, k, v = torch.split(t[s + "attention.qkv.weight"], [nh * d, nkv * d, nkv * d], 0)
+        sd[o + "self_attn.q_proj.weight"], sd[o + "self_attn.k_proj.weight"], sd[o + "self_attn.v_proj.weight"] = q, k, v
+        sd[o + "self_attn.o_proj.weight"] = t[s + "attention.dense.weight"]
+        sd[o + "mlp.gate_proj.weight"] = t[s + "mlp.fc.weight"]      # activated branch
+        sd[o + "mlp.up_proj.weight"] = t[s + "mlp.gate.weight"]
+        sd[o + "mlp.down_proj.weight"] = t[s + "mlp.proj.weight"]
+    return hf_cfg, sd
+
+
+def _to_hf_falcon(cfg: dict, t: Dict[str, torch.Tensor]):
+    """Falcon class -> transformers FalconForCausalLM.
+
+    TRT-LLM (falcon/model.py): LayerNorm input_layernorm (+ mlp_layernorm with the new decoder architecture
+    and two norms), x + attn(ln(x)) + mlp(ln'(x)) in a parallel block, MLP = proj(ACT2FN[hidden_act](fc(x)))
+    ("gelu" = tanh approximation), rope_gpt_neox over the whole head, ln_f at LayerNorm's default eps 1e-5.
+    The fused QKV is [Q; K; V]; transformers' Falcon wants per-KV-group [q..., k, v] (new decoder
+    architecture), [Q; K; V] (multi_query) or per-head [q, k, v] (MHA)."""
+    import transformers as tr
+    H, L, nh, nkv, d, I, V = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+                              _nkv(cfg), _head_size(cfg), _inter(cfg), cfg["vocab_size"])
+    act = cfg["hidden_act"]
+    if act not in _ACT_TO_HF or act in GATED_ACTS:
+        raise NotImplementedError(f"Falcon class with hidden_act {act!r}")
+    if cfg.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox":
+        raise NotImplementedError("Falcon class without rope_gpt_neox (alibi)")
+    eps = float(cfg.get("norm_epsilon", 1e-5))
+    if eps != 1e-5:
+        raise NotImplementedError("Falcon class with norm_epsilon != 1e-5 (TRT-LLM's ln_f always uses 1e-5; "
+                                  "transformers' Falcon one eps)")
+    new = bool(cfg.get("new_decoder_architecture", False))
+    par = _falcon_parallel(cfg)
+    n_ln = _falcon_num_ln(cfg)
+    if not new and nkv not in (1, nh):
+        raise NotImplementedError("Falcon class with GQA outside the new decoder architecture")
+    if new and n_ln != 2:
+        raise NotImplementedError("Falcon new decoder architecture with one norm")
+    bias = bool(cfg.get("bias", False))
+    lm, tied = _lm_head(cfg, t)
+    hf_cfg = tr.FalconConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=nh,
+                             num_kv_heads=nkv, new_decoder_architecture=new, multi_query=(nkv == 1 and not new),
+                             parallel_attn=par, num_ln_in_parallel_attn=n_ln, bias=bias, alibi=False,
+                             layer_norm_epsilon=eps, ffn_hidden_size=I, activation=_ACT_TO_HF[act],
+                             max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+                             rope_theta=float(cfg.get("rotary_base", 10000.0)), hidden_dropout=0.0,
+                             attention_dropout=0.0, tie_word_embeddings=tied)
+    if cfg.get("rotary_scaling"):
+        raise NotImplementedError("Falcon class with rotary_scaling")
+
+    def fuse(x):  # [Q; K; V] on dim 0 -> transformers' Falcon layout
+        q, k, v = torch.split(x, [nh * d, nkv * d, nkv * d], 0)
+        rest = x.shape[1:]
+        if new:
+            q = q.reshape(nkv, nh // nkv, d, *rest)
+            return torch.cat([q, k.reshape(nkv, 1, d, *rest), v.reshape(nkv, 1, d, *rest)], 1).reshape(-1, *rest)
+        if nkv == 1:
+            return x
+        return torch.stack([q.reshape(nh, d, *rest), k.reshape(nh, d, *rest), v.reshape(nh, d, *rest)],
+                           1).reshape(-1, *rest)
+
+    sd = {"transformer.word_embeddings.weight": t["transformer.vocab_embedding.weight"],
+          "transformer.ln_f.weight": t["transformer.ln_f.weight"], "transformer.ln_f.bias": t["transformer.ln_f.bias"],
+          "lm_head.weight": lm}
+    norms = {"input_layernorm": "ln_attn" if new else "input_layernorm", "mlp_layernorm": "ln_mlp",
+             "post_layernorm": "post_attention_layernorm"}
+    lins = {"attention.dense": "self_attention.dense", "mlp.fc": "mlp.dense_h_to_4h",
+            "mlp.proj": "mlp.dense_4h_to_h"}
+    for i in range(L):
+        s, o = f"transformer.layers.{i}.", f"transformer.h.{i}."
+        for a, b in norms.items():
+            if s + a + ".weight" in t:
+                sd[o + b + ".weight"], sd[o + b + ".bias"] = t[s + a + ".weight"], t[s + a + ".bias"]
+        sd[o + "self_attention.query_key_value.weight"] = fuse(t[s + "attention.qkv.weight"])
+        for a, b in lins.items():
+            sd[o + b + ".weight"] = t[s + a + ".weight"]
+        if bias:
+            sd[o + "self_attention.query_key_value.bias"] = fuse(t[s + "attention.qkv.bias"])
+            for a, b in lins.items():
+                sd[o + b + ".bias"] = t[s + a + ".bias"]
+    return hf_cfg, sd
+
+
 def to_hf(cfg: dict, tensors: Dict[str, torch.Tensor]):
     """(transformers config, state dict) equivalent to a read TRT-LLM checkpoint.
 
     GPT class + learned_absolute -> GPT2LMHeadModel; GPT class + rope_gpt_neox -> GPTNeoXForCausalLM
     (partial_rotary_factor = rotary_pct); LLaMA class -> LlamaForCausalLM, Qwen2ForCausalLM when
-    attn_bias is set but the dense bias is all zeros, MixtralForCausalLM with a moe block."""
+    attn_bias is set but the dense bias is all zeros, MixtralForCausalLM with a moe block; Gemma class ->
+    GemmaForCausalLM; Falcon class -> FalconForCausalLM."""
     cls = MODEL_MAP.get(cfg["architecture"])
+    if cls == _GEMMA:
+        return _to_hf_gemma(cfg, tensors)
+    if cls == _FALCON:
+        return _to_hf_falcon(cfg, tensors)
     if cls == _LLAMA:
         return _to_hf_llama(cfg, tensors)
     if cls == _GPT:

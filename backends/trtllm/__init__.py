@@ -10,11 +10,17 @@ row-parallel weights split on dim 1 with their bias whole, ``lm_head`` rows padd
 embeddings on the first stage and ``ln_f``/``lm_head`` on the last. Weight-only int8/int4 is written as float
 weights with ``quant_algo`` W8A16/W4A16: ``trtllm-build`` quantizes them into the GPU-specific packed layout
 its kernels need (a raw int8 matrix would be wrong on some GPUs).
+
+Classes: LlamaForCausalLM, GPTForCausalLM, GemmaForCausalLM (embedding x sqrt(hidden) left to the model, RMSNorm
+weights with the 1 folded in as TensorRT-LLM's converter stores them, shared embedding table) and
+FalconForCausalLM (parallel attention + MLP blocks; ``mlp_layernorm`` for the new decoder architecture), each
+following tensorrt_llm/models/<family>/{model,config,convert}.py.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +33,7 @@ from ...ir.tensors import TensorCache
 from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, register_backend,
                     write_safetensors)
 from .build import build_engines, require_tool
-from .names import MOE_FC, NAMES
+from .names import CLASS_NAMES, MOE_FC, NAMES
 
 _WO_ALGO = {"int8-wo": "W8A16", "int4-wo": "W4A16"}
 _HIDDEN_ACT = {"gelu": "gelu", "gelu-tanh": "gelu", "relu": "relu", "squared-relu": "squared-relu",
@@ -44,20 +50,10 @@ def _arch(model: Model) -> tuple[str | None, list[str]]:
     mlps = list(g.find("mlp"))
     moes = list(g.find("moe"))
     emb = next(g.find("embedding"))
-    # Families whose TensorRT-LLM class mexc does not emit: one error naming the family and the target, and why.
-    # (TensorRT-LLM has GemmaForCausalLM and FalconForCausalLM, but their checkpoint conventions -- Gemma's
-    # embedding scale and norm (1 + w) handling, Falcon's parallel-block and new-decoder-architecture names --
-    # are not verified against TensorRT-LLM's source, and no independent reader checks them here.)
     if emb.attrs["scale"] != 1.0:
-        return None, [f"Gemma-style models (embedding x{emb.attrs['scale']:g}) are not supported by the trtllm target: "
-                      "mexc does not emit TensorRT-LLM's GemmaForCausalLM checkpoint (its conventions are not "
-                      "verified); use --target hf (GemmaForCausalLM, served by TensorRT-LLM's PyTorch backend and "
-                      "vLLM) or --target onnx"]
+        return "GemmaForCausalLM", _gemma_problems(model)
     if any(len(n.inputs) > 2 for n in g.find("add")):
-        return None, ["Falcon-style models (parallel attention + MLP blocks) are not supported by the trtllm target: "
-                      "mexc does not emit TensorRT-LLM's FalconForCausalLM checkpoint (its conventions are not "
-                      "verified); use --target hf (FalconForCausalLM, served by TensorRT-LLM's PyTorch backend and "
-                      "vLLM) or --target onnx"]
+        return "FalconForCausalLM", _falcon_problems(model)
     if attn.attrs["qk_norm"] != "none":
         problems.append("QK layernorm is not supported by the Llama/GPT checkpoint classes")
     rope = attn.attrs["rope"]
@@ -83,6 +79,129 @@ def _arch(model: Model) -> tuple[str | None, list[str]]:
     return None, problems
 
 
+def _attention_problems(model: Model, cls: str, scaling_ok: tuple[str, ...]) -> list[str]:
+    """Attention features TensorRT-LLM's Gemma / Falcon decoder layers cannot express."""
+    problems = []
+    attn = next(model.graph.find("attention"))
+    a = attn.attrs
+    rope = a["rope"]
+    if a["position"] != "rope":
+        problems.append(f"{cls} uses rotary positions (rope_gpt_neox); this model has position={a['position']!r}")
+    elif rope.interleaved:
+        problems.append(f"interleaved (GPT-J) rotary is not expressible with {cls} (it hard-codes rope_gpt_neox)")
+    elif rope.percent != 1.0:
+        problems.append(f"partial rotary (rotary_percent {rope.percent:g}) is not expressible with {cls}: its "
+                        "decoder layer rotates the whole head; use --target hf")
+    elif rope.scaling not in scaling_ok:
+        problems.append(f"rope scaling {rope.scaling!r} is not expressible with {cls}")
+    if a["qk_norm"] != "none":
+        problems.append(f"QK layernorm is not expressible with {cls}")
+    if a["softmax_scale"] is not None:
+        problems.append(f"a softmax scale other than 1/sqrt(head_dim) is not expressible with {cls}")
+    if "position" in next(model.graph.find("embedding")).params:
+        problems.append(f"learned position embeddings are not expressible with {cls}")
+    if list(model.graph.find("moe")):
+        problems.append(f"MoE is not expressible with {cls}")
+    return problems
+
+
+def _gemma_problems(model: Model) -> list[str]:
+    """What TensorRT-LLM's GemmaForCausalLM (tensorrt_llm/models/gemma) cannot express. Its model multiplies the
+    embedding by sqrt(hidden_size) itself, its RmsNorm multiplies by the stored weight (the converter stores
+    1 + w), its GatedMLP applies hidden_act to ``fc``, and GemmaConfig forces share_embedding_table."""
+    g = model.graph
+    cls = "GemmaForCausalLM"
+    problems = _attention_problems(model, cls, ("none", "linear", "llama3"))
+    scale, H = next(g.find("embedding")).attrs["scale"], model.config.hidden_size
+    if abs(scale - math.sqrt(H)) > 1e-9 * scale:
+        problems.append(f"Gemma-style embedding x{scale:g}: TensorRT-LLM's {cls} always multiplies by "
+                        f"sqrt(hidden_size) = {math.sqrt(H):g}")
+    if {n.attrs["kind"] for n in g.find("norm")} != {"rmsnorm"}:
+        problems.append(f"{cls} uses RMSNorm only")
+    mlps = list(g.find("mlp"))
+    if any(not n.attrs["gated"] or n.attrs["activation"] != "gelu-tanh" for n in mlps):
+        acts = sorted({(n.attrs["activation"], n.attrs["gated"]) for n in mlps})
+        problems.append(f"{cls} is emitted for a GeGLU MLP with tanh GELU only (TensorRT-LLM's 'gelu' is the "
+                        f"tanh approximation); this model has (activation, gated) {acts}")
+    if any(k in n.params for n in g.find("attention") for k in ("qkv_bias", "proj_bias")) or \
+            any(k.endswith("bias") for n in mlps for k in n.params):
+        problems.append(f"linear biases are not emitted with {cls}")
+    if not next(g.find("lm_head")).attrs["tied"]:
+        problems.append(f"an untied output head: TensorRT-LLM's GemmaConfig forces share_embedding_table; "
+                        "use --target hf")
+    if model.parallel.pp > 1:
+        problems.append(f"pipeline parallelism with {cls}: its shared embedding table cannot be split over "
+                        "pipeline stages (TensorRT-LLM refuses share_embedding_table with pp_size > 1)")
+    if any(len(n.inputs) > 2 for n in g.find("add")):
+        problems.append(f"a parallel attention + MLP block is not expressible with {cls}")
+    return problems
+
+
+def _falcon_layout(model: Model) -> tuple[int | None, list[str]]:
+    """(norms per parallel block: 1 or 2, problems). Every layer must be x + attn(ln(x)) + mlp(ln'(x))."""
+    g = model.graph
+    counts, problems = set(), []
+    for layer in sorted({n.layer for n in g.nodes if n.layer is not None}):
+        nodes = [n for n in g.nodes if n.layer == layer]
+        adds = [n for n in nodes if n.op == "add"]
+        attn = next((n for n in nodes if n.op == "attention"), None)
+        mlp = next((n for n in nodes if n.op == "mlp"), None)
+        norms = [n for n in nodes if n.op == "norm"]
+        if len(adds) != 1 or len(adds[0].inputs) != 3 or attn is None or mlp is None:
+            problems.append(f"layer {layer} is not one parallel attention + MLP block (Falcon's "
+                            "FalconForCausalLM needs every layer parallel)")
+            continue
+        a_in, m_in = attn.inputs[0].producer, mlp.inputs[0].producer
+        if a_in is None or m_in is None or a_in.op != "norm" or m_in.op != "norm":
+            problems.append(f"layer {layer}: attention and MLP must read a LayerNorm of the block input")
+            continue
+        x, ins = a_in.inputs[0], adds[0].inputs
+        if m_in.inputs[0] is not x or len(norms) != len({a_in, m_in}) or \
+                {id(v) for v in ins} != {id(x), id(attn.output), id(mlp.output)}:
+            problems.append(f"layer {layer}: attention and MLP norms must both read the block input")
+            continue
+        counts.add(len({a_in, m_in}))
+    if len(counts) > 1:
+        problems.append("layers mix one-norm and two-norm parallel blocks")
+    return (counts.pop() if len(counts) == 1 else None), problems
+
+
+def _falcon_problems(model: Model) -> list[str]:
+    """What TensorRT-LLM's FalconForCausalLM (tensorrt_llm/models/falcon) cannot express: LayerNorm with bias,
+    a plain (non-gated) GELU MLP, full rope_gpt_neox rotary without scaling, head_size = hidden/heads (its
+    Attention is built without head_size), ln_f at LayerNorm's default eps 1e-5, all-or-no linear biases."""
+    g = model.graph
+    cls = "FalconForCausalLM"
+    problems = _attention_problems(model, cls, ("none",))
+    _, layout = _falcon_layout(model)
+    problems += layout
+    norms = list(g.find("norm"))
+    if {n.attrs["kind"] for n in norms} != {"layernorm"} or any("bias" not in n.params for n in norms):
+        problems.append(f"{cls} uses LayerNorm with bias only")
+    eps = {n.attrs["eps"] for n in norms}
+    if len(eps) > 1 or 1e-5 not in eps:
+        problems.append(f"{cls} builds ln_f with LayerNorm's default eps 1e-5 and its layer norms with "
+                        f"norm_epsilon; this model's norm eps are {sorted(eps)}")
+    mlps = list(g.find("mlp"))
+    if any(n.attrs["gated"] or n.attrs["activation"] not in ("gelu", "gelu-tanh") for n in mlps):
+        acts = sorted({(n.attrs["activation"], n.attrs["gated"]) for n in mlps})
+        problems.append(f"{cls} is emitted for a non-gated GELU MLP only; this model has (activation, gated) {acts}")
+    a = next(g.find("attention")).attrs
+    if a["head_dim"] * a["num_heads"] != model.config.hidden_size:
+        problems.append(f"head_dim {a['head_dim']} != hidden_size / num_heads: TensorRT-LLM's {cls} builds its "
+                        "attention with head_size = hidden_size // num_attention_heads")
+    biases = {(n.op, k) for n in list(g.find("attention")) + mlps for k in n.params if k.endswith("bias")}
+    if biases and biases != {("attention", "qkv_bias"), ("attention", "proj_bias"), ("mlp", "fc1_bias"),
+                             ("mlp", "fc2_bias")}:
+        problems.append(f"{cls} has one bias flag for every linear; this model has only {sorted(b for _, b in biases)}")
+    if biases and model.parallel.tp > 1:
+        problems.append(f"linear biases with tp > 1: TensorRT-LLM's {cls} runs the parallel block's attention and "
+                        "MLP without their all-reduce and adds the row-parallel biases (attention.dense, mlp.proj) "
+                        "on every rank before one all-reduce, so they would count tp times; use --tp 1 or "
+                        "--target hf")
+    return problems
+
+
 class TRTLLMBackend(Backend):
     name = "trtllm"
     description = "TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) and trtllm-build engines"
@@ -91,8 +210,11 @@ class TRTLLMBackend(Backend):
         steps = ["canonicalize{fold-gamma=true}", "relayout-qkv{to=concat}"]
         if any("q" in n.params for n in model.graph.find("attention")):
             steps.insert(0, "fuse-qkv")
+        # GemmaConfig forces use_parallel_embedding = tp_size > 1 (its table is shared with lm_head)
+        gemma = any(n.attrs["scale"] != 1.0 for n in model.graph.find("embedding"))
+        par_emb = opts.parallel_embedding or (gemma and opts.tp > 1)
         steps.append(f"reshard{{tp={opts.tp} pp={opts.pp} ep={opts.ep} "
-                     f"parallel-embedding={'true' if opts.parallel_embedding else 'false'}}}")
+                     f"parallel-embedding={'true' if par_emb else 'false'}}}")
         if opts.dtype:
             steps.append(f"lower-dtype{{to={opts.dtype}}}")
         return ",".join(steps)
@@ -170,7 +292,26 @@ class TRTLLMBackend(Backend):
                                          "original_max_position_embeddings": rope.original_max_positions}
             else:
                 cfg["rotary_scaling"] = None
-        if cls == "LlamaForCausalLM":
+        if cls == "GemmaForCausalLM":
+            # tensorrt_llm/models/gemma: GemmaConfig forces share_embedding_table and use_parallel_embedding =
+            # tp > 1; GatedMLP applies ACT2FN[hidden_act] to fc ("gelu" = the tanh approximation); rope_gpt_neox
+            # is hard-coded; the model scales the embedding by sqrt(hidden_size) itself.
+            cfg["hidden_act"] = "gelu"
+            cfg["attn_bias"] = False
+            cfg["mlp_bias"] = False
+            cfg["share_embedding_table"] = True
+            cfg["use_parallel_embedding"] = par.tp > 1
+            cfg["position_embedding_type"] = "rope_gpt_neox"
+        elif cls == "FalconForCausalLM":
+            # tensorrt_llm/models/falcon: one norm -> parallel_attention (falcon-7b); two norms ->
+            # new_decoder_architecture with num_ln_in_parallel_attn 2 (input_layernorm + mlp_layernorm)
+            norms, _ = _falcon_layout(model)
+            cfg["hidden_act"] = "gelu"
+            cfg["bias"] = "proj_bias" in attn.params
+            cfg["parallel_attention"] = True
+            cfg["new_decoder_architecture"] = norms == 2
+            cfg["num_ln_in_parallel_attn"] = norms
+        elif cls == "LlamaForCausalLM":
             cfg["hidden_act"] = "swiglu" if moes else "silu"
             cfg["attn_bias"] = "qkv_bias" in attn.params or "proj_bias" in attn.params
             cfg["mlp_bias"] = any("fc2_bias" in n.params for n in mlps)
@@ -196,6 +337,7 @@ class TRTLLMBackend(Backend):
         first_layer = min((n.layer for n in model.graph.nodes if n.stage == pp_rank and n.layer is not None),
                           default=0)
         attn_bias = cfg.get("attn_bias", False)
+        overrides = CLASS_NAMES.get(cfg["architecture"], {})
         for node in model.graph.nodes:
             if node.stage != pp_rank:
                 continue
@@ -211,7 +353,7 @@ class TRTLLMBackend(Backend):
                 if "proj_bias" not in params:
                     params["proj_bias"] = Param(derive("zeros", shape=(H,), dtype=params["proj"].type.dtype.value))
             for pname, p in params.items():
-                name = NAMES.get((role, pname))
+                name = overrides.get((role, pname)) or NAMES.get((role, pname))
                 if name is None:
                     raise BackendError(f"{node.location}: no TensorRT-LLM name for param {pname!r} of a {role}",
                                        hint="this model uses a feature the trtllm target does not map yet")

@@ -34,6 +34,15 @@ NAMES: dict[tuple[str, str], str] = {
     ("final_norm", "bias"): "transformer.ln_f.bias",
     ("lm_head", "weight"): "lm_head.weight",
 }
+# Per TensorRT-LLM class, names that differ from NAMES. Falcon's new decoder architecture: the MLP's own
+# norm is ``mlp_layernorm`` (tensorrt_llm/models/falcon/model.py, convert.py ``ln_mlp``); a parallel block has no
+# ``post_layernorm``. Gemma uses NAMES as they are (its converter: gate_proj -> mlp.fc, up_proj -> mlp.gate).
+CLASS_NAMES: dict[str, dict[tuple[str, str], str]] = {
+    "FalconForCausalLM": {
+        ("post_norm", "weight"): "transformer.layers.{l}.mlp_layernorm.weight",
+        ("post_norm", "bias"): "transformer.layers.{l}.mlp_layernorm.bias",
+    },
+}
 # MoE: the IR's (up, gate) pair becomes one tensor [E_local, 2 * F_local, H] = concat(up_r, gate_r) on dim 1
 MOE_FC: tuple[tuple[str, ...], str] = (("up", "gate"), "transformer.layers.{l}.mlp.fc.weight")
 
@@ -41,4 +50,6 @@ MOE_FC: tuple[tuple[str, ...], str] = (("up", "gate"), "transformer.layers.{l}.m
 def describe() -> str:
     rows = [f"{role + '.' + param:24s} -> {name}" for (role, param), name in NAMES.items()]
     rows.append(f"{'moe.up+gate':24s} -> {MOE_FC[1]}  (per expert [up_r; gate_r])")
+    for cls, names in CLASS_NAMES.items():
+        rows += [f"{role + '.' + param:24s} -> {name}  ({cls})" for (role, param), name in names.items()]
     return "\n".join(rows)
