@@ -72,15 +72,21 @@ def _allowed(problems, node, allowed):
         problems.append(f"unexpected params {sorted(extra)} (allowed: {sorted(allowed)})")
 
 
+def _check_vocab_matrix(p, node, model, key):
+    """A [vocab rows, hidden] matrix with at least vocab_size rows (padding beyond it is allowed)."""
+    H = model.config.hidden_size
+    w = _shape(node, key)
+    if w is None or len(w) != 2 or w[1] != H:
+        p.append(f"param '{key}' must be [vocab, {H}], got {w}")
+    elif w[0] < model.config.vocab_size:
+        p.append(f"{node.op} has {w[0]} rows, fewer than vocab_size={model.config.vocab_size}")
+
+
 @op_schema("embedding", 1, {"scale": ((int, float), 1.0)}, "token (+ learned position) embedding")
 def _check_embedding(node, model):
     p = []
     H = model.config.hidden_size
-    w = _shape(node, "word")
-    if w is None or len(w) != 2 or w[1] != H:
-        p.append(f"param 'word' must be [vocab, {H}], got {w}")
-    elif w[0] < model.config.vocab_size:
-        p.append(f"embedding has {w[0]} rows, fewer than vocab_size={model.config.vocab_size}")
+    _check_vocab_matrix(p, node, model, "word")
     pos = _shape(node, "position")
     if pos is not None and (len(pos) != 2 or pos[1] != H):
         p.append(f"param 'position' must be [positions, {H}], got {pos}")
@@ -199,12 +205,7 @@ def _check_add(node, model):
 @op_schema("lm_head", 1, {"tied": (bool, False)}, "output projection to (padded) vocab logits")
 def _check_lm_head(node, model):
     p = []
-    H = model.config.hidden_size
-    w = _shape(node, "weight")
-    if w is None or len(w) != 2 or w[1] != H:
-        p.append(f"param 'weight' must be [vocab, {H}], got {w}")
-    elif w[0] < model.config.vocab_size:
-        p.append(f"lm_head has {w[0]} rows, fewer than vocab_size={model.config.vocab_size}")
+    _check_vocab_matrix(p, node, model, "weight")
     _allowed(p, node, ("weight",))
     return p
 
