@@ -79,6 +79,8 @@ def test_verify_catches_a_wrong_output(tmp_path, llama):
     save_file(t, f)
     r = mexc("verify", out, "--against", llama, "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["ok"] is False
+    r = mexc("inspect", out, "--ir")  # a TensorRT-LLM checkpoint lifts back into the IR
+    assert r.returncode == 0 and 'load(trt, "rank1.safetensors:transformer.layers.1.mlp.proj.weight"' in r.stdout
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "iterations", "missing-rank", "truncated-pt",

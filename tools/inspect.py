@@ -23,6 +23,17 @@ def inspect_path(a) -> int:
         print(describe())
         return 0
     manifest = path / "mexc-manifest.json"
+    if manifest.is_file() and a.ir:
+        m = json.loads(manifest.read_text())
+        if m["target"] != "trtllm":
+            from ..errors import UsageError
+
+            raise UsageError(f"{path}: --ir reads TensorRT-LLM checkpoints and Megatron checkpoints, not "
+                             f"{m['target']} outputs", hint="run `mexc inspect CKPT --ir` on the source instead")
+        from ..frontends.trtllm import lift_trtllm
+
+        sys.stdout.write(str(lift_trtllm(path)))
+        return 0
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         if a.json:
