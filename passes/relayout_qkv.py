@@ -22,9 +22,8 @@ class RelayoutQKV(Pass):
         want = _ALIASES[self.to]
         n = 0
         for node in model.graph.find("attention"):
-            for name in ("qkv", "qkv_bias"):
-                p = node.params.get(name)
-                if p is not None and p.type.layout.kind != want:
+            for p in node.params.values():  # qkv, its bias, and the per-row scales of a quantized qkv
+                if p.type.layout is not None and p.type.layout.kind != want:
                     p.source = derive("regroup_qkv", p.source, to=want)
                     n += 1
         return PassResult(n > 0, {"relayout": n})

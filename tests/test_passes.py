@@ -243,3 +243,16 @@ def test_trim_vocab():
     assert got.shape[-1] == 100 and err(got, ref["logits"][..., :100]) < 1e-5
     with pytest.raises(PassError):
         apply(model, "trim-vocab{size=500}")
+
+
+@pytest.mark.parametrize("scheme,group", [("int8-wo", 0), ("int4-wo", 16), ("fp8", 0)])
+def test_qkv_format_passes_carry_quantization_scales(scheme, group):
+    model, ref = fixture("llama", 2, 1)
+    apply(model, f"quantize{{scheme={scheme} group-size={group}}}")
+    want = run(model, ref["tokens"])
+    apply(model, "relayout-qkv{to=concat}")
+    assert model.node("attention", 0).params["qkv_scale"].type.layout in (None, model.node("attention", 0).params["qkv"].type.layout)
+    assert err(run(roundtrip(model), ref["tokens"]), want) < 1e-5
+    apply(model, "split-qkv")
+    assert {"q_scale", "k_scale", "v_scale"} <= set(model.node("attention", 1).params)
+    assert err(run(model, ref["tokens"]), want) < 1e-5

@@ -57,7 +57,7 @@ def verify_output(a) -> int:
     except ImportError as e:
         raise UsageError(f"verifying a {target} output needs a runtime that is not installed: {e}",
                          hint="pip install transformers onnxruntime") from None
-    dtype = manifest["options"].get("dtype") or "float32"
+    dtype = manifest["model"].get("dtype") or manifest["options"].get("dtype") or "float32"  # as written
     tol = a.tolerance if a.tolerance is not None else TOLERANCE[dtype]
     delta = (got - ref).abs().max().item()
     top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()

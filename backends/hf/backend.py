@@ -109,7 +109,13 @@ def _apply(r: Rule, src: Recipe, node) -> list[tuple[str, Recipe]]:
     if r.transform == "copy":
         return [(name, src)]
     if r.transform == "zc":   # the HF module computes with (1 + w)
-        return [(name, src if node.attrs["zero_centered"] else derive("add_scalar", src, value=-1.0))]
+        if node.attrs["zero_centered"]:
+            return [(name, src)]
+        # un-fold a folded gamma in fp32: (1 + w) - 1 in bf16 would lose most of w's bits
+        dt = src.type.dtype.value
+        base = src.inputs[0] if src.op == "cast" else src
+        unfolded = derive("add_scalar", derive("cast", base, dtype="f32"), value=-1.0)
+        return [(name, derive("cast", unfolded, dtype=dt))]
     if r.transform == "conv1d":
         return [(name, derive("transpose", src, d0=0, d1=1))]
     return [(name.replace("{E}", str(e)), derive("index", src, i=e)) for e in range(src.type.shape[0])]
