@@ -273,3 +273,15 @@ def test_output_that_is_or_contains_the_checkpoint_is_refused(tmp_path):
 def test_user_reshard_that_contradicts_the_target_layout(tmp_path, llama):
     r = mexc("compile", llama, "--target", "trtllm", "-o", tmp_path / "o", "--pipeline", "reshard{tp=2}")
     assert_clean_error(r, "--tp 1", "reshard")
+
+
+def test_verify_tolerance_follows_the_written_dtype_and_quantization(tmp_path, llama):
+    out = tmp_path / "bf16"
+    assert mexc("compile", llama, "--target", "hf", "-o", out, "--pipeline", "lower-dtype{to=bf16}").returncode == 0
+    r = mexc("verify", out, "--against", llama, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["tolerance"] == 0.2
+    out = tmp_path / "q"
+    assert mexc("compile", llama, "--target", "onnx", "-o", out, "--quant", "int8-wo").returncode == 0
+    r = mexc("verify", out, "--against", llama, "--json")
+    res = json.loads(r.stdout)
+    assert r.returncode == 0 and res["tolerance"] == 0.05 and res["max_abs_delta"] > 1e-4
