@@ -191,7 +191,7 @@ _ALIGN = 8
 class TensorEntry:
     name: str
     type: TensorType
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], torch.Tensor | list[torch.Tensor]]  # a list = pieces concatenated on dim 0
     release: Callable[[], None] | None = None  # called once the tensor is written (drops mapped source pages)
 
 
@@ -216,20 +216,29 @@ CHECKSUM = "xxh3-128"
 
 
 def checksum(data) -> str:
-    """The manifest's per-tensor checksum: xxh3-128 (20 GB/s; sha256 cost a fifth of a compile's time)."""
+    """The manifest's per-tensor checksum: xxh3-128 (20 GB/s; sha256 cost a fifth of a compile's time).
+    ``data`` is a buffer or a list of buffers (the pieces of one tensor, hashed as if concatenated)."""
     import xxhash
 
+    if isinstance(data, list):
+        h = xxhash.xxh3_128()
+        for piece in data:
+            h.update(piece)
+        return h.hexdigest()
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def _tensor_bytes(path: Path, e: TensorEntry) -> memoryview | bytes:
-    t = e.produce()
-    if (t.dtype, tuple(t.shape)) != (e.type.dtype.torch, e.type.shape):
-        raise BackendError(f"{path.name}: tensor {e.name} materialized as {t.dtype}{list(t.shape)}, the "
-                           f"header says {e.type}", hint="this is a bug in a recipe or a backend")
-    if not t.numel():
-        return b""
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+def _tensor_bytes(path: Path, e: TensorEntry) -> list:
+    """The entry's bytes as a list of buffers (a dim-0 concat stays in pieces: no copy)."""
+    out = e.produce()
+    parts = out if isinstance(out, list) else [out]
+    rows = sum(p.shape[0] if p.dim() else 1 for p in parts)
+    ok = all(p.dtype == e.type.dtype.torch and tuple(p.shape[1:]) == e.type.shape[1:] for p in parts)
+    if not ok or (e.type.shape and rows != e.type.shape[0]) or (not e.type.shape and len(parts) != 1):
+        got = ", ".join(f"{p.dtype}{list(p.shape)}" for p in parts)
+        raise BackendError(f"{path.name}: tensor {e.name} materialized as {got}, the header says {e.type}",
+                           hint="this is a bug in a recipe or a backend")
+    return [memoryview(p.contiguous().view(torch.uint8).numpy()).cast("B") for p in parts if p.numel()]
 
 
 class Cancelled(Exception):
@@ -282,9 +291,10 @@ def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(path.name)
                 digest = hasher.submit(checksum, mv)
-                f.write(mv)
+                for piece in mv:
+                    f.write(piece)
                 sums[e.name] = digest.result()
-                n = len(mv)
+                n = sum(len(piece) for piece in mv)
                 del mv
                 if e.release:
                     e.release()

@@ -178,6 +178,13 @@ class Recipe:
         for i in self.inputs:
             yield from i.leaves()
 
+    def materialize_parts(self, cache=None) -> list[torch.Tensor]:
+        """The tensor as pieces whose bytes, concatenated, are the tensor's bytes: a concat on dim 0 is not
+        copied (a writer writes its pieces one after another). Anything else is one piece."""
+        if self.op == "concat" and self.attrs["dim"] % len(self.type.shape) == 0:
+            return [part for i in self.inputs for part in i.materialize_parts(cache)]
+        return [self.materialize(cache)]
+
     def release(self) -> None:
         """Tell the stores of this recipe's leaves that their data was consumed (bounded RSS when streaming)."""
         for leaf in self.leaves():

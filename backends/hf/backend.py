@@ -125,7 +125,7 @@ def _producer(rec: Recipe):
     holder: dict = {}
 
     def produce():
-        return rec.materialize(holder.get("cache"))
+        return rec.materialize_parts(holder.get("cache"))
 
     produce.holder = holder  # the emitter hands it the current layer's cache
     return produce
