@@ -616,8 +616,7 @@ def _quant_scale():
         return TensorType(DType.f32, (*t.shape[:-1], t.shape[-1] // g), t.layout)  # QKV rows keep their layout
 
     def compute(xs, scheme, group_size):
-        _, s = quantize_tensor(xs[0], scheme, group_size)
-        return s
+        return quant_scales(xs[0], scheme, group_size)
 
     return infer, compute
 
@@ -633,6 +632,22 @@ def _dequantize():
     return infer, compute
 
 
+_QMAX = {"int8-wo": 127, "int4-wo": 7}
+
+
+def quant_scales(w: torch.Tensor, scheme: str, group_size: int) -> torch.Tensor:
+    """The dequantization scales of :func:`quantize_tensor` alone (an amax per row, group or tensor), so the
+    ``quant_scale`` recipe does not quantize the whole weight a second time."""
+    w = w.float()
+    if scheme == "fp8":
+        return (w.abs().max().clamp(min=1e-12) / 448.0).reshape(())
+    if scheme == "fp8-channel":
+        return (w.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
+    k = w.shape[-1]
+    g = k if group_size <= 0 else group_size
+    return (w.reshape(*w.shape[:-1], k // g, g).abs().amax(-1) / _QMAX[scheme]).clamp(min=1e-12)
+
+
 def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric quantization of ``w`` ([..., out, in]) -> (codes [..., out, in], scales [..., out, in/g]).
 
@@ -640,18 +655,13 @@ def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int) -> tuple[torc
     scale = amax / 448 per tensor (``fp8``, scale shape ()) or per output row (``fp8-channel``, [..., out, 1]).
     """
     w = w.float()
-    if scheme == "fp8":
-        amax = w.abs().max().clamp(min=1e-12)
-        scale = amax / 448.0
-        return (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale.reshape(())
-    if scheme == "fp8-channel":
-        scale = (w.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
+    scale = quant_scales(w, scheme, group_size)
+    if scheme in ("fp8", "fp8-channel"):
         return (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
-    qmax = 127 if scheme == "int8-wo" else 7
+    qmax = _QMAX[scheme]
     k = w.shape[-1]
     g = k if group_size <= 0 else group_size
     wg = w.reshape(*w.shape[:-1], k // g, g)
-    scale = (wg.abs().amax(-1) / qmax).clamp(min=1e-12)
     q = torch.round(wg / scale.unsqueeze(-1)).clamp(-qmax - (1 if scheme == "int4-wo" else 0), qmax)
     return q.reshape(w.shape).to(torch.int8), scale
 
