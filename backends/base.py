@@ -21,6 +21,7 @@ import torch
 
 from ..errors import BackendError, MexcError, UsageError
 from ..ir import Model, TensorType
+from ..ir.tensors import copy_piece
 from ..ir.types import DType
 
 
@@ -193,6 +194,7 @@ class TensorEntry:
     type: TensorType
     produce: Callable[[], torch.Tensor | list[torch.Tensor]]  # a list = pieces concatenated on dim 0
     release: Callable[[], None] | None = None  # called once the tensor is written (drops mapped source pages)
+    prefetch: Callable[[], None] | None = None  # called while the previous tensor is produced (starts readahead)
 
 
 def safetensors_header(entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> bytes:
@@ -228,8 +230,8 @@ def checksum(data) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def _tensor_bytes(path: Path, e: TensorEntry) -> list:
-    """The entry's bytes as a list of buffers (a dim-0 concat stays in pieces: no copy)."""
+def _tensor_pieces(path: Path, e: TensorEntry) -> list:
+    """The entry's pieces (tensors of any strides, or ColumnCats), stacked on dim 0; checked against the header."""
     out = e.produce()
     parts = out if isinstance(out, list) else [out]
     rows = sum(p.shape[0] if p.dim() else 1 for p in parts)
@@ -238,7 +240,197 @@ def _tensor_bytes(path: Path, e: TensorEntry) -> list:
         got = ", ".join(f"{p.dtype}{list(p.shape)}" for p in parts)
         raise BackendError(f"{path.name}: tensor {e.name} materialized as {got}, the header says {e.type}",
                            hint="this is a bug in a recipe or a backend")
-    return [memoryview(p.contiguous().view(torch.uint8).numpy()).cast("B") for p in parts if p.numel()]
+    return [p for p in parts if p.numel()]
+
+
+def new_checksum():
+    """An incremental manifest checksum (``update(buffer)``, ``hexdigest()``); see :func:`checksum`."""
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
+def _flat_bytes(piece) -> torch.Tensor:
+    """A piece's bytes as a flat uint8 tensor (a copy only where the piece is not contiguous)."""
+    t = piece.contiguous()
+    return t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+
+
+def _is_flat_contiguous(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_contiguous()
+
+
+def direct_io_enabled() -> bool:
+    """O_DIRECT output unless ``MEXC_DIRECT_IO=0`` (or the platform has no O_DIRECT)."""
+    return hasattr(os, "O_DIRECT") and os.environ.get("MEXC_DIRECT_IO", "1").strip().lower() not in ("0", "no",
+                                                                                                     "false", "off")
+
+
+class OutputFile:
+    """A sequential writer of one output file, in large blocks.
+
+    Where the file system takes ``O_DIRECT`` the bytes go through two page-aligned 16 MiB staging buffers
+    straight to the device: one is filled while a flusher thread writes the other. Buffered writes cost about a
+    second of kernel time per GB on a virtual disk (the copy into the page cache and its write-back; measured
+    here: 12.8 GB in 14.3 s buffered, one core busy, against 6.0 s direct with the core free), a whole core of
+    a two-core machine that the readers need. Elsewhere (tmpfs, a file system that refuses O_DIRECT,
+    ``MEXC_DIRECT_IO=0``) the writes are plain buffered writes. The file's size is exactly the bytes written
+    (the last direct block is padded, then truncated).
+    """
+
+    BLOCK = 16 << 20
+    ALIGN = 4096
+
+    def __init__(self, path: Path, direct: bool | None = None):
+        import mmap
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.path = Path(path)
+        self.size = 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self.staged = direct_io_enabled() if direct is None else direct
+        self.fd = -1
+        if self.staged:
+            try:
+                self.fd = os.open(self.path, flags | os.O_DIRECT, 0o666)
+            except OSError as e:
+                if e.errno != 22:  # EINVAL: no O_DIRECT here; anything else is a real error
+                    raise
+                self.staged = False
+        if not self.staged:
+            self.fd = os.open(self.path, flags, 0o666)
+            return
+        self._bufs = [mmap.mmap(-1, self.BLOCK) for _ in range(2)]
+        self._stages = [torch.frombuffer(b, dtype=torch.uint8) for b in self._bufs]
+        self._pending: list = [None, None]
+        self._cur = 0
+        self._fill = 0
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="mexc-flush")
+
+    def write(self, data, h=None) -> None:
+        """Append ``data``: bytes, or a piece of a tensor (a tensor of any strides, or a
+        :class:`~mexc.ir.tensors.ColumnCat`) as its row-major bytes. ``h`` (see :func:`new_checksum`) is
+        updated with the same bytes."""
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else None
+        if data is None or data.numel() == 0:
+            return
+        if data.dim() == 0:
+            data = data.reshape(1)
+        self.size += data.numel() * data.dtype.itemsize
+        rows = data.shape[0]
+        row_bytes = data.numel() // rows * data.dtype.itemsize
+        if not self.staged:
+            if _is_flat_contiguous(data):
+                blocks = [data]
+            else:  # one bounded copy at a time
+                step = max(1, self.BLOCK // row_bytes)
+                blocks = (data.narrow(0, r, min(step, rows - r)) for r in range(0, rows, step))
+            for blk in blocks:
+                mv = memoryview(_flat_bytes(blk).numpy())
+                if h is not None:
+                    h.update(mv)
+                self._write_all(mv)
+            return
+        r = 0
+        while r < rows:
+            k = min(rows - r, (self.BLOCK - self._fill) // row_bytes)
+            if k == 0 or self._fill % data.dtype.itemsize:
+                # a row across the block boundary, or elements that would sit misaligned in the buffer: through
+                # a small contiguous copy, byte by byte
+                k = max(1, min(k, (4 << 20) // row_bytes))
+                self._stage_bytes(_flat_bytes(data.narrow(0, r, k)), h)
+            else:
+                n = k * row_bytes
+                stage = self._stages[self._cur][self._fill:self._fill + n]
+                copy_piece(stage.view(data.dtype).view(k, *data.shape[1:]), data.narrow(0, r, k))
+                self._staged(n, h)  # torch copies release the GIL, unlike a memcpy in Python
+            r += k
+
+    def _stage_bytes(self, b: torch.Tensor, h) -> None:
+        off, n = 0, b.numel()
+        while off < n:
+            k = min(n - off, self.BLOCK - self._fill)
+            self._stages[self._cur][self._fill:self._fill + k].copy_(b[off:off + k])
+            self._staged(k, h)
+            off += k
+
+    def _staged(self, n: int, h) -> None:
+        if h is not None:
+            h.update(memoryview(self._bufs[self._cur])[self._fill:self._fill + n])
+        self._fill += n
+        if self._fill == self.BLOCK:
+            self._flush(self.BLOCK)
+
+    def _flush(self, length: int) -> None:
+        """Hand the current buffer to the flusher; wait until the other one is free."""
+        i = self._cur
+        self._pending[i] = self._flusher.submit(self._write_all, memoryview(self._bufs[i])[:length])
+        self._cur = 1 - i
+        self._fill = 0
+        self._wait(self._cur)
+
+    def _wait(self, i: int) -> None:
+        fut, self._pending[i] = self._pending[i], None
+        if fut is not None:
+            fut.result()  # re-raises the flusher's OSError (ENOSPC ...) here
+
+    def _write_all(self, mv: memoryview) -> None:
+        while len(mv):
+            try:
+                w = os.write(self.fd, mv)
+            except OSError as e:
+                if e.errno != 22 or not self._drop_direct():
+                    raise
+                continue  # the file system took O_DIRECT at open but not this write: buffered from here on
+            mv = mv[w:]
+
+    def _drop_direct(self) -> bool:
+        import fcntl
+
+        fl = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        if not fl & os.O_DIRECT:
+            return False
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fl & ~os.O_DIRECT)
+        return True
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if self.staged:
+                try:
+                    self._wait(1 - self._cur)
+                    if self._fill:
+                        tail = self._fill
+                        padded = (tail + self.ALIGN - 1) // self.ALIGN * self.ALIGN
+                        self._stages[self._cur][tail:padded].zero_()
+                        self._write_all(memoryview(self._bufs[self._cur])[:padded])
+                        os.ftruncate(self.fd, self.size)
+                finally:
+                    for i in range(2):
+                        fut = self._pending[i]
+                        if fut is not None:
+                            fut.exception()  # an error is already propagating: let the flush finish first
+                    self._flusher.shutdown()
+                    del self._stages
+                    for b in self._bufs:
+                        try:
+                            b.close()
+                        except BufferError:  # a failed write's traceback still holds a view: freed with it
+                            pass
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+READAHEAD_BYTES = 512 << 20   # how far the read-ahead thread runs in front of the producer
 
 
 class Cancelled(Exception):
@@ -249,14 +441,15 @@ def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict
                       on_tensor: Callable[[str, int], None] | None = None, cancel=None) -> dict[str, str]:
     """Stream ``entries`` into ``path``; returns name -> xxh3-128 checksum of each tensor's bytes.
 
-    A three-stage pipeline keeps the disk and both cores busy: a producer thread materializes the next
-    tensor while this thread writes the current one and a hasher thread checksums it (torch kernels, file
-    writes and hashlib all release the GIL). At most two tensors are alive at once: one being produced, one
-    being written and hashed. ``cancel`` (a ``threading.Event``) stops it between tensors.
+    Four threads keep the disk and both cores busy, and no tensor is copied on its way unless an op computes:
+    a read-ahead thread has the stores read the next entries (up to ``READAHEAD_BYTES`` past the writer), a
+    producer materializes the next entry's pieces (mostly views of memory-mapped checkpoint pages), this
+    thread copies the pieces into the output's staging buffer and checksums them, and the output's flusher
+    writes full buffers to the device (:class:`OutputFile`). At most two entries are alive at once.
+    ``cancel`` (a ``threading.Event``) stops it between tensors.
     """
     import queue
     import threading
-    from concurrent.futures import ThreadPoolExecutor
 
     entries = sorted(entries, key=lambda e: e.name)
     names = [e.name for e in entries]
@@ -264,9 +457,25 @@ def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict
         dup = sorted({n for n in names if names.count(n) > 1})
         raise BackendError(f"{path.name}: duplicate tensor names {dup[:5]}", hint="this is a bug in a name table")
     sums: dict[str, str] = {}
-    slots = threading.Semaphore(2)          # tensors alive at once
+    slots = threading.Semaphore(2)          # entries alive at once
     handoff: queue.Queue = queue.Queue()
     stop = threading.Event()
+    written = [0]                           # entries written so far
+    moved = threading.Condition()
+
+    def readahead():
+        for j, e in enumerate(entries):
+            with moved:
+                while not stop.is_set() and j > written[0] and \
+                        sum(x.type.nbytes for x in entries[written[0]:j + 1]) > READAHEAD_BYTES:
+                    moved.wait(0.5)
+            if stop.is_set():
+                return
+            if e.prefetch:
+                try:
+                    e.prefetch()
+                except (OSError, MexcError):  # only a hint: the read itself reports problems
+                    pass
 
     def produce():
         try:
@@ -275,37 +484,44 @@ def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict
                 if stop.is_set() or (cancel is not None and cancel.is_set()):
                     handoff.put((None, None, Cancelled(path.name)))
                     return
-                handoff.put((e, _tensor_bytes(path, e), None))
+                handoff.put((e, _tensor_pieces(path, e), None))
         except BaseException as exc:  # surfaced in the writer thread
             handoff.put((None, None, exc))
 
-    with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="mexc-hash") as hasher:
+    with OutputFile(path) as f:
         f.write(safetensors_header(entries, metadata))
-        producer = threading.Thread(target=produce, name="mexc-produce", daemon=True)
-        producer.start()
+        threads = [threading.Thread(target=readahead, name="mexc-readahead", daemon=True),
+                   threading.Thread(target=produce, name="mexc-produce", daemon=True)]
+        for t in threads:
+            t.start()
         try:
-            for _ in entries:
-                e, mv, exc = handoff.get()
+            for i in range(len(entries)):
+                e, pieces, exc = handoff.get()
                 if exc is not None:
                     raise exc
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(path.name)
-                digest = hasher.submit(checksum, mv)
-                for piece in mv:
-                    f.write(piece)
-                sums[e.name] = digest.result()
-                n = sum(len(piece) for piece in mv)
-                del mv
+                h = new_checksum()
+                for piece in pieces:
+                    f.write(piece, h)
+                sums[e.name] = h.hexdigest()
+                del pieces
                 if e.release:
                     e.release()
+                with moved:
+                    written[0] = i + 1
+                    moved.notify_all()
                 if on_tensor:
-                    on_tensor(e.name, n)
+                    on_tensor(e.name, e.type.nbytes)
                 slots.release()
         finally:
             stop.set()
             slots.release()
             slots.release()
-            producer.join()
+            with moved:
+                moved.notify_all()
+            for t in threads:
+                t.join()
     return sums
 
 

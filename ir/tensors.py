@@ -39,6 +39,10 @@ class Store:
     def read(self, key: str, type: TensorType) -> torch.Tensor:
         raise NotImplementedError
 
+    def prefetch(self, key: str) -> None:
+        """Called shortly before ``read(key)``: start reading it in the background (the kernel's readahead), so
+        a writer busy with the previous tensor overlaps the disk's read of the next. Must not block on I/O."""
+
     def release(self, key: str) -> None:
         """Called when a backend has written everything made from ``key`` (memory-mapped stores drop pages)."""
 
@@ -178,12 +182,22 @@ class Recipe:
         for i in self.inputs:
             yield from i.leaves()
 
-    def materialize_parts(self, cache=None) -> list[torch.Tensor]:
-        """The tensor as pieces whose bytes, concatenated, are the tensor's bytes: a concat on dim 0 is not
-        copied (a writer writes its pieces one after another). Anything else is one piece."""
-        if self.op == "concat" and self.attrs["dim"] % len(self.type.shape) == 0:
-            return [part for i in self.inputs for part in i.materialize_parts(cache)]
+    def materialize_parts(self, cache=None) -> list[torch.Tensor | ColumnCat]:
+        """The tensor as pieces stacked on dim 0, each a view where the layout allows: a writer copies them
+        one after another straight into its output, so re-arranging rows (TP merges and splits, QKV
+        re-layouts, slices) and joining row-parallel shards side by side (:class:`ColumnCat`) copy nothing
+        in between. Ops that compute (cast, quantize, ...) give one materialized piece."""
+        rule = _PART_RULES.get(self.op)
+        if rule is not None and self.type.shape:
+            parts = rule(self, cache)
+            if parts is not None:
+                return parts
         return [self.materialize(cache)]
+
+    def prefetch(self) -> None:
+        """Ask the stores of this recipe's leaves to start reading them (see :meth:`Store.prefetch`)."""
+        for leaf in self.leaves():
+            leaf.store.prefetch(leaf.attrs["key"])
 
     def release(self) -> None:
         """Tell the stores of this recipe's leaves that their data was consumed (bounded RSS when streaming)."""
@@ -565,6 +579,158 @@ def _shard_kernel(r: Recipe, data: torch.Tensor) -> torch.Tensor:
 
 # kernels that need their input's type (the QKV layout), not just its data
 _TYPED_KERNELS = {"regroup_qkv": _regroup_kernel, "shard": _shard_kernel}
+
+
+# ------------------------------------------------------------------------------ pieces (writing without copies)
+
+
+class ColumnCat:
+    """Tensors side by side along ``axis`` (> 0), not yet copied: row-parallel TP shards merged for a writer,
+    which copies rows of it straight into its output buffer (:func:`copy_piece`). Quacks like the tensor it
+    stands for where a writer needs it: ``shape``, ``dtype``, ``dim()``, ``numel()``, ``narrow``,
+    ``contiguous``."""
+
+    __slots__ = ("parts", "axis", "shape", "dtype")
+
+    def __init__(self, parts, axis: int):
+        self.parts = list(parts)
+        self.axis = axis
+        shape = list(self.parts[0].shape)
+        shape[axis] = sum(p.shape[axis] for p in self.parts)
+        self.shape = torch.Size(shape)
+        self.dtype = self.parts[0].dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def narrow(self, dim: int, start: int, length: int):
+        if dim != self.axis:
+            return ColumnCat([p.narrow(dim, start, length) for p in self.parts], self.axis)
+        out, off = [], 0
+        for p in self.parts:
+            w = p.shape[dim]
+            lo, hi = max(start, off), min(start + length, off + w)
+            if lo < hi:
+                out.append(p.narrow(dim, lo - off, hi - lo))
+            off += w
+        return out[0] if len(out) == 1 else ColumnCat(out, self.axis)
+
+    def copy_into(self, dst: torch.Tensor) -> torch.Tensor:
+        off = 0
+        for p in self.parts:
+            w = p.shape[self.axis]
+            copy_piece(dst.narrow(self.axis, off, w), p)
+            off += w
+        return dst
+
+    def contiguous(self) -> torch.Tensor:
+        return self.copy_into(torch.empty(self.shape, dtype=self.dtype))
+
+    def __repr__(self) -> str:
+        return f"ColumnCat({len(self.parts)} parts on dim {self.axis}, {self.dtype}{list(self.shape)})"
+
+
+def copy_piece(dst: torch.Tensor, piece) -> None:
+    """``dst[...] = piece`` for a tensor or a :class:`ColumnCat` of the same shape."""
+    if isinstance(piece, ColumnCat):
+        piece.copy_into(dst)
+    else:
+        dst.copy_(piece)
+
+
+def take_rows(parts: list, ranges: list[tuple[int, int]]) -> list:
+    """Views of rows ``[a, b)`` for each range, of a tensor given as pieces stacked on dim 0 (adjacent ranges
+    are joined first, so a run of consecutive rows of one piece stays one view)."""
+    runs: list[list[int]] = []
+    for a, b in ranges:
+        if a >= b:
+            continue
+        if runs and runs[-1][1] == a:
+            runs[-1][1] = b
+        else:
+            runs.append([a, b])
+    starts, off = [], 0
+    for p in parts:
+        starts.append(off)
+        off += p.shape[0]
+    out = []
+    for a, b in runs:
+        for p, s in zip(parts, starts):
+            lo, hi = max(a, s), min(b, s + p.shape[0])
+            if lo < hi:
+                out.append(p.narrow(0, lo - s, hi - lo))
+    return out
+
+
+def _runs(rows) -> list[tuple[int, int]]:
+    """Row indices -> ``[a, b)`` runs of consecutive rows, in order."""
+    out: list[tuple[int, int]] = []
+    for i in (int(x) for x in rows):
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def _one(parts: list):
+    return parts[0] if len(parts) == 1 else torch.cat([p.contiguous() for p in parts], 0)
+
+
+def _concat_parts(r: Recipe, cache):
+    d = r.attrs["dim"] % len(r.type.shape)
+    if d == 0:
+        return [part for i in r.inputs for part in i.materialize_parts(cache)]
+    return [ColumnCat([_one(i.materialize_parts(cache)) for i in r.inputs], d)]
+
+
+def _slice_parts(r: Recipe, cache):
+    x = r.inputs[0]
+    d, start, stop = r.attrs["dim"] % len(x.type.shape), r.attrs["start"], r.attrs["stop"]
+    parts = x.materialize_parts(cache)
+    if d == 0:
+        return take_rows(parts, [(start, stop)])
+    return [p.narrow(d, start, stop - start) for p in parts]
+
+
+def _regroup_parts(r: Recipe, cache):
+    perm = _qkv_perm(r.inputs[0].type.layout, r.attrs["to"])
+    return take_rows(r.inputs[0].materialize_parts(cache), _runs(perm.tolist()))
+
+
+def _shard_parts(r: Recipe, cache):
+    x = r.inputs[0]
+    dim, parts_n, index = r.attrs["dim"], r.attrs["parts"], r.attrs["index"]
+    parts = x.materialize_parts(cache)
+    lay = x.type.layout
+    d = dim % len(x.type.shape)
+    if lay is not None and d == 0 and lay.kind != "grouped":
+        hd, q, kv = lay.head_dim, lay.q_heads, lay.kv_heads
+        qn = q // parts_n
+        if kv >= parts_n:
+            kn = kv // parts_n
+            ks = q * hd + index * kn * hd
+        else:  # fewer KV heads than ranks: rank r holds KV head r * kv // parts (replicated)
+            kn, ks = 1, q * hd + (index * kv // parts_n) * hd
+        return take_rows(parts, [(index * qn * hd, (index + 1) * qn * hd), (ks, ks + kn * hd),
+                                 (ks + kv * hd, ks + kv * hd + kn * hd)])
+    n = x.type.shape[d] // parts_n
+    if d == 0:
+        return take_rows(parts, [(index * n, (index + 1) * n)])
+    return [p.narrow(d, index * n, n) for p in parts]
+
+
+# ops whose result is a re-arrangement of their input's rows or columns: materialize_parts gives views
+_PART_RULES: dict[str, Callable] = {
+    "concat": _concat_parts,
+    "slice": _slice_parts,
+    "regroup_qkv": _regroup_parts,
+    "shard": _shard_parts,
+    "tag_qkv": lambda r, cache: r.inputs[0].materialize_parts(cache),
+}
 
 
 # --------------------------------------------------------------------------------------------- quantization

@@ -85,7 +85,7 @@ def plan(model: Model, family: str) -> tuple[list[tuple[TensorEntry, int | None]
                 taken.add(pname)
             src = srcs[0] if len(srcs) == 1 else derive("concat", *srcs, dim=0)
             for name, rec in _apply(r, src, node):
-                entries.append((TensorEntry(name, rec.type, _producer(rec), rec.release), node.layer))
+                entries.append((TensorEntry(name, rec.type, _producer(rec), rec.release, rec.prefetch), node.layer))
         if role == "lm_head" and node.attrs["tied"]:
             taken.add("weight")
         left = sorted(set(node.params) - taken)
@@ -197,7 +197,7 @@ class HFBackend(Backend):
                 e.produce.holder["cache"] = cache["cache"]
                 return e.produce()
 
-            return TensorEntry(e.name, e.type, produce, e.release)
+            return TensorEntry(e.name, e.type, produce, e.release, e.prefetch)
 
         weight_map: dict[str, str] = {}
         n = len(shards)

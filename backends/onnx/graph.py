@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ...errors import BackendError
-from ..base import checksum
+from ..base import OutputFile, new_checksum
 
 TORCH_TO_ONNX = {
     torch.float32: TensorProto.FLOAT,
@@ -40,7 +40,7 @@ class ExternalData:
         self.on_tensor = on_tensor
         self.path = Path(path)
         self.location = self.path.name
-        self.f = open(self.path, "wb")
+        self.f = OutputFile(self.path)
         self.offset = 0
         self.sums: dict[str, str] = {}
         self.count = 0
@@ -58,15 +58,15 @@ class ExternalData:
                 raise BackendError(f"initializer {name}: unsupported dtype {t.dtype}")
             onnx_type = TORCH_TO_ONNX[t.dtype]
         dims = tuple(t.shape) if dims is None else tuple(dims)
-        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
-        n = raw.nbytes
+        raw = t.reshape(-1).view(torch.uint8)
+        n = raw.numel()
         align = _ALIGN_LARGE if n >= _LARGE else _ALIGN_SMALL
         pad = (-self.offset) % align
         if pad:
             self.f.write(b"\0" * pad)
             self.offset += pad
-        mv = memoryview(raw).cast("B")
-        self.f.write(mv)
+        h = new_checksum()
+        self.f.write(raw, h)
         tp = TensorProto()
         tp.name = name
         tp.data_type = onnx_type
@@ -76,7 +76,7 @@ class ExternalData:
             e = tp.external_data.add()
             e.key, e.value = k, v
         self.offset += n
-        self.sums[name] = checksum(mv)
+        self.sums[name] = h.hexdigest()
         self.count += 1
         if self.on_tensor:
             self.on_tensor(name, n)

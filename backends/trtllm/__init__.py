@@ -419,7 +419,7 @@ def _shard(p: Param, tp_rank: int) -> Recipe:
 
 
 def _entry(name: str, r: Recipe, cache: TensorCache | None = None) -> TensorEntry:
-    return TensorEntry(name, r.type, lambda r=r: r.materialize_parts(cache), r.release)
+    return TensorEntry(name, r.type, lambda r=r: r.materialize_parts(cache), r.release, r.prefetch)
 
 
 register_backend(TRTLLMBackend())

@@ -174,13 +174,23 @@ def _roles_dist(info: CheckpointInfo, arch: MegatronArch):
             role, merge, layer, expert = r
             if merge == "skip":
                 continue
-            roles[(role, layer, expert)] = load(store, skey, tensor_type((dt, sh)))
+            roles[(role, layer, expert)] = _dist_load(store, skey, tensor_type((dt, sh)))
     if unmapped:
         raise CheckpointError(f"{info.iter_dir}: {len(unmapped)} tensor(s) no mapping rule knows: "
                               + ", ".join(unmapped[:8]), hint="this architecture is not supported yet; mexc never "
                               "drops weights silently (see `mexc inspect --rules`)")
     # torch_dist gated fc1 is already [all gate; all up] (TP-invariant); _build splits it into gate and up
     return roles, store
+
+
+def _dist_load(store: DcpStore, key: str, typ: TensorType) -> Recipe:
+    """A torch_dist tensor: the concat of its TP chunks where they tile it along one dim (each chunk is then
+    read in place, and a reshard to the same split reads a chunk as is), else one load."""
+    split = store.split(key)
+    if split is None:
+        return load(store, key, typ)
+    dim, chunks = split
+    return derive("concat", *[load(store, k, TensorType(typ.dtype, sizes)) for k, sizes in chunks], dim=dim)
 
 
 # ---------------------------------------------------------------------------------------- IR

@@ -227,6 +227,13 @@ class MegatronTorchStore(Store):
             _advise_pages(t, _MADV_WILLNEED)  # start the kernel's readahead now, while the writer is busy
         return t  # a view of the memory map: nothing is copied; see release()
 
+    def prefetch(self, key: str) -> None:
+        """Have the kernel read the whole tensor now (returns once the reads are queued or done)."""
+        rank_dir, k = key.split(":", 1)
+        t = self.state(rank_dir).get(k)
+        if isinstance(t, torch.Tensor) and self._mapped.get(rank_dir):
+            _advise_pages(t, _MADV_WILLNEED, _PREFETCH_STEP)
+
     def release(self, key: str) -> None:
         """Drop the mapped pages of ``key`` once a backend has written what it made from them: otherwise every
         page ever touched stays in this process's RSS until the compile ends (14 GB for a 7B checkpoint)."""
@@ -249,8 +256,14 @@ def _release_pages(t: torch.Tensor) -> None:
     _advise_pages(t, _MADV_DONTNEED)
 
 
-def _advise_pages(t: torch.Tensor, advice: int) -> None:
-    """madvise() the page range of a memory-mapped tensor's storage; a no-op where libc's madvise is missing."""
+# The kernel caps one WILLNEED hint at its readahead window (max(read_ahead_kb, max_sectors_kb), often 128 KiB
+# to 8 MiB): prefetching a whole tensor takes one hint per step of at most the smallest common cap.
+_PREFETCH_STEP = 512 << 10
+
+
+def _advise_pages(t: torch.Tensor, advice: int, step: int | None = None) -> None:
+    """madvise() the page range of a memory-mapped tensor's storage (in ``step``-byte calls when given); a no-op
+    where libc's madvise is missing."""
     global _LIBC
     import ctypes
 
@@ -261,10 +274,28 @@ def _advise_pages(t: torch.Tensor, advice: int) -> None:
         start, end = st.data_ptr(), st.data_ptr() + st.nbytes()
         lo = start & ~(_PAGE - 1)
         hi = (end + _PAGE - 1) & ~(_PAGE - 1)
-        if hi > lo:
-            _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice)
+        step = step or max(hi - lo, 1)
+        for a in range(lo, hi, step):
+            _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(min(step, hi - a)), advice)
     except (OSError, AttributeError):
         pass
+
+
+def _advise_file(path: Path, offset: int, length: int) -> None:
+    """posix_fadvise(WILLNEED) a byte range of a file, in steps (see ``_PREFETCH_STEP``)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # read() reports it
+    try:
+        for a in range(offset, offset + length, _PREFETCH_STEP):
+            os.posix_fadvise(fd, a, min(_PREFETCH_STEP, offset + length - a), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _flatten(obj, prefix, out):
@@ -315,6 +346,66 @@ class DcpStore(Store):
             self._by_key = by_key
         return by_key.get(key, [])
 
+    def _chunk_sizes(self, base: str, off: tuple) -> tuple:
+        md = self.metadata.state_dict_metadata[base]
+        return next(tuple(c.sizes) for c in md.chunks if tuple(c.offsets) == off)
+
+    def _selected_chunks(self, key):
+        """(chunk index, storage info) of the chunks ``key`` (``base``, ``base@i``, ``...#offsets``) reads."""
+        base, _, chunk = key.partition("#")
+        base, _, sel = base.partition("@")
+        index = int(sel) if sel else None
+        want = tuple(int(x) for x in chunk.split(",")) if chunk else None
+        for idx, info in self._chunks(base):
+            off = tuple(idx.offset)
+            if want is not None and off != want:
+                continue
+            if index is not None and not (off[0] <= index < off[0] + self._chunk_sizes(base, off)[0]):
+                continue
+            yield idx, info
+
+    def split(self, key: str) -> tuple[int, list[tuple[str, tuple[int, ...]]]] | None:
+        """How ``key`` (``base`` or ``base@i``) is stored when its chunks tile it along one dim, in order (the
+        TP shards of a Megatron save): ``(dim, [(chunk key, chunk shape), ...])``; None for a single chunk or
+        any other tiling. Lifting a tensor as the concat of its chunks lets a writer read each chunk in place
+        instead of assembling the tensor in memory first."""
+        base, _, sel = key.partition("@")
+        md = self.metadata.state_dict_metadata.get(base)
+        if md is None:
+            return None
+        index = int(sel) if sel else None
+        chunks = []
+        for idx, _ in self._selected_chunks(key):
+            off = tuple(idx.offset)
+            sizes = self._chunk_sizes(base, off)
+            if index is not None:
+                if sizes[0] != 1:
+                    return None
+                chunks.append((off, off[1:], sizes[1:]))
+            else:
+                chunks.append((off, off, sizes))
+        shape = tuple(md.size)[1:] if index is not None else tuple(md.size)
+        if len(chunks) < 2 or not shape:
+            return None
+        split = [d for d in range(len(shape)) if len({c[1][d] for c in chunks}) > 1]
+        if len(split) != 1:
+            return None
+        d = split[0]
+        chunks.sort(key=lambda c: c[1][d])
+        at = 0
+        for _, off, sizes in chunks:
+            if off[d] != at or any(off[i] != 0 or sizes[i] != shape[i] for i in range(len(shape)) if i != d):
+                return None
+            at += sizes[d]
+        if at != shape[d]:
+            return None
+        return d, [(f"{key}#{','.join(str(o) for o in full)}", sizes) for full, _, sizes in chunks]
+
+    def prefetch(self, key: str) -> None:
+        """Have the kernel read the chunks ``key`` reads (returns once the reads are queued or done)."""
+        for _, info in self._selected_chunks(key):
+            _advise_file(Path(self.root) / info.relative_path, info.offset, info.length)
+
     def _read_bytes(self, info) -> bytes:
         path = Path(self.root) / info.relative_path
         try:
@@ -352,6 +443,8 @@ class DcpStore(Store):
             return torch_load_file(_Window(f, info.offset, info.length), str(path))
 
     def read(self, key, type):
+        if "#" in key:
+            return self._read_chunk(key)
         base, _, sel = key.partition("@")
         md = self.metadata.state_dict_metadata.get(base)
         if md is None:
@@ -387,6 +480,20 @@ class DcpStore(Store):
             raise CheckpointError(f"{self.root}: tensor {key!r} is incomplete ({filled} of {total} values "
                                   "found in the .distcp files)", hint="a rank's .distcp file is missing; copy it again")
         return out
+
+    def _read_chunk(self, key: str) -> torch.Tensor:
+        """One saved chunk (``base[@i]#offsets``, see :meth:`split`), memory-mapped where it can be."""
+        base = key.partition("#")[0].partition("@")[0]
+        index = key.partition("#")[0].partition("@")[2]
+        md = self.metadata.state_dict_metadata.get(base)
+        found = list(self._selected_chunks(key)) if md is not None else []
+        if not found:
+            raise CheckpointError(f"{self.root}: no chunk {key!r} in .metadata", hint="lift the checkpoint again")
+        idx, info = found[0]
+        off = tuple(idx.offset)
+        sizes = self._chunk_sizes(base, off)
+        t = self._load_chunk(info, md.properties.dtype, sizes).reshape(sizes)
+        return t[int(index) - off[0]] if index else t
 
     def common_state(self) -> dict:
         """Megatron-core >= 0.17 keeps args etc. as a bytes item ``common_state`` inside the DCP files."""
