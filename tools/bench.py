@@ -136,7 +136,10 @@ def largest_output_tensor(out: Path) -> int:
 
 
 def machine_info(workdir: Path) -> dict:
-    info = {"cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
+    from ..backends.base import direct_io_enabled
+
+    info = {"cores": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+            "direct_io": direct_io_enabled()}
     try:
         with open("/proc/meminfo") as f:
             info["ram_gb"] = round(int(f.readline().split()[1]) * 1024 / GB, 1)
@@ -323,9 +326,10 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     drop = not a.no_drop_caches and can_drop_caches()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    log(f"page cache dropped before each timed run: {'yes' if drop else 'no'}")
     report = {"machine": machine_info(workdir), "caches_dropped": drop, "argv": sys.argv if argv is None else argv,
               "results": []}
+    log(f"page cache dropped before each timed run: {'yes' if drop else 'no'}; output written with O_DIRECT: "
+        f"{'yes' if report['machine']['direct_io'] else 'no (MEXC_DIRECT_IO=0)'}")
     try:
         for name in a.preset:
             report["results"].append(bench_preset(name, a, drop, log))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -199,12 +200,19 @@ class MegatronTorchStore(Store):
         self.root = root
         self._open: dict[str, dict[str, torch.Tensor]] = {}
         self._mapped: dict[str, bool] = {}
+        self._lock = threading.Lock()  # writers, their producers and read-ahead threads share the store
 
     def spec(self):
         return {"root": self.root}
 
     def state(self, rank_dir: str) -> dict[str, Any]:
         """The flat state dict of one rank file (tensors memory-mapped, not read)."""
+        if rank_dir in self._open:
+            return self._open[rank_dir]
+        with self._lock:
+            return self._open_rank(rank_dir)
+
+    def _open_rank(self, rank_dir: str) -> dict[str, Any]:
         if rank_dir not in self._open:
             path = Path(self.root) / rank_dir / "model_optim_rng.pt"
             mapped = zipfile.is_zipfile(path)  # torch < 1.6 files cannot be memory-mapped
@@ -317,6 +325,7 @@ class DcpStore(Store):
         super().__init__(name)
         self.root = root
         self._meta = None
+        self._lock = threading.Lock()
 
     def spec(self):
         return {"root": self.root}
@@ -324,7 +333,9 @@ class DcpStore(Store):
     @property
     def metadata(self):
         if self._meta is None:
-            self._meta = load_dcp_metadata(Path(self.root) / ".metadata")
+            with self._lock:
+                if self._meta is None:
+                    self._meta = load_dcp_metadata(Path(self.root) / ".metadata")
         return self._meta
 
     def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -343,7 +354,7 @@ class DcpStore(Store):
             by_key = defaultdict(list)
             for idx, info in self.metadata.storage_data.items():
                 by_key[idx.fqn].append((idx, info))
-            self._by_key = by_key
+            self._by_key = by_key  # built whole, then published: a concurrent caller builds the same
         return by_key.get(key, [])
 
     def _chunk_sizes(self, base: str, off: tuple) -> tuple:
