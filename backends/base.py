@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -192,7 +193,7 @@ _ALIGN = 8
 class TensorEntry:
     name: str
     type: TensorType
-    produce: Callable[[], torch.Tensor | list[torch.Tensor]]  # a list = pieces concatenated on dim 0
+    produce: Callable[[], torch.Tensor | list]  # a list = pieces stacked on dim 0 (views, ColumnCats)
     release: Callable[[], None] | None = None  # called once the tensor is written (drops mapped source pages)
     prefetch: Callable[[], None] | None = None  # called while the previous tensor is produced (starts readahead)
 
@@ -256,8 +257,9 @@ def _flat_bytes(piece) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
 
 
-def _is_flat_contiguous(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_contiguous()
+def _row_of(piece, r: int) -> list:
+    """Row ``r`` of a piece (dim 0 dropped), as pieces stacked on the new dim 0."""
+    return [piece.select(0, r)] if isinstance(piece, torch.Tensor) else piece.select_row(r)
 
 
 def direct_io_enabled() -> bool:
@@ -300,12 +302,16 @@ class OutputFile:
         if not self.staged:
             self.fd = os.open(self.path, flags, 0o666)
             return
-        self._bufs = [mmap.mmap(-1, self.BLOCK) for _ in range(2)]
-        self._stages = [torch.frombuffer(b, dtype=torch.uint8) for b in self._bufs]
+        try:
+            self._bufs = [mmap.mmap(-1, self.BLOCK) for _ in range(2)]
+            self._stages = [torch.frombuffer(b, dtype=torch.uint8) for b in self._bufs]
+        except BaseException:
+            os.close(self.fd)
+            raise
         self._pending: list = [None, None]
         self._cur = 0
         self._fill = 0
-        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="mexc-flush")
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="mexc-flush", initializer=worker_thread_init)
 
     def write(self, data, h=None) -> None:
         """Append ``data``: bytes, or a piece of a tensor (a tensor of any strides, or a
@@ -315,22 +321,28 @@ class OutputFile:
             data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else None
         if data is None or data.numel() == 0:
             return
-        if data.dim() == 0:
-            data = data.reshape(1)
         self.size += data.numel() * data.dtype.itemsize
+        self._put(data.reshape(1) if data.dim() == 0 else data, h)
+
+    def _put(self, data, h) -> None:
+        if isinstance(data, torch.Tensor) and data.is_contiguous():  # its bytes as they are: no copy
+            b = data.reshape(-1).view(torch.uint8)
+            if self.staged:
+                self._stage_bytes(b, h)
+            else:
+                self._write_buffered(b, h)
+            return
         rows = data.shape[0]
         row_bytes = data.numel() // rows * data.dtype.itemsize
-        if not self.staged:
-            if _is_flat_contiguous(data):
-                blocks = [data]
-            else:  # one bounded copy at a time
-                step = max(1, self.BLOCK // row_bytes)
-                blocks = (data.narrow(0, r, min(step, rows - r)) for r in range(0, rows, step))
-            for blk in blocks:
-                mv = memoryview(_flat_bytes(blk).numpy())
-                if h is not None:
-                    h.update(mv)
-                self._write_all(mv)
+        if row_bytes > self.BLOCK and data.dim() > 1:  # rows larger than a buffer: row by row, recursively
+            for r in range(rows):
+                for sub in _row_of(data, r):
+                    self._put(sub, h)
+            return
+        if not self.staged:  # one bounded copy at a time
+            step = max(1, self.BLOCK // row_bytes)
+            for r in range(0, rows, step):
+                self._write_buffered(_flat_bytes(data.narrow(0, r, min(step, rows - r))), h)
             return
         r = 0
         while r < rows:
@@ -346,6 +358,12 @@ class OutputFile:
                 copy_piece(stage.view(data.dtype).view(k, *data.shape[1:]), data.narrow(0, r, k))
                 self._staged(n, h)  # torch copies release the GIL, unlike a memcpy in Python
             r += k
+
+    def _write_buffered(self, b: torch.Tensor, h) -> None:
+        mv = memoryview(b.numpy())
+        if h is not None:
+            h.update(mv)
+        self._write_all(mv)
 
     def _stage_bytes(self, b: torch.Tensor, h) -> None:
         off, n = 0, b.numel()
@@ -394,24 +412,30 @@ class OutputFile:
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fl & ~os.O_DIRECT)
         return True
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Write what is staged and close. ``abort=True`` (an error is propagating, the output will be
+        discarded): wait for the flusher, write nothing more, raise nothing of its own."""
         if self.fd < 0:
             return
         try:
             if self.staged:
                 try:
-                    self._wait(1 - self._cur)
-                    if self._fill:
-                        tail = self._fill
-                        padded = (tail + self.ALIGN - 1) // self.ALIGN * self.ALIGN
-                        self._stages[self._cur][tail:padded].zero_()
-                        self._write_all(memoryview(self._bufs[self._cur])[:padded])
-                        os.ftruncate(self.fd, self.size)
+                    if abort:
+                        for fut in self._pending:
+                            if fut is not None:
+                                fut.exception()
+                    else:
+                        self._wait(1 - self._cur)
+                        if self._fill:
+                            tail = self._fill
+                            padded = (tail + self.ALIGN - 1) // self.ALIGN * self.ALIGN
+                            self._stages[self._cur][tail:padded].zero_()
+                            self._write_all(memoryview(self._bufs[self._cur])[:padded])
+                            os.ftruncate(self.fd, self.size)
                 finally:
-                    for i in range(2):
-                        fut = self._pending[i]
+                    for fut in self._pending:
                         if fut is not None:
-                            fut.exception()  # an error is already propagating: let the flush finish first
+                            fut.exception()  # let a flush in flight finish before its buffer goes
                     self._flusher.shutdown()
                     del self._stages
                     for b in self._bufs:
@@ -426,11 +450,33 @@ class OutputFile:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close(abort=True)
+        except OSError:
+            pass  # the original error is the one to report
 
 
-READAHEAD_BYTES = 512 << 20   # how far the read-ahead thread runs in front of the producer
+READAHEAD_BYTES = 512 << 20   # how far the read-ahead thread runs in front of the writer
+
+# Set by the CLI's SIGINT/SIGTERM handler (and cleared when a command starts): every writer stops within one
+# tensor, even where the KeyboardInterrupt itself reaches the main thread late.
+INTERRUPTED = threading.Event()
+
+
+def worker_thread_init() -> None:
+    """Run first in every thread mexc starts: SIGINT/SIGTERM stay with the main thread, which waits
+    interruptibly and turns them into a clean cancellation (a signal taken by a worker thread would reach
+    Python only once the main thread wakes up, i.e. after the compile)."""
+    import signal
+
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, ValueError, OSError):
+        pass
 
 
 class Cancelled(Exception):
@@ -463,7 +509,11 @@ def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict
     written = [0]                           # entries written so far
     moved = threading.Condition()
 
+    def cancelled() -> bool:
+        return stop.is_set() or INTERRUPTED.is_set() or (cancel is not None and cancel.is_set())
+
     def readahead():
+        worker_thread_init()
         for j, e in enumerate(entries):
             with moved:
                 while not stop.is_set() and j > written[0] and \
@@ -471,17 +521,18 @@ def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict
                     moved.wait(0.5)
             if stop.is_set():
                 return
-            if e.prefetch:
+            if e.prefetch and j >= written[0]:
                 try:
                     e.prefetch()
-                except (OSError, MexcError):  # only a hint: the read itself reports problems
+                except Exception:  # noqa: BLE001 - only a hint: reading the entry reports the problem
                     pass
 
     def produce():
+        worker_thread_init()
         try:
             for e in entries:
                 slots.acquire()
-                if stop.is_set() or (cancel is not None and cancel.is_set()):
+                if cancelled():
                     handoff.put((None, None, Cancelled(path.name)))
                     return
                 handoff.put((e, _tensor_pieces(path, e), None))
@@ -499,7 +550,7 @@ def write_safetensors(path: Path, entries: Iterable[TensorEntry], metadata: dict
                 e, pieces, exc = handoff.get()
                 if exc is not None:
                     raise exc
-                if cancel is not None and cancel.is_set():
+                if cancelled():
                     raise Cancelled(path.name)
                 h = new_checksum()
                 for piece in pieces:

@@ -206,8 +206,9 @@ class Recipe:
 
     def materialize(self, cache=None) -> torch.Tensor:
         """Compute the tensor. ``cache`` (a dict or :class:`TensorCache`) shares work between recipes."""
-        if cache is not None and self.key in cache:
-            return cache[self.key]
+        hit = cache.get(self.key) if cache is not None else None
+        if hit is not None:
+            return hit
         if self.op == "load":
             t = self.store.read(self.attrs["key"], self.type)
             if tuple(t.shape) != self.type.shape or t.dtype != self.type.dtype.torch:
@@ -269,6 +270,18 @@ class TensorCache:
     def __getitem__(self, key):
         with self._lock:
             return self._d[key]
+
+    def get(self, key, default=None):
+        """The cached tensor (marked recently used) or ``default``; one lookup under the lock, so another
+        writer thread cannot evict it between a membership test and the read."""
+        with self._lock:
+            t = self._d.get(key)
+            if t is None:
+                self.misses += 1
+                return default
+            self._d.move_to_end(key)
+            self.hits += 1
+            return t
 
     def __setitem__(self, key, t: torch.Tensor):
         if key[0] not in CACHEABLE_OPS:
@@ -616,7 +629,16 @@ class ColumnCat:
             if lo < hi:
                 out.append(p.narrow(dim, lo - off, hi - lo))
             off += w
+        if not out:
+            return self.parts[0].narrow(dim, 0, 0)
         return out[0] if len(out) == 1 else ColumnCat(out, self.axis)
+
+    def select_row(self, i: int) -> list:
+        """Row ``i`` (dim 0 dropped) as pieces stacked on the new dim 0."""
+        rows = [p.select(0, i) if isinstance(p, torch.Tensor) else p.select_row(i) for p in self.parts]
+        if self.axis == 1:  # side by side on dim 1 = one after another on the new dim 0
+            return [q for r in rows for q in (r if isinstance(r, list) else [r])]
+        return [ColumnCat([_one(r) if isinstance(r, list) else r for r in rows], self.axis - 1)]
 
     def copy_into(self, dst: torch.Tensor) -> torch.Tensor:
         off = 0
@@ -707,7 +729,7 @@ def _shard_parts(r: Recipe, cache):
     parts = x.materialize_parts(cache)
     lay = x.type.layout
     d = dim % len(x.type.shape)
-    if lay is not None and d == 0 and lay.kind != "grouped":
+    if lay is not None and dim == 0 and lay.kind != "grouped":  # as _shard_kernel: the raw dim decides
         hd, q, kv = lay.head_dim, lay.q_heads, lay.kv_heads
         qn = q // parts_n
         if kv >= parts_n:

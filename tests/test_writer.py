@@ -35,6 +35,8 @@ def _pieces():
         torch.tensor(3.5),                                              # 0-d
         torch.tensor([1, -2, 3], dtype=torch.int8),                     # 3 bytes: the next piece is misaligned
         torch.randn(3, 5000, generator=g),                              # a row larger than the staging block
+        ColumnCat([torch.randn(2, 1500, 3, generator=g), torch.randn(2, 1500, 2, generator=g)], 2),  # 3-D, too
+        ColumnCat([torch.randn(4, 900, generator=g).t(), torch.randn(900, 5, generator=g)], 1),
         ColumnCat([torch.randn(700, 3, generator=g), torch.randn(700, 9, generator=g)], 1).narrow(0, 5, 690),
     ]
 
@@ -78,6 +80,17 @@ def test_output_file_falls_back_when_direct_writes_are_refused(tmp_path, monkeyp
     assert refused and path.read_bytes() == _bytes(payload)
 
 
+def test_output_file_keeps_the_first_error(tmp_path, monkeypatch):
+    """An error while writing (here a bug in a producer) is what propagates; closing writes nothing more."""
+    monkeypatch.setattr(OutputFile, "BLOCK", 8192)
+    path = tmp_path / "out.bin"
+    with pytest.raises(ZeroDivisionError):
+        with OutputFile(path, direct=True) as f:
+            f.write(torch.zeros(10_000, dtype=torch.uint8))
+            1 / 0
+    assert os.path.getsize(path) == 8192  # the one full block; the staged tail was dropped
+
+
 def test_output_file_reports_write_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(OutputFile, "BLOCK", 8192)
     monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
@@ -89,6 +102,24 @@ def test_output_file_reports_write_errors(tmp_path, monkeypatch):
 
 def _joined(parts) -> torch.Tensor:
     return torch.cat([p.contiguous() for p in parts], 0)
+
+
+def test_piece_edge_cases():
+    store = ir.RandomStore("r", seed=1)
+    bias = ir.load(store, "b", ir.TensorType(ir.f32, (64,)))
+    qkv = ir.derive("tag_qkv", bias, kind="concat", q=8, kv=4, d=4)
+    # a QKV-typed bias split on dim -1: the QKV-aware split is for dim 0 only, as in the kernel
+    for r in (ir.derive("shard", qkv, dim=-1, parts=2, index=1), ir.derive("shard", qkv, dim=0, parts=2, index=1)):
+        assert torch.equal(_joined(r.materialize_parts()), r.materialize())
+    # a zero-width side of a row-parallel merge
+    a, b = (ir.load(store, k, ir.TensorType(ir.f32, (3, 0))) for k in "ab")
+    z = ir.derive("shard", ir.derive("concat", a, b, dim=1), dim=1, parts=2, index=1)
+    assert _joined(z.materialize_parts()).shape == (3, 0)
+    # a shared cache: one lookup
+    cache = ir.tensors.TensorCache(1 << 20)
+    assert cache.get(("load", "x")) is None
+    x = ir.load(store, "x", ir.TensorType(ir.f32, (4, 4)))
+    assert torch.equal(x.materialize(cache), x.materialize(cache)) and cache.hits == 1
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

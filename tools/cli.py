@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -179,11 +180,22 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _install_signal_handlers():
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+def _on_signal(signum, frame):
+    from ..backends.base import INTERRUPTED
 
-    signal.signal(signal.SIGTERM, handler)
+    INTERRUPTED.set()  # writers stop within one tensor, wherever the KeyboardInterrupt lands
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _install_signal_handlers():
+    from ..backends.base import INTERRUPTED
+
+    INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _on_signal):
+        signal.signal(signal.SIGINT, _on_signal)
 
 
 def cmd_compile(a) -> int:
@@ -303,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         if a.debug:
+            raise
+        sys.stderr.write("error: interrupted; nothing was left behind\n")
+        return 130
+    except Exception as e:  # a writer stopped by the interrupt flag before the KeyboardInterrupt arrived
+        from ..backends.base import INTERRUPTED, Cancelled
+
+        if a.debug or not (isinstance(e, Cancelled) and INTERRUPTED.is_set()):
             raise
         sys.stderr.write("error: interrupted; nothing was left behind\n")
         return 130

@@ -31,7 +31,7 @@ from ...ir.analysis import node_roles
 from ...ir.tensors import Recipe
 from ...ir.tensors import TensorCache
 from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, register_backend,
-                    write_safetensors)
+                    worker_thread_init, write_safetensors)
 from .build import build_engines, require_tool
 from .names import CLASS_NAMES, MOE_FC, NAMES
 
@@ -385,7 +385,7 @@ class TRTLLMBackend(Backend):
                                      cancel=cancel)
             return rank, path, sums, len(entries)
 
-        ex = ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(jobs))))
+        ex = ThreadPoolExecutor(max_workers=max(1, min(opts.jobs, len(jobs))), initializer=worker_thread_init)
         try:
             for rank, path, sums, n in ex.map(write, jobs):
                 res.files[path.name] = path.stat().st_size

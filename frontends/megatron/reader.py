@@ -270,7 +270,7 @@ _PREFETCH_STEP = 512 << 10
 
 
 def _advise_pages(t: torch.Tensor, advice: int, step: int | None = None) -> None:
-    """madvise() the page range of a memory-mapped tensor's storage (in ``step``-byte calls when given); a no-op
+    """madvise() the pages of a memory-mapped tensor's bytes (in ``step``-byte calls when given); a no-op
     where libc's madvise is missing."""
     global _LIBC
     import ctypes
@@ -278,8 +278,13 @@ def _advise_pages(t: torch.Tensor, advice: int, step: int | None = None) -> None
     try:
         if _LIBC is None:
             _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
-        st = t.untyped_storage()
-        start, end = st.data_ptr(), st.data_ptr() + st.nbytes()
+        if t.numel() == 0:
+            return
+        # the tensor's own bytes, not its storage's: a checkpoint whose params are views of one buffer (a
+        # distributed-optimizer param buffer) would otherwise advise the whole buffer for every tensor
+        span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+        start = t.data_ptr()
+        end = start + span * t.element_size()
         lo = start & ~(_PAGE - 1)
         hi = (end + _PAGE - 1) & ~(_PAGE - 1)
         step = step or max(hi - lo, 1)
