@@ -8,6 +8,7 @@ materializes, writes and frees one tensor at a time, so peak memory stays near t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -296,7 +297,7 @@ class OutputFile:
             try:
                 self.fd = os.open(self.path, flags | os.O_DIRECT, 0o666)
             except OSError as e:
-                if e.errno != 22:  # EINVAL: no O_DIRECT here; anything else is a real error
+                if e.errno != errno.EINVAL:  # no O_DIRECT here; anything else is a real error
                     raise
                 self.staged = False
         if not self.staged:
@@ -398,7 +399,7 @@ class OutputFile:
             try:
                 w = os.write(self.fd, mv)
             except OSError as e:
-                if e.errno != 22 or not self._drop_direct():
+                if e.errno != errno.EINVAL or not self._drop_direct():
                     raise
                 continue  # the file system took O_DIRECT at open but not this write: buffered from here on
             mv = mv[w:]
