@@ -176,7 +176,7 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, MexcError):
-            hint = "free some disk space and run again" if getattr(e, "errno", None) == 28 else \
+            hint = "free some disk space and run again" if getattr(e, "errno", None) == errno.ENOSPC else \
                 "check permissions and free space of the output directory"
             raise BackendError(f"{out}: writing failed ({e.strerror or e}); nothing was left behind",
                                hint=hint) from e
