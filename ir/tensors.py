@@ -217,8 +217,8 @@ class Recipe:
                     f"the IR expects {self.type}",
                     hint="the checkpoint changed since it was lifted, or its metadata lies; lift it again",
                 )
-        elif self.op in _TYPED_KERNELS:
-            t = _TYPED_KERNELS[self.op](self, self.inputs[0].materialize(cache))
+        elif self.op in _ROW_KERNELS:  # pure re-arrangements that need the input's type: one copy of the pieces
+            t = _as_tensor(_PART_RULES[self.op](self, cache))
         else:
             args = [i.materialize(cache) for i in self.inputs]
             t = RECIPE_OPS[self.op].compute(args, **self.attrs)
@@ -257,23 +257,9 @@ class TensorCache:
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def __contains__(self, key) -> bool:
-        with self._lock:
-            found = key in self._d
-            if found:
-                self._d.move_to_end(key)
-                self.hits += 1
-            else:
-                self.misses += 1
-            return found
-
-    def __getitem__(self, key):
-        with self._lock:
-            return self._d[key]
-
     def get(self, key, default=None):
-        """The cached tensor (marked recently used) or ``default``; one lookup under the lock, so another
-        writer thread cannot evict it between a membership test and the read."""
+        """The cached tensor (marked recently used) or ``default``: one lookup under the lock (another writer
+        thread could evict it between a membership test and a read)."""
         with self._lock:
             t = self._d.get(key)
             if t is None:
@@ -323,6 +309,11 @@ def derive(op: str, *inputs: Recipe, **attrs) -> Recipe:
 def _simplify(op, inputs, attrs) -> Recipe | None:
     if op == "cast" and inputs[0].type.dtype == DType.parse(attrs["dtype"]):
         return inputs[0]
+    if op == "cast" and inputs[0].op == "pad":
+        # zero padding commutes with a cast: keep the pad outermost, where a backend or a later reshard
+        # finds the rows before padding (vocab padded for TP), and cast fewer rows
+        pad = inputs[0]
+        return derive("pad", derive("cast", pad.inputs[0], **attrs), **pad.attrs)
     if op == "slice":
         (x,) = inputs
         dim, start, stop = attrs["dim"] % len(x.type.shape), attrs["start"], attrs["stop"]
@@ -516,7 +507,7 @@ def _regroup():
         lay = QKVLayout(to, t.layout.q_heads, t.layout.kv_heads, t.layout.head_dim)
         return t.with_(layout=lay)
 
-    return infer, None  # needs the input's layout: see _materialize_special
+    return infer, None  # needs the input's layout: see _ROW_KERNELS
 
 
 @recipe_op("zeros", "a zero tensor (e.g. the dense bias a target requires when the source has none)")
@@ -564,34 +555,6 @@ def _shard():
     return infer, None
 
 
-def _regroup_kernel(r: Recipe, data: torch.Tensor) -> torch.Tensor:
-    return data.index_select(0, _qkv_perm(r.inputs[0].type.layout, r.attrs["to"]))
-
-
-def _shard_kernel(r: Recipe, data: torch.Tensor) -> torch.Tensor:
-    dim, parts, index = r.attrs["dim"], r.attrs["parts"], r.attrs["index"]
-    lay = r.inputs[0].type.layout
-    if lay is not None and dim == 0:
-        if lay.kind == "grouped":
-            n = data.shape[0] // parts
-            return data.narrow(0, index * n, n)
-        d, q, kv = lay.head_dim, lay.q_heads, lay.kv_heads
-        qn = q // parts
-        Q = data.narrow(0, index * qn * d, qn * d)
-        if kv >= parts:
-            kn = kv // parts
-            ks = q * d + index * kn * d
-        else:  # fewer KV heads than ranks: rank r holds KV head r * kv // parts (replicated)
-            kn, ks = 1, q * d + (index * kv // parts) * d
-        K = data.narrow(0, ks, kn * d)
-        V = data.narrow(0, ks + kv * d, kn * d)
-        return torch.cat([Q, K, V], 0)
-    n = data.shape[dim] // parts
-    return data.narrow(dim, index * n, n)
-
-
-# kernels that need their input's type (the QKV layout), not just its data
-_TYPED_KERNELS = {"regroup_qkv": _regroup_kernel, "shard": _shard_kernel}
 
 
 # ------------------------------------------------------------------------------ pieces (writing without copies)
@@ -698,6 +661,13 @@ def _runs(rows) -> list[tuple[int, int]]:
     return out
 
 
+def _as_tensor(parts: list) -> torch.Tensor:
+    """Pieces stacked on dim 0 as one tensor (a view when there is a single tensor piece)."""
+    if len(parts) == 1 and isinstance(parts[0], torch.Tensor):
+        return parts[0]
+    return torch.cat([p.contiguous() for p in parts], 0)
+
+
 def _one(parts: list):
     return parts[0] if len(parts) == 1 else torch.cat([p.contiguous() for p in parts], 0)
 
@@ -729,7 +699,7 @@ def _shard_parts(r: Recipe, cache):
     parts = x.materialize_parts(cache)
     lay = x.type.layout
     d = dim % len(x.type.shape)
-    if lay is not None and dim == 0 and lay.kind != "grouped":  # as _shard_kernel: the raw dim decides
+    if lay is not None and dim == 0 and lay.kind != "grouped":  # as the type rule: the raw dim decides
         hd, q, kv = lay.head_dim, lay.q_heads, lay.kv_heads
         qn = q // parts_n
         if kv >= parts_n:
@@ -746,6 +716,8 @@ def _shard_parts(r: Recipe, cache):
 
 
 # ops whose result is a re-arrangement of their input's rows or columns: materialize_parts gives views
+# (and materialize, for the ops whose kernel needs the input's QKV layout, one copy of those views)
+_ROW_KERNELS = frozenset({"regroup_qkv", "shard"})
 _PART_RULES: dict[str, Callable] = {
     "concat": _concat_parts,
     "slice": _slice_parts,

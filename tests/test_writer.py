@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import xxhash
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import mexc.ir as ir
@@ -21,7 +21,6 @@ from megatron_fixtures import megatron_checkpoint
 
 
 def _bytes(t) -> bytes:
-    t = t.contiguous() if isinstance(t, ColumnCat) else t
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -122,33 +121,58 @@ def test_piece_edge_cases():
     assert torch.equal(x.materialize(cache), x.materialize(cache)) and cache.hits == 1
 
 
+def _views_of(parts, sources) -> bool:
+    """Every piece reads the memory of one of ``sources`` (no copy was made)."""
+    ptrs = {t.untyped_storage().data_ptr() for t in sources}
+    flat = [q for p in parts for q in (p.parts if isinstance(p, ColumnCat) else [p])]
+    return all(q.untyped_storage().data_ptr() in ptrs for q in flat)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kv=st.sampled_from([1, 2, 4]), qpg=st.sampled_from([1, 2, 3]), d=st.sampled_from([2, 4]),
        tp_src=st.sampled_from([1, 2]), parts=st.sampled_from([1, 2, 4, 8]), cols=st.sampled_from([3, 8]))
-def test_pieces_are_views_of_the_same_bytes(kv, qpg, d, tp_src, parts, cols):
-    """materialize_parts (views, no copies) equals materialize (kernels) for merged TP shards, QKV re-layouts,
-    QKV-aware shards (KV heads replicated when parts > kv), slices and row-parallel merges."""
+def test_pieces_are_views_with_the_right_bytes(kv, qpg, d, tp_src, parts, cols):
+    """materialize_parts gives views of the loaded tensors (no copy) whose bytes equal a plain torch reference,
+    for merged TP shards, the grouped -> [Q;K;V] re-layout, QKV-aware shards (KV heads replicated when
+    parts > kv), slices and row-parallel merges."""
+    assume(kv % tp_src == 0)
     q = kv * qpg
-    if kv % tp_src:
-        return
     store = ir.RandomStore("r", seed=kv * 100 + qpg * 10 + d)
     rows = (q + 2 * kv) * d
     shards = [ir.load(store, f"qkv{r}", ir.TensorType(ir.f32, (rows // tp_src, cols))) for r in range(tp_src)]
+    src = [x.materialize() for x in shards]
+    cache = {x.key: t for x, t in zip(shards, src)}  # the loads, read once: pieces must be views of these
     merged = ir.derive("concat", *shards, dim=0) if tp_src > 1 else shards[0]
     qkv = ir.derive("tag_qkv", merged, kind="grouped", q=q, kv=kv, d=d)
     concat = ir.derive("regroup_qkv", qkv, to="concat")
-    recipes = [qkv, concat, ir.derive("slice", concat, dim=0, start=q * d, stop=(q + kv) * d),
-               ir.derive("slice", concat, dim=1, start=1, stop=cols)]
+    # reference: grouped rows are [q.. k v] per KV group; concat is [all q; all k; all v]
+    g = torch.cat(src, 0).view(kv, qpg + 2, d, cols)
+    Q, K, V = g[:, :qpg].reshape(q, d, cols), g[:, qpg], g[:, qpg + 1]
+    ref = torch.cat([Q.reshape(-1, cols), K.reshape(-1, cols), V.reshape(-1, cols)], 0)
+    cases = [(qkv, torch.cat(src, 0)), (concat, ref), (ir.derive("slice", concat, dim=0, start=q * d,
+                                                                 stop=(q + kv) * d), K.reshape(-1, cols)),
+             (ir.derive("slice", concat, dim=1, start=1, stop=cols), ref[:, 1:])]
     if q % parts == 0 and (kv % parts == 0 or parts % kv == 0):
-        recipes += [ir.derive("shard", concat, dim=0, parts=parts, index=i) for i in range(parts)]
+        for i in range(parts):
+            heads = [i * kv // parts] if kv < parts else range(i * kv // parts, (i + 1) * kv // parts)
+            want = torch.cat([Q[i * q // parts:(i + 1) * q // parts].reshape(-1, cols)]
+                             + [K[h] for h in heads] + [V[h] for h in heads], 0)
+            cases.append((ir.derive("shard", concat, dim=0, parts=parts, index=i), want))
     row = [ir.load(store, f"proj{r}", ir.TensorType(ir.f32, (cols, 6))) for r in range(2)]
+    rsrc = [x.materialize() for x in row]
+    cache.update({x.key: t for x, t in zip(row, rsrc)})
     proj = ir.derive("concat", *row, dim=1)
-    recipes += [proj, ir.derive("slice", proj, dim=1, start=4, stop=9), ir.derive("slice", proj, dim=0, start=1,
-                                                                                   stop=cols)]
+    full = torch.cat(rsrc, 1)
+    cases += [(proj, full), (ir.derive("slice", proj, dim=1, start=4, stop=9), full[:, 4:9]),
+              (ir.derive("slice", proj, dim=0, start=1, stop=cols), full[1:])]
     if parts <= 4:
-        recipes += [ir.derive("shard", proj, dim=1, parts=parts, index=parts - 1)]
-    for r in recipes:
-        assert torch.equal(_joined(r.materialize_parts()), r.materialize()), str(r)
+        n = 12 // parts
+        cases.append((ir.derive("shard", proj, dim=1, parts=parts, index=parts - 1), full[:, 12 - n:]))
+    for r, want in cases:
+        pieces = r.materialize_parts(cache)
+        assert torch.equal(_joined(pieces), want), str(r)
+        assert torch.equal(r.materialize(cache), want), str(r)
+        assert _views_of(pieces, src + rsrc), str(r)
 
 
 def test_torch_dist_tensors_are_lifted_as_their_chunks():

@@ -3,7 +3,7 @@
 For each preset: write a synthetic Megatron checkpoint (legacy ``torch`` TP2 and ``torch_dist``) with
 :mod:`mexc.tools.synth_checkpoint`, measure the I/O ceiling (``cp -r`` of the same source on the same disk),
 then time ``mexc compile`` to each target in a fresh child process (wall time; peak RSS of that child from
-``os.wait4``). Page caches are dropped before every timed run when we may (root), for cp and mexc alike, and
+``/usr/bin/time``, plus sampled RssAnon/RssFile). Page caches are dropped before every timed run when we may (root), for cp and mexc alike, and
 every timed run ends with ``sync`` so that throughput counts bytes that reached the disk.
 
     python -m mexc.tools.bench --preset 1b --preset llama2-7b [--formats torch,torch_dist]

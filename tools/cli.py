@@ -313,20 +313,24 @@ def main(argv: list[str] | None = None) -> int:
         if e.hint:
             sys.stderr.write(f"hint: {e.hint}\n")
         return e.exit_code
-    except KeyboardInterrupt:
-        if a.debug:
-            raise
-        sys.stderr.write("error: interrupted; nothing was left behind\n")
-        return 130
-    except Exception as e:  # a writer stopped by the interrupt flag before the KeyboardInterrupt arrived
-        from ..backends.base import INTERRUPTED, Cancelled
-
-        if a.debug or not (isinstance(e, Cancelled) and INTERRUPTED.is_set()):
-            raise
-        sys.stderr.write("error: interrupted; nothing was left behind\n")
-        return 130
     except BrokenPipeError:
         os._exit(0)
+    except BaseException as e:
+        if a.debug or not _interrupted(e):
+            raise
+        sys.stderr.write("error: interrupted; nothing was left behind\n")
+        return 130
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Ctrl-C / SIGTERM, or a writer stopped by the interrupt flag before the KeyboardInterrupt arrived."""
+    if isinstance(e, KeyboardInterrupt):
+        return True
+    if "mexc.backends.base" not in sys.modules:
+        return False
+    from ..backends.base import INTERRUPTED, Cancelled
+
+    return isinstance(e, Cancelled) and INTERRUPTED.is_set()
 
 
 if __name__ == "__main__":

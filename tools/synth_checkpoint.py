@@ -161,7 +161,7 @@ def _write_tracker(out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- legacy
 
 
-def legacy_rank_state(p: Preset, fill: Filler, *, tp: int, pp: int, tp_rank: int, pp_rank: int) -> OrderedDict:
+def legacy_rank_state(p: Preset, fill: Filler, *, tp: int, pp: int, pp_rank: int) -> OrderedDict:
     """One rank's ``model`` state dict (mcore local spec): TP shards, stage-local layer numbers."""
     if p.num_layers % pp:
         raise ValueError(f"{p.num_layers} layers do not split evenly over pp={pp}")
@@ -200,7 +200,7 @@ def write_legacy(p: Preset, out: Path, *, tp: int = 2, pp: int = 1, seed: int = 
         for tp_rank in range(tp):
             name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
             (d / name).mkdir(exist_ok=True)
-            model = legacy_rank_state(p, fill, tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank)
+            model = legacy_rank_state(p, fill, tp=tp, pp=pp, pp_rank=pp_rank)
             torch.save({"args": args, "checkpoint_version": 3.0, "iteration": ITERATION, "model": model},
                        d / name / "model_optim_rng.pt")
             del model
@@ -288,7 +288,7 @@ def write_dist(p: Preset, out: Path, *, tp: int = 2, seed: int = 0, threads: int
 
     class Writer(dcp.FileSystemWriter):
         # torch's writer records the checkpoint id as a pathlib.Path; Megatron's records a str (as the real
-        # fixtures show), and mexc's safe .metadata unpickler accepts only the latter.
+        # fixtures show): written like Megatron's (mexc reads both).
         def storage_meta(self):
             return StorageMeta(checkpoint_id=str(self.checkpoint_id), save_id=self.save_id)
 
