@@ -199,6 +199,11 @@ class TensorEntry:
     prefetch: Callable[[], None] | None = None  # called while the previous tensor is produced (starts readahead)
 
 
+def recipe_entry(name: str, r, cache=None) -> TensorEntry:
+    """The entry that writes recipe ``r`` as tensor ``name`` (pieces from ``cache``-shared materialization)."""
+    return TensorEntry(name, r.type, lambda: r.materialize_parts(cache), r.release, r.prefetch)
+
+
 def safetensors_header(entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> bytes:
     header: dict = {}
     if metadata:

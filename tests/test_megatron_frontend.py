@@ -335,7 +335,7 @@ def test_malicious_common_state_inside_dcp_is_refused(tmp_path):
     store = DcpStore("x", str(it))
     key = next(k for k, md in store.metadata.state_dict_metadata.items()
                if isinstance(md, BytesStorageMetadata) and k.startswith("common_state"))
-    info = store._chunks(key)[0][1]
+    info = store._chunks(key)[0][2]
     buf = io.BytesIO()
     torch.save([{"args": Payload()}], buf)
     evil = buf.getvalue()

@@ -18,7 +18,7 @@ from ...errors import BackendError
 from ...ir import Model, derive
 from ...ir.analysis import node_roles
 from ...ir.tensors import Recipe, TensorCache
-from ..base import Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, write_safetensors
+from ..base import Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry, write_safetensors
 from . import families
 from .names import Rule, rules_for
 
@@ -59,12 +59,12 @@ def _absent_shape(model: Model, node, param: str) -> tuple[int, ...]:
                        hint="this is a gap in the hf name table")
 
 
-def plan(model: Model, family: str) -> tuple[list[tuple[TensorEntry, int | None]], list[str]]:
-    """[(entry, layer)] in model order, and problems (IR params no active rule writes)."""
+def plan(model: Model, family: str, cache=None) -> tuple[list[TensorEntry], list[str]]:
+    """The entries in model order, and problems (IR params no active rule writes)."""
     roles = node_roles(model)
     rules = rules_for(family)
     fl = families.flags(model, family)
-    entries: list[tuple[TensorEntry, int | None]] = []
+    entries: list[TensorEntry] = []
     problems: list[str] = []
     dtype = model.config.dtype.value
     for node in model.graph.nodes:
@@ -85,7 +85,7 @@ def plan(model: Model, family: str) -> tuple[list[tuple[TensorEntry, int | None]
                 taken.add(pname)
             src = srcs[0] if len(srcs) == 1 else derive("concat", *srcs, dim=0)
             for name, rec in _apply(r, src, node):
-                entries.append((TensorEntry(name, rec.type, _producer(rec), rec.release, rec.prefetch), node.layer))
+                entries.append(recipe_entry(name, rec, cache))
         if role == "lm_head" and node.attrs["tied"]:
             taken.add("weight")
         left = sorted(set(node.params) - taken)
@@ -121,22 +121,12 @@ def _apply(r: Rule, src: Recipe, node) -> list[tuple[str, Recipe]]:
     return [(name.replace("{E}", str(e)), derive("index", src, i=e)) for e in range(src.type.shape[0])]
 
 
-def _producer(rec: Recipe):
-    holder: dict = {}
-
-    def produce():
-        return rec.materialize_parts(holder.get("cache"))
-
-    produce.holder = holder  # the emitter hands it the current layer's cache
-    return produce
-
-
-def _shards(entries: list[tuple[TensorEntry, int | None]], limit: int) -> list[list[tuple[TensorEntry, int | None]]]:
+def _shards(entries: list[TensorEntry], limit: int) -> list[list[TensorEntry]]:
     """Greedy, in model order: start a new shard when the next tensor would pass ``limit``."""
     out: list[list] = [[]]
     size = 0
     for e in entries:
-        n = e[0].type.nbytes
+        n = e.type.nbytes
         if out[-1] and size + n > limit:
             out.append([])
             size = 0
@@ -175,7 +165,8 @@ class HFBackend(Backend):
 
     def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:
         family, problems = families.classify(model)
-        entries, more = plan(model, family) if family else ([], [])
+        cache = TensorCache(cache_bytes(model))
+        entries, more = plan(model, family, cache) if family else ([], [])
         problems += more
         if problems:
             raise BackendError("the hf target cannot lower this model: " + "; ".join(problems))
@@ -187,30 +178,21 @@ class HFBackend(Backend):
             (out / fname).write_text(text)
             res.files[fname] = len(text.encode())
         shards = _shards(entries, max_shard_bytes())
-        total = sum(e.type.nbytes for e, _ in entries)
+        total = sum(e.type.nbytes for e in entries)
         if progress:
             progress.start("write", total)
-        cache = {"cache": TensorCache(cache_bytes(model))}
-
-        def bind(e: TensorEntry, layer) -> TensorEntry:
-            def produce():
-                e.produce.holder["cache"] = cache["cache"]
-                return e.produce()
-
-            return TensorEntry(e.name, e.type, produce, e.release, e.prefetch)
-
         weight_map: dict[str, str] = {}
         n = len(shards)
         for i, shard in enumerate(shards, 1):
             fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
             # write_safetensors writes in name order; entries of one layer stay contiguous under it
-            sums = write_safetensors(out / fname, [bind(e, layer) for e, layer in shard], SAFETENSORS_METADATA,
+            sums = write_safetensors(out / fname, shard, SAFETENSORS_METADATA,
                                      on_tensor=(lambda name, nb: progress.advance(nb)) if progress else None)
             res.checksums[fname] = sums
             res.files[fname] = (out / fname).stat().st_size
             res.tensors += len(sums)
             weight_map.update({name: fname for name in sums})
-        cache["cache"].clear()
+        cache.clear()
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             text = json.dumps(index, indent=2) + "\n"

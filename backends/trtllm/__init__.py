@@ -30,8 +30,8 @@ from ...ir import Model, Param, derive
 from ...ir.analysis import node_roles
 from ...ir.tensors import Recipe
 from ...ir.tensors import TensorCache
-from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, register_backend,
-                    worker_thread_init, write_safetensors)
+from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry,
+                    register_backend, worker_thread_init, write_safetensors)
 from .build import build_engines, require_tool
 from .names import CLASS_NAMES, MOE_FC, NAMES
 
@@ -347,7 +347,7 @@ class TRTLLMBackend(Backend):
             if node.op == "moe":
                 up, gate = (params.pop(k) for k in MOE_FC[0])
                 fc = derive("concat", _shard(up, tp_rank), _shard(gate, tp_rank), dim=1)
-                entries.append(_entry(MOE_FC[1].format(l=l), fc, cache))
+                entries.append(recipe_entry(MOE_FC[1].format(l=l), fc, cache))
             if node.op == "attention" and attn_bias:
                 H = model.config.hidden_size
                 if "proj_bias" not in params:
@@ -357,7 +357,7 @@ class TRTLLMBackend(Backend):
                 if name is None:
                     raise BackendError(f"{node.location}: no TensorRT-LLM name for param {pname!r} of a {role}",
                                        hint="this model uses a feature the trtllm target does not map yet")
-                entries.append(_entry(name.format(l=l), _shard(p, tp_rank), cache))
+                entries.append(recipe_entry(name.format(l=l), _shard(p, tp_rank), cache))
         return entries
 
     def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:
@@ -416,10 +416,6 @@ def _shard(p: Param, tp_rank: int) -> Recipe:
     if s.replicated:
         return p.source
     return derive("shard", p.source, dim=s.dim, parts=s.parts, index=tp_rank % s.parts)
-
-
-def _entry(name: str, r: Recipe, cache: TensorCache | None = None) -> TensorEntry:
-    return TensorEntry(name, r.type, lambda r=r: r.materialize_parts(cache), r.release, r.prefetch)
 
 
 register_backend(TRTLLMBackend())

@@ -8,6 +8,7 @@ chunks are read from their byte range in the ``.distcp`` file.
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import threading
@@ -22,7 +23,7 @@ import torch
 from ...errors import CheckpointError
 from ...ir import Store, TensorType, register_store
 from ...ir.types import DType
-from .safe_load import load_dcp_metadata, torch_load, torch_load_bytes, torch_load_file
+from .safe_load import load_dcp_metadata, torch_load, torch_load_file
 
 # optimizer state (also under a ChainedOptimizer's chained_N. prefix) and RNG state are not model weights
 _NOT_MODEL = re.compile(r"^(chained_\d+\.)?(optimizer\.|rng_state)")
@@ -353,47 +354,42 @@ class DcpStore(Store):
                 out[k] = (md.properties.dtype, tuple(md.size))
         return out
 
-    def _chunks(self, key):
+    def _chunks(self, base: str) -> list[tuple[tuple, tuple, Any]]:
+        """(global offsets, sizes, storage info) of every saved chunk of tensor ``base``."""
         by_key = getattr(self, "_by_key", None)
         if by_key is None:
             by_key = defaultdict(list)
+            sizes: dict[tuple, tuple] = {}
+            for k, md in self.metadata.state_dict_metadata.items():
+                for c in getattr(md, "chunks", ()):
+                    sizes[(k, tuple(c.offsets))] = tuple(c.sizes)
             for idx, info in self.metadata.storage_data.items():
-                by_key[idx.fqn].append((idx, info))
+                off = tuple(idx.offset or ())  # bytes items (common_state) have none
+                by_key[idx.fqn].append((off, sizes.get((idx.fqn, off), ()), info))
             self._by_key = by_key  # built whole, then published: a concurrent caller builds the same
-        return by_key.get(key, [])
+        return by_key.get(base, [])
 
-    def _chunk_sizes(self, base: str, off: tuple) -> tuple:
-        md = self.metadata.state_dict_metadata[base]
-        return next(tuple(c.sizes) for c in md.chunks if tuple(c.offsets) == off)
-
-    def _selected_chunks(self, key):
-        """(chunk index, storage info) of the chunks ``key`` (``base``, ``base@i``, ``...#offsets``) reads."""
-        base, _, chunk = key.partition("#")
-        base, _, sel = base.partition("@")
-        index = int(sel) if sel else None
-        want = tuple(int(x) for x in chunk.split(",")) if chunk else None
-        for idx, info in self._chunks(base):
-            off = tuple(idx.offset)
+    def _selected_chunks(self, key: str):
+        """(offsets, sizes, storage info) of the chunks ``key`` (``base``, ``base@i``, ``...#offsets``) reads."""
+        base, index, want = _parse_key(key)
+        for off, sizes, info in self._chunks(base):
             if want is not None and off != want:
                 continue
-            if index is not None and not (off[0] <= index < off[0] + self._chunk_sizes(base, off)[0]):
+            if index is not None and not (off[0] <= index < off[0] + sizes[0]):
                 continue
-            yield idx, info
+            yield off, sizes, info
 
     def split(self, key: str) -> tuple[int, list[tuple[str, tuple[int, ...]]]] | None:
         """How ``key`` (``base`` or ``base@i``) is stored when its chunks tile it along one dim, in order (the
         TP shards of a Megatron save): ``(dim, [(chunk key, chunk shape), ...])``; None for a single chunk or
         any other tiling. Lifting a tensor as the concat of its chunks lets a writer read each chunk in place
         instead of assembling the tensor in memory first."""
-        base, _, sel = key.partition("@")
+        base, index, _ = _parse_key(key)
         md = self.metadata.state_dict_metadata.get(base)
         if md is None:
             return None
-        index = int(sel) if sel else None
         chunks = []
-        for idx, _ in self._selected_chunks(key):
-            off = tuple(idx.offset)
-            sizes = self._chunk_sizes(base, off)
+        for off, sizes, _ in self._selected_chunks(key):
             if index is not None:
                 if sizes[0] != 1:
                     return None
@@ -419,26 +415,11 @@ class DcpStore(Store):
 
     def prefetch(self, key: str) -> None:
         """Have the kernel read the chunks ``key`` reads (returns once the reads are queued or done)."""
-        for _, info in self._selected_chunks(key):
+        for _, _, info in self._selected_chunks(key):
             _advise_file(Path(self.root) / info.relative_path, info.offset, info.length)
 
-    def _read_bytes(self, info) -> bytes:
-        path = Path(self.root) / info.relative_path
-        try:
-            with open(path, "rb") as f:
-                f.seek(info.offset)
-                data = f.read(info.length)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: missing", hint="copy every __*.distcp file of the checkpoint") from None
-        if len(data) != info.length:
-            raise CheckpointError(f"{path}: truncated (needed bytes {info.offset}..{info.offset + info.length}, "
-                                  f"file has {os.path.getsize(path)})", hint="copy the checkpoint again")
-        if getattr(info, "transform_descriptors", None):
-            raise CheckpointError(f"{path}: compressed/transformed DCP items are not supported",
-                                  hint="re-save the checkpoint without DCP transforms")
-        return data
-
-    def _load_chunk(self, info, dtype: torch.dtype | None = None, sizes: tuple | None = None) -> torch.Tensor:
+    def _load_chunk(self, info, dtype: torch.dtype | None = None, sizes: tuple | None = None,
+                    what: str | None = None):
         """One saved chunk. Fast path: the chunk's raw record is memory-mapped in place (no unpickling, no
         copy; the kernel reads ahead); otherwise it is ``torch.load``ed from its byte range."""
         path = Path(self.root) / info.relative_path
@@ -456,32 +437,24 @@ class DcpStore(Store):
             mapped = _map_saved_tensor(f, path, info, dtype, sizes) if dtype is not None else None
             if mapped is not None:
                 return mapped
-            return torch_load_file(_Window(f, info.offset, info.length), str(path))
+            return torch_load_file(_Window(f, info.offset, info.length), what or str(path))
 
     def read(self, key, type):
-        if "#" in key:
-            return self._read_chunk(key)
-        base, _, sel = key.partition("@")
+        base, index, chunk = _parse_key(key)
         md = self.metadata.state_dict_metadata.get(base)
-        if md is None:
-            raise CheckpointError(f"{self.root}: no tensor {base!r} in .metadata", hint="lift the checkpoint again")
-        gshape = tuple(md.size)
-        index = int(sel) if sel else None
-        out_shape = gshape[1:] if index is not None else gshape
+        found = list(self._selected_chunks(key)) if md is not None else []
+        if md is None or (chunk is not None and not found):
+            raise CheckpointError(f"{self.root}: no tensor {key!r} in .metadata", hint="lift the checkpoint again")
+        out_shape = tuple(md.size)[1:] if index is not None else tuple(md.size)
         out = None
         filled = 0
-        for idx, info in self._chunks(base):
-            off = tuple(idx.offset)
-            chunk_md = next(c for c in md.chunks if tuple(c.offsets) == off)
-            sizes = tuple(chunk_md.sizes)
-            if index is not None and not (off[0] <= index < off[0] + sizes[0]):
-                continue
+        for off, sizes, info in found:
             t = self._load_chunk(info, md.properties.dtype, sizes).reshape(sizes)
             if index is not None:
                 t = t[index - off[0]]
                 off, sizes = off[1:], sizes[1:]
-            if tuple(sizes) == tuple(out_shape):
-                return t  # the chunk is the whole requested tensor (the common case): no assembly copy
+            if chunk is not None or sizes == out_shape:
+                return t  # one chunk (a split tensor's piece, or the whole tensor): memory-mapped, no copy
             if out is None:
                 out = torch.empty(out_shape, dtype=md.properties.dtype)
             dst = out
@@ -489,27 +462,11 @@ class DcpStore(Store):
                 dst = dst.narrow(dim, o, s)
             dst.copy_(t)
             filled += t.numel()
-        total = 1
-        for n in out_shape:
-            total *= n
+        total = math.prod(out_shape)
         if out is None or filled != total:
             raise CheckpointError(f"{self.root}: tensor {key!r} is incomplete ({filled} of {total} values "
                                   "found in the .distcp files)", hint="a rank's .distcp file is missing; copy it again")
         return out
-
-    def _read_chunk(self, key: str) -> torch.Tensor:
-        """One saved chunk (``base[@i]#offsets``, see :meth:`split`), memory-mapped where it can be."""
-        base = key.partition("#")[0].partition("@")[0]
-        index = key.partition("#")[0].partition("@")[2]
-        md = self.metadata.state_dict_metadata.get(base)
-        found = list(self._selected_chunks(key)) if md is not None else []
-        if not found:
-            raise CheckpointError(f"{self.root}: no chunk {key!r} in .metadata", hint="lift the checkpoint again")
-        idx, info = found[0]
-        off = tuple(idx.offset)
-        sizes = self._chunk_sizes(base, off)
-        t = self._load_chunk(info, md.properties.dtype, sizes).reshape(sizes)
-        return t[int(index) - off[0]] if index else t
 
     def common_state(self) -> dict:
         """Megatron-core >= 0.17 keeps args etc. as a bytes item ``common_state`` inside the DCP files."""
@@ -520,11 +477,17 @@ class DcpStore(Store):
         if not keys:
             raise CheckpointError(f"{self.root}: no common.pt and no common_state item",
                                   hint="the checkpoint is incomplete; copy common.pt too")
-        chunks = self._chunks(keys[0])
-        obj = torch_load_bytes(self._read_bytes(chunks[0][1]), f"{self.root} common_state")
+        obj = self._load_chunk(self._chunks(keys[0])[0][2], what=f"{self.root} common_state")
         if isinstance(obj, list) and obj:
             obj = obj[0]
         return obj
+
+
+def _parse_key(key: str) -> tuple[str, int | None, tuple[int, ...] | None]:
+    """``base[@layer][#o0,o1,...]`` -> (base, layer index or None, chunk offsets or None)."""
+    rest, _, chunk = key.partition("#")
+    base, _, sel = rest.partition("@")
+    return base, (int(sel) if sel else None), (tuple(int(x) for x in chunk.split(",")) if chunk else None)
 
 
 def _map_saved_tensor(f, path: Path, info, dtype: torch.dtype, sizes: tuple) -> torch.Tensor | None:

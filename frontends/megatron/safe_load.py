@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -109,10 +108,6 @@ def torch_load(path: Path, *, mmap: bool = True) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                               hint="the file is corrupt or truncated; copy it again from the source") from None
-
-
-def torch_load_bytes(data: bytes, what: str) -> Any:
-    return torch_load_file(io.BytesIO(data), what)
 
 
 def torch_load_file(f, what: str) -> Any:
