@@ -22,12 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mexc.tools.fixtures.megatron_core import KINDS  # the fixture maker's list (its module imports stdlib only)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "tools" / "fixtures" / "megatron_core.py"
 CACHE_DIR = Path(os.environ.get("MEXC_FIXTURE_CACHE", REPO_ROOT / "tests" / ".fixture-cache"))
 
-KINDS = ("llama", "gpt", "mqa", "qwen", "moe", "starcoder", "nemotron", "gemma", "gptnext", "llama3", "falcon",
-         "falcon2")
 FORMATS = ("torch", "torch_dist")
 SEED = 1234
 

@@ -72,10 +72,9 @@ def test_bench_tiny_end_to_end(tmp_path):
             assert row, f"no {fmt}/{target} row in:\n{text}"
     assert "RSS goal" in text and "largest tensor" in text
     report = json.loads(out_json.read_text())
-    assert report["machine"]["cores"] >= 1
+    assert report["machine"]["direct_io"] in (True, False)
     (res,) = report["results"]
     assert res["preset"] == "tiny" and res["largest_tensor_bytes"] > 0
-    assert res["rss_goal_bytes"] > 2e9
     for fmt in ("torch", "torch_dist"):
         fr = res["formats"][fmt]
         assert fr["source_bytes"] > 0 and fr["cp"]["gbps"] > 0

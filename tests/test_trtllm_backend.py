@@ -41,8 +41,7 @@ def test_trtllm_output_reproduces_megatron_logits(tmp_path, src, tp, pp):
         kw["ep"] = 2
     d, out, res = compile_to(tmp_path, src, **kw)
     ref = load_reference(d)
-    cfg, tensors = trtllm_reader.read_checkpoint(str(out))
-    assert trtllm_reader.check_config(cfg) == []
+    cfg, tensors = trtllm_reader.read_checkpoint(str(out))  # refuses a config check_config finds fault with
     got = trtllm_reader.logits(str(out), ref["tokens"])
     want = ref["logits"][..., : got.shape[-1]]
     # TensorRT-LLM's "gelu" is the tanh approximation; Megatron's is exact erf: a small, stated difference

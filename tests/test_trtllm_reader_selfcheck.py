@@ -401,6 +401,26 @@ def test_check_config():
     assert any("moe_tp_size" in p for p in R.check_config(c))
 
 
+def test_check_config_gemma_and_falcon_classes():
+    """What TensorRT-LLM's Gemma and Falcon classes cannot express (from their sources) is refused."""
+    def problems(**kw):
+        c = _good_cfg()
+        c.update(kw)
+        return " ".join(R.check_config(c))
+
+    gemma = dict(architecture="GemmaForCausalLM", hidden_act="gelu", use_parallel_embedding=True)
+    assert problems(**gemma) == ""
+    assert "use_parallel_embedding" in problems(**{**gemma, "use_parallel_embedding": False})
+    assert "embedding_sharding_dim" in problems(**gemma, embedding_sharding_dim=1)
+    assert "pipeline stages" in problems(**gemma, mapping=dict(world_size=4, tp_size=2, pp_size=2))
+    assert "one projection" in problems(**{**gemma, "hidden_act": "geglu"})
+    falcon = dict(architecture="FalconForCausalLM", hidden_act="gelu")
+    assert problems(**falcon) == ""
+    assert "rotary_pct" in problems(**falcon, rotary_pct=0.5)
+    assert "ignores head_size" in problems(**falcon, head_size=32)
+    assert "rotary_scaling" in problems(**falcon, rotary_scaling={"type": "linear", "factor": 2.0})
+
+
 def test_reader_rejects_bad_shape_and_missing_rank(tmp_path, llama):
     from safetensors.torch import load_file
     write_llama(llama, str(tmp_path), tp=2)
