@@ -34,3 +34,28 @@ def is_parallel_block(model: Model, layer: int) -> bool:
     nodes = [n for n in model.graph.nodes if n.layer == layer]
     adds = [n for n in nodes if n.op == "add"]
     return any(len(a.inputs) >= 3 for a in adds)
+
+
+def has_parallel_blocks(model: Model) -> bool:
+    """True when any layer is a parallel attention + MLP block (a residual add of three inputs)."""
+    return any(len(n.inputs) > 2 for n in model.graph.find("add"))
+
+
+def parallel_block_norms(model: Model, layer: int) -> tuple[int | None, str]:
+    """``(norms, "")`` when ``layer`` is exactly ``x + attn(norm(x)) + mlp(norm'(x))`` (``norms`` = 1 when both
+    branches read one norm, 2 for two); ``(None, why not)`` otherwise."""
+    nodes = [n for n in model.graph.nodes if n.layer == layer]
+    adds = [n for n in nodes if n.op == "add"]
+    attn = next((n for n in nodes if n.op == "attention"), None)
+    mlp = next((n for n in nodes if n.op == "mlp"), None)
+    if len(adds) != 1 or len(adds[0].inputs) != 3 or attn is None or mlp is None:
+        return None, "not one parallel attention + MLP block"
+    a_in, m_in = attn.inputs[0].producer, mlp.inputs[0].producer
+    if a_in is None or m_in is None or a_in.op != "norm" or m_in.op != "norm":
+        return None, "attention and MLP must read a norm of the block input"
+    x, ins = a_in.inputs[0], adds[0].inputs
+    norms = [n for n in nodes if n.op == "norm"]
+    if m_in.inputs[0] is not x or len(norms) != len({a_in, m_in}) or \
+            {id(v) for v in ins} != {id(x), id(attn.output), id(mlp.output)}:
+        return None, "attention and MLP norms must both read the block input"
+    return len({a_in, m_in}), ""

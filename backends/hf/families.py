@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 
 from ...ir import Model
-from ...ir.analysis import is_parallel_block
+from ...ir.analysis import is_parallel_block, parallel_block_norms
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
                  "gpt2": "GPT2LMHeadModel", "gpt_bigcode": "GPTBigCodeForCausalLM", "gemma": "GemmaForCausalLM",
@@ -260,14 +260,8 @@ def _check_new_family(model, family, name, attns, mlps, emb, learned) -> list[st
 
 def _falcon_block(model, layer) -> str | None:
     """'one-norm' / 'two-norm' for a parallel block (attention and MLP read norms of the same input), else None."""
-    if not is_parallel_block(model, layer):
-        return None
-    nodes = [n for n in model.graph.nodes if n.layer == layer]
-    attn = next(n for n in nodes if n.op == "attention")
-    mlp = next((n for n in nodes if n.op in ("mlp", "moe")), None)
-    if mlp is None:
-        return None
-    return "one-norm" if mlp.inputs[0] is attn.inputs[0] else "two-norm"
+    norms, _ = parallel_block_norms(model, layer)
+    return {1: "one-norm", 2: "two-norm"}.get(norms)
 
 
 def falcon_block(model) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ...errors import BackendError
 from ...ir import Model, Param, derive
-from ...ir.analysis import node_roles
+from ...ir.analysis import has_parallel_blocks, node_roles, parallel_block_norms
 from ...ir.tensors import Recipe
 from ...ir.tensors import TensorCache
 from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry,
@@ -52,7 +52,7 @@ def _arch(model: Model) -> tuple[str | None, list[str]]:
     emb = next(g.find("embedding"))
     if emb.attrs["scale"] != 1.0:
         return "GemmaForCausalLM", _gemma_problems(model)
-    if any(len(n.inputs) > 2 for n in g.find("add")):
+    if has_parallel_blocks(model):
         return "FalconForCausalLM", _falcon_problems(model)
     if attn.attrs["qk_norm"] != "none":
         problems.append("QK layernorm is not supported by the Llama/GPT checkpoint classes")
@@ -132,35 +132,20 @@ def _gemma_problems(model: Model) -> list[str]:
     if model.parallel.pp > 1:
         problems.append(f"pipeline parallelism with {cls}: its shared embedding table cannot be split over "
                         "pipeline stages (TensorRT-LLM refuses share_embedding_table with pp_size > 1)")
-    if any(len(n.inputs) > 2 for n in g.find("add")):
+    if has_parallel_blocks(model):
         problems.append(f"a parallel attention + MLP block is not expressible with {cls}")
     return problems
 
 
 def _falcon_layout(model: Model) -> tuple[int | None, list[str]]:
     """(norms per parallel block: 1 or 2, problems). Every layer must be x + attn(ln(x)) + mlp(ln'(x))."""
-    g = model.graph
     counts, problems = set(), []
-    for layer in sorted({n.layer for n in g.nodes if n.layer is not None}):
-        nodes = [n for n in g.nodes if n.layer == layer]
-        adds = [n for n in nodes if n.op == "add"]
-        attn = next((n for n in nodes if n.op == "attention"), None)
-        mlp = next((n for n in nodes if n.op == "mlp"), None)
-        norms = [n for n in nodes if n.op == "norm"]
-        if len(adds) != 1 or len(adds[0].inputs) != 3 or attn is None or mlp is None:
-            problems.append(f"layer {layer} is not one parallel attention + MLP block (Falcon's "
-                            "FalconForCausalLM needs every layer parallel)")
-            continue
-        a_in, m_in = attn.inputs[0].producer, mlp.inputs[0].producer
-        if a_in is None or m_in is None or a_in.op != "norm" or m_in.op != "norm":
-            problems.append(f"layer {layer}: attention and MLP must read a LayerNorm of the block input")
-            continue
-        x, ins = a_in.inputs[0], adds[0].inputs
-        if m_in.inputs[0] is not x or len(norms) != len({a_in, m_in}) or \
-                {id(v) for v in ins} != {id(x), id(attn.output), id(mlp.output)}:
-            problems.append(f"layer {layer}: attention and MLP norms must both read the block input")
-            continue
-        counts.add(len({a_in, m_in}))
+    for layer in sorted({n.layer for n in model.graph.nodes if n.layer is not None}):
+        norms, why = parallel_block_norms(model, layer)
+        if norms is None:
+            problems.append(f"layer {layer}: {why} (FalconForCausalLM needs every layer parallel)")
+        else:
+            counts.add(norms)
     if len(counts) > 1:
         problems.append("layers mix one-norm and two-norm parallel blocks")
     return (counts.pop() if len(counts) == 1 else None), problems
