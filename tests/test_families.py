@@ -230,6 +230,30 @@ def test_hf_refusals_name_family_and_reason():
     msg = _check("hf", "falcon", _partial_rotary)
     assert "partial rotary" in msg and "FalconForCausalLM" in msg
 
+    def squared(m):
+        for n in m.graph.find("mlp"):
+            n.attrs["activation"] = "squared-relu"
+
+    msg = _check("hf", "gptnext", squared)
+    assert "StableLmForCausalLM" in msg and "squared-relu" in msg
+
+
+# ------------------------------------------------------------------------------------------- onnx
+
+
+@pytest.mark.parametrize("profile", ["ort", "tensorrt"])
+@pytest.mark.parametrize("kind", list(HF_CLASS))
+def test_onnx_matches_megatron(tmp_path, kind, profile):
+    from test_onnx_backend import Decoder
+
+    d = megatron_checkpoint(kind)
+    ref = load_reference(d)
+    out = tmp_path / "onnx"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
+    logits, _ = Decoder(out / "model.onnx").step(ref["tokens"].numpy(), None, 0)
+    assert logits.shape[-1] == 100
+    assert err(logits, ref["logits"]) < TOL
+
 
 # ------------------------------------------------------------------------------------------- trtllm
 
