@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .backends.base import (BACKENDS, Backend, CompileOptions, EmitResult, atomic_directory, tune_allocator,
-                            write_manifest)
+from .backends.base import (BACKENDS, Backend, CompileOptions, EmitResult, atomic_directory, check_output,
+                            tune_allocator, write_manifest)
 from .errors import BackendError, UsageError
 from .ir import Model
 from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file, parse_pipeline
@@ -57,6 +58,18 @@ def build_pipeline(model: Model, opts: CompileOptions, backend: Backend) -> list
     return user + parse_pipeline(backend.legalize_pipeline(opts, model))
 
 
+def check_apart(ckpt: str | Path, out: str | Path) -> None:
+    """Refuse an output directory that is the checkpoint, contains it, or lies inside it (compared as real
+    paths, links resolved): writing or ``--force`` there would change the checkpoint itself."""
+    src, dst = os.path.realpath(ckpt), os.path.realpath(out)
+    if dst == src or src.startswith(dst.rstrip(os.sep) + os.sep):
+        raise UsageError(f"{out}: the output directory is the checkpoint or contains it ({ckpt})",
+                         hint="choose an -o outside the checkpoint; --force would delete the checkpoint")
+    if dst.startswith(src.rstrip(os.sep) + os.sep):
+        raise UsageError(f"{out}: the output directory is inside the checkpoint ({ckpt})",
+                         hint="choose an -o outside the checkpoint directory")
+
+
 @dataclass
 class CompileResult:
     out: Path
@@ -82,13 +95,8 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     opts.validate()
     backend = get_backend(opts.target)
     out = Path(out)
-    if out.exists() and not opts.force:
-        raise UsageError(f"{out}: output directory already exists",
-                         hint="choose another -o, or pass --force to replace it")
-    src, dst = Path(ckpt).resolve(), out.resolve()
-    if dst == src or dst in src.parents:
-        raise UsageError(f"{out}: the output directory is the checkpoint or contains it ({ckpt})",
-                         hint="choose an -o outside the checkpoint; --force would delete the checkpoint")
+    check_apart(ckpt, out)
+    check_output(out, opts.force)
     backend.preflight(out, opts)
     for f in load:
         load_pass_file(f)
@@ -109,7 +117,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
         raise BackendError(f"the {opts.target} target cannot lower this model: " + "; ".join(problems),
                            hint="see docs/targets.md for what each target supports")
     tune_allocator()
-    with atomic_directory(out, opts.force) as tmp:
+    with atomic_directory(out, opts.force, log=log) as tmp:
         res = backend.emit(model, tmp, opts, progress=progress)
         write_manifest(tmp, model=model, opts=opts, pipeline=pipeline_text, checksums=res.checksums)
     res.out = out

@@ -1,5 +1,6 @@
-"""What every backend shares: the Backend interface and registry, compile options, atomic output directories,
-the streaming safetensors writer and the manifest.
+"""What every backend shares: the Backend interface and registry, compile options, the streaming safetensors
+writer and the manifest. Atomic output directories and safe file creation live in :mod:`.output`, the
+block writer of one file in :mod:`.outfile` (both re-exported here).
 
 The streaming writer computes a file's header from the IR types before it reads any weight, then
 materializes, writes and frees one tensor at a time, so peak memory stays near the largest tensor.
@@ -7,24 +8,20 @@ materializes, writes and frees one tensor at a time, so peak memory stays near t
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
-import os
-import shutil
 import struct
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 
-from ..errors import BackendError, MexcError, UsageError
+from ..errors import BackendError, UsageError
 from ..ir import Model, TensorType
-from ..ir.tensors import copy_piece
 from ..ir.types import DType
+from .outfile import OutputFile, direct_io_enabled, worker_thread_init  # noqa: F401 - re-exported
+from .output import MANIFEST, atomic_directory, check_output, open_new, write_new  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -141,48 +138,6 @@ def cache_bytes(model: Model) -> int:
     return max(64 << 20, largest)
 
 
-# ------------------------------------------------------------------------------------ atomic output
-
-
-@contextlib.contextmanager
-def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out``; on success it becomes ``out``, on any failure it vanishes."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"{out}: output directory already exists",
-                         hint="choose another -o, or pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a directory", hint="choose another -o")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.mexc-tmp-", dir=parent))
-    except PermissionError:
-        raise BackendError(f"{parent}: no permission to write here", hint="choose an -o you can write to") from None
-    except OSError as e:
-        raise BackendError(f"{parent}: cannot create the output ({e.strerror})", hint="choose another -o") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs are shared with serving containers
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.mexc-old-", dir=parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, MexcError):
-            hint = "free some disk space and run again" if getattr(e, "errno", None) == errno.ENOSPC else \
-                "check permissions and free space of the output directory"
-            raise BackendError(f"{out}: writing failed ({e.strerror or e}); nothing was left behind",
-                               hint=hint) from e
-        raise
-
-
 # ------------------------------------------------------------------------------------ safetensors
 
 _ST_DTYPE = {DType.f32: "F32", DType.bf16: "BF16", DType.f16: "F16", DType.f8e4m3: "F8_E4M3", DType.i8: "I8",
@@ -252,232 +207,11 @@ def new_checksum():
     return xxhash.xxh3_128()
 
 
-def _flat_bytes(piece) -> torch.Tensor:
-    """A piece's bytes as a flat uint8 tensor (a copy only where the piece is not contiguous)."""
-    t = piece.contiguous()
-    return t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
-
-
-def _row_of(piece, r: int) -> list:
-    """Row ``r`` of a piece (dim 0 dropped), as pieces stacked on the new dim 0."""
-    return [piece.select(0, r)] if isinstance(piece, torch.Tensor) else piece.select_row(r)
-
-
-def direct_io_enabled() -> bool:
-    """O_DIRECT output unless ``MEXC_DIRECT_IO=0`` (or the platform has no O_DIRECT)."""
-    return hasattr(os, "O_DIRECT") and os.environ.get("MEXC_DIRECT_IO", "1").strip().lower() not in ("0", "no",
-                                                                                                     "false", "off")
-
-
-class OutputFile:
-    """A sequential writer of one output file, in large blocks.
-
-    Where the file system takes ``O_DIRECT`` the bytes go through two page-aligned 16 MiB staging buffers
-    straight to the device: one is filled while a flusher thread writes the other. Buffered writes cost about a
-    second of kernel time per GB on a virtual disk (the copy into the page cache and its write-back; measured
-    here: 12.8 GB in 14.3 s buffered, one core busy, against 6.0 s direct with the core free), a whole core of
-    a two-core machine that the readers need. Elsewhere (tmpfs, a file system that refuses O_DIRECT,
-    ``MEXC_DIRECT_IO=0``) the writes are plain buffered writes. The file's size is exactly the bytes written
-    (the last direct block is padded, then truncated).
-    """
-
-    BLOCK = 16 << 20
-    ALIGN = 4096
-
-    def __init__(self, path: Path, direct: bool | None = None):
-        import mmap
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.path = Path(path)
-        self.size = 0
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        self.staged = direct_io_enabled() if direct is None else direct
-        self.fd = -1
-        if self.staged:
-            try:
-                self.fd = os.open(self.path, flags | os.O_DIRECT, 0o666)
-            except OSError as e:
-                if e.errno != errno.EINVAL:  # no O_DIRECT here; anything else is a real error
-                    raise
-                self.staged = False
-        if not self.staged:
-            self.fd = os.open(self.path, flags, 0o666)
-            return
-        try:
-            self._bufs = [mmap.mmap(-1, self.BLOCK) for _ in range(2)]
-            self._stages = [torch.frombuffer(b, dtype=torch.uint8) for b in self._bufs]
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self._pending: list = [None, None]
-        self._cur = 0
-        self._fill = 0
-        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="mexc-flush", initializer=worker_thread_init)
-
-    def write(self, data, h=None) -> None:
-        """Append ``data``: bytes, or a piece of a tensor (a tensor of any strides, or a
-        :class:`~mexc.ir.tensors.ColumnCat`) as its row-major bytes. ``h`` (see :func:`new_checksum`) is
-        updated with the same bytes."""
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else None
-        if data is None or data.numel() == 0:
-            return
-        self.size += data.numel() * data.dtype.itemsize
-        self._put(data.reshape(1) if data.dim() == 0 else data, h)
-
-    def _put(self, data, h) -> None:
-        if isinstance(data, torch.Tensor) and data.is_contiguous():  # its bytes as they are: no copy
-            b = data.reshape(-1).view(torch.uint8)
-            if self.staged:
-                self._stage_bytes(b, h)
-            else:
-                self._write_buffered(b, h)
-            return
-        rows = data.shape[0]
-        row_bytes = data.numel() // rows * data.dtype.itemsize
-        if row_bytes > self.BLOCK and data.dim() > 1:  # rows larger than a buffer: row by row, recursively
-            for r in range(rows):
-                for sub in _row_of(data, r):
-                    self._put(sub, h)
-            return
-        if not self.staged:  # one bounded copy at a time
-            step = max(1, self.BLOCK // row_bytes)
-            for r in range(0, rows, step):
-                self._write_buffered(_flat_bytes(data.narrow(0, r, min(step, rows - r))), h)
-            return
-        r = 0
-        while r < rows:
-            k = min(rows - r, (self.BLOCK - self._fill) // row_bytes)
-            if k == 0 or self._fill % data.dtype.itemsize:
-                # a row across the block boundary, or elements that would sit misaligned in the buffer: through
-                # a small contiguous copy, byte by byte
-                k = max(1, min(k, (4 << 20) // row_bytes))
-                self._stage_bytes(_flat_bytes(data.narrow(0, r, k)), h)
-            else:
-                n = k * row_bytes
-                stage = self._stages[self._cur][self._fill:self._fill + n]
-                copy_piece(stage.view(data.dtype).view(k, *data.shape[1:]), data.narrow(0, r, k))
-                self._staged(n, h)  # torch copies release the GIL, unlike a memcpy in Python
-            r += k
-
-    def _write_buffered(self, b: torch.Tensor, h) -> None:
-        mv = memoryview(b.numpy())
-        if h is not None:
-            h.update(mv)
-        self._write_all(mv)
-
-    def _stage_bytes(self, b: torch.Tensor, h) -> None:
-        off, n = 0, b.numel()
-        while off < n:
-            k = min(n - off, self.BLOCK - self._fill)
-            self._stages[self._cur][self._fill:self._fill + k].copy_(b[off:off + k])
-            self._staged(k, h)
-            off += k
-
-    def _staged(self, n: int, h) -> None:
-        if h is not None:
-            h.update(memoryview(self._bufs[self._cur])[self._fill:self._fill + n])
-        self._fill += n
-        if self._fill == self.BLOCK:
-            self._flush(self.BLOCK)
-
-    def _flush(self, length: int) -> None:
-        """Hand the current buffer to the flusher; wait until the other one is free."""
-        i = self._cur
-        self._pending[i] = self._flusher.submit(self._write_all, memoryview(self._bufs[i])[:length])
-        self._cur = 1 - i
-        self._fill = 0
-        self._wait(self._cur)
-
-    def _wait(self, i: int) -> None:
-        fut, self._pending[i] = self._pending[i], None
-        if fut is not None:
-            fut.result()  # re-raises the flusher's OSError (ENOSPC ...) here
-
-    def _write_all(self, mv: memoryview) -> None:
-        while len(mv):
-            try:
-                w = os.write(self.fd, mv)
-            except OSError as e:
-                if e.errno != errno.EINVAL or not self._drop_direct():
-                    raise
-                continue  # the file system took O_DIRECT at open but not this write: buffered from here on
-            mv = mv[w:]
-
-    def _drop_direct(self) -> bool:
-        import fcntl
-
-        fl = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        if not fl & os.O_DIRECT:
-            return False
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fl & ~os.O_DIRECT)
-        return True
-
-    def close(self, abort: bool = False) -> None:
-        """Write what is staged and close. ``abort=True`` (an error is propagating, the output will be
-        discarded): wait for the flusher, write nothing more, raise nothing of its own."""
-        if self.fd < 0:
-            return
-        try:
-            if self.staged:
-                try:
-                    if abort:
-                        for fut in self._pending:
-                            if fut is not None:
-                                fut.exception()
-                    else:
-                        self._wait(1 - self._cur)
-                        if self._fill:
-                            tail = self._fill
-                            padded = (tail + self.ALIGN - 1) // self.ALIGN * self.ALIGN
-                            self._stages[self._cur][tail:padded].zero_()
-                            self._write_all(memoryview(self._bufs[self._cur])[:padded])
-                            os.ftruncate(self.fd, self.size)
-                finally:
-                    for fut in self._pending:
-                        if fut is not None:
-                            fut.exception()  # let a flush in flight finish before its buffer goes
-                    self._flusher.shutdown()
-                    del self._stages
-                    for b in self._bufs:
-                        try:
-                            b.close()
-                        except BufferError:  # a failed write's traceback still holds a view: freed with it
-                            pass
-        finally:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-            return
-        try:
-            self.close(abort=True)
-        except OSError:
-            pass  # the original error is the one to report
-
-
 READAHEAD_BYTES = 512 << 20   # how far the read-ahead thread runs in front of the writer
 
-# Set by the CLI's SIGINT/SIGTERM handler (and cleared when a command starts): every writer stops within one
+# Set by the CLI's SIGINT/SIGTERM/SIGHUP handler (and cleared when a command starts): every writer stops within one
 # tensor, even where the KeyboardInterrupt itself reaches the main thread late.
 INTERRUPTED = threading.Event()
-
-
-def worker_thread_init() -> None:
-    """Run first in every thread mexc starts: SIGINT/SIGTERM stay with the main thread, which waits
-    interruptibly and turns them into a clean cancellation (a signal taken by a worker thread would reach
-    Python only once the main thread wakes up, i.e. after the compile)."""
-    import signal
-
-    try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    except (AttributeError, ValueError, OSError):
-        pass
 
 
 class Cancelled(Exception):
@@ -598,4 +332,4 @@ def write_manifest(out: Path, *, model: Model, opts: CompileOptions, pipeline: s
         "files": checksums,
         **(extra or {}),
     }
-    (out / "mexc-manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_new(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -2,6 +2,7 @@
 TensorRT-LLM's documented semantics and knows nothing of mexc), then run by `transformers`."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -160,9 +161,15 @@ def test_existing_output_is_refused_then_replaced_with_force(tmp_path):
     (out / "keep").write_text("x")
     with pytest.raises(UsageError, match="already exists"):
         compile_checkpoint(d / "ckpt", out, CompileOptions(target="trtllm"))
+    with pytest.raises(UsageError, match="not a mexc output"):   # --force replaces only an earlier output
+        compile_checkpoint(d / "ckpt", out, CompileOptions(target="trtllm", force=True))
     assert (out / "keep").exists()
+    shutil.rmtree(out)
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="trtllm", tp=2))
+    (out / "keep").write_text("x")
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="trtllm", force=True))
-    assert not (out / "keep").exists() and (out / "rank0.safetensors").exists()
+    assert not (out / "keep").exists() and not (out / "rank1.safetensors").exists()
+    assert (out / "rank0.safetensors").exists()
 
 
 def test_outputs_are_deterministic(tmp_path):

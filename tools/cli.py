@@ -78,7 +78,8 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--profile", choices=["ort", "tensorrt"], default="ort", help="ONNX flavour")
     c.add_argument("--pipeline", default="", help="extra passes to run first, e.g. 'canonicalize,dce'")
     c.add_argument("--load", action="append", default=[], metavar="FILE", help="load user passes from FILE")
-    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.add_argument("--force", action="store_true", help="replace an earlier mexc output (a directory with a "
+                   "mexc-manifest.json)")
     c.add_argument("--build", choices=["auto", "always", "never"], default="auto",
                    help="build engines: auto (if the tool is installed), always (absence is an error), never")
     c.add_argument("--iteration", type=int, help="checkpoint iteration (default: the latest)")
@@ -188,6 +189,8 @@ def _on_signal(signum, frame):
 
 
 def _install_signal_handlers():
+    """SIGTERM, and SIGINT / SIGHUP (terminal closed) unless inherited as ignored (a background job, nohup),
+    cancel the command cleanly: writers stop, the temporary output is removed."""
     from ..backends.base import INTERRUPTED
 
     INTERRUPTED.clear()
@@ -196,6 +199,8 @@ def _install_signal_handlers():
     signal.signal(signal.SIGTERM, _on_signal)
     if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _on_signal):
         signal.signal(signal.SIGINT, _on_signal)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, _on_signal):
+        signal.signal(signal.SIGHUP, _on_signal)
 
 
 def cmd_compile(a) -> int:
@@ -318,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         if a.debug or not _interrupted(e):
             raise
-        sys.stderr.write("error: interrupted; nothing was left behind\n")
+        from ..backends.output import InterruptedAfterCommit
+
+        done = isinstance(e, InterruptedAfterCommit)
+        try:  # after SIGHUP the terminal may be gone
+            sys.stderr.write(f"error: {e.args[0]}; stopped before anything else\n" if done else
+                             "error: interrupted; nothing was left behind\n")
+        except OSError:
+            pass
         return 130
 
 

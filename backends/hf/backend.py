@@ -18,7 +18,8 @@ from ...errors import BackendError
 from ...ir import Model, derive
 from ...ir.analysis import node_roles
 from ...ir.tensors import Recipe, TensorCache
-from ..base import Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry, write_safetensors
+from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry, write_new,
+                    write_safetensors)
 from . import families
 from .names import Rule, rules_for
 
@@ -175,7 +176,7 @@ class HFBackend(Backend):
         res = EmitResult(out)
         for fname, data in (("config.json", cfg), ("generation_config.json", families.generation_config(model))):
             text = json.dumps(data, indent=2) + "\n"
-            (out / fname).write_text(text)
+            write_new(out / fname, text)
             res.files[fname] = len(text.encode())
         shards = _shards(entries, max_shard_bytes())
         total = sum(e.type.nbytes for e in entries)
@@ -196,7 +197,7 @@ class HFBackend(Backend):
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             text = json.dumps(index, indent=2) + "\n"
-            (out / "model.safetensors.index.json").write_text(text)
+            write_new(out / "model.safetensors.index.json", text)
             res.files["model.safetensors.index.json"] = len(text.encode())
         if progress:
             progress.finish()

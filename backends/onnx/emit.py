@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ...errors import BackendError
 from ...ir import Model
-from ..base import CompileOptions, EmitResult
+from ..base import CompileOptions, EmitResult, write_new
 from .graph import ExternalData, GraphBuilder
 from .lower import MS, OPSET, Plan, lower
 
@@ -49,13 +49,13 @@ def emit_onnx(model: Model, out: Path, opts: CompileOptions, profile: str, progr
     if len(raw) > (1 << 31) - 1:
         raise BackendError(f"{MODEL_FILE}: the graph proto is over 2 GB without its weights",
                            hint="this is a bug: weights should all be external")
-    (out / MODEL_FILE).write_bytes(raw)
+    write_new(out / MODEL_FILE, raw)
     files = {MODEL_FILE: len(raw), DATA_FILE: (out / DATA_FILE).stat().st_size}
     notes = []
     if profile == "ort":
         cfg = genai_config(model, plan, opts)
         text = json.dumps(cfg, indent=4) + "\n"
-        (out / GENAI_FILE).write_text(text)
+        write_new(out / GENAI_FILE, text)
         files[GENAI_FILE] = len(text.encode())
     if plan.io_dtype.value == "bf16" and profile == "ort":
         notes.append("bf16 graph: ONNX Runtime has no bf16 CPU kernels for these ops; run it on CUDA")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...errors import BackendError
-from ..base import CompileOptions
+from ..base import CompileOptions, write_new
 
 ENGINE_FILE = "model.plan"
 
@@ -96,5 +96,5 @@ def build_engine(out: Path, opts: CompileOptions, log: Callable[[str], None]) ->
         raise BackendError("TensorRT failed to build the engine (see its log above)",
                            hint="try the trtexec command with --verbose: " + trtexec_command(out, opts))
     path = Path(out) / ENGINE_FILE
-    path.write_bytes(bytes(plan))
+    write_new(path, bytes(plan))
     return [f"built TensorRT engine {path} ({path.stat().st_size} bytes)"]

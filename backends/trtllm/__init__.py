@@ -31,7 +31,7 @@ from ...ir.analysis import has_parallel_blocks, node_roles, parallel_block_norms
 from ...ir.tensors import Recipe
 from ...ir.tensors import TensorCache
 from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry,
-                    register_backend, worker_thread_init, write_safetensors)
+                    register_backend, worker_thread_init, write_new, write_safetensors)
 from .build import build_engines, require_tool
 from .names import CLASS_NAMES, MOE_FC, NAMES
 
@@ -347,7 +347,7 @@ class TRTLLMBackend(Backend):
 
     def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:
         cfg = self.config(model, opts)
-        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        write_new(out / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         par = model.parallel
         cache = TensorCache(cache_bytes(model))  # a source read for rank 0 serves the other ranks too
         jobs = []
