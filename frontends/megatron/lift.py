@@ -17,19 +17,31 @@ from ...errors import CheckpointError, ConfigError
 from ...ir import Builder, ModelConfig, Model, Parallelism, QKVLayout, Recipe, derive, load
 from ...ir.types import TensorType
 from . import mapping
+from .arguments import apply as apply_arguments
 from .config import MegatronArch, from_args, load_overrides
+from .replicated import replicated as replicated_copies
 from .reader import CheckpointInfo, DcpStore, MegatronTorchStore, open_checkpoint, tensor_type
 
 _CHUNK = re.compile(r"^model(\d*)/(.*)$")
 
 
 def lift(path: str | Path, *, iteration: int | None = None, config: str | Path | None = None,
-         overrides: dict[str, Any] | None = None) -> Model:
-    """Lift the checkpoint at ``path`` (a Megatron ``--save`` dir or one ``iter_*`` dir) into a Model."""
+         overrides: dict[str, Any] | None = None, replicated: str | None = None) -> Model:
+    """Lift the checkpoint at ``path`` (a Megatron ``--save`` dir or one ``iter_*`` dir) into a Model.
+
+    ``replicated`` (check | rank0 | mean) says what to do with the TP ranks' copies of a replicated tensor
+    (see :mod:`.replicated`). Saved args that change the math and are not honoured stop the lift
+    (:mod:`.arguments`); args the table does not know are listed in ``model.meta["unknown_args"]``."""
     info = open_checkpoint(path, iteration)
     ov = load_overrides(config)
     ov.update(overrides or {})
+    if replicated is not None:
+        ov["replicated"] = replicated
     where = str(info.iter_dir / ("common.pt" if info.format == "torch_dist" else "mp_rank_*/model_optim_rng.pt"))
+    if info.args_missing and not ov:
+        raise CheckpointError(f"{info.iter_dir}: the checkpoint has no saved args (a release/ or converted checkpoint)",
+                              hint="describe the architecture with --config FILE.yaml or --set FIELD=VALUE "
+                                   "(fields: `mexc inspect` of a similar checkpoint shows them)")
     arch = from_args(info.args, where, ov)
     if info.checkpoint_version is not None and float(info.checkpoint_version) < 2.0:
         raise CheckpointError(f"{info.iter_dir}: checkpoint_version {info.checkpoint_version} uses an old QKV "
@@ -39,6 +51,11 @@ def lift(path: str | Path, *, iteration: int | None = None, config: str | Path |
     else:
         roles, store = _roles_dist(info, arch)
     model = _build(arch, roles, store, info)
+    unknown = apply_arguments(info.args).unknown
+    if unknown:
+        model.meta["unknown_args"] = ",".join(unknown)
+    if arch.replicated != "check" and info.format == "torch" and arch.tp > 1:
+        model.meta["replicated"] = arch.replicated
     from ...ir import verify
 
     verify(model, context=f"(lifted from {info.iter_dir})")
@@ -90,32 +107,45 @@ def _roles_legacy(info: CheckpointInfo, arch: MegatronArch):
         raise CheckpointError(f"{info.iter_dir}: the rank files hold {run} layers, the args say num_layers="
                               f"{arch.num_layers}", hint="a pipeline stage is missing, or fix num_layers with --config")
     n_local_experts = arch.num_experts // max(arch.ep, 1) if arch.num_experts else 0
+    # experts are TP-split only when expert_tensor_parallel_size == tp; with 1 every file holds whole experts
+    etp = info.expert_tp or arch.tp
+    if etp not in (1, arch.tp):
+        raise CheckpointError(f"{info.iter_dir}: expert_tensor_parallel_size={etp} with tensor_model_parallel_size="
+                              f"{arch.tp} is not read yet (only 1 or equal to tp)",
+                              hint="re-save with --expert-tensor-parallel-size 1 or equal to the TP size")
+    whole_experts = etp == 1 and arch.tp > 1
     for t, p, e, chunk, role, merge, layer, expert, key, typ, f in per_file:
         g_layer = offset[(p, chunk)] + layer if layer is not None else None
         g_expert = e * n_local_experts + expert if expert is not None else None
         slot = (role, g_layer, g_expert)
-        if expert is None and e > 0:
-            prev = found[slot].get(t)
-            if prev is not None and prev[1] != typ:
-                raise CheckpointError(f"{f}: {role} has {typ}, expert rank 0 has {prev[1]}",
-                                      hint="the expert-parallel ranks disagree; the checkpoint is inconsistent")
+        # one copy per shard: dense weights are the same on every EP rank, whole experts on every TP rank
+        shard = 0 if expert is not None and whole_experts else t
+        prev = found[slot].get(shard)
+        if prev is not None and prev[2] != str(f) and (expert is None or whole_experts):
+            if prev[1] != typ:
+                raise CheckpointError(f"{f}: {role} (layer {g_layer}) has {typ}, {prev[2]} has {prev[1]}",
+                                      hint="copies of one weight disagree across ranks; the checkpoint is "
+                                           "inconsistent")
             continue
+        if expert is not None and whole_experts:
+            merge = "rep"
         if t in found[slot] and expert is None:
             prev_key = found[slot][t][0]
             if role != "lm_head.tied_copy":
                 raise CheckpointError(f"{info.iter_dir}: {role} (layer {g_layer}) found twice: {prev_key} and {key}",
                                       hint="the checkpoint has duplicate keys for one weight")
-        found[slot][t] = (key, typ, str(f), merge)
+        found[slot][shard] = (key, typ, str(f), merge)
     roles: dict[tuple, Recipe] = {}
     for (role, layer, expert), shards in found.items():
-        roles[(role, layer, expert)] = _merge(store, role, layer, shards, arch, info)
+        tp = 1 if expert is not None and whole_experts else arch.tp
+        roles[(role, layer, expert)] = _merge(store, role, layer, shards, arch, info, tp)
     return roles, store
 
 
-def _merge(store, role, layer, shards, arch: MegatronArch, info) -> Recipe:
+def _merge(store, role, layer, shards, arch: MegatronArch, info, tp: int) -> Recipe:
     ranks = sorted(shards)
-    if ranks != list(range(arch.tp)):
-        missing = sorted(set(range(arch.tp)) - set(ranks))
+    if ranks != list(range(tp)):
+        missing = sorted(set(range(tp)) - set(ranks))
         raise CheckpointError(f"{info.iter_dir}: {role} (layer {layer}) is missing on tp rank(s) {missing}",
                               hint="copy every mp_rank_* directory of the checkpoint")
     merge = shards[0][3]
@@ -127,7 +157,8 @@ def _merge(store, role, layer, shards, arch: MegatronArch, info) -> Recipe:
             if shards[r][1] != shards[0][1]:
                 raise CheckpointError(f"{shards[r][2]}: {role} (layer {layer}) is {shards[r][1]} but rank 0 has "
                                       f"{shards[0][1]}", hint="the TP ranks disagree on a replicated tensor")
-        return leaves[0]
+        where = f"{info.iter_dir}: {role}" + (f" of layer {layer}" if layer is not None else "")
+        return replicated_copies(leaves, [Path(shards[r][2]).parent.name for r in ranks], where, arch.replicated)
     dim = 1 if merge == "row" else 0
     for r in ranks[1:]:
         a, b = shards[r][1], shards[0][1]
@@ -320,7 +351,8 @@ def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
                               hint="no target of mexc expresses expert-bias routing today")
     return b.node("moe", h, layer=i, params=params, num_experts=E, top_k=arch.moe_topk,
                   activation=arch.activation, gated=arch.gated, score=arch.moe_score,
-                  pre_softmax=arch.moe_pre_softmax)
+                  pre_softmax=arch.moe_pre_softmax, topk_scale=arch.moe_topk_scale,
+                  norm_topk=arch.moe_score == "sigmoid" and arch.moe_topk > 1)  # Megatron renormalizes sigmoid top-k
 
 
 __all__ = ["lift"]

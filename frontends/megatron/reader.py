@@ -28,6 +28,8 @@ from .safe_load import load_dcp_metadata, torch_load, torch_load_file
 # optimizer state (also under a ChainedOptimizer's chained_N. prefix) and RNG state are not model weights
 _NOT_MODEL = re.compile(r"^(chained_\d+\.)?(optimizer\.|rng_state)")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+_ITER = re.compile(r"^iter_(\d{7,12})$")  # Megatron pads to 7 digits; longer runs write 8 or more
+_MAX_PARALLEL = 1 << 16                    # tp, pp, ep, etp: larger values are not a real run's
 
 
 @dataclass
@@ -41,6 +43,8 @@ class CheckpointInfo:
     args: Any                       # argparse.Namespace (or a dict-like)
     checkpoint_version: float | None
     rank_files: dict[tuple[int, int, int], Path] = field(default_factory=dict)  # (tp, pp, ep) -> file (torch)
+    expert_tp: int | None = None    # expert_tensor_parallel_size (legacy files; None: the same as tp)
+    args_missing: bool = False      # no saved args (release/ or converted): the architecture must be given
 
 
 def locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, int | None]:
@@ -49,15 +53,20 @@ def locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, 
     if not root.exists():
         raise CheckpointError(f"{root}: no such directory", hint="give the Megatron save directory (--save)")
     if not root.is_dir():
+        if root.name.endswith(".nemo"):
+            raise CheckpointError(f"{root}: a NeMo .nemo archive; not read yet",
+                                  hint="unpack it and convert it with NeMo's Megatron export first")
         raise CheckpointError(f"{root}: not a directory", hint="give the Megatron save directory, not a file")
     if _is_iter_dir(root):
         m = re.match(r"iter_(\d+)$", root.name)
         return root, root, int(m.group(1)) if m else None
-    iters = sorted(p for p in root.iterdir() if p.is_dir() and (re.match(r"iter_\d{7}$", p.name) or p.name == "release"))
+    _refuse_wrappers(root)
+    iters = sorted(p for p in root.iterdir() if p.is_dir() and (_ITER.match(p.name) or p.name == "release"))
+    by_number = {int(m.group(1)): p for p in iters if (m := _ITER.match(p.name))}
     tracker = root / "latest_checkpointed_iteration.txt"
     if iteration is not None:
-        d = root / ("release" if iteration == 0 and (root / "release").is_dir() else f"iter_{iteration:07d}")
-        if not d.is_dir():
+        d = root / "release" if iteration == 0 and (root / "release").is_dir() else by_number.get(iteration)
+        if d is None:
             have = ", ".join(p.name for p in iters) or "none"
             raise CheckpointError(f"{root}: no iteration {iteration} (found: {have})",
                                   hint="pick one of the iterations found with --iteration")
@@ -66,9 +75,9 @@ def locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, 
         text = tracker.read_text().strip()
         if text == "release":
             d, it = root / "release", 0
-        elif text.isdigit():
+        elif text.isdigit() and len(text) < 20:
             it = int(text)
-            d = root / f"iter_{it:07d}"
+            d = by_number.get(it, root / f"iter_{it:07d}")
         else:
             raise CheckpointError(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}",
                                   hint="fix the file, or pass --iteration N")
@@ -77,7 +86,7 @@ def locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, 
                                   hint="pass --iteration N for one of the saved iterations")
         return root, d, it
     if len(iters) == 1:
-        m = re.match(r"iter_(\d+)$", iters[0].name)
+        m = _ITER.match(iters[0].name)
         return root, iters[0], int(m.group(1)) if m else 0
     if not iters:
         raise CheckpointError(f"{root}: no Megatron checkpoint here (no latest_checkpointed_iteration.txt, "
@@ -85,6 +94,17 @@ def locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, 
                               hint="give the directory Megatron saved to with --save")
     raise CheckpointError(f"{root}: {len(iters)} iterations ({', '.join(p.name for p in iters)}) and no "
                           "latest_checkpointed_iteration.txt", hint="choose one with --iteration N")
+
+
+def _refuse_wrappers(root: Path) -> None:
+    """NeMo and Megatron-Bridge keep a Megatron checkpoint inside their own layout: say what was found."""
+    if (root / "context").is_dir() and (root / "weights").is_dir():
+        raise CheckpointError(f"{root}: a NeMo 2 checkpoint (context/ + weights/); mexc does not read NeMo's "
+                              "config yet", hint="export it to a Megatron checkpoint with NeMo (or Megatron-Bridge) "
+                              "first, or pass the weights directory with --config FILE.yaml describing the model")
+    if (root / "model_weights").is_dir() or (root / "model_config.yaml").is_file():
+        raise CheckpointError(f"{root}: an unpacked NeMo 1 (.nemo) checkpoint (model_config.yaml + model_weights/);"
+                              " not read yet", hint="convert it with NeMo's Megatron export first")
 
 
 def _is_iter_dir(d: Path) -> bool:
@@ -111,17 +131,25 @@ def _open_legacy(root: Path, d: Path, it: int | None) -> CheckpointInfo:
     if not dirs:
         raise CheckpointError(f"{d}: no mp_rank_* directories", hint="copy the checkpoint again")
     first_name = sorted(dirs)[0]
-    first = dirs[first_name][1] / "model_optim_rng.pt"
-    if not first.is_file():
-        raise CheckpointError(f"{first}: missing", hint="every mp_rank_* directory needs model_optim_rng.pt")
-    sd = torch_load(first, mmap=zipfile.is_zipfile(first))
+    first = inside(d, dirs[first_name][1] / "model_optim_rng.pt")
+    sd = torch_load(first, mmap=_is_zip(first))
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{first}: holds a {type(sd).__name__}, not a Megatron state dict",
+                              hint="give the directory Megatron saved to")
     args = sd.get("args")
-    if args is None:
-        raise CheckpointError(f"{first}: has no 'args' (not saved by Megatron-LM's training loop?)",
-                              hint="pass the architecture with --config FILE.yaml")
-    tp = _arg(args, "tensor_model_parallel_size", _arg(args, "model_parallel_size", 1)) or 1
-    pp = _arg(args, "pipeline_model_parallel_size", 1) or 1
-    ep = _arg(args, "expert_model_parallel_size", 1) or 1
+    tp = _size(args, first, "tensor_model_parallel_size", "model_parallel_size")
+    pp = _size(args, first, "pipeline_model_parallel_size")
+    ep = _size(args, first, "expert_model_parallel_size")
+    etp = _size(args, first, "expert_tensor_parallel_size", default=tp)
+    args_missing = args is None
+    if args_missing:  # a release/ or converted checkpoint: the layout comes from the directory names
+        import argparse
+
+        tp = etp = 1 + max(int(m.group(1)) for m, _ in dirs.values())
+        pp = 1 + max(int(m.group(2) or 0) for m, _ in dirs.values())
+        ep = 1 + max(int(m.group(3) or 0) for m, _ in dirs.values())
+        args = argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  expert_model_parallel_size=ep)
     files: dict[tuple[int, int, int], Path] = {}
     for name, (m, p) in dirs.items():
         t, a, b = int(m.group(1)), m.group(2), m.group(3)
@@ -131,19 +159,82 @@ def _open_legacy(root: Path, d: Path, it: int | None) -> CheckpointInfo:
             pr, er = (int(a), 0) if pp > 1 else (0, int(a))  # a 3-digit suffix is EP when pp == 1
         else:
             pr, er = 0, 0
+        if (t, pr, er) in files:
+            raise CheckpointError(f"{d}: {files[(t, pr, er)].parent.name} and {name} are both tp={t} pp={pr} ep={er}",
+                                  hint="remove the stray directory (the iteration holds two layouts)")
+        if t >= tp or pr >= pp or er >= ep:
+            raise CheckpointError(f"{p}: rank outside tp={tp} pp={pp} ep={ep} from the args",
+                                  hint="the args disagree with the files; pass the layout with --config")
         files[(t, pr, er)] = p / "model_optim_rng.pt"
-    missing = [(t, p_, e) for t in range(tp) for p_ in range(pp) for e in range(ep) if (t, p_, e) not in files]
+    missing = _missing_ranks(files, tp, pp, ep, etp)
     if missing:
         names = ", ".join(_rank_dir_name(t, p_, e, pp, ep) for t, p_, e in missing[:6])
-        raise CheckpointError(f"{d}: missing rank directories {names} (args say tp={tp} pp={pp} ep={ep})",
+        raise CheckpointError(f"{d}: missing rank directories {names}{' ...' if len(missing) > 6 else ''} "
+                              f"(args say tp={tp} pp={pp} ep={ep} expert tp={etp})",
                               hint="copy the whole iteration directory; every rank's file is needed")
     for key, f in files.items():
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing", hint="every mp_rank_* directory needs model_optim_rng.pt")
-        if key[0] >= tp or key[1] >= pp or key[2] >= ep:
-            raise CheckpointError(f"{f.parent}: rank outside tp={tp} pp={pp} ep={ep} from the args",
-                                  hint="the args disagree with the files; pass the layout with --config")
-    return CheckpointInfo(root, d, "torch", sd.get("iteration", it), args, sd.get("checkpoint_version"), files)
+        files[key] = inside(d, f)
+    info = CheckpointInfo(root, d, "torch", sd.get("iteration", it), args, sd.get("checkpoint_version"), files)
+    info.expert_tp = etp
+    info.args_missing = args_missing
+    return info
+
+
+def _size(args, where: Path, *names: str, default: int = 1) -> int:
+    """A parallel size from the args (1 when absent), bounded so that no later loop is unbounded."""
+    v = None
+    for n in names:
+        v = _arg(args, n) if args is not None else None
+        if v is not None:
+            break
+    v = default if v is None else v
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= _MAX_PARALLEL:
+        raise CheckpointError(f"{where}: args.{names[0]} = {str(v)[:40]} is not a parallel size (1..{_MAX_PARALLEL})",
+                              hint="the args are damaged; pass the layout with --config")
+    return v
+
+
+def _missing_ranks(files, tp: int, pp: int, ep: int, etp: int) -> list[tuple[int, int, int]]:
+    """Rank files the layout needs and the directory lacks. Every (tp, pp) pair holds the dense weights and every
+    (ep, pp) pair the experts; when the expert TP size equals TP every (tp, ep) pair is its own file, otherwise
+    Megatron writes one file per rank of the world (e.g. TP2 EP2 ETP1: mp_rank_00_000 and mp_rank_01_001 only)."""
+    if len(files) > _MAX_PARALLEL:
+        return []
+    need: set[tuple[int, int, int]] = set()
+    if etp == tp or ep == 1:
+        if tp * pp * ep > 4 * len(files) + 64:  # far more than present: report without listing them all
+            return [(t, p, e) for t in range(min(tp, 2)) for p in range(min(pp, 2)) for e in range(min(ep, 2))
+                    if (t, p, e) not in files]
+        need = {(t, p, e) for t in range(tp) for p in range(pp) for e in range(ep)}
+        return sorted(need - set(files))
+    have_tp = {(t, p) for t, p, _ in files}
+    have_ep = {(e, p) for _, p, e in files}
+    out = [(t, p, 0) for p in range(min(pp, len(files) + 1)) for t in range(min(tp, len(files) + 1)) if (t, p) not in have_tp]
+    out += [(0, p, e) for p in range(min(pp, len(files) + 1)) for e in range(min(ep, len(files) + 1)) if (e, p) not in have_ep]
+    return out
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path`` if it resolves (symlinks followed) inside ``root`` and is a regular file; else a clear error."""
+    import stat
+
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise CheckpointError(f"{path}: points outside the checkpoint ({real})",
+                              hint="a checkpoint's files must lie inside its directory; copy the real file in")
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing", hint="copy the whole checkpoint directory") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file", hint="a checkpoint holds only plain files")
+    return path
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _rank_dir_name(t, p, e, pp, ep):
@@ -174,11 +265,16 @@ def _open_dist(root: Path, d: Path, it: int | None) -> CheckpointInfo:
         state = torch_load(common, mmap=False)
     else:
         state = store.common_state()
-    args = state.get("args") if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{d}: the common state holds a {type(state).__name__}, not a dict",
+                              hint="the checkpoint is damaged; copy it again")
+    args = state.get("args")
+    info = CheckpointInfo(root, d, "torch_dist", state.get("iteration", it), args, state.get("checkpoint_version"))
     if args is None:
-        raise CheckpointError(f"{d}: no args in the common state ({'common.pt' if common.is_file() else 'common_state'})",
-                              hint="pass the architecture with --config FILE.yaml")
-    return CheckpointInfo(root, d, "torch_dist", state.get("iteration", it), args, state.get("checkpoint_version"))
+        import argparse
+
+        info.args, info.args_missing = argparse.Namespace(), True
+    return info
 
 
 def _arg(args, name, default=None):
@@ -341,7 +437,9 @@ class DcpStore(Store):
         if self._meta is None:
             with self._lock:
                 if self._meta is None:
-                    self._meta = load_dcp_metadata(Path(self.root) / ".metadata")
+                    meta = load_dcp_metadata(Path(self.root) / ".metadata")
+                    validate_dcp(meta, Path(self.root))
+                    self._meta = meta
         return self._meta
 
     def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -475,12 +573,104 @@ class DcpStore(Store):
         keys = [k for k, md in self.metadata.state_dict_metadata.items()
                 if isinstance(md, BytesStorageMetadata) and k.split("/")[0] == "common_state"]
         if not keys:
+            if not (Path(self.root) / "metadata.json").is_file():
+                raise CheckpointError(f"{self.root}: a plain PyTorch DCP checkpoint without Megatron's common state "
+                                      "(Megatron-LM's --ckpt-format torch_dcp, or FSDP2); mexc reads the torch and "
+                                      "torch_dist formats", hint="load it in Megatron-LM and save it again with "
+                                      "--ckpt-format torch_dist")
             raise CheckpointError(f"{self.root}: no common.pt and no common_state item",
                                   hint="the checkpoint is incomplete; copy common.pt too")
         obj = self._load_chunk(self._chunks(keys[0])[0][2], what=f"{self.root} common_state")
         if isinstance(obj, list) and obj:
             obj = obj[0]
         return obj
+
+
+def validate_dcp(meta, root: Path) -> None:
+    """Check every size, offset, length and path a DCP ``.metadata`` declares before anything uses it.
+
+    Tensor items: a shape of non-negative ints; chunks inside the shape that tile it exactly (no gap, no overlap);
+    each chunk's storage record a plain file name in ``root`` (a regular file, symlinks only inside ``root``)
+    whose byte range lies in the file and holds at least the chunk's bytes.
+    """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    where = root / ".metadata"
+
+    def bad(msg):
+        return CheckpointError(f"{where}: {msg}", hint="the index is damaged or was tampered with; copy the "
+                               "checkpoint again")
+
+    sdm, storage = getattr(meta, "state_dict_metadata", None), getattr(meta, "storage_data", None)
+    if not isinstance(sdm, dict) or not isinstance(storage, dict):
+        raise bad("no state_dict_metadata / storage_data")
+    sizes: dict[str, int] = {}
+    for idx, info in storage.items():
+        name = getattr(info, "relative_path", None)
+        off, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,200}", name) or name in (".", ".."):
+            raise bad(f"item {getattr(idx, 'fqn', '?')} names file {str(name)[:80]!r} (only plain file names in "
+                      "the checkpoint directory)")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (off, length)):
+            raise bad(f"item {getattr(idx, 'fqn', '?')} has offset {off!r} and length {length!r}")
+        if name not in sizes:
+            sizes[name] = os.stat(inside(root, root / name)).st_size
+        if off + length > sizes[name]:
+            raise CheckpointError(f"{root / name}: truncated (item {idx.fqn} needs bytes {off}..{off + length}, "
+                                  f"the file has {sizes[name]})", hint="copy the checkpoint again")
+    for key, md in sdm.items():
+        if isinstance(md, BytesStorageMetadata):
+            continue
+        if not isinstance(md, TensorStorageMetadata):
+            raise bad(f"item {str(key)[:80]} is a {type(md).__name__}")
+        shape = tuple(md.size)
+        if not all(isinstance(n, int) and n >= 0 for n in shape) or not isinstance(md.properties.dtype, torch.dtype):
+            raise bad(f"tensor {key} has shape {shape} / dtype {md.properties.dtype!r}")
+        itemsize = torch.empty((), dtype=md.properties.dtype).element_size()
+        boxes = []
+        for c in md.chunks:
+            o, z = tuple(c.offsets), tuple(c.sizes)
+            if len(o) != len(shape) or len(z) != len(shape) or not all(
+                    isinstance(a, int) and isinstance(b, int) and a >= 0 and b >= 0 and a + b <= n
+                    for a, b, n in zip(o, z, shape)):
+                raise bad(f"tensor {key}: chunk at {o} of size {z} lies outside its shape {shape}")
+            if _NOT_MODEL.match(key):
+                continue
+            info = storage.get(_index(key, o))
+            if info is None:
+                raise bad(f"tensor {key}: chunk at {o} has no storage record")
+            if info.length < math.prod(z) * itemsize:
+                raise bad(f"tensor {key}: chunk at {o} declares {math.prod(z) * itemsize} bytes in a record of "
+                          f"{info.length}")
+            boxes.append((o, z))
+        if not _NOT_MODEL.match(key):
+            _check_tiling(key, shape, boxes, bad)
+
+
+def _index(fqn: str, offsets: tuple):
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    return MetadataIndex(fqn, torch.Size(offsets))
+
+
+def _check_tiling(key: str, shape: tuple, boxes: list, bad) -> None:
+    """The chunks cover ``shape`` exactly: their volumes add up and no two overlap (a sweep on dim 0)."""
+    if sum(math.prod(z) for _, z in boxes) != math.prod(shape):
+        raise bad(f"tensor {key}: its chunks hold {sum(math.prod(z) for _, z in boxes)} values, its shape "
+                  f"{list(shape)} needs {math.prod(shape)}")
+    if not shape:
+        if len(boxes) != 1:
+            raise bad(f"tensor {key}: a scalar in {len(boxes)} chunks")
+        return
+    active: list = []
+    for o, z in sorted(boxes):
+        if not z[0] or not math.prod(z):
+            continue
+        active = [(ao, az) for ao, az in active if ao[0] + az[0] > o[0]]
+        for ao, az in active:
+            if all(a < b + bz and b < a + az_ for a, az_, b, bz in zip(o, z, ao, az)):
+                raise bad(f"tensor {key}: chunks at {list(ao)} and {list(o)} overlap")
+        active.append((o, z))
 
 
 def _parse_key(key: str) -> tuple[str, int | None, tuple[int, ...] | None]:
