@@ -45,6 +45,8 @@ class CompileOptions:
     max_seq_len: int = 2048
     jobs: int = 2
     parallel_embedding: bool = False
+    accuracy_level: int = 4               # onnx ort: MatMulNBits accuracy_level (4 = int8 compute on CPU, as OGB)
+    quant_lm_head: bool | None = None     # onnx: quantize lm_head with --quant (None = the profile's default)
 
     def validate(self) -> None:
         for k in ("tp", "pp", "ep", "jobs", "max_batch_size", "max_input_len", "max_seq_len"):
@@ -60,6 +62,8 @@ class CompileOptions:
             raise UsageError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.quant is not None and self.quant not in ("int8-wo", "int4-wo", "fp8"):
             raise UsageError(f"--quant must be int8-wo, int4-wo or fp8, got {self.quant!r}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UsageError(f"--accuracy-level must be 0-4, got {self.accuracy_level!r}", hint="e.g. --accuracy-level 4")
 
 
 @dataclass

@@ -34,7 +34,7 @@ def _coerce(cls: type, field: dataclasses.Field, raw: str):
             raise ValueError(f"must be one of {', '.join(map(str, allowed))}")
         return raw
     if origin in (tuple, list):
-        parts = [p for p in raw.strip("()[]").split(":") if p] if raw else []
+        parts = [p for p in raw.strip('"').strip("()[]").split(":") if p] if raw else []
         return tuple(parts)
     if t is bool:
         if raw.lower() in ("true", "1", "yes", "on"):
@@ -106,7 +106,7 @@ def _fmt_value(v) -> str:
     if v is None:
         return "none"
     if isinstance(v, (tuple, list)):
-        return ":".join(map(str, v))
+        return ":".join(map(str, v)) or '""'
     s = str(v)
     return f'"{s}"' if (not s or re.search(r"[\s,{}=]", s)) else s
 

@@ -76,6 +76,12 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=0, help="int4/int8 group size (0 = per channel)")
     c.add_argument("--vocab-size", type=_positive_int, help="trim Megatron's vocab padding to the tokenizer's size")
     c.add_argument("--profile", choices=["ort", "tensorrt"], default="ort", help="ONNX flavour")
+    c.add_argument("--accuracy-level", type=int, choices=range(5), default=4, metavar="{0..4}",
+                   help="onnx ort --quant: MatMulNBits accuracy_level (4 = int8 compute on CPU, as onnxruntime-genai's "
+                        "builder; 0 = compute in the activation dtype)")
+    c.add_argument("--quant-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="onnx --quant: quantize the lm_head too (default: yes for --profile ort, as onnxruntime-genai's "
+                        "builder; no for tensorrt)")
     c.add_argument("--pipeline", default="", help="extra passes to run first, e.g. 'canonicalize,dce'")
     c.add_argument("--load", action="append", default=[], metavar="FILE", help="load user passes from FILE")
     c.add_argument("--force", action="store_true", help="replace an earlier mexc output (a directory with a "
@@ -212,7 +218,8 @@ def cmd_compile(a) -> int:
     opts = CompileOptions(target=a.target, tp=a.tp, pp=a.pp, ep=a.ep, dtype=a.dtype, quant=a.quant,
                           group_size=a.group_size, vocab_size=a.vocab_size, profile=a.profile, pipeline=a.pipeline,
                           build=a.build, force=a.force, max_batch_size=a.max_batch_size, max_input_len=a.max_input_len,
-                          max_seq_len=a.max_seq_len, jobs=a.jobs, parallel_embedding=a.parallel_embedding)
+                          max_seq_len=a.max_seq_len, jobs=a.jobs, parallel_embedding=a.parallel_embedding,
+                          accuracy_level=a.accuracy_level, quant_lm_head=a.quant_lm_head)
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
     res = compile_checkpoint(a.ckpt, a.out, opts, iteration=a.iteration, config=a.config,
                              overrides=dict(a.set), load=a.load,

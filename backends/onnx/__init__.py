@@ -20,6 +20,20 @@ from .tensorrt import build_engine, trtexec_command
 DTYPE_PASS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
+def quant_lm_head(opts: CompileOptions, profile: str) -> bool:
+    """Whether ``--quant`` covers the lm_head: ``--quant-lm-head`` if given, else yes for the ort profile (as
+    onnxruntime-genai's model builder does for int4) and no for tensorrt."""
+    return opts.quant_lm_head if opts.quant_lm_head is not None else profile == "ort"
+
+
+def cpu_needs_float32(model: Model, opts: CompileOptions, profile: str) -> bool:
+    """A weight-only quantized ort graph of a bf16 checkpoint (no ``--dtype``) computes in float32: ONNX Runtime's
+    CPU provider registers MatMulNBits, GroupQueryAttention and SkipSimplifiedLayerNormalization for float and
+    float16 only (onnxruntime docs/OperatorKernels.md, CPUExecutionProvider, com.microsoft domain)."""
+    return (profile == "ort" and opts.quant in ("int4-wo", "int8-wo") and opts.dtype is None
+            and model.config.dtype == DType.bf16)
+
+
 class OnnxBackend(Backend):
     name = "onnx"
     description = "ONNX decoder with KV cache (profiles: ort = ONNX Runtime contrib ops, tensorrt = standard ops)"
@@ -35,11 +49,18 @@ class OnnxBackend(Backend):
             if p is not None and p.type.shape[0] != V and opts.vocab_size is None:
                 passes.append(f"trim-vocab{{size={V}}}")
                 break
-        if opts.dtype:
-            passes.append(f"lower-dtype{{to={DTYPE_PASS[opts.dtype]}}}")
+        dtype = opts.dtype
+        if cpu_needs_float32(model, opts, self.profile(opts)):
+            dtype = "float32"
+            model.meta.setdefault("notes", []).append(
+                f"--quant {opts.quant} on a bfloat16 checkpoint: the ort profile computes in float32 (ONNX Runtime's "
+                "CPU MatMulNBits has no bfloat16 kernel); pass --dtype float16 for a float16 graph")
+        if dtype:
+            passes.append(f"lower-dtype{{to={DTYPE_PASS[dtype]}}}")
         if opts.quant in ("int4-wo", "int8-wo"):
             gs = opts.group_size or 32
-            passes.append(f"quantize{{scheme={opts.quant} group-size={gs}}}")
+            exclude = '""' if quant_lm_head(opts, self.profile(opts)) else "lm_head"   # "" = nothing excluded
+            passes.append(f"quantize{{scheme={opts.quant} group-size={gs} exclude={exclude}}}")
         return ",".join(passes)
 
     def check(self, model: Model, opts: CompileOptions) -> list[str]:
@@ -49,6 +70,9 @@ class OnnxBackend(Backend):
             out.append(f"unknown --profile {prof!r} (hint: use ort or tensorrt)")
         if opts.tp != 1 or opts.pp != 1 or opts.ep != 1 or model.parallel.tp != 1 or model.parallel.pp != 1:
             out.append("the ONNX graph is single-device; compile with --tp 1 --pp 1 --ep 1 (hint: drop --tp/--pp)")
+        if opts.quant in ("int4-wo", "int8-wo") and prof == "ort" and opts.dtype == "bfloat16":
+            out.append("--quant with --dtype bfloat16: ONNX Runtime's CPU MatMulNBits has no bfloat16 kernel "
+                       "(hint: --dtype float32 or float16, or --profile tensorrt)")
         if opts.quant == "fp8":
             out.append("fp8 weights are not supported by the onnx backend (hint: use --quant int4-wo or int8-wo)")
         if opts.quant in ("int4-wo", "int8-wo") and prof == "ort":

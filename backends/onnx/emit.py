@@ -31,7 +31,8 @@ def emit_onnx(model: Model, out: Path, opts: CompileOptions, profile: str, progr
     try:
         g = GraphBuilder(data)
         max_positions = max(model.config.max_position_embeddings, opts.max_seq_len)
-        plan = lower(model, g, profile, max_positions=max_positions, progress=progress)
+        plan = lower(model, g, profile, max_positions=max_positions, progress=progress,
+                     accuracy_level=opts.accuracy_level)
     finally:
         data.close()
         if progress:
@@ -51,7 +52,7 @@ def emit_onnx(model: Model, out: Path, opts: CompileOptions, profile: str, progr
                            hint="this is a bug: weights should all be external")
     write_new(out / MODEL_FILE, raw)
     files = {MODEL_FILE: len(raw), DATA_FILE: (out / DATA_FILE).stat().st_size}
-    notes = []
+    notes = list(model.meta.get("notes", ()))
     if profile == "ort":
         cfg = genai_config(model, plan, opts)
         text = json.dumps(cfg, indent=4) + "\n"
@@ -66,17 +67,16 @@ def genai_config(model: Model, plan: Plan, opts: CompileOptions) -> dict:
     """``genai_config.json`` for onnxruntime-genai (keys as its model builder writes them)."""
     c = model.config
     ctx = max(c.max_position_embeddings, 1)
-    # token ids come from the checkpoint's tokenizer when the frontend lifted them (config.extra); otherwise 0.
-    # onnxruntime-genai treats pad_token_id in a prompt as padding, so set these for the real tokenizer.
-    eos = c.get("eos_token_id", 0)
-    bos = c.get("bos_token_id", 0)
-    pad = c.get("pad_token_id", eos[0] if isinstance(eos, (list, tuple)) else eos)
+    # bos/eos/pad ids come from the tokenizer (or --set) through config.extra (mexc.frontends.tokenizer). Unknown
+    # ids are left out, never written as 0; pad defaults to eos, as onnxruntime-genai's model builder does.
+    eos = c.get("eos_token_id")
+    ids = {"bos_token_id": c.get("bos_token_id"), "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+           "pad_token_id": c.get("pad_token_id", eos[0] if isinstance(eos, (list, tuple)) else eos)}
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     layer0 = plan.layers[0] if plan.layers else None
     return {
         "model": {
-            "bos_token_id": bos,
             "context_length": ctx,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -90,8 +90,7 @@ def genai_config(model: Model, plan: Plan, opts: CompileOptions) -> dict:
                 "num_hidden_layers": len(plan.layers),
                 "num_key_value_heads": layer0.kv_heads if layer0 else 0,
             },
-            "eos_token_id": eos,
-            "pad_token_id": pad,
+            **{k: v for k, v in ids.items() if v is not None},
             "type": "decoder",
             "vocab_size": plan.vocab,
         },

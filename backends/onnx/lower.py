@@ -73,8 +73,10 @@ def gqa_rope_fusable(node: Node) -> bool:
 
 
 class Lowering:
-    def __init__(self, model: Model, g: GraphBuilder, profile: str, *, max_positions: int, progress=None):
+    def __init__(self, model: Model, g: GraphBuilder, profile: str, *, max_positions: int, progress=None,
+                 accuracy_level: int = 4):
         self.m = model
+        self.accuracy_level = accuracy_level
         self.g = g
         self.profile = profile
         self.io = io_dtype_of(model)
@@ -149,7 +151,7 @@ class Lowering:
             wq = self.g.weight(f"{base}.weight_q", u)
             sc = self.float_weight(f"{base}.weight_scale", scale.reshape(N * (K // G)))
             return self.g.op("MatMulNBits", [x, wq, sc], f"{base}/MatMulNBits", domain=MS, K=K, N=N, bits=bits,
-                             block_size=G, accuracy_level=0)
+                             block_size=G, accuracy_level=self.accuracy_level)
         # tensorrt: symmetric blocked DequantizeLinear (zero point 0) on [K, N] codes, then MatMul
         qt = q.t().contiguous()                             # [K, N]
         if bits == 4:
@@ -532,5 +534,9 @@ def _rename_output(g: GraphBuilder, name: str, new: str):
     raise BackendError(f"no node produces {name}")
 
 
-def lower(model: Model, g: GraphBuilder, profile: str, *, max_positions: int, progress=None) -> Plan:
-    return Lowering(model, g, profile, max_positions=max_positions, progress=progress).run()
+def lower(model: Model, g: GraphBuilder, profile: str, *, max_positions: int, progress=None,
+          accuracy_level: int = 4) -> Plan:
+    """Emit ``model`` into ``g``. ``accuracy_level`` is MatMulNBits' (ort profile): 4 quantizes activations to int8
+    per block on CPU (onnxruntime-genai's builder's CPU default), 0 computes in the activation dtype."""
+    return Lowering(model, g, profile, max_positions=max_positions, progress=progress,
+                    accuracy_level=accuracy_level).run()
