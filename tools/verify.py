@@ -1,20 +1,105 @@
-"""`mexc verify OUT --against CKPT`: run the compiled artifact and the source on fixed prompts."""
+"""`mexc verify OUT --against CKPT`: check the whole compiled artifact, then compare its logits to the source's.
+
+Steps, each printed as one line (``--json``: one object):
+
+1. ``source``: the checkpoint recorded in ``OUT/mexc-manifest.json``, and whether ``--against`` is that one
+   (same resolved path and iteration); a different one is said before any FAIL, which it may explain.
+2. ``artifact``: every file and tensor the manifest lists, checksums recomputed and NaN/Inf scanned, read
+   tensor by tensor in bounded memory (:mod:`mexc.tools.integrity`); one ``FAIL file: tensor ...`` line per
+   finding. A failed artifact stops here (its logits are not compared).
+3. ``runtime``: what runs the output: transformers (hf), ONNX Runtime on CPU (onnx, tensorrt: the engine is not
+   run), or, for trtllm, mexc's own reader of the TensorRT-LLM checkpoint (every rank, TP merged) on mexc's
+   reference executor: TensorRT-LLM itself is not involved. A trtllm output's replicated tensors must also be
+   identical on every TP rank.
+4. ``logits``: prefill logits of ``PROMPTS`` [2, 8] against mexc's reference executor on ``--against``; max
+   |delta| within a tolerance chosen from the dtype written (and the quantization scheme), top-1 agreement.
+
+Exit status: 0 all OK, 1 a FAIL; a combination that cannot be run here is one ``error:`` line.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
-from ..errors import MexcError, UsageError
+from ..errors import BackendError, MexcError, UsageError
+from .integrity import check_artifact, replicated_mismatches
 
 PROMPTS = torch.tensor([[1, 5, 9, 23, 42, 77, 3, 99], [0, 64, 31, 8, 15, 2, 50, 11]])
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
 QUANT_TOLERANCE = {"int8-wo": 5e-2, "int4-wo": 5e-1, "fp8": 5e-1, "fp8-channel": 5e-1}
+MANIFEST = "mexc-manifest.json"
 
 
-def artifact_logits(out: Path, target: str, tokens: torch.Tensor) -> torch.Tensor:
+def read_manifest(out: Path) -> dict:
+    """The output's manifest, checked for the keys verify needs; errors name the file."""
+    mf = out / MANIFEST
+    if not mf.is_file():
+        raise UsageError(f"{out}: not a mexc output (no {MANIFEST})", hint="give the -o of `mexc compile`")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{mf}: not valid JSON ({e})", hint="the output was damaged; compile it again") from None
+    except OSError as e:
+        raise UsageError(f"{mf}: cannot be read ({e.strerror})") from None
+    model = manifest.get("model") if isinstance(manifest, dict) else None
+    if not isinstance(model, dict) or not isinstance(manifest.get("target"), str) or \
+            not isinstance(model.get("vocab_size"), int) or model["vocab_size"] < 1:
+        raise UsageError(f"{mf}: lacks target or model.vocab_size", hint="the output was damaged; compile it again")
+    from ..backends.base import CHECKSUM
+
+    if manifest.get("checksum") != CHECKSUM:
+        raise UsageError(f"{mf}: checksums are {manifest.get('checksum')!r}; this mexc checks {CHECKSUM}",
+                         hint="compile the output again with this mexc")
+    return manifest
+
+
+def describe_source(src: dict) -> str:
+    """``/path (megatron, torch, iteration 10)`` from the manifest's ``source`` record."""
+    bits = [str(src[k]) for k in ("source", "format") if src.get(k)]
+    if src.get("iteration") is not None:
+        bits.append(f"iteration {src['iteration']}")
+    return f"{src.get('checkpoint', '(not recorded)')}" + (f" ({', '.join(bits)})" if bits else "")
+
+
+def same_source(recorded: dict, against: Path, meta: dict) -> bool:
+    """Is ``--against`` (lifted, ``meta``) the checkpoint the manifest records? Path (resolved) and iteration."""
+    rec = recorded.get("checkpoint")
+    if not rec or Path(rec).resolve() != against.resolve():
+        return False
+    return recorded.get("iteration") is None or meta.get("iteration") in (None, recorded["iteration"])
+
+
+def unsupported(manifest: dict) -> str | None:
+    """Why the logits of this output cannot be computed on this machine, or None."""
+    target, dtype = manifest["target"], manifest["model"].get("dtype")
+    if target in ("onnx", "tensorrt") and dtype == "bfloat16":
+        return ("a bfloat16 ONNX model does not run on ONNX Runtime's CPU provider (no bfloat16 MatMul kernel); "
+                "its checksums and NaN/Inf checks above are all verify can do here")
+    if target not in ("hf", "onnx", "tensorrt", "trtllm"):
+        return f"verify does not know target {target!r}"
+    return None
+
+
+def runtime_line(target: str) -> str:
+    if target == "hf":
+        import transformers
+
+        return f"transformers {transformers.__version__} (AutoModelForCausalLM, float32) on the output"
+    if target in ("onnx", "tensorrt"):
+        import onnxruntime
+
+        tail = "; the TensorRT engine itself is not run" if target == "tensorrt" else ""
+        return f"onnxruntime {onnxruntime.__version__} (CPU) on model.onnx{tail}"
+    return ("mexc's reader of TensorRT-LLM checkpoints (every rank, TP shards merged) on mexc's reference "
+            "executor: TensorRT-LLM itself is not involved and no engine is run")
+
+
+def artifact_logits(out: Path, target: str, tokens: torch.Tensor, lifted=None) -> torch.Tensor:
+    """Prefill logits ``[b, s, vocab]`` (float32) of the output run by its runtime (see :func:`runtime_line`)."""
     if target == "hf":
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -30,48 +115,115 @@ def artifact_logits(out: Path, target: str, tokens: torch.Tensor) -> torch.Tenso
 
         return prefill_logits(out, tokens)
     if target == "trtllm":
-        from ..frontends.trtllm import lift_trtllm
         from ..backends.reference.executor import run
+        from ..frontends.trtllm import lift_trtllm
 
-        return run(lift_trtllm(out), tokens)
+        return run(lifted if lifted is not None else lift_trtllm(out), tokens)
     raise UsageError(f"verify does not know target {target!r}")
+
+
+def tolerance(a, manifest: dict) -> float:
+    if a.tolerance is not None:
+        return a.tolerance
+    dtype = manifest["model"].get("dtype") or manifest.get("options", {}).get("dtype") or "float32"  # as written
+    tol = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
+    for scheme in re.findall(r"quantize\{scheme=([\w-]+)", str(manifest.get("pipeline", ""))):
+        tol = max(tol, QUANT_TOLERANCE.get(scheme, 5e-1))  # weights quantized by a pass: the scheme's error
+    return tol
 
 
 def verify_output(a) -> int:
     from ..driver import lift
-    from ..backends.reference.executor import run
 
     out = Path(a.out)
-    mf = out / "mexc-manifest.json"
-    if not mf.is_file():
-        raise UsageError(f"{out}: not a mexc output (no mexc-manifest.json)", hint="give the -o of `mexc compile`")
-    manifest = json.loads(mf.read_text())
+    manifest = read_manifest(out)
     target = manifest["target"]
+    recorded: dict = manifest["source"] if isinstance(manifest.get("source"), dict) else {}
+    result: dict = {"target": target, "source": recorded, "max_abs_delta": None, "top1_agreement": None,
+                    "tolerance": tolerance(a, manifest), "ok": False}
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        if not a.json:
+            print(line, flush=True)
+
+    def finish(ok: bool) -> int:
+        result["ok"] = ok
+        if a.json:
+            print(json.dumps(result, indent=2))
+        return 0 if ok else 1
+
+    say(f"source: {describe_source(recorded)}, as recorded in the manifest")
     src = lift(a.against)
-    vocab = manifest["model"]["vocab_size"]
-    tokens = PROMPTS.clamp(max=vocab - 1)
-    ref = run(src, tokens)[..., :vocab]
+    same = same_source(recorded, Path(a.against), src.meta)
+    result["against"], result["against_is_source"] = str(a.against), same
+    if not same:
+        say(f"note: --against {a.against} (iteration {src.meta.get('iteration')}) is not the recorded source "
+            "(another path or iteration): logits may differ for that reason alone")
+
+    report = check_artifact(out, manifest)
+    for p in report.problems:
+        say(str(p))
+    result["artifact"] = {"files": report.files, "tensors": report.tensors, "bytes": report.bytes,
+                          "problems": [str(p) for p in report.problems], "ok": report.ok}
+    say(f"artifact: {report.files} file(s), {report.tensors} tensors, {report.bytes / 1e6:.1f} MB: "
+        f"checksums ({manifest['checksum']}) and NaN/Inf: {'OK' if report.ok else f'{len(report.problems)} FAIL'}")
+    if not report.ok:
+        say("logits: not compared (the artifact failed the checks above)")
+        return finish(False)
+    lifted = None
+    if target == "trtllm":
+        from ..frontends.trtllm import lift_trtllm
+
+        lifted = lift_trtllm(out)  # a quantized checkpoint is refused here, with its reason
+        tp = int(json.loads((out / "config.json").read_text())["mapping"].get("tp_size", 1))  # checked above
+        ranks = replicated_mismatches(lifted, report, tp)
+        for p in ranks:
+            say(str(p))
+        result["ranks"] = {"tp": tp, "problems": [str(p) for p in ranks], "ok": not ranks}
+        if tp > 1:
+            say(f"ranks: tensors TensorRT-LLM keeps replicated are identical on all {tp} TP ranks: "
+                f"{'OK' if not ranks else f'{len(ranks)} FAIL'}")
+        if ranks:
+            say("logits: not compared (the ranks failed the check above)")
+            return finish(False)
+
+    why = unsupported(manifest)
+    if why:
+        result["error"] = why
+        if a.json:
+            print(json.dumps(result, indent=2))
+        raise BackendError(f"{out}: logits not compared: {why}",
+                           hint="to compare logits, compile the same model with --dtype float16 or float32")
     try:
-        got = artifact_logits(out, target, tokens)[..., :vocab].float()
+        result["runtime"] = runtime_line(target)
+        say(f"runtime: {result['runtime']}")
+        vocab = manifest["model"]["vocab_size"]
+        tokens = PROMPTS.clamp(max=vocab - 1)
+        got = artifact_logits(out, target, tokens, lifted)[..., :vocab].float()
     except MexcError:
         raise
     except ImportError as e:
         raise UsageError(f"verifying a {target} output needs a runtime that is not installed: {e}",
                          hint="pip install transformers onnxruntime") from None
-    dtype = manifest["model"].get("dtype") or manifest["options"].get("dtype") or "float32"  # as written
-    tol = a.tolerance if a.tolerance is not None else TOLERANCE[dtype]
-    if a.tolerance is None:  # weights quantized by a pass: the scheme's error dominates
-        import re
+    except Exception as e:  # noqa: BLE001 - a runtime's own error: one line (--debug shows the traceback)
+        msg = (str(e).strip().splitlines() or [""])[-1][:300]
+        raise BackendError(f"{out}: the {target} runtime could not run the output ({type(e).__name__}: {msg})",
+                           hint="run `mexc --debug verify ...` for the traceback") from e
+    from ..backends.reference.executor import run
 
-        for scheme in re.findall(r"quantize\{scheme=([\w-]+)", manifest["pipeline"]):
-            tol = max(tol, QUANT_TOLERANCE.get(scheme, 5e-1))
+    ref = run(src, tokens)[..., :vocab]
+    if ref.shape != got.shape:
+        say(f"FAIL logits: the output gives {list(got.shape)}, --against {a.against} gives {list(ref.shape)}: "
+            "they are different models")
+        return finish(False)
+    tol = result["tolerance"]
     delta = (got - ref).abs().max().item()
     top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     ok = delta <= tol
-    result = {"target": target, "max_abs_delta": delta, "top1_agreement": top1, "tolerance": tol, "ok": ok}
-    if a.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{target}: max |delta logits| = {delta:.3g} (tolerance {tol:g}), top-1 agreement {top1:.1%}: "
-              f"{'OK' if ok else 'FAIL'}")
-    return 0 if ok else 1
+    result.update(max_abs_delta=delta, top1_agreement=top1)
+    tail = "" if ok or same else " (--against is not the recorded source)"
+    say(f"{target}: max |delta logits| = {delta:.3g} (tolerance {tol:g}), top-1 agreement {top1:.1%}: "
+        f"{'OK' if ok else 'FAIL'}{tail}")
+    return finish(ok)
