@@ -10,54 +10,11 @@ from typing import Any
 
 from ...errors import ConfigError
 from ...ir.types import DType, Rope
+from .arguments import arg_aliases, refuse
 
-# field -> arg names to try, in order (newest first). One rule per line.
-ARG_ALIASES: dict[str, tuple[str, ...]] = {
-    "num_layers": ("num_layers", "encoder_num_layers"),
-    "hidden_size": ("hidden_size",),
-    "ffn_hidden_size": ("ffn_hidden_size",),
-    "num_heads": ("num_attention_heads",),
-    "kv_channels": ("kv_channels",),
-    "norm_eps": ("layernorm_epsilon", "norm_epsilon"),
-    "zero_centered_gamma": ("layernorm_zero_centered_gamma", "apply_layernorm_1p"),
-    "normalization": ("normalization",),
-    "padded_vocab_size": ("padded_vocab_size",),
-    "vocab_size": ("vocab_size",),
-    "max_position_embeddings": ("max_position_embeddings", "seq_length"),
-    "position_embedding_type": ("position_embedding_type",),
-    "rotary_percent": ("rotary_percent",),
-    "rotary_base": ("rotary_base",),
-    "rotary_interleaved": ("rotary_interleaved",),
-    "rope_interpolation": ("rotary_seq_len_interpolation_factor",),
-    "use_rope_scaling": ("use_rope_scaling",),
-    "rope_scaling_factor": ("rope_scaling_factor",),
-    "swiglu": ("swiglu",),
-    "squared_relu": ("squared_relu",),
-    "openai_gelu": ("openai_gelu",),
-    "gated_linear_unit": ("gated_linear_unit",),
-    "add_bias_linear": ("add_bias_linear",),
-    "add_qkv_bias": ("add_qkv_bias",),
-    "untie": ("untie_embeddings_and_output_weights",),
-    "qk_layernorm": ("qk_layernorm",),
-    "num_experts": ("num_experts", "num_moe_experts"),
-    "moe_topk": ("moe_router_topk",),
-    "moe_ffn_hidden_size": ("moe_ffn_hidden_size",),
-    "moe_score": ("moe_router_score_function",),
-    "moe_pre_softmax": ("moe_router_pre_softmax",),
-    "tp": ("tensor_model_parallel_size", "model_parallel_size"),
-    "pp": ("pipeline_model_parallel_size",),
-    "vp": ("virtual_pipeline_model_parallel_size",),
-    "ep": ("expert_model_parallel_size",),
-    "params_dtype": ("params_dtype",),
-    "bf16": ("bf16",),
-    "fp16": ("fp16",),
-    "first_stage_layers": ("decoder_first_pipeline_num_layers",),
-    "last_stage_layers": ("decoder_last_pipeline_num_layers",),
-    "transformer_impl": ("transformer_impl",),
-    "post_ln": ("apply_residual_connection_post_layernorm",),
-    "parallel_attn": ("parallel_attn", "parallel_attention"),
-    "embedding_scale": ("embedding_multiplier", "scale_embedding"),
-}
+# field -> arg names to try, in order (newest first): derived from the argument table, which also says how
+# mexc treats every argument it does not read (docs/arguments.md)
+ARG_ALIASES: dict[str, tuple[str, ...]] = arg_aliases()
 
 
 @dataclass(frozen=True)
@@ -89,6 +46,7 @@ class MegatronArch:
     moe_ffn_hidden_size: int = 0
     moe_score: str = "softmax"
     moe_pre_softmax: bool = False
+    moe_topk_scale: float = 1.0           # moe_router_topk_scaling_factor (None in the args = 1)
     parallel_block: bool = False
     embedding_scale: float = 1.0
     tp: int = 1
@@ -99,6 +57,7 @@ class MegatronArch:
     last_stage_layers: int | None = None
     dtype: DType = DType.f32
     family: str = "gpt"
+    replicated: str = "check"             # TP copies of replicated tensors: check | rank0 | mean (replicated.py)
 
 
 def _get(args: Any, field: str, default=None):
@@ -110,8 +69,12 @@ def _get(args: Any, field: str, default=None):
 
 
 def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) -> MegatronArch:
-    """Build the architecture from saved args (``where`` names the file for errors)."""
+    """Build the architecture from saved args (``where`` names the file for errors).
+
+    Raises :class:`ConfigError` when a saved argument changes the math and mexc does not honour it (the argument
+    table, :mod:`.arguments`), or when the args are missing or inconsistent."""
     overrides = dict(overrides or {})
+    refuse(args, where, overridden={f for f in overrides if f in ARG_ALIASES})
 
     def need(field):
         if field in overrides:
@@ -123,11 +86,8 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         return v
 
     L, H, nh = int(need("num_layers")), int(need("hidden_size")), int(need("num_heads"))
-    gqa = bool(getattr(args, "group_query_attention", False) if not isinstance(args, dict)
-               else args.get("group_query_attention", False))
-    nkv = int(overrides.get("num_kv_heads") or (
-        (args.get("num_query_groups") if isinstance(args, dict) else getattr(args, "num_query_groups", None))
-        if gqa else nh) or nh)
+    gqa = bool(_get(args, "gqa", False))
+    nkv = int(overrides.get("num_kv_heads") or (_get(args, "num_query_groups") if gqa else nh) or nh)
     d = int(overrides.get("head_dim") or _get(args, "kv_channels") or H // nh)
     swiglu = bool(_get(args, "swiglu", False))
     squared = bool(_get(args, "squared_relu", False))
@@ -141,7 +101,7 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
                           hint="mexc reads LayerNorm and RMSNorm; set `normalization:` in --config")
     pos = _get(args, "position_embedding_type")
     if pos is None:
-        pos = "rope" if getattr(args, "use_rotary_position_embeddings", False) else "learned_absolute"
+        pos = "rope" if _get(args, "use_rotary", False) else "learned_absolute"
     if pos not in ("rope", "learned_absolute", "none"):
         raise ConfigError(f"{where}: position_embedding_type {pos!r} is not supported yet",
                           hint="mexc lifts rope, learned_absolute and none")
@@ -152,7 +112,7 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         scaling, factor = "linear", float(_get(args, "rope_interpolation"))
     rope = Rope(base=float(_get(args, "rotary_base", 10000)), percent=float(_get(args, "rotary_percent", 1.0)),
                 interleaved=bool(_get(args, "rotary_interleaved", False)), scaling=scaling, factor=factor)
-    bias = bool(_get(args, "add_bias_linear", not getattr(args, "disable_bias_linear", False)))
+    bias = bool(_get(args, "add_bias_linear", not _get(args, "disable_bias_linear", False)))
     padded = int(need("padded_vocab_size"))
     vocab = int(overrides.get("vocab_size") or _get(args, "vocab_size") or padded)
     params_dtype = _get(args, "params_dtype")
@@ -203,6 +163,7 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),
         moe_score=str(_get(args, "moe_score", "softmax")), moe_pre_softmax=bool(_get(args, "moe_pre_softmax", False)),
+        moe_topk_scale=float(_get(args, "moe_topk_scale") or 1.0),
         parallel_block=parallel,
         embedding_scale=emb_scale,
         tp=int(_get(args, "tp", 1) or 1), pp=int(_get(args, "pp", 1) or 1), vp=int(vp), ep=int(_get(args, "ep", 1) or 1),
@@ -231,6 +192,8 @@ def _validate(a: MegatronArch, where: str):
         problems.append(f"padded_vocab_size={a.padded_vocab_size} does not split over tp={a.tp}")
     if a.num_layers % (a.pp * a.vp) and a.first_stage_layers is None and a.last_stage_layers is None:
         problems.append(f"num_layers={a.num_layers} does not split over pp={a.pp} x vp={a.vp}")
+    if a.replicated not in ("check", "rank0", "mean"):
+        problems.append(f"replicated={a.replicated!r} (use check, rank0 or mean)")
     if problems:
         raise ConfigError(f"{where}: inconsistent args: " + "; ".join(problems),
                           hint="fix them with --config FILE.yaml")
