@@ -10,8 +10,8 @@
 |             |                |                                                                | q_norm?, k_norm? [d]           |
 | mlp         | x              | activation, gated                                              | gate,up [F,H] (gated) or fc1;  |
 |             |                |                                                                | fc2 [H,F]; *_bias?             |
-| moe         | x              | num_experts, top_k, activation, gated, score, norm_topk        | router [E,H]; gate,up [E,F,H]  |
-|             |                |                                                                | or fc1; fc2 [E,H,F]            |
+| moe         | x              | num_experts, top_k, activation, gated, score, norm_topk,       | router [E,H]; gate,up [E,F,H]  |
+|             |                | pre_softmax, topk_scale                                        | or fc1; fc2 [E,H,F]            |
 | add         | x, y, ...      |                                                                | (residual sum)                 |
 | lm_head     | x              | tied                                                           | weight [V',H]                  |
 
@@ -176,8 +176,9 @@ def _check_mlp(node, model):
 
 @op_schema("moe", 1, {"num_experts": (int, None), "top_k": (int, 2), "activation": (str, "silu"),
                       "gated": (bool, True), "score": (str, "softmax"), "pre_softmax": (bool, False),
-                      "norm_topk": (bool, False)},
-           "mixture of experts: router, top-k, expert MLPs (Mixtral: softmax over top-k logits)")
+                      "norm_topk": (bool, False), "topk_scale": ((int, float), 1.0)},
+           "mixture of experts: router, top-k, expert MLPs (Mixtral: softmax over top-k logits); the top-k "
+           "routing weights are multiplied by topk_scale (Megatron's moe_router_topk_scaling_factor)")
 def _check_moe(node, model):
     p = []
     H, E = model.config.hidden_size, node.attrs["num_experts"]

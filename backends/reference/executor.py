@@ -236,6 +236,7 @@ class ReferenceExecutor:
             probs, idx = torch.sigmoid(logits).topk(k, -1)
             if a["norm_topk"]:
                 probs = probs / probs.sum(-1, keepdim=True)
+        probs = probs * a.get("topk_scale", 1.0)  # Megatron's moe_router_topk_scaling_factor
         gated = a["gated"]
         first = "gate" if gated else "fc1"
         ep_split = not node.params[first].sharding.replicated and node.params[first].sharding.axis == "ep"
