@@ -48,7 +48,8 @@ _PREV, _TARGET = "prev", "target"   # inside an "old" box: the previous output a
 
 
 class InterruptedAfterCommit(KeyboardInterrupt):
-    """A signal arrived while ``out`` was being swapped in; it was delivered once the complete output was in place."""
+    """A signal arrived while ``out`` was being swapped in; it was delivered once the complete output was in
+    place."""
 
     def __init__(self, out: Path):
         super().__init__(f"interrupted after {out} was written in full")
@@ -59,7 +60,7 @@ class InterruptedAfterCommit(KeyboardInterrupt):
 
 
 def open_new(path: Path) -> int:
-    """Create ``path`` for writing (``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0666 & ~umask); returns the descriptor.
+    """Create ``path`` for writing (``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0666 & ~umask); returns the fd.
 
     Raises :class:`BackendError` when anything (a file, a symbolic link, dangling or not) is already there."""
     try:
@@ -67,9 +68,10 @@ def open_new(path: Path) -> int:
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.ELOOP):
             raise
-        raise BackendError(f"{path}: something is already there (a file or symbolic link planted in the output?); "
-                           "mexc never writes through one",
-                           hint="make sure nothing else writes into the output directory while mexc runs") from None
+        raise BackendError(f"{path}: something is already there (a file or symbolic link planted in the "
+                           "output?); mexc never writes through one",
+                           hint="make sure nothing else writes into the output directory while mexc runs"
+                           ) from None
 
 
 def write_new(path: Path, data: bytes | str) -> int:
@@ -113,7 +115,7 @@ def _within(inner: str, outer: str) -> bool:
 
 
 def check_output(out: Path, force: bool) -> None:
-    """Refuse an ``-o`` that must not be written or replaced (one :class:`UsageError` naming it and the fix)."""
+    """Refuse an ``-o`` that must not be written or replaced (a :class:`UsageError` naming it and the fix)."""
     path = Path(os.path.abspath(out))
     limit = name_max(path.parent)
     if len(os.fsencode(path.name)) > limit:
@@ -146,7 +148,7 @@ def host_tag() -> str:
 
 
 def name_max(directory: Path) -> int:
-    """``NAME_MAX`` of the file system holding ``directory`` (or its nearest existing ancestor); 255 if unknown."""
+    """``NAME_MAX`` of the file system holding ``directory`` (or its nearest existing ancestor); else 255."""
     d = Path(directory)
     while not d.exists() and d != d.parent:
         d = d.parent
@@ -209,8 +211,8 @@ def clean_leftovers(parent: Path) -> list[str]:
                 target = Path(parent) / os.fsdecode((d / _TARGET).read_bytes())
                 if target.parent == Path(parent) and not os.path.lexists(target) and (d / _PREV).is_dir():
                     os.rename(d / _PREV, target)
-                    notes.append(f"{target}: put back the previous output, whose replacement (pid {m['pid']}) "
-                                 "was cut short")
+                    notes.append(f"{target}: put back the previous output, whose replacement "
+                                 f"(pid {m['pid']}) was cut short")
         shutil.rmtree(d, ignore_errors=True)
         if not os.path.lexists(d):
             notes.append(f"removed {d.name}, left by a killed mexc run (pid {m['pid']})")
@@ -247,7 +249,8 @@ def renameat2(src: Path, dst: Path, flags: int) -> bool:
     elif platform.system() == "Linux" and platform.machine() in _RENAMEAT2_SYSCALL:
         libc.syscall.restype = ctypes.c_long
         rc = libc.syscall(ctypes.c_long(_RENAMEAT2_SYSCALL[platform.machine()]), ctypes.c_int(AT_FDCWD),
-                          ctypes.c_char_p(s), ctypes.c_int(AT_FDCWD), ctypes.c_char_p(d), ctypes.c_uint(flags))
+                          ctypes.c_char_p(s), ctypes.c_int(AT_FDCWD), ctypes.c_char_p(d),
+                          ctypes.c_uint(flags))
     else:
         return False
     if rc == 0:
@@ -317,7 +320,8 @@ def _swap_in(tmp: Path, out: Path, shown) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: Path, force: bool = False, log: Callable[[str], None] | None = None) -> Iterator[Path]:
+def atomic_directory(out: Path, force: bool = False,
+                     log: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Yield a private temporary directory beside ``out``; on success it becomes ``out`` (replacing an earlier
     mexc output with ``force``), on any failure it vanishes. ``log`` receives notes on cleaned leftovers."""
     shown = out
@@ -330,9 +334,11 @@ def atomic_directory(out: Path, force: bool = False, log: Callable[[str], None] 
             (log or (lambda s: None))(note)
         tmp = _make_dir(parent, out.name, "tmp")
     except PermissionError:
-        raise BackendError(f"{parent}: no permission to write here", hint="choose an -o you can write to") from None
+        raise BackendError(f"{parent}: no permission to write here",
+                           hint="choose an -o you can write to") from None
     except OSError as e:
-        raise BackendError(f"{parent}: cannot create the output ({e.strerror})", hint="choose another -o") from None
+        raise BackendError(f"{parent}: cannot create the output ({e.strerror})",
+                           hint="choose another -o") from None
     replacing = os.path.lexists(out)
     committed = False
     try:
