@@ -10,7 +10,10 @@ a file or symbolic link planted in the directory is refused, never followed.
 swap is ``renameat2(RENAME_EXCHANGE)`` (Linux >= 3.15; ext4, xfs, btrfs, tmpfs, ...): ``OUT`` is always
 either the old or the new output. Where the kernel, libc or file system lacks it (``ENOSYS``/``EINVAL``/
 ``EOPNOTSUPP``, e.g. NFS), the old output is first moved into a marked box beside ``OUT``, then the new
-one renamed in; a failure between the two moves the old output back, or names where it is.
+one renamed in; a failure between the two moves the old output back, or names where it is. SIGINT,
+SIGTERM and SIGHUP arriving during the swap are delivered after it (the CLI then says the output is
+complete); after a ``kill -9`` between the two renames, the next run into the same parent puts the old
+output back.
 
 Temporary names are ``.{stem}.mexc-{tmp|old}-{host}-{pid}-{random}``: ``stem`` is ``OUT``'s name, cut and
 hashed where the whole name would pass ``NAME_MAX``; ``host`` is 8 hex digits of a hash of the host name;
