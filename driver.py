@@ -89,8 +89,12 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
                        config: str | Path | None = None, overrides: dict | None = None,
                        load: list[str] | tuple = (),
                        print_ir_after: set[str] | None = None, dump_ir: Path | None = None,
-                       log: Callable[[str], None] | None = None, progress=None) -> CompileResult:
-    """Compile the Megatron checkpoint ``ckpt`` to ``out`` (written atomically)."""
+                       log: Callable[[str], None] | None = None, progress=None,
+                       tokenizer: str | Path | None = None) -> CompileResult:
+    """Compile the Megatron checkpoint ``ckpt`` to ``out`` (written atomically). ``tokenizer`` (a path) or the
+    one the checkpoint's args name is written beside the model (:mod:`mexc.frontends.tokenizer`)."""
+    from .frontends import tokenizer as tokenizers
+
     log = log or (lambda s: None)
     opts.validate()
     backend = get_backend(opts.target)
@@ -102,15 +106,21 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
         load_pass_file(f)
     load_entry_point_passes()
     t0 = time.perf_counter()
+    overrides, id_overrides = tokenizers.split_overrides(overrides)
+    tok = tokenizers.resolve(ckpt, tokenizer, iteration)
     model = lift(ckpt, iteration=iteration, config=config, overrides=overrides)
     t1 = time.perf_counter()
     log(f"lifted {model.config.family} model: {model.config.num_layers} layers, "
         f"{model.param_count() / 1e6:.2f}M params ({model.meta.get('format')}, tp={model.meta.get('source_tp')} "
         f"pp={model.meta.get('source_pp')})")
+    vocab, vocab_note = tokenizers.default_vocab(model, tok) if opts.vocab_size is None else (None, None)
+    if vocab is not None:
+        opts.vocab_size = vocab
     passes = build_pipeline(model, opts, backend)
     pm = PassManager(passes, print_ir_after=print_ir_after or set(), dump_ir=dump_ir, log=log)
     pm(model)
     pipeline_text = format_pipeline(passes)
+    tokenizers.attach(model, tok, id_overrides)
     t2 = time.perf_counter()
     problems = backend.check(model, opts)
     if problems:
@@ -119,10 +129,15 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     tune_allocator()
     with atomic_directory(out, opts.force, log=log) as tmp:
         res = backend.emit(model, tmp, opts, progress=progress)
-        write_manifest(tmp, model=model, opts=opts, pipeline=pipeline_text, checksums=res.checksums)
+        if tok.tok is not None:
+            res.files.update(tokenizers.write(tok.tok, tmp))
+        write_manifest(tmp, model=model, opts=opts, pipeline=pipeline_text, checksums=res.checksums,
+                       extra=tok.manifest())
     res.out = out
     t3 = time.perf_counter()
-    notes = list(res.notes)
+    notes = list(res.notes) + ([vocab_note] if vocab_note else [])
+    if tok.tok is None:
+        notes.append(tokenizers.missing_note(tok.why_missing))
     if opts.build != "never":
         notes += backend.build(out, opts, log)
     t4 = time.perf_counter()

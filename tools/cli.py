@@ -25,6 +25,11 @@ EXAMPLES = {
                "  mexc inspect out/llama-trtllm --json",
     "passes": "example:\n  mexc passes\n  mexc passes reshard",
     "verify": "example:\n  mexc verify out/llama-hf --against examples/llama-tiny",
+    "run": "example:\n  mexc run out/llama-hf --prompt 'the quick brown'\n"
+           "  mexc run out/llama-onnx --prompt 'hello world' --max-new-tokens 8 --json",
+    "tokenizer": "example:\n  mexc tokenizer out/llama-hf --from /data/tokenizer\n"
+                 "  mexc tokenizer out/llama-onnx --from tokenizer.model --force\n"
+                 "  mexc tokenizer out/llama-trtllm --from vocab.json,merges.txt",
 }
 
 
@@ -56,11 +61,22 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        v = metadata.version("mexc")
+    except metadata.PackageNotFoundError:
+        from .. import __version__ as v
+    return f"mexc {v}"
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mexc", description="Compile Megatron-LM / Megatron-Core checkpoints for inference engines.",
                 epilog="example:\n  mexc compile examples/llama-tiny --target trtllm -o out/trtllm",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
 
     c = sub.add_parser("compile", help="compile a checkpoint to a target", epilog=EXAMPLES["compile"],
@@ -75,6 +91,8 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant", choices=["int8-wo", "int4-wo", "fp8"])
     c.add_argument("--group-size", type=int, default=0, help="int4/int8 group size (0 = per channel)")
     c.add_argument("--vocab-size", type=_positive_int, help="trim Megatron's vocab padding to the tokenizer's size")
+    c.add_argument("--tokenizer", metavar="PATH", help="tokenizer written beside the model (HF dir, SentencePiece "
+                   ".model, vocab.json,merges.txt or .tiktoken; default: the files the checkpoint's args name)")
     c.add_argument("--profile", choices=["ort", "tensorrt"], default="ort", help="ONNX flavour")
     c.add_argument("--accuracy-level", type=int, choices=range(5), default=4, metavar="{0..4}",
                    help="onnx ort --quant: MatMulNBits accuracy_level (4 = int8 compute on CPU, as onnxruntime-genai's "
@@ -127,6 +145,20 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--against", required=True, metavar="CKPT")
     v.add_argument("--tolerance", type=float, help="max |delta logits| allowed (default: by dtype)")
     v.add_argument("--json", action="store_true")
+    r = sub.add_parser("run", help="greedy text generation from an hf or onnx output (transformers / "
+                       "onnxruntime-genai)", epilog=EXAMPLES["run"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("out")
+    r.add_argument("--prompt", required=True, help="text to continue")
+    r.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    r.add_argument("--json", action="store_true", help="print ids, text and runtime as JSON")
+    t = sub.add_parser("tokenizer", help="add (or replace) the tokenizer of a compiled output",
+                       epilog=EXAMPLES["tokenizer"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("out")
+    t.add_argument("--from", dest="source", required=True, metavar="PATH",
+                   help="HF tokenizer dir, SentencePiece .model, vocab.json,merges.txt or .tiktoken")
+    t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=_override,
+                   help="override bos_token_id / eos_token_id / pad_token_id")
+    t.add_argument("--force", action="store_true", help="replace tokenizer files already there")
     comp = sub.add_parser("completion", help="print a shell completion script",
                           epilog="example:\n  source <(mexc completion bash)\n  mexc completion zsh > ~/.zfunc/_mexc",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,6 +243,7 @@ def _install_signal_handlers():
 
 def cmd_compile(a) -> int:
     from ..backends.base import CompileOptions
+    from ..backends.serve import serve_commands
     from ..driver import compile_checkpoint
 
     quiet = a.quiet or a.json
@@ -224,9 +257,9 @@ def cmd_compile(a) -> int:
     res = compile_checkpoint(a.ckpt, a.out, opts, iteration=a.iteration, config=a.config,
                              overrides=dict(a.set), load=a.load,
                              print_ir_after=set(a.print_ir_after), dump_ir=Path(a.dump_ir) if a.dump_ir else None,
-                             log=log, progress=progress)
+                             log=log, progress=progress, tokenizer=a.tokenizer)
     if a.json:
-        print(json.dumps(res.summary(), indent=2))
+        print(json.dumps({**res.summary(), "serve": serve_commands(res.out)}, indent=2))
     elif not quiet:
         size = sum(res.emit.files.values())
         print(f"wrote {res.out} ({len(res.emit.files)} files, {size / 1e6:.2f} MB, {res.emit.tensors} tensors) "
@@ -234,6 +267,8 @@ def cmd_compile(a) -> int:
         print(f"pipeline: {res.pipeline}", file=sys.stderr)
         for n in res.notes:
             print(f"note: {n}", file=sys.stderr)
+        for cmd in serve_commands(res.out):
+            print(f"serve: {cmd}", file=sys.stderr)
     return 0
 
 
@@ -306,6 +341,18 @@ def cmd_verify(a) -> int:
     return verify_output(a)
 
 
+def cmd_run(a) -> int:
+    from .run import cmd_run as run
+
+    return run(a)
+
+
+def cmd_tokenizer(a) -> int:
+    from .tokenizer import add_tokenizer
+
+    return add_tokenizer(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     a = parser.parse_args(argv)
@@ -317,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _install_signal_handlers()
     try:
-        return {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "verify": cmd_verify}[a.cmd](a)
+        return {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "verify": cmd_verify,
+                "run": cmd_run, "tokenizer": cmd_tokenizer}[a.cmd](a)
     except MexcError as e:
         if a.debug:
             raise

@@ -1,0 +1,157 @@
+"""``mexc run OUT --prompt TEXT``: greedy text generation from a compiled output, on this machine.
+
+* ``hf`` outputs run through ``transformers`` (``AutoModelForCausalLM`` + ``AutoTokenizer``, ``generate`` with
+  ``do_sample=False``);
+* ``onnx`` outputs of the ``ort`` profile run through onnxruntime-genai (``og.Model``, ``og.Tokenizer``,
+  ``og.Generator`` with greedy search), exactly what a deployment with onnxruntime-genai does.
+
+``trtllm`` and ``tensorrt`` outputs need a GPU and TensorRT(-LLM): the error prints the command that serves
+them. Every output needs its tokenizer files (``mexc compile --tokenizer`` or ``mexc tokenizer OUT --from``).
+Errors: :class:`~mexc.errors.UsageError` (wrong output kind, no tokenizer), ToolNotFoundError (runtime absent).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BackendError, ToolNotFoundError, UsageError
+
+MANIFEST = "mexc-manifest.json"
+
+
+@dataclass
+class Generation:
+    """One greedy generation: the prompt's ids, the new ids, the decoded new text, the runtime, seconds."""
+
+    runtime: str
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"runtime": self.runtime, "prompt_ids": self.prompt_ids, "new_ids": self.new_ids,
+                "text": self.text, "seconds": round(self.seconds, 3)}
+
+
+def read_manifest(out: Path) -> dict:
+    """The output's manifest; UsageError when ``out`` is not a mexc output."""
+    path = out / MANIFEST
+    if not out.is_dir():
+        raise UsageError(f"{out}: no such directory", hint="give the -o directory of `mexc compile`")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"{out}: not a mexc output (no readable {MANIFEST})",
+                         hint="give the -o directory of `mexc compile`") from None
+    if not isinstance(m, dict) or m.get("producer") != "mexc":
+        raise UsageError(f"{path}: not written by mexc", hint="give the -o directory of `mexc compile`")
+    return m
+
+
+def has_tokenizer(out: Path) -> bool:
+    return (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+
+
+def generate(out: str | Path, prompt: str, max_new_tokens: int = 16) -> Generation:
+    """Greedy generation of up to ``max_new_tokens`` tokens after ``prompt`` (stops at eos)."""
+    out = Path(out)
+    target = read_manifest(out).get("target")
+    if target in ("trtllm", "tensorrt"):
+        from ..backends.serve import serve_commands
+
+        cmds = "; ".join(serve_commands(out))
+        raise UsageError(f"{out}: a {target} output runs on a GPU with TensorRT{'-LLM' if target == 'trtllm' else ''}"
+                         ", not here", hint=f"serve it there: {cmds}")
+    if not has_tokenizer(out):
+        raise UsageError(f"{out}: has no tokenizer files (tokenizer.json), so text cannot be encoded",
+                         hint=f"add one: mexc tokenizer {out} --from PATH")
+    if target == "hf":
+        return _run_hf(out, prompt, max_new_tokens)
+    if target == "onnx":
+        if not (out / "genai_config.json").is_file():
+            raise UsageError(f"{out}: an ONNX output of the tensorrt profile has no genai_config.json",
+                             hint="compile with --profile ort to run it with onnxruntime-genai")
+        return _run_onnx(out, prompt, max_new_tokens)
+    raise UsageError(f"{out}: unknown target {target!r} in its manifest", hint="recompile it with this mexc")
+
+
+def _run_hf(out: Path, prompt: str, n: int) -> Generation:
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise ToolNotFoundError("running an hf output needs transformers", hint="pip install 'mexc[hf]'") from None
+    t0 = time.perf_counter()
+    transformers.utils.logging.disable_progress_bar()
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32)
+    model.eval()
+    ids = tok(prompt, return_tensors="pt")
+    if ids.input_ids.shape[1] == 0:
+        raise UsageError(f"the prompt {prompt!r} encodes to no tokens", hint="give a longer prompt")
+    n = _budget(ids.input_ids.shape[1], n, model.config.max_position_embeddings)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.no_grad():
+        seq = model.generate(**ids, do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=0,
+                             pad_token_id=pad, eos_token_id=tok.eos_token_id)[0].tolist()
+    p = ids.input_ids.shape[1]
+    new = seq[p:]
+    return Generation("transformers " + transformers.__version__, seq[:p], new,
+                      tok.decode(new, skip_special_tokens=True), time.perf_counter() - t0)
+
+
+def _run_onnx(out: Path, prompt: str, n: int) -> Generation:
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise ToolNotFoundError("running an onnx output needs onnxruntime-genai",
+                                hint="pip install onnxruntime-genai") from None
+    t0 = time.perf_counter()
+    cfg = json.loads((out / "genai_config.json").read_text())
+    try:
+        model = og.Model(str(out))
+        tok = og.Tokenizer(model)
+    except Exception as e:   # og raises plain RuntimeError / OrtException for any file problem
+        raise BackendError(f"{out}: onnxruntime-genai cannot load it: {str(e).splitlines()[0]}",
+                           hint="recompile it with --profile ort") from None
+    prompt_ids = [int(i) for i in tok.encode(prompt)]
+    if not prompt_ids:
+        raise UsageError(f"the prompt {prompt!r} encodes to no tokens", hint="give a longer prompt")
+    n = _budget(len(prompt_ids), n, cfg["model"]["context_length"])
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt_ids) + n)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt_ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+    seq = [int(i) for i in gen.get_sequence(0)]
+    new = seq[len(prompt_ids):]
+    eos = cfg["model"].get("eos_token_id")
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    shown = [i for i in new if i not in eos]
+    return Generation("onnxruntime-genai " + og.__version__, prompt_ids, new, tok.decode(shown),
+                      time.perf_counter() - t0)
+
+
+def _budget(prompt_len: int, n: int, context: int) -> int:
+    """New tokens that fit in the context window (positions are learned or rope-scaled up to ``context``)."""
+    if prompt_len >= context:
+        raise UsageError(f"the prompt is {prompt_len} tokens, the model's context is {context}",
+                         hint="give a shorter prompt")
+    return max(0, min(n, context - prompt_len))
+
+
+def cmd_run(a) -> int:
+    g = generate(a.out, a.prompt, a.max_new_tokens)
+    if a.json:
+        print(json.dumps(g.summary(), indent=2))
+    else:
+        print(f"{a.prompt}{g.text}")
+        print(f"({g.runtime}, greedy, {len(g.new_ids)} new tokens, {g.seconds:.2f}s)", file=sys.stderr)
+    return 0
