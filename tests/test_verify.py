@@ -200,6 +200,11 @@ def _truncate(out):
     f.write_bytes(f.read_bytes()[:-100])
 
 
+def _truncate_deep(out):
+    f = out / "rank1.safetensors"
+    f.write_bytes(f.read_bytes()[:-60000])
+
+
 def _drop_rank(out):
     (out / "rank1.safetensors").unlink()
 
@@ -243,6 +248,7 @@ def _fifo(out):
 
 @pytest.mark.parametrize("break_it,needles", [
     (_truncate, ["FAIL rank1.safetensors: tensor", "truncated"]),
+    (_truncate_deep, ["FAIL rank1.safetensors: tensor", "truncated; ", "more tensor(s) after it are cut too"]),
     (_drop_rank, ["FAIL rank1.safetensors: missing (the manifest lists 17 tensors in it)"]),
     (_extra_rank, ["FAIL rank2.safetensors: weight file not in the manifest"]),
     (_extra_tensor, ["FAIL rank1.safetensors: tensor transformer.extra.weight: not in the manifest"]),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass, field
@@ -174,23 +175,24 @@ def onnx_spans(out: Path, model_file: Path, report: Report) -> dict[str, list[Sp
     for t in proto.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        ext = {e.key: e.value for e in t.external_data}
+        name = t.name if isinstance(t.name, str) else repr(t.name)  # protobuf hands back bytes for bad UTF-8
+        ext = {str(e.key): e.value for e in t.external_data}
         loc = ext.get("location")
-        if loc is None or _inside(out, loc) is None:
-            report.fail(rel, t.name, f"external data location {loc!r} is not a file inside the output")
+        if not isinstance(loc, str) or _inside(out, loc) is None:
+            report.fail(rel, name, f"external data location {loc!r} is not a file inside the output")
             continue
         try:
             off, n = int(ext.get("offset", 0)), int(ext["length"])
         except (KeyError, ValueError):
-            report.fail(rel, t.name, f"external data offset/length missing or not integers: {ext}")
+            report.fail(rel, name, f"external data offset/length missing or not integers: {ext}")
             continue
         code, item = types.get(t.data_type, (None, None))
         want = math.ceil(math.prod(t.dims) * item) if item else n
         if off < 0 or n != want:
-            report.fail(rel, t.name, f"external data offset {off} / length {n} do not hold type {t.data_type} "
+            report.fail(rel, name, f"external data offset {off} / length {n} do not hold type {t.data_type} "
                                      f"dims {list(t.dims)}")
             continue
-        spans.setdefault(loc, []).append(Span(t.name, code, off, n))
+        spans.setdefault(loc, []).append(Span(name, code, off, n))
     return spans
 
 
@@ -244,12 +246,16 @@ def check_file(path: Path, rel: str, spans: list[Span], expected: dict[str, str]
         report.fail(rel, name, "not in the manifest (added after compile)")
     size = path.stat().st_size
     sums = report.sums.setdefault(rel, {})
+    cut = [s for s in spans if s.offset + s.length > size]
+    if cut:  # one line for a truncated file, naming the first tensor it cuts
+        first = min(cut, key=lambda s: s.offset)
+        more = f"; {len(cut) - 1} more tensor(s) after it are cut too" if len(cut) > 1 else ""
+        report.fail(rel, first.name, f"the file ends at byte {size}, inside or before this tensor's bytes "
+                                     f"{first.offset}..{first.offset + first.length}: truncated{more}")
     with open(path, "rb", buffering=0) as f:
         for s in sorted(spans, key=lambda s: s.offset):
             report.tensors += 1
             if s.offset + s.length > size:
-                report.fail(rel, s.name, f"bytes {s.offset}..{s.offset + s.length} lie past the end of the file "
-                                         f"({size} bytes): truncated")
                 continue
             digest, n, bad, first = scan(f, s, buf, new_checksum)
             report.bytes += n
@@ -370,8 +376,10 @@ def replicated_mismatches(model, report: Report, tp: int) -> list[Problem]:
     read: dict[tuple[int, str], set[int]] = {}
     for _, _, p in model.graph.params():
         for leaf in p.source.leaves():
-            fname, tname = leaf.attrs["key"].split(":", 1)
-            r = int(fname[len("rank"):-len(".safetensors")])
+            m = re.fullmatch(r"rank(\d+)\.safetensors:(.+)", str(leaf.attrs.get("key", "")), re.S)
+            if m is None:
+                continue
+            r, tname = int(m.group(1)), m.group(2)
             read.setdefault((r // tp, tname), set()).add(r)
     problems = []
     for (stage, tname), ranks in sorted(read.items()):

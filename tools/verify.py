@@ -176,7 +176,14 @@ def verify_output(a) -> int:
     if target == "trtllm":
         from ..frontends.trtllm import lift_trtllm
 
-        lifted = lift_trtllm(out)  # a quantized checkpoint is refused here, with its reason
+        try:
+            lifted = lift_trtllm(out)  # a quantized checkpoint is refused here, with its reason
+        except MexcError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a config.json the checksums do not cover: one line
+            raise BackendError(f"{out / 'config.json'}: mexc's TensorRT-LLM reader cannot lift this output "
+                               f"({type(e).__name__}: {e})", hint="the config was edited or damaged; compile again"
+                               ) from e
         tp = int(json.loads((out / "config.json").read_text())["mapping"].get("tp_size", 1))  # checked above
         ranks = replicated_mismatches(lifted, report, tp)
         for p in ranks:
