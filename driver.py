@@ -45,6 +45,12 @@ def lift(ckpt: str | Path, *, iteration: int | None = None, config: str | Path |
     return megatron_lift(ckpt, iteration=iteration, config=config, overrides=overrides)
 
 
+def frontend_record(model: Model) -> dict:
+    """What the manifest records of the lift's own choices (``--replicated``, unjudged saved arguments)."""
+    return {"replicated": model.meta.get("replicated", "check"),
+            "unknown_args": [a for a in model.meta.get("unknown_args", "").split(",") if a]}
+
+
 def build_pipeline(model: Model, opts: CompileOptions, backend: Backend) -> list:
     """User passes first (after trim-vocab for --vocab-size), then the backend's legalization."""
     text = opts.pipeline.strip()
@@ -110,6 +116,10 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     tok = tokenizers.resolve(ckpt, tokenizer, iteration)
     model = lift(ckpt, iteration=iteration, config=config, overrides=overrides)
     t1 = time.perf_counter()
+    if model.meta.get("unknown_args"):  # one line: the argument table does not know these (docs/arguments.md)
+        unknown = model.meta["unknown_args"].split(",")
+        log(f"warning: {len(unknown)} saved argument(s) not in mexc's argument table, not judged: "
+            f"{', '.join(unknown[:12])}{' ...' if len(unknown) > 12 else ''} (`mexc inspect --args CKPT`)")
     log(f"lifted {model.config.family} model: {model.config.num_layers} layers, "
         f"{model.param_count() / 1e6:.2f}M params ({model.meta.get('format')}, tp={model.meta.get('source_tp')} "
         f"pp={model.meta.get('source_pp')})")
@@ -132,7 +142,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
         if tok.tok is not None:
             res.files.update(tokenizers.write(tok.tok, tmp))
         write_manifest(tmp, model=model, opts=opts, pipeline=pipeline_text, checksums=res.checksums,
-                       extra=tok.manifest())
+                       extra={**tok.manifest(), "frontend": frontend_record(model)})
     res.out = out
     t3 = time.perf_counter()
     notes = list(res.notes) + ([vocab_note] if vocab_note else [])

@@ -110,6 +110,9 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="YAML file overriding architecture fields the saved args lack or get wrong")
     c.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=_override,
                    help="override one architecture field (after --config), e.g. --set num_kv_heads=8")
+    c.add_argument("--replicated", choices=["check", "rank0", "mean"], default=None,
+                   help="TP copies of replicated tensors (norms, row-parallel biases) in legacy checkpoints: check "
+                        "they agree (default), take rank 0's, or average them; recorded in the manifest")
     c.add_argument("--parallel-embedding", action="store_true", help="split the embedding table over tp")
     c.add_argument("--max-batch-size", type=_positive_int, default=8)
     c.add_argument("--max-input-len", type=_positive_int, default=1024)
@@ -127,6 +130,8 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--layers", action="store_true", help="per-layer table")
     i.add_argument("--rules", action="store_true", help="print the Megatron key mapping table")
+    i.add_argument("--args", action="store_true", help="print the Megatron argument table's verdict for each "
+                   "argument the checkpoint saved (without CKPT's args: the whole table)")
     i.add_argument("--iteration", type=int)
     i.add_argument("--config")
     i.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=_override)
@@ -255,7 +260,8 @@ def cmd_compile(a) -> int:
                           accuracy_level=a.accuracy_level, quant_lm_head=a.quant_lm_head)
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
     res = compile_checkpoint(a.ckpt, a.out, opts, iteration=a.iteration, config=a.config,
-                             overrides=dict(a.set), load=a.load,
+                             overrides={**dict(a.set), **({"replicated": a.replicated} if a.replicated else {})},
+                             load=a.load,
                              print_ir_after=set(a.print_ir_after), dump_ir=Path(a.dump_ir) if a.dump_ir else None,
                              log=log, progress=progress, tokenizer=a.tokenizer)
     if a.json:

@@ -22,6 +22,8 @@ def inspect_path(a) -> int:
 
         print(describe())
         return 0
+    if getattr(a, "args", False):
+        return print_args(path, a.iteration, a.json)
     manifest = path / "mexc-manifest.json"
     if manifest.is_file() and a.ir:
         m = json.loads(manifest.read_text())
@@ -74,6 +76,7 @@ def inspect_path(a) -> int:
         "parallel": {"tp": meta.get("source_tp"), "pp": meta.get("source_pp"), "ep": meta.get("source_ep"),
                      "vp": meta.get("source_vp")},
         "parameters": model.param_count(), "bytes_by_dtype": model.bytes_by_dtype(),
+        "unknown_args": [x for x in meta.get("unknown_args", "").split(",") if x],
     }
     if a.json:
         print(json.dumps(summary, indent=2))
@@ -87,6 +90,9 @@ def inspect_path(a) -> int:
     print(f"parallel:   tp={p['tp']} pp={p['pp']} ep={p['ep']} vp={p['vp']}")
     print(f"params:     {summary['parameters']:,} ({summary['parameters'] / 1e6:.2f}M)")
     print("bytes:      " + ", ".join(f"{k} {_human(v)}" for k, v in sorted(summary["bytes_by_dtype"].items())))
+    if summary["unknown_args"]:
+        print(f"args:       {len(summary['unknown_args'])} saved argument(s) not in mexc's argument table: "
+              + ", ".join(summary["unknown_args"]))
     if a.layers:
         print(f"\n{'layer':>5s}  {'op':10s} {'params':>12s}  types")
         for n in model.graph.nodes:
@@ -95,6 +101,29 @@ def inspect_path(a) -> int:
             numel = sum(p.type.numel for p in n.params.values())
             types = ", ".join(f"{k}:{p.type}" for k, p in n.params.items())
             print(f"{'-' if n.layer is None else n.layer:>5}  {n.op:10s} {numel:>12,}  {types}")
+    return 0
+
+
+def print_args(path: Path, iteration: int | None, as_json: bool) -> int:
+    """``mexc inspect --args``: the argument table's verdict for every argument the checkpoint saved."""
+    from ..frontends.megatron.arguments import apply, describe, status
+    from ..frontends.megatron.reader import open_checkpoint
+
+    info = open_checkpoint(path, iteration)
+    v = apply(info.args)
+    if as_json:
+        print(json.dumps({"path": str(path), "problems": v.problems, "unknown": v.unknown,
+                          "args": [{"name": n, "value": repr(x), "verdict": r.verdict if r else "unknown", "status": status(r, x),
+                                    "by": r.by if r else "", "fix": r.fix if r else "",
+                                    "versions": r.versions if r else ""} for n, x, r in v.rows]}, indent=2))
+        return 0
+    print(describe(info.args))
+    counts: dict[str, int] = {}
+    for _, x, r in v.rows:
+        k = status(r, x)
+        counts[k] = counts.get(k, 0) + 1
+    print(f"\n{len(v.rows)} saved arguments: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+          + (f"\nrefused: {'; '.join(v.problems)}" if v.problems else "; nothing refused"))
     return 0
 
 

@@ -20,6 +20,8 @@ from ...ir.analysis import node_roles
 from ...ir.tensors import Recipe, TensorCache
 from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry, write_new,
                     write_safetensors)
+from ...passes.fold_moe_scaling import has_topk_scale
+from ...passes.rope_to_half import has_interleaved_rope
 from . import families
 from .names import Rule, rules_for
 
@@ -144,7 +146,9 @@ class HFBackend(Backend):
         family = families.classify(model)[0]
         qkv = (["fuse-qkv", "relayout-qkv{to=grouped}"] if family in families.FUSED_QKV else ["split-qkv"])
         fold = "false" if family in families.ZERO_CENTERED else "true"   # Gemma/Nemotron norms add 1 themselves
-        steps = [*qkv, f"canonicalize{{fold-gamma={fold}}}", "reshard{tp=1 pp=1 ep=1}"]
+        exact = (["rope-to-half"] if has_interleaved_rope(model) else []) + \
+            (["fold-moe-scaling"] if has_topk_scale(model) else [])   # exact rewrites (issue 16)
+        steps = [*exact, *qkv, f"canonicalize{{fold-gamma={fold}}}", "reshard{tp=1 pp=1 ep=1}"]
         if opts.dtype:
             steps.append(f"lower-dtype{{to={opts.dtype} keep-norms-fp32=false keep-router-fp32=false}}")
         return ",".join(steps)
@@ -160,6 +164,8 @@ class HFBackend(Backend):
                             f"--ep {opts.ep}); loaders shard it at load time: drop --tp/--pp/--ep")
         family, fam_problems = families.classify(model)
         problems += fam_problems
+        if has_topk_scale(model):
+            problems.append("a MoE top-k scaling factor: no transformers class reads one; run fold-moe-scaling")
         if family is not None and not fam_problems:
             problems += plan(model, family)[1]
         return problems

@@ -14,6 +14,7 @@ from ...errors import BackendError, ToolNotFoundError
 from ...ir import Model
 from ...ir.types import DType
 from ..base import Backend, CompileOptions, EmitResult, register_backend
+from ...passes.fold_moe_scaling import has_topk_scale
 from .emit import emit_onnx
 from .tensorrt import build_engine, trtexec_command
 
@@ -43,6 +44,8 @@ class OnnxBackend(Backend):
 
     def legalize_pipeline(self, opts: CompileOptions, model: Model) -> str:
         passes = ["canonicalize", "fuse-qkv", "relayout-qkv{to=concat}"]
+        if has_topk_scale(model):   # exact; the lowering has no routing-weight scale (issue 16)
+            passes.insert(0, "fold-moe-scaling")
         V = model.config.vocab_size
         for n in model.graph.find(("embedding", "lm_head")):
             p = n.params.get("word" if n.op == "embedding" else "weight")
@@ -73,6 +76,8 @@ class OnnxBackend(Backend):
         if opts.quant in ("int4-wo", "int8-wo") and prof == "ort" and opts.dtype == "bfloat16":
             out.append("--quant with --dtype bfloat16: ONNX Runtime's CPU MatMulNBits has no bfloat16 kernel "
                        "(hint: --dtype float32 or float16, or --profile tensorrt)")
+        if has_topk_scale(model):
+            out.append("a MoE top-k scaling factor is not lowered; run fold-moe-scaling")
         if opts.quant == "fp8":
             out.append("fp8 weights are not supported by the onnx backend (hint: use --quant int4-wo or int8-wo)")
         if opts.quant in ("int4-wo", "int8-wo") and prof == "ort":

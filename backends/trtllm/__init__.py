@@ -30,6 +30,8 @@ from ...ir import Model, Param, derive
 from ...ir.analysis import has_parallel_blocks, node_roles, parallel_block_norms
 from ...ir.tensors import Recipe
 from ...ir.tensors import TensorCache
+from ...passes.fold_moe_scaling import has_topk_scale
+from ...passes.rope_to_half import has_interleaved_rope
 from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry,
                     register_backend, worker_thread_init, write_new, write_safetensors)
 from .build import build_engines, require_tool
@@ -56,6 +58,7 @@ def _arch(model: Model) -> tuple[str | None, list[str]]:
         return "FalconForCausalLM", _falcon_problems(model)
     if attn.attrs["qk_norm"] != "none":
         problems.append("QK layernorm is not supported by the Llama/GPT checkpoint classes")
+    problems += _unrewritten(model)
     rope = attn.attrs["rope"]
     if attn.attrs["position"] == "rope" and rope.scaling not in ("none", "linear", "llama3"):
         problems.append(f"rope scaling {rope.scaling!r} is not expressible")
@@ -79,12 +82,30 @@ def _arch(model: Model) -> tuple[str | None, list[str]]:
     return None, problems
 
 
+def _exact_rewrites(model: Model) -> list[str]:
+    """Passes that turn what no TensorRT-LLM class reads into what they all do, exactly (issue 16)."""
+    return (["rope-to-half"] if has_interleaved_rope(model) else []) + \
+        (["fold-moe-scaling"] if has_topk_scale(model) else [])
+
+
+def _unrewritten(model: Model) -> list[str]:
+    """What the exact rewrites leave for a pipeline that skipped them: refused, never written and ignored."""
+    p = []
+    if has_interleaved_rope(model):
+        p.append("interleaved (GPT-J) rotary: no TensorRT-LLM class applies rope_gptj to this layout; run "
+                 "rope-to-half")
+    if has_topk_scale(model):
+        p.append("a MoE top-k scaling factor: TensorRT-LLM's MoE does not read one; run fold-moe-scaling")
+    return p
+
+
 def _attention_problems(model: Model, cls: str, scaling_ok: tuple[str, ...]) -> list[str]:
     """Attention features TensorRT-LLM's Gemma / Falcon decoder layers cannot express."""
     problems = []
     attn = next(model.graph.find("attention"))
     a = attn.attrs
     rope = a["rope"]
+    problems += _unrewritten(model)
     if a["position"] != "rope":
         problems.append(f"{cls} uses rotary positions (rope_gpt_neox); this model has position={a['position']!r}")
     elif rope.interleaved:
@@ -192,7 +213,7 @@ class TRTLLMBackend(Backend):
     description = "TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) and trtllm-build engines"
 
     def legalize_pipeline(self, opts: CompileOptions, model: Model) -> str:
-        steps = ["canonicalize{fold-gamma=true}", "relayout-qkv{to=concat}"]
+        steps = [*_exact_rewrites(model), "canonicalize{fold-gamma=true}", "relayout-qkv{to=concat}"]
         if any("q" in n.params for n in model.graph.find("attention")):
             steps.insert(0, "fuse-qkv")
         # GemmaConfig forces use_parallel_embedding = tp_size > 1 (its table is shared with lm_head)
@@ -251,8 +272,10 @@ class TRTLLMBackend(Backend):
             "head_size": a["head_dim"],
             "intermediate_size": ffn,
             "norm_epsilon": norm.attrs["eps"],
+            # interleaved rope was rewritten to rotate-half by rope-to-half: TensorRT-LLM's Llama never reads
+            # rope_gptj, so writing it would only be ignored
             "position_embedding_type": "learned_absolute" if "position" in emb.params else (
-                ("rope_gptj" if a["rope"].interleaved else "rope_gpt_neox") if a["position"] == "rope" else "none"),
+                "rope_gpt_neox" if a["position"] == "rope" else "none"),
             "use_parallel_embedding": not emb.params["word"].sharding.replicated,
             "embedding_sharding_dim": 0,
             "share_embedding_table": False,

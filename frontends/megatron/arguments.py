@@ -419,6 +419,16 @@ def refuse(args: Any, where: str, overridden=frozenset()) -> Verdicts:
     return v
 
 
+def status(r: Arg | None, value: Any) -> str:
+    """What one saved value amounts to: REFUSED, honoured, default (a refused/honoured row at its default),
+    irrelevant or UNKNOWN."""
+    if r is None:
+        return "UNKNOWN"
+    if r.problem(value):
+        return "REFUSED"
+    return "default" if r.verdict != IRRELEVANT and r.at_default(value) else r.verdict
+
+
 def describe(args: Any | None = None) -> str:
     """The table as text: every row (``args`` None), or the verdict for each argument of one checkpoint."""
     lines = []
@@ -436,12 +446,11 @@ def describe(args: Any | None = None) -> str:
             lines.append(f"{'UNKNOWN':10s} {name:48s} = {_show(value)}")
             continue
         problem = r.problem(value)
-        verdict = "REFUSED" if problem else ("default" if r.verdict != IRRELEVANT and r.at_default(value)
-                                              else r.verdict)
+        verdict = status(r, value)
         note = problem or r.by or (f"refused when set: {r.fix}" if r.fix else "")
         lines.append(f"{verdict:10s} {name:48s} = {_show(value):14s} {note}")
     return "\n".join(lines)
 
 
-__all__ = ["Arg", "ROWS", "CATEGORIES", "BY_NAME", "lookup", "apply", "refuse", "describe", "arg_aliases",
+__all__ = ["status", "Arg", "ROWS", "CATEGORIES", "BY_NAME", "lookup", "apply", "refuse", "describe", "arg_aliases",
            "release_span", "Verdicts", "HONOURED", "REFUSED", "IRRELEVANT"]

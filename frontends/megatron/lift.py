@@ -54,7 +54,7 @@ def lift(path: str | Path, *, iteration: int | None = None, config: str | Path |
     unknown = apply_arguments(info.args).unknown
     if unknown:
         model.meta["unknown_args"] = ",".join(unknown)
-    if arch.replicated != "check" and info.format == "torch" and arch.tp > 1:
+    if arch.replicated != "check":
         model.meta["replicated"] = arch.replicated
     from ...ir import verify
 
@@ -157,7 +157,8 @@ def _merge(store, role, layer, shards, arch: MegatronArch, info, tp: int) -> Rec
             if shards[r][1] != shards[0][1]:
                 raise CheckpointError(f"{shards[r][2]}: {role} (layer {layer}) is {shards[r][1]} but rank 0 has "
                                       f"{shards[0][1]}", hint="the TP ranks disagree on a replicated tensor")
-        where = f"{info.iter_dir}: {role}" + (f" of layer {layer}" if layer is not None else "")
+        where = f"{info.iter_dir}: {shards[0][0].split(':', 1)[-1]} ({role}" + (
+            f" of layer {layer})" if layer is not None else ")")
         return replicated_copies(leaves, [Path(shards[r][2]).parent.name for r in ranks], where, arch.replicated)
     dim = 1 if merge == "row" else 0
     for r in ranks[1:]:
