@@ -184,7 +184,7 @@ _STACKED = re.compile(r"^decoder\.layers\.(?!\d+\.)(.*)$")
 
 
 def _roles_dist(info: CheckpointInfo, arch: MegatronArch):
-    store = DcpStore("ckpt", str(info.iter_dir.resolve()))
+    store = info.store if info.store is not None else DcpStore("ckpt", str(info.iter_dir.resolve()))
     roles: dict[tuple, Recipe] = {}
     unmapped = []
     for key, (dt, shape) in sorted(store.tensors().items()):

@@ -45,6 +45,7 @@ class CheckpointInfo:
     rank_files: dict[tuple[int, int, int], Path] = field(default_factory=dict)  # (tp, pp, ep) -> file (torch)
     expert_tp: int | None = None    # expert_tensor_parallel_size (legacy files; None: the same as tp)
     args_missing: bool = False      # no saved args (release/ or converted): the architecture must be given
+    store: Store | None = None      # the torch_dist store to read (set by a wrapper: key prefix, tar member files)
 
 
 def locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, int | None]:
@@ -53,14 +54,10 @@ def locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, 
     if not root.exists():
         raise CheckpointError(f"{root}: no such directory", hint="give the Megatron save directory (--save)")
     if not root.is_dir():
-        if root.name.endswith(".nemo"):
-            raise CheckpointError(f"{root}: a NeMo .nemo archive; not read yet",
-                                  hint="unpack it and convert it with NeMo's Megatron export first")
         raise CheckpointError(f"{root}: not a directory", hint="give the Megatron save directory, not a file")
     if _is_iter_dir(root):
         m = re.match(r"iter_(\d+)$", root.name)
         return root, root, int(m.group(1)) if m else None
-    _refuse_wrappers(root)
     iters = sorted(p for p in root.iterdir() if p.is_dir() and (_ITER.match(p.name) or p.name == "release"))
     by_number = {int(m.group(1)): p for p in iters if (m := _ITER.match(p.name))}
     tracker = root / "latest_checkpointed_iteration.txt"
@@ -96,23 +93,19 @@ def locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, 
                           "latest_checkpointed_iteration.txt", hint="choose one with --iteration N")
 
 
-def _refuse_wrappers(root: Path) -> None:
-    """NeMo and Megatron-Bridge keep a Megatron checkpoint inside their own layout: say what was found."""
-    if (root / "context").is_dir() and (root / "weights").is_dir():
-        raise CheckpointError(f"{root}: a NeMo 2 checkpoint (context/ + weights/); mexc does not read NeMo's "
-                              "config yet", hint="export it to a Megatron checkpoint with NeMo (or Megatron-Bridge) "
-                              "first, or pass the weights directory with --config FILE.yaml describing the model")
-    if (root / "model_weights").is_dir() or (root / "model_config.yaml").is_file():
-        raise CheckpointError(f"{root}: an unpacked NeMo 1 (.nemo) checkpoint (model_config.yaml + model_weights/);"
-                              " not read yet", hint="convert it with NeMo's Megatron export first")
-
-
 def _is_iter_dir(d: Path) -> bool:
     return (d / "metadata.json").is_file() or (d / ".metadata").is_file() or any(
         p.name.startswith("mp_rank_") for p in d.iterdir())
 
 
 def open_checkpoint(path: str | Path, iteration: int | None = None) -> CheckpointInfo:
+    """The checkpoint at ``path``: a Megatron-LM save, or one a NeMo / Megatron-Bridge layout wraps
+    (:mod:`.wrappers`: the architecture then comes from the wrapper's saved config)."""
+    from .wrappers import open_wrapped
+
+    wrapped = open_wrapped(Path(path), iteration)
+    if wrapped is not None:
+        return wrapped
     root, d, it = locate(path, iteration)
     if (d / "metadata.json").is_file() or (d / ".metadata").is_file():
         return _open_dist(root, d, it)
@@ -419,28 +412,46 @@ def _flatten(obj, prefix, out):
 
 @register_store
 class DcpStore(Store):
-    """A torch_dist (PyTorch DCP) checkpoint. Key: ``<global key>`` or ``<global key>@<i>`` (index on dim 0)."""
+    """A torch_dist (PyTorch DCP) checkpoint. Key: ``<global key>`` or ``<global key>@<i>`` (index on dim 0).
+
+    ``prefix``: a prefix every model key carries on disk and that keys here leave out (NeMo's ``module.`` /
+    ``model.``). Subclasses may keep the files elsewhere (a ``.nemo`` tar: :mod:`.wrappers`) by overriding
+    ``_file`` and ``_load_metadata``."""
 
     kind = "megatron-dist"
 
-    def __init__(self, name: str, root: str):
+    def __init__(self, name: str, root: str, prefix: str = ""):
         super().__init__(name)
         self.root = root
+        self.prefix = prefix
         self._meta = None
         self._lock = threading.Lock()
 
     def spec(self):
-        return {"root": self.root}
+        return {"root": self.root, **({"prefix": self.prefix} if self.prefix else {})}
 
     @property
     def metadata(self):
         if self._meta is None:
             with self._lock:
                 if self._meta is None:
-                    meta = load_dcp_metadata(Path(self.root) / ".metadata")
-                    validate_dcp(meta, Path(self.root))
-                    self._meta = meta
+                    self._meta = self._load_metadata()
         return self._meta
+
+    def _load_metadata(self):
+        meta = load_dcp_metadata(Path(self.root) / ".metadata")
+        validate_dcp(meta, Path(self.root))
+        return meta
+
+    def _file(self, name: str) -> tuple[Path, int, int | None]:
+        """(file on disk, byte offset where DCP file ``name`` starts in it, its size or None: the file's)."""
+        return Path(self.root) / name, 0, None
+
+    def _fqn(self, base: str) -> str:
+        """The on-disk key of ``base`` (the prefix put back where the checkpoint has it)."""
+        if self.prefix and self.prefix + base in self.metadata.state_dict_metadata:
+            return self.prefix + base
+        return base
 
     def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Global key -> (dtype, global shape) for every tensor item (optimizer state excluded)."""
@@ -449,7 +460,8 @@ class DcpStore(Store):
         out = {}
         for k, md in self.metadata.state_dict_metadata.items():
             if isinstance(md, TensorStorageMetadata) and not _NOT_MODEL.match(k):
-                out[k] = (md.properties.dtype, tuple(md.size))
+                out[k[len(self.prefix):] if self.prefix and k.startswith(self.prefix) else k] = (
+                    md.properties.dtype, tuple(md.size))
         return out
 
     def _chunks(self, base: str) -> list[tuple[tuple, tuple, Any]]:
@@ -470,7 +482,7 @@ class DcpStore(Store):
     def _selected_chunks(self, key: str):
         """(offsets, sizes, storage info) of the chunks ``key`` (``base``, ``base@i``, ``...#offsets``) reads."""
         base, index, want = _parse_key(key)
-        for off, sizes, info in self._chunks(base):
+        for off, sizes, info in self._chunks(self._fqn(base)):
             if want is not None and off != want:
                 continue
             if index is not None and not (off[0] <= index < off[0] + sizes[0]):
@@ -483,7 +495,7 @@ class DcpStore(Store):
         any other tiling. Lifting a tensor as the concat of its chunks lets a writer read each chunk in place
         instead of assembling the tensor in memory first."""
         base, index, _ = _parse_key(key)
-        md = self.metadata.state_dict_metadata.get(base)
+        md = self.metadata.state_dict_metadata.get(self._fqn(base))
         if md is None:
             return None
         chunks = []
@@ -514,32 +526,34 @@ class DcpStore(Store):
     def prefetch(self, key: str) -> None:
         """Have the kernel read the chunks ``key`` reads (returns once the reads are queued or done)."""
         for _, _, info in self._selected_chunks(key):
-            _advise_file(Path(self.root) / info.relative_path, info.offset, info.length)
+            path, start, _ = self._file(info.relative_path)
+            _advise_file(path, start + info.offset, info.length)
 
     def _load_chunk(self, info, dtype: torch.dtype | None = None, sizes: tuple | None = None,
                     what: str | None = None):
         """One saved chunk. Fast path: the chunk's raw record is memory-mapped in place (no unpickling, no
         copy; the kernel reads ahead); otherwise it is ``torch.load``ed from its byte range."""
-        path = Path(self.root) / info.relative_path
+        path, start, size = self._file(info.relative_path)
         if getattr(info, "transform_descriptors", None):
             raise CheckpointError(f"{path}: compressed/transformed DCP items are not supported",
                                   hint="re-save the checkpoint without DCP transforms")
         try:
-            size = os.path.getsize(path)
+            size = os.path.getsize(path) if size is None else size
         except FileNotFoundError:
             raise CheckpointError(f"{path}: missing", hint="copy every __*.distcp file of the checkpoint") from None
         if size < info.offset + info.length:
             raise CheckpointError(f"{path}: truncated (needed bytes {info.offset}..{info.offset + info.length}, "
                                   f"file has {size})", hint="copy the checkpoint again")
         with open(path, "rb") as f:
-            mapped = _map_saved_tensor(f, path, info, dtype, sizes) if dtype is not None else None
+            at = start + info.offset
+            mapped = _map_saved_tensor(f, path, at, info.length, dtype, sizes) if dtype is not None else None
             if mapped is not None:
                 return mapped
-            return torch_load_file(_Window(f, info.offset, info.length), what or str(path))
+            return torch_load_file(_Window(f, at, info.length), what or str(path))
 
     def read(self, key, type):
         base, index, chunk = _parse_key(key)
-        md = self.metadata.state_dict_metadata.get(base)
+        md = self.metadata.state_dict_metadata.get(self._fqn(base))
         found = list(self._selected_chunks(key)) if md is not None else []
         if md is None or (chunk is not None and not found):
             raise CheckpointError(f"{self.root}: no tensor {key!r} in .metadata", hint="lift the checkpoint again")
@@ -586,12 +600,13 @@ class DcpStore(Store):
         return obj
 
 
-def validate_dcp(meta, root: Path) -> None:
+def validate_dcp(meta, root: Path, file_size=None) -> None:
     """Check every size, offset, length and path a DCP ``.metadata`` declares before anything uses it.
 
     Tensor items: a shape of non-negative ints; chunks inside the shape that tile it exactly (no gap, no overlap);
     each chunk's storage record a plain file name in ``root`` (a regular file, symlinks only inside ``root``)
-    whose byte range lies in the file and holds at least the chunk's bytes.
+    whose byte range lies in the file and holds at least the chunk's bytes. ``file_size(name)``, when given, gives
+    the size of each file instead (files inside an archive).
     """
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
@@ -614,7 +629,7 @@ def validate_dcp(meta, root: Path) -> None:
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (off, length)):
             raise bad(f"item {getattr(idx, 'fqn', '?')} has offset {off!r} and length {length!r}")
         if name not in sizes:
-            sizes[name] = os.stat(inside(root, root / name)).st_size
+            sizes[name] = file_size(name) if file_size else os.stat(inside(root, root / name)).st_size
         if off + length > sizes[name]:
             raise CheckpointError(f"{root / name}: truncated (item {idx.fqn} needs bytes {off}..{off + length}, "
                                   f"the file has {sizes[name]})", hint="copy the checkpoint again")
@@ -680,8 +695,8 @@ def _parse_key(key: str) -> tuple[str, int | None, tuple[int, ...] | None]:
     return base, (int(sel) if sel else None), (tuple(int(x) for x in chunk.split(",")) if chunk else None)
 
 
-def _map_saved_tensor(f, path: Path, info, dtype: torch.dtype, sizes: tuple) -> torch.Tensor | None:
-    """Memory-map the data record of a ``torch.save``d contiguous tensor that sits at ``info.offset`` in ``f``.
+def _map_saved_tensor(f, path: Path, offset: int, length: int, dtype: torch.dtype, sizes: tuple) -> torch.Tensor | None:
+    """Memory-map the data record of a ``torch.save``d contiguous tensor of ``length`` bytes at ``offset`` in ``f``.
 
     DCP writes each chunk as a torch.save zip whose ``*/data/0`` record is stored uncompressed. The record is
     used only when its size is exactly ``prod(sizes) * itemsize`` of the dtype the DCP metadata declares;
@@ -690,26 +705,26 @@ def _map_saved_tensor(f, path: Path, info, dtype: torch.dtype, sizes: tuple) -> 
     import numpy as np
 
     try:
-        with zipfile.ZipFile(_Window(f, info.offset, info.length)) as z:
+        with zipfile.ZipFile(_Window(f, offset, length)) as z:
             names = [zi for zi in z.infolist() if zi.filename.endswith("/data/0")]
             if len(names) != 1 or len([zi for zi in z.infolist() if "/data/" in zi.filename]) != 1:
                 return None
             zi = names[0]
             if zi.compress_type != zipfile.ZIP_STORED:
                 return None
-            f.seek(info.offset + zi.header_offset)
+            f.seek(offset + zi.header_offset)
             local = f.read(30)
             if local[:4] != b"PK\x03\x04":
                 return None
             name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
-            start = info.offset + zi.header_offset + 30 + name_len + extra_len
+            start = offset + zi.header_offset + 30 + name_len + extra_len
     except (zipfile.BadZipFile, OSError, ValueError):
         return None
     numel = 1
     for n in sizes:
         numel *= n
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if zi.file_size != numel * itemsize or start + zi.file_size > info.offset + info.length:
+    if zi.file_size != numel * itemsize or start + zi.file_size > offset + length:
         return None
     if numel == 0:
         return torch.empty(sizes, dtype=dtype)

@@ -1,0 +1,500 @@
+"""Megatron checkpoints inside NeMo and Megatron-Bridge layouts: where the torch_dist checkpoint is, and the
+architecture from the wrapper's saved config, as Megatron-LM argument names.
+
+Layouts read (from NeMo's and Megatron-Bridge's own save code; docs/checkpoint-formats.md):
+
+* **NeMo 2** directory: ``context/model.yaml`` (the model, ``_target_`` class paths, its ``config:`` section with
+  megatron-core ``TransformerConfig`` field names, functions as ``{_target_: torch.nn.functional.silu, _call_:
+  false}``) and ``weights/``: a megatron-core torch_dist checkpoint whose keys carry ``module.`` (NeMo's
+  ``MegatronParallel`` adds it).
+* **NeMo 1** (``.nemo`` archive or its unpacked directory): ``model_config.yaml`` (NeMo 1 names: ``activation:
+  swiglu``, ``normalization: rmsnorm``, ``bias``, ``rotary_percentage``, ...) and ``model_weights/``, a torch_dist
+  checkpoint with ``model.``-prefixed keys (``mcore_gpt: true`` models).
+* **``.nemo`` archives** (an uncompressed tar of either of the above) are read in place: every member is
+  validated (plain files and directories only, relative names without ``..``, data within the archive) and a
+  weight is read from its byte range in the tar; nothing is extracted.
+* **Megatron-Bridge**: a Megatron ``iter_NNNNNNN`` torch_dist directory with ``run_config.yaml`` beside its
+  files (the ``ConfigContainer``; its ``model:`` section is the provider: ``TransformerConfig`` names), no
+  Megatron-LM ``args``; keys as Megatron-LM's.
+
+The config is translated into a Megatron-LM ``argparse.Namespace`` (:data:`RENAMED`, :func:`_activation`, ...) that
+the argument table (:mod:`.arguments`) then judges like saved args. A field that changes the math and has no
+translation is refused with one line naming the config file (never dropped); fields the table does not know are
+listed as ``unknown_args`` in the lifted model, as for Megatron-LM args. Config files are parsed with
+``yaml.safe_load``: no ``_target_`` is ever imported or called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+import yaml
+
+from ...errors import CheckpointError, ConfigError
+from . import arguments
+from .reader import CheckpointInfo, DcpStore, inside, locate, validate_dcp
+from .safe_load import MAX_PICKLE_BYTES, _wrap
+from .unpickle import SafeUnpickler
+
+MAX_CONFIG_BYTES = 16 << 20      # a model.yaml / run_config.yaml is kilobytes
+MAX_MEMBERS = 1 << 20            # members of a .nemo archive
+_EMBEDDING = "embedding.word_embeddings.weight"
+_DTYPES = {"torch.float32": torch.float32, "torch.float": torch.float32, "torch.bfloat16": torch.bfloat16,
+           "torch.float16": torch.float16, "torch.half": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------ entry
+
+
+def open_wrapped(path: Path, iteration: int | None = None) -> CheckpointInfo | None:
+    """The :class:`CheckpointInfo` of a NeMo / Megatron-Bridge checkpoint at ``path`` (its ``store`` set: key
+    prefix stripped, tar members read in place), or None when ``path`` is none of these layouts.
+
+    Raises :class:`CheckpointError` / :class:`ConfigError` (one line naming the file) for a damaged or hostile
+    archive, a config that is not YAML, or a setting that changes the math and has no translation."""
+    if path.is_file() and (path.suffix == ".nemo" or tarfile.is_tarfile(path)):
+        return _open_tree(_TarTree(path), path, iteration)
+    if not path.is_dir():
+        return None
+    if (path / "context").is_dir() and (path / "weights").is_dir() or (path / "model_config.yaml").is_file():
+        return _open_tree(_DirTree(path), path, iteration)
+    if (path / "run_config.yaml").is_file() or any(
+            (p / "run_config.yaml").is_file() for p in path.iterdir() if p.is_dir() and p.name.startswith("iter_")):
+        root, d, it = locate(path, iteration)
+        if (d / "run_config.yaml").is_file():
+            return _open_bridge(root, d, it)
+    return None
+
+
+def _open_tree(tree, root: Path, iteration: int | None) -> CheckpointInfo:
+    if tree.is_file("context/model.yaml") and tree.is_dir("weights"):
+        cfg_name, weights, prefix = "context/model.yaml", "weights", "module."
+    elif tree.is_file("model_config.yaml") and tree.is_dir("model_weights"):
+        cfg_name, weights, prefix = "model_config.yaml", "model_weights", "model."
+    elif tree.is_dir("context") and tree.is_dir("weights"):
+        raise CheckpointError(f"{tree.label('context')}: a NeMo 2 checkpoint without context/model.yaml (only "
+                              "io.json, which is a fiddle graph mexc does not evaluate)",
+                              hint="re-save it with NeMo >= 2.1 (it writes model.yaml), or give the architecture "
+                                   "with --config FILE.yaml")
+    else:
+        raise CheckpointError(f"{tree.label('')}: a NeMo checkpoint without model_weights/ or weights/",
+                              hint="NeMo 1 checkpoints whose weights are model_weights.ckpt files (no mcore "
+                                   "torch_dist) are not read; re-save it with mcore_gpt=True and dist checkpoints")
+    where = tree.label(cfg_name)
+    cfg = _load_yaml(tree.read(cfg_name, MAX_CONFIG_BYTES), where)
+    if iteration is not None:
+        raise CheckpointError(f"{tree.label('')}: a NeMo checkpoint holds one step; --iteration does not apply",
+                              hint="drop --iteration")
+    if not tree.is_file(f"{weights}/.metadata") or not tree.is_file(f"{weights}/metadata.json"):
+        raise CheckpointError(f"{tree.label(weights)}: no torch_dist checkpoint (metadata.json, .metadata)",
+                              hint="only megatron-core dist checkpoints (torch_dist) are read; zarr and "
+                                   "model_weights.ckpt files are not")
+    _check_backend(tree.read(f"{weights}/metadata.json", 1 << 16), tree.label(f"{weights}/metadata.json"))
+    if isinstance(tree, _TarTree):
+        store: DcpStore = TarDcpStore("ckpt", str(tree.path.resolve()), weights, prefix)
+    else:
+        store = DcpStore("ckpt", str((root / weights).resolve()), prefix)
+    if prefix == "module.":
+        args = nemo2_args(cfg, where, store)
+        m = re.search(r"step=(\d+)", root.name)
+        it = int(m.group(1)) if m else None
+    else:
+        args = nemo1_args(cfg, where, store)
+        it = None
+    info = CheckpointInfo(root, root / weights, "torch_dist", it, args, None)
+    info.store = store
+    return info
+
+
+def _open_bridge(root: Path, d: Path, it: int | None) -> CheckpointInfo:
+    where = str(d / "run_config.yaml")
+    cfg = _load_yaml(_read_file(d / "run_config.yaml", MAX_CONFIG_BYTES), where)
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    if not isinstance(model, dict):
+        raise ConfigError(f"{where}: no model: section (a Megatron-Bridge ConfigContainer has one)",
+                          hint="give the architecture with --config FILE.yaml")
+    ckpt = cfg.get("checkpoint") if isinstance(cfg.get("checkpoint"), dict) else {}
+    if ckpt.get("ckpt_format", "torch_dist") != "torch_dist":
+        raise CheckpointError(f"{where}: checkpoint.ckpt_format {ckpt.get('ckpt_format')!r}; mexc reads torch_dist",
+                              hint="re-save it with checkpoint.ckpt_format=torch_dist")
+    if not (d / ".metadata").is_file():
+        raise CheckpointError(f"{d}: run_config.yaml but no torch_dist files (.metadata)",
+                              hint="copy the whole iteration directory")
+    store = DcpStore("ckpt", str(d.resolve()))
+    args = transformer_config_args(model, where, store, _BRIDGE_CLASSES)
+    info = CheckpointInfo(root, d, "torch_dist", it, args, None)
+    info.store = store
+    return info
+
+
+# ------------------------------------------------------------------------------------------ config files
+
+
+def _load_yaml(text: bytes, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{where}: not valid YAML ({first})", hint="copy the checkpoint again") from None
+
+
+def _read_file(path: Path, limit: int) -> bytes:
+    with open(inside(path.parent, path), "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{path}: larger than {limit} bytes; not a config file", hint="copy the right file")
+    return data
+
+
+def _check_backend(text: bytes, where: str) -> None:
+    import json
+
+    try:
+        backend = json.loads(text).get("sharded_backend")
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{where}: not a megatron-core metadata.json", hint="copy the checkpoint again") from None
+    if backend != "torch_dist":
+        raise CheckpointError(f"{where}: sharded_backend {backend!r}; mexc reads torch_dist",
+                              hint="convert it to torch_dist (megatron-core's dist_checkpointing) first")
+
+
+def _ref(v: Any) -> Any:
+    """A saved ``{_target_: X, _call_: false}`` reference -> ``"X"``; an enum ``{_target_, _name_}`` -> its name;
+    anything else as is."""
+    if isinstance(v, dict) and "_target_" in v:
+        if "_name_" in v:
+            return str(v["_name_"])
+        if not v.get("_call_", True) or set(v) <= {"_target_", "_call_"}:
+            return str(v["_target_"])
+    return v
+
+
+# ------------------------------------------------------------------------------------------ translation
+
+
+# TransformerConfig / provider name -> Megatron-LM argument name (where they differ; the rest are the same)
+RENAMED = {
+    "num_layers_in_first_pipeline_stage": "decoder_first_pipeline_num_layers",
+    "num_layers_in_last_pipeline_stage": "decoder_last_pipeline_num_layers",
+    "seq_len_interpolation_factor": "rotary_seq_len_interpolation_factor",
+    "rope_scaling": "use_rope_scaling",
+    "num_moe_experts": "num_experts",
+}
+# fields that cannot change what the saved weights compute (callables, fusions, training-loop plumbing, logging)
+IRRELEVANT = frozenset("""
+    timers finalize_model_grads_func grad_scale_func no_sync_func grad_sync_func param_sync_func enable_autocast
+    autocast_dtype pipeline_dtype num_microbatches_with_partial_activation_checkpoints _cpu_offloading_context
+    activation_func_fp8_input_store output_layer_init_method init_method bias_activation_fusion
+    bias_dropout_add_fusion fused_single_qkv_rope tp_only_amax_red moe_token_dropping
+    disable_parameter_transpose_cache use_inference_optimized_layers logit_dtype parallel_output
+    scatter_embedding_sequence_parallel tp_comm_overlap_cfg use_transformer_engine_full_layer_spec
+    use_transformer_engine_op_fuser dense_grouped_gemm hf_model_id hf_model_revision should_pad_vocab
+    make_vocab_size_divisible_by init_model_with_meta_device use_te_rng_tracker
+    masked_softmax_fusion cross_entropy_loss_fusion cross_entropy_fusion_impl gradient_accumulation_fusion
+    restore_modelopt_state use_arbitrary_attention_mask forward_step_fn data_step_fn generation_config
+    deallocate_pipeline_outputs mtp_enabled _pg_collection bf16 fp16 params_dtype
+""".split())
+# TransformerConfig fields the argument table has no row for that change the math when set: the value that is fine
+TC_REFUSED = {"heterogeneous_block_specs": False, "hetereogenous_dist_checkpoint": False,
+              "moe_router_topk_limited_devices": None}
+# layer specs that build the standard GPT layer (TE or local modules: the same math); any other is refused
+STANDARD_SPECS = frozenset({
+    "megatron.bridge.models.gpt_provider.default_layer_spec",
+    "megatron.bridge.models.gpt_provider.transformer_engine_layer_spec",
+    "megatron.bridge.models.gpt_provider.local_layer_spec",
+    "nemo.collections.llm.gpt.model.base.default_layer_spec",
+    "nemo.collections.llm.gpt.model.base.transformer_engine_layer_spec",
+    "nemo.collections.llm.gpt.model.base.local_layer_spec",
+})
+# config / provider classes whose math is their TransformerConfig fields alone (no model code of their own);
+# others (Gemma's embedding scaling, Llama 3.1's own rope scaling fields, multimodal models, ...) are refused
+_NEMO2_CLASSES = re.compile(r"nemo\.collections\.llm\.gpt\.model\.(base\.GPTConfig\w*|llama\.(Llama2?Config\w*|"
+                            r"Llama3Config\d+B|CodeLlamaConfig\w*)|mistral\.MistralConfig\w*|mixtral\.MixtralConfig"
+                            r"\w*|qwen2\.Qwen2Config\w*|starcoder2\.Starcoder2Config\w*)$")
+_NEMO2_MODELS = re.compile(r"nemo\.collections\.llm\.gpt\.model\.(base\.GPTModel|llama\.LlamaModel|mistral\."
+                           r"MistralModel|mixtral\.MixtralModel|qwen2\.Qwen2Model|starcoder2\.Starcoder2Model)$")
+_BRIDGE_CLASSES = re.compile(r"megatron\.bridge\.models\.(gpt_provider\.GPTModelProvider\w*|llama\.llama_provider\."
+                             r"Llama\w*Provider\w*|qwen\.qwen_provider\.Qwen[23]\w*Provider\w*|mistral\.\w+\."
+                             r"Mistral\w*Provider\w*)$")
+# activation_func target (last dotted name) -> (Megatron-LM switches when gated, when not gated)
+_ACTIVATIONS = {
+    "silu": ({"swiglu": True}, None),
+    "gelu": ({"gated_linear_unit": True}, {}),
+    "erf_gelu": ({"gated_linear_unit": True}, {}),
+    "openai_gelu": ({"gated_linear_unit": True, "openai_gelu": True}, {"openai_gelu": True}),
+    "fast_gelu": ({"gated_linear_unit": True, "openai_gelu": True}, {"openai_gelu": True}),
+    "squared_relu": (None, {"squared_relu": True}),
+}
+
+
+def transformer_config_args(cfg: dict, where: str, store: DcpStore, classes: re.Pattern) -> argparse.Namespace:
+    """Megatron-LM args from a saved ``TransformerConfig`` / GPT provider (``cfg``: its fields, ``_target_`` the
+    class). The padded vocab and the parameter dtype come from the saved word embedding."""
+    target = str(cfg.get("_target_", ""))
+    if not classes.match(target):
+        raise ConfigError(f"{where}: model class {target or '(none)'} is not one whose math mexc knows from its "
+                          "fields alone", hint="mexc reads the GPT, Llama (2/3), Mistral, Mixtral, Qwen2 and "
+                          "StarCoder2 configs; give the architecture of others with --config on the exported weights")
+    ns: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, raw in cfg.items():
+        v = _ref(raw)
+        if name.startswith("_") or name in IRRELEVANT or name in ("activation_func", "gated_linear_unit"):
+            continue
+        if name == "share_embeddings_and_output_weights":
+            ns["untie_embeddings_and_output_weights"] = not v
+        elif name == "transformer_layer_spec":
+            if v not in STANDARD_SPECS:
+                problems.append(f"transformer_layer_spec={str(v)[:80]} (a custom layer spec can change any part "
+                                "of the layer; mexc lifts the standard GPT specs)")
+        elif name == "seq_length":
+            ns["max_position_embeddings"] = v
+        elif name in TC_REFUSED:
+            if v not in (TC_REFUSED[name], None, False):
+                problems.append(f"{name}={str(v)[:60]} (not lifted: per-layer or device-limited variants)")
+        elif isinstance(v, (dict, list)) and v and getattr(arguments.lookup(RENAMED.get(name, name)), "verdict",
+                                                           None) != arguments.IRRELEVANT:
+            if name not in ("moe_layer_freq", "moe_router_load_balancing_type", "pipeline_model_parallel_layout"):
+                problems.append(f"{name}={str(v)[:60]} (a structured value mexc cannot translate)")
+            else:
+                ns[name] = v
+        else:
+            ns[RENAMED.get(name, name)] = v
+    ns.update(_activation(cfg, where))
+    if ns.get("num_query_groups") and ns.get("num_attention_heads") and \
+            ns["num_query_groups"] != ns["num_attention_heads"]:
+        ns["group_query_attention"] = True
+    if not ns.get("use_rope_scaling"):
+        ns.pop("rope_scaling_factor", None)   # only read with rope scaling on (Bridge stores 1.0 when off)
+    return _finish(ns, problems, where, store)
+
+
+def _activation(cfg: dict, where: str) -> dict:
+    act = _ref(cfg.get("activation_func", "torch.nn.functional.gelu"))
+    gated = bool(cfg.get("gated_linear_unit", False))
+    name = str(act).rsplit(".", 1)[-1]
+    flags = _ACTIVATIONS.get(name, (None, None))[0 if gated else 1]
+    if flags is None:
+        raise ConfigError(f"{where}: activation_func {act} with gated_linear_unit={gated} has no Megatron-LM "
+                          "form mexc lifts", hint="mexc lifts GELU (erf/tanh), SwiGLU, GeGLU and squared-ReLU MLPs")
+    return flags
+
+
+def nemo2_args(cfg: Any, where: str, store: DcpStore) -> argparse.Namespace:
+    """Megatron-LM args from NeMo 2's ``context/model.yaml`` (the model class + its ``config:``)."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("config"), dict):
+        raise ConfigError(f"{where}: no config: section (NeMo 2's model.yaml has one)",
+                          hint="copy the checkpoint's context/ directory again")
+    model = str(cfg.get("_target_", ""))
+    if not _NEMO2_MODELS.match(model):
+        raise ConfigError(f"{where}: model class {model or '(none)'} is not a GPT model mexc reads",
+                          hint="mexc reads NeMo 2's GPT, Llama, Mistral, Mixtral, Qwen2 and StarCoder2 models")
+    return transformer_config_args(cfg["config"], where, store, _NEMO2_CLASSES)
+
+
+# NeMo 1 model_config.yaml name -> Megatron-LM name (NeMo's MegatronGPTModel / build_transformer_config)
+_NEMO1_RENAMED = {"bias": "add_bias_linear", "qkv_bias": "add_qkv_bias", "rotary_percentage": "rotary_percent",
+                  "seq_len_interpolation_factor": "rotary_seq_len_interpolation_factor",
+                  "num_moe_experts": "num_experts"}
+_NEMO1_COPIED = frozenset("""num_layers hidden_size ffn_hidden_size num_attention_heads kv_channels num_query_groups
+    layernorm_epsilon max_position_embeddings position_embedding_type rotary_base rotary_interleaved openai_gelu
+    qk_layernorm moe_router_topk window_size apply_residual_connection_post_layernorm
+    tensor_model_parallel_size pipeline_model_parallel_size expert_model_parallel_size
+    virtual_pipeline_model_parallel_size""".split())
+# settings of NeMo 1 models that change the math and have no lifted form: (key, value that is fine)
+_NEMO1_REFUSED = {"headscale": False, "megatron_legacy": False, "normalize_attention_scores": True,
+                  "transformer_block_type": "pre_ln", "scale_positional_embedding": False}
+_NEMO1_ACT = {"gelu": {}, "geglu": {"gated_linear_unit": True}, "fast-geglu": {"gated_linear_unit": True},
+              "swiglu": {"swiglu": True}, "fast-swiglu": {"swiglu": True}, "squared-relu": {"squared_relu": True}}
+_NEMO1_NORM = {"layernorm": {"normalization": "LayerNorm"}, "low_precision_layernorm": {"normalization": "LayerNorm"},
+               "layernorm1p": {"normalization": "LayerNorm", "apply_layernorm_1p": True},
+               "rmsnorm": {"normalization": "RMSNorm"}}
+
+
+def nemo1_args(cfg: Any, where: str, store: DcpStore) -> argparse.Namespace:
+    """Megatron-LM args from a NeMo 1 ``model_config.yaml`` (an mcore GPT: ``mcore_gpt: true``)."""
+    if not isinstance(cfg, dict) or "num_layers" not in cfg:
+        raise ConfigError(f"{where}: not a NeMo 1 GPT model config (no num_layers)",
+                          hint="copy the checkpoint again, or give the architecture with --config")
+    problems = [f"{k}={str(cfg.get(k))[:40]} (NeMo 1 setting without a lifted form)"
+                for k, ok in _NEMO1_REFUSED.items() if cfg.get(k, ok) not in (ok, None)]
+    if cfg.get("mcore_gpt") is not True:
+        problems.append("mcore_gpt is not true (pre-mcore NeMo weights use other names)")
+    ns: dict[str, Any] = {_NEMO1_RENAMED.get(k, k): cfg[k] for k in (*_NEMO1_COPIED, *_NEMO1_RENAMED) if k in cfg}
+    act, norm = str(cfg.get("activation", "gelu")), str(cfg.get("normalization", "layernorm"))
+    if act not in _NEMO1_ACT or norm not in _NEMO1_NORM:
+        problems.append(f"activation={act} / normalization={norm} (mexc lifts {', '.join(_NEMO1_ACT)} and "
+                        f"{', '.join(_NEMO1_NORM)})")
+    else:
+        ns.update(_NEMO1_ACT[act], **_NEMO1_NORM[norm])
+    ns["untie_embeddings_and_output_weights"] = not cfg.get("share_embeddings_and_output_weights", True)
+    ns.setdefault("add_bias_linear", True)
+    ns.setdefault("position_embedding_type", "learned_absolute")
+    if ns.get("num_query_groups") and ns["num_query_groups"] != ns.get("num_attention_heads"):
+        ns["group_query_attention"] = True
+    return _finish(ns, problems, where, store)
+
+
+def _finish(ns: dict, problems: list[str], where: str, store: DcpStore) -> argparse.Namespace:
+    """Padded vocab and dtype from the saved embedding; the argument table's refusals; one error for all."""
+    emb = store.tensors().get(_EMBEDDING)
+    if emb is None:
+        raise CheckpointError(f"{where}: its weights hold no {_EMBEDDING} (prefix {store.prefix!r})",
+                              hint="a GPT checkpoint has word embeddings; copy the weights directory again")
+    ns["padded_vocab_size"] = emb[1][0]
+    if not ns.get("vocab_size") or ns["vocab_size"] > emb[1][0]:
+        ns["vocab_size"] = emb[1][0]
+    ns["params_dtype"] = emb[0]
+    args = argparse.Namespace(**ns)
+    problems = problems + arguments.apply(args).problems
+    if problems:
+        raise ConfigError(f"{where}: the config sets what mexc cannot express: " + "; ".join(problems),
+                          hint="mexc never drops a setting that changes the model's math (docs/checkpoint-formats.md)")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ trees
+
+
+class _DirTree:
+    """A checkpoint directory, addressed by relative names."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def label(self, rel: str) -> str:
+        return str(self.root / rel) if rel else str(self.root)
+
+    def is_file(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def is_dir(self, rel: str) -> bool:
+        return (self.root / rel).is_dir()
+
+    def read(self, rel: str, limit: int) -> bytes:
+        return _read_file(self.root / rel, limit)
+
+
+class _TarTree:
+    """An uncompressed tar (a ``.nemo``) indexed once: member name -> (data offset, size). Every member is checked
+    before any is used: a plain file or a directory, a relative name without ``..``, its data inside the archive,
+    no name twice."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":
+            raise CheckpointError(f"{path}: a compressed archive; mexc reads .nemo tars in place, which needs an "
+                                  "uncompressed tar", hint=f"unpack it (tar xf {path.name}) and give the directory")
+        size = os.path.getsize(path)
+        self.files: dict[str, tuple[int, int]] = {}
+        self.dirs: set[str] = {""}
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for n, m in enumerate(tar):
+                    if n >= MAX_MEMBERS:
+                        raise self._bad(f"more than {MAX_MEMBERS} members")
+                    self._add(m, size)
+        except tarfile.TarError as e:
+            raise CheckpointError(f"{path}: not a readable tar archive ({str(e)[:80]})",
+                                  hint="copy the .nemo file again") from None
+
+    def _bad(self, msg: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {msg}", hint="a .nemo archive holds plain files and directories only; "
+                               "the archive is damaged or was tampered with")
+
+    def _add(self, m: tarfile.TarInfo, size: int) -> None:
+        p = PurePosixPath(m.name)
+        parts = [x for x in p.parts if x != "."]
+        if p.is_absolute() or ".." in parts or any("\\" in x or "\x00" in x for x in parts):
+            raise self._bad(f"member {m.name[:80]!r} has an absolute or '..' name")
+        name = "/".join(parts)
+        if m.isdir():
+            self.dirs.add(name)
+            return
+        if not m.isreg() or m.sparse is not None:
+            raise self._bad(f"member {m.name[:80]!r} is not a plain file (a link, device or sparse file)")
+        if name in self.files or name in self.dirs:
+            raise self._bad(f"member {name[:80]!r} appears twice")
+        if m.offset_data + m.size > size:
+            raise self._bad(f"member {name[:80]!r} extends past the end of the archive (truncated?)")
+        self.files[name] = (m.offset_data, m.size)
+        for i in range(1, len(parts)):
+            self.dirs.add("/".join(parts[:i]))
+
+    def label(self, rel: str) -> str:
+        return f"{self.path}:{rel}" if rel else str(self.path)
+
+    def is_file(self, rel: str) -> bool:
+        return rel in self.files
+
+    def is_dir(self, rel: str) -> bool:
+        return rel in self.dirs
+
+    def read(self, rel: str, limit: int) -> bytes:
+        off, n = self.files[rel]
+        if n > limit:
+            raise self._bad(f"member {rel} has {n} bytes; more than {limit}")
+        with open(self.path, "rb") as f:
+            f.seek(off)
+            return f.read(n)
+
+
+class TarDcpStore(DcpStore):
+    """A torch_dist checkpoint stored as the ``inner`` directory of an uncompressed tar (a ``.nemo``), read in
+    place: each DCP file is the byte range of its tar member."""
+
+    kind = "megatron-dist-tar"
+
+    def __init__(self, name: str, archive: str, inner: str, prefix: str = ""):
+        super().__init__(name, f"{archive}:{inner}", prefix)
+        self.archive, self.inner = archive, inner
+        self._tree: _TarTree | None = None
+
+    def spec(self):
+        return {"archive": self.archive, "inner": self.inner, **({"prefix": self.prefix} if self.prefix else {})}
+
+    def _members(self) -> _TarTree:
+        if self._tree is None:
+            self._tree = _TarTree(Path(self.archive))
+        return self._tree
+
+    def _member(self, name: str) -> tuple[int, int]:
+        got = self._members().files.get(f"{self.inner}/{name}")
+        if got is None:
+            raise CheckpointError(f"{self.archive}: no member {self.inner}/{name}",
+                                  hint="the archive is incomplete; copy the .nemo file again")
+        return got
+
+    def _file(self, name: str) -> tuple[Path, int, int | None]:
+        off, n = self._member(name)
+        return Path(self.archive), off, n
+
+    def _load_metadata(self):
+        from torch.distributed.checkpoint.metadata import Metadata
+
+        where = f"{self.archive}:{self.inner}/.metadata"
+        data = self._members().read(f"{self.inner}/.metadata", MAX_PICKLE_BYTES) \
+            if self._members().is_file(f"{self.inner}/.metadata") else None
+        if data is None:
+            raise CheckpointError(f"{where}: missing", hint="copy the .nemo file again")
+        import io
+
+        meta = _wrap(where, lambda: SafeUnpickler(io.BytesIO(data)).load())
+        if not isinstance(meta, Metadata):
+            raise CheckpointError(f"{where}: not a DCP index (holds a {type(meta).__name__})",
+                                  hint="the archive is damaged; copy it again")
+        validate_dcp(meta, Path(self.root), file_size=lambda n: self._member(n)[1])
+        return meta
+
+
+from ...ir import register_store  # noqa: E402 - after the class it registers
+
+register_store(TarDcpStore)
