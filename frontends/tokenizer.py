@@ -163,7 +163,8 @@ def load(found: Found):
 
 
 def _sentencepiece(path: Path):
-    """transformers' LlamaTokenizer converted from the .model; special tokens as the model defines them."""
+    """A fast tokenizer converted from the .model by transformers, checked against sentencepiece on
+    :data:`SAMPLES`; special tokens as the model defines them."""
     try:
         import sentencepiece as spm
     except ImportError:
@@ -176,15 +177,20 @@ def _sentencepiece(path: Path):
     for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()),
                     ("pad_token", sp.pad_id())):
         special[name] = sp.id_to_piece(i) if i >= 0 else None
-    with tempfile.TemporaryDirectory() as d:
-        os.symlink(path.resolve(), Path(d) / "tokenizer.model")
-        tok = transformers.LlamaTokenizer.from_pretrained(d, local_files_only=True, **special)
-    bad = [s for s in SAMPLES if tok.encode(s, add_special_tokens=False) != sp.encode(s)]
-    if bad:
-        raise ConfigError(f"{path}: transformers' conversion of this SentencePiece model encodes {bad[0]!r} "
-                          "differently from sentencepiece", hint="convert it yourself and pass the HF directory "
-                          "with --tokenizer")
-    return tok
+    # transformers' generic SentencePiece conversion follows the model's own normalizer spec; Llama's assumes
+    # Llama's settings. The first that encodes the samples exactly as sentencepiece does is taken.
+    classes = [c for c in (getattr(transformers, "TokenizersBackend", None), transformers.LlamaTokenizerFast) if c]
+    bad = ""
+    for cls in classes:
+        with tempfile.TemporaryDirectory() as d:
+            os.symlink(path.resolve(), Path(d) / "tokenizer.model")
+            tok = cls.from_pretrained(d, local_files_only=True, **special)
+        diff = [s for s in SAMPLES if tok.encode(s, add_special_tokens=False) != sp.encode(s)]
+        if not diff:
+            return tok
+        bad = bad or diff[0]
+    raise ConfigError(f"{path}: transformers' conversion of this SentencePiece model encodes {bad!r} differently "
+                      "from sentencepiece", hint="convert it yourself and pass the HF directory with --tokenizer")
 
 
 def special_ids(tok) -> dict[str, int]:
