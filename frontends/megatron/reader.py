@@ -290,6 +290,7 @@ class MegatronTorchStore(Store):
         self.root = root
         self._open: dict[str, dict[str, torch.Tensor]] = {}
         self._mapped: dict[str, bool] = {}
+        self._stat: dict[str, tuple] = {}  # rank dir -> (inode, size, mtime) when it was mapped
         self._lock = threading.Lock()  # writers, their producers and read-ahead threads share the store
 
     def spec(self):
@@ -307,11 +308,13 @@ class MegatronTorchStore(Store):
             path = Path(self.root) / rank_dir / "model_optim_rng.pt"
             mapped = zipfile.is_zipfile(path)  # torch < 1.6 files cannot be memory-mapped
             self._mapped[rank_dir] = mapped
+            st = os.stat(path)
             sd = torch_load(path, mmap=mapped)
             flat: dict[str, Any] = {}
             for k, v in sd.items():
                 if k == "model" or re.fullmatch(r"model\d+", k):
-                    _flatten(v, k + "/", flat)
+                    _flatten(v, k + "/", flat, path)
+            self._stat[rank_dir] = (st.st_ino, st.st_size, st.st_mtime_ns)
             self._open[rank_dir] = flat
         return self._open[rank_dir]
 
@@ -322,8 +325,22 @@ class MegatronTorchStore(Store):
             raise CheckpointError(f"{self.root}/{rank_dir}/model_optim_rng.pt: no tensor {k!r}",
                                   hint="the checkpoint changed since it was lifted; lift it again")
         if self._mapped.get(rank_dir):
+            self._check_unchanged(rank_dir)
             _advise_pages(t, _MADV_WILLNEED)  # start the kernel's readahead now, while the writer is busy
         return t  # a view of the memory map: nothing is copied; see release()
+
+    def _check_unchanged(self, rank_dir: str) -> None:
+        """A mapped file that shrank or was replaced would fault (SIGBUS) when its pages are touched: refuse it
+        first. (A file truncated between this check and the copy still faults; see docs/security.md.)"""
+        path = Path(self.root) / rank_dir / "model_optim_rng.pt"
+        try:
+            st = os.stat(path)
+            now = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            now = None
+        if now != self._stat.get(rank_dir):
+            raise CheckpointError(f"{path}: changed while mexc was reading it (replaced, truncated or removed)",
+                                  hint="let the copy or training job that writes it finish, then run mexc again")
 
     def prefetch(self, key: str) -> None:
         """Have the kernel read the whole tensor now (returns once the reads are queued or done)."""
@@ -401,13 +418,21 @@ def _advise_file(path: Path, offset: int, length: int) -> None:
         os.close(fd)
 
 
-def _flatten(obj, prefix, out):
-    """Nested state dicts (pre-mcore ``language_model`` etc.) become dotted keys under ``prefix``."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(v, f"{prefix}{k}.", out)
-    else:
-        out[prefix.rstrip(".")] = obj
+def _flatten(obj, prefix, out, path):
+    """Nested state dicts (pre-mcore ``language_model`` etc.) become dotted keys under ``prefix``. A state dict is
+    a tree: a sub-dict reached twice (a memo-shared pickle that would expand exponentially) is refused."""
+    seen: set[int] = set()
+    todo = [(obj, prefix)]
+    while todo:
+        o, pre = todo.pop()
+        if not isinstance(o, dict):
+            out[pre.rstrip(".")] = o
+            continue
+        if id(o) in seen:
+            raise CheckpointError(f"{path}: the state dict reuses one sub-dict under two keys ({pre.rstrip('.')})",
+                                  hint="a real state dict is a tree; the file was tampered with")
+        seen.add(id(o))
+        todo.extend(reversed([(v, f"{pre}{k}.") for k, v in o.items()]))  # popped in the dict's order
 
 
 @register_store
