@@ -15,11 +15,15 @@ $(BIN)/mexc: pyproject.toml
 
 install: $(BIN)/mexc
 
+TOK := examples/llama-tiny-tokenizer
+
 example: install
-	$(BIN)/mexc compile examples/llama-tiny --target trtllm --tp 2 -o out/llama-tiny-trtllm --force
-	$(BIN)/mexc compile examples/llama-tiny --target hf --vocab-size 100 -o out/llama-tiny-hf --force
+	$(BIN)/mexc compile examples/llama-tiny --target trtllm --tp 2 --tokenizer $(TOK) -o out/llama-tiny-trtllm --force
+	$(BIN)/mexc compile examples/llama-tiny --target hf --tokenizer $(TOK) -o out/llama-tiny-hf --force
 	$(BIN)/mexc verify out/llama-tiny-hf --against examples/llama-tiny
-	$(BIN)/mexc compile examples/llama-tiny --target onnx -o out/llama-tiny-onnx --force
+	$(BIN)/mexc compile examples/llama-tiny --target onnx --tokenizer $(TOK) -o out/llama-tiny-onnx --force
+	$(BIN)/mexc run out/llama-tiny-hf --prompt 'the quick brown' --max-new-tokens 12
+	$(BIN)/mexc run out/llama-tiny-onnx --prompt 'the quick brown' --max-new-tokens 12
 
 test: install
 	$(BIN)/python -m pytest -q tests

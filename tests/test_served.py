@@ -260,3 +260,117 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"mexc {mexc.__version__}"
+
+
+# ------------------------------------------------------------------------- serve commands vs TensorRT-LLM
+
+
+def _trtllm_parsers() -> dict[str, argparse.ArgumentParser]:
+    """argparse parsers rebuilt from TensorRT-LLM's declarations (tests/data/trtllm_parsers.py, read with ast):
+    option names, nargs, required, store_true/false and literal choices as declared; click options as such."""
+    import ast
+
+    tree = ast.parse((Path(__file__).parent / "data" / "trtllm_parsers.py").read_text())
+    parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def lit(node):
+        try:
+            return ast.literal_eval(node)
+        except ValueError:
+            return None
+
+    for fn in tree.body:
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        if fn.name == "serve":
+            p = parsers["trtllm-serve"] = argparse.ArgumentParser(prog="trtllm-serve", exit_on_error=False)
+            for dec in fn.decorator_list:
+                kind = dec.func.attr
+                names = [lit(a) for a in dec.args if isinstance(lit(a), str)]
+                kw = {k.arg: k.value for k in dec.keywords}
+                if kind == "argument":
+                    p.add_argument(names[0])
+                elif kind == "option":
+                    opts = [n for n in names if n.startswith("-")]
+                    if "is_flag" in kw:
+                        p.add_argument(*opts, action="store_true")
+                        continue
+                    t = kw.get("type")
+                    choices = None
+                    if isinstance(t, ast.Call) and getattr(t.func, "id", "") == "ChoiceWithAlias":
+                        choices = lit(t.args[0]) + list(lit(t.args[1]))
+                    p.add_argument(*opts, choices=choices, action="append" if "multiple" in kw else "store")
+        elif fn.name in ("RUN", "RUN_COMMON"):
+            p = parsers.setdefault("run.py", argparse.ArgumentParser(prog="run.py", exit_on_error=False))
+            for stmt in fn.body:
+                call = stmt.value
+                names = [lit(a) for a in call.args]
+                kw = {k.arg: lit(k.value) for k in call.keywords}
+                keep = {k: v for k, v in kw.items() if k in ("nargs", "required", "choices", "action", "dest")}
+                p.add_argument(*names, **keep)
+    return parsers
+
+
+def _split(line: str) -> list[str]:
+    import shlex
+
+    return shlex.split(line.split("   (")[0])
+
+
+def _check_with_trtllm(line: str, parsers) -> argparse.Namespace:
+    words = _split(line)
+    if words[:1] == ["mpirun"]:
+        assert words[1] == "-n"
+        words = words[3:]
+    if words[0] == "python3":
+        assert words[1] == "examples/run.py"
+        return parsers["run.py"].parse_args(words[2:])
+    assert words[0] == "trtllm-serve"
+    return parsers["trtllm-serve"].parse_args(words[1:])
+
+
+def test_trtllm_parsers_are_strict():
+    """The rebuilt parsers refuse what TensorRT-LLM refuses (else the next test proves nothing)."""
+    parsers = _trtllm_parsers()
+    with pytest.raises(SystemExit):   # --max_output_len is required by run.py
+        parsers["run.py"].parse_args(["--engine_dir", "e", "--tokenizer_dir", "t"])
+    with pytest.raises((SystemExit, argparse.ArgumentError)):
+        parsers["trtllm-serve"].parse_args(["e", "--backend", "engine"])
+    with pytest.raises(SystemExit):
+        parsers["trtllm-serve"].parse_args(["e", "--tokenizer_dir", "t"])
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 1), (2, 2)])
+def test_trtllm_serve_commands_parse(tmp_path, capsys, tp, pp):
+    parsers = _trtllm_parsers()
+    out = tmp_path / "trt"
+    rc, stdout, err = _mexc(capsys, "compile", EXAMPLE, "--target", "trtllm", "--tp", tp, "--pp", pp,
+                            "--tokenizer", TOKENIZER, "-o", out, "--json")
+    assert rc == 0, err
+    lines = json.loads(stdout)["serve"]
+    assert (out / "tokenizer.json").is_file()
+    serve = _check_with_trtllm(next(x for x in lines if x.startswith("trtllm-serve")), parsers)
+    assert serve.model == str(out / "engines") and serve.backend == "tensorrt" and serve.tokenizer == str(out)
+    assert int(serve.tensor_parallel_size or 1) == tp and int(serve.pipeline_parallel_size or 1) == pp
+    run_line = next(x for x in lines if "examples/run.py" in x)
+    assert run_line.startswith(f"mpirun -n {tp * pp} ") == (tp * pp > 1)
+    run = _check_with_trtllm(run_line, parsers)
+    assert run.engine_dir == str(out / "engines") and run.tokenizer_dir == str(out) and int(run.max_output_len) > 0
+
+
+def test_serve_commands_without_tokenizer_and_for_hf(tmp_path, capsys):
+    parsers = _trtllm_parsers()
+    out = tmp_path / "trt"
+    rc, stdout, _ = _mexc(capsys, "compile", EXAMPLE, "--target", "trtllm", "-o", out, "--json")
+    lines = json.loads(stdout)["serve"]
+    assert lines[0].startswith(f"first add the tokenizer: mexc tokenizer {out} --from PATH")
+    assert _check_with_trtllm(lines[1], parsers).tokenizer == "TOKENIZER_DIR"
+    rc, _, err = _mexc(capsys, "run", out, "--prompt", "hi")
+    assert rc == 2 and "runs on a GPU" in err and "trtllm-serve" in err
+    out = tmp_path / "hf"
+    rc, stdout, _ = _mexc(capsys, "compile", EXAMPLE, "--target", "hf", "--tokenizer", TOKENIZER, "-o", out,
+                          "--json")
+    lines = json.loads(stdout)["serve"]
+    hf_serve = _check_with_trtllm(next(x for x in lines if x.startswith("trtllm-serve")), parsers)
+    assert hf_serve.model == str(out) and hf_serve.backend is None   # the default, pytorch, reads HF dirs
+    assert f"vllm serve {out}" in lines
