@@ -332,8 +332,9 @@ class Lowering:
     def op_lm_head(self, node, x):
         wt = self.w(node, "weight")
         self.plan.vocab = wt.shape[0]
-        if "weight_scale" in node.params:
-            return self.linear(node, x, "weight", None, "lm_head")
+        if "weight_scale" in node.params:     # /lm_head.weight_q, /lm_head/MatMulNBits (float: /lm_head/MatMul)
+            del wt
+            return self.quant_linear(node, x, "weight", "/lm_head")
         init = self.float_weight("/lm_head.weight", wt.t())
         del wt
         return self.g.op("MatMul", [x, init], "/lm_head/MatMul")

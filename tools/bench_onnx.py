@@ -1,0 +1,333 @@
+"""Paired ONNX Runtime benchmark: mexc's ``--target onnx --profile ort`` against onnxruntime-genai's model builder.
+
+The same weights go both ways: a synthetic Megatron checkpoint with smooth weights (:func:`write_smooth_checkpoint`)
+is compiled by mexc to ONNX and to a Hugging Face directory; the builder (OGB,
+``python -m onnxruntime_genai.models.builder -e cpu``) is fed that HF directory. Each pair (fp32, int4) is then run
+in this one process with raw ``onnxruntime`` on the CPU provider: batch 1, a prefill of ``--prefill`` tokens
+(empty past), then ``--decode`` greedy steps through past/present. Every cycle creates both sessions afresh and
+alternates which one is created (and run) first, since the first session of a process runs slower.
+
+Printed: the op histogram of each graph file and of the kernels ORT runs after its optimizer (one profiled
+decode step), per-cycle times, and the medians of the per-cycle ratios mexc / OGB of prefill and decode
+milliseconds per token.
+
+    python -m mexc.tools.bench_onnx --workdir /tmp/mexc-bench-onnx [--preset 250m] [--cycles 5] [--threads 2]
+        [--schemes fp32,int4] [--json out.json]
+
+Needs ``onnxruntime-genai`` (its builder needs ``onnx-ir`` too); units: ms per token, wall clock (perf_counter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .synth_checkpoint import ITERATION, Preset, legacy_rank_state, make_args
+
+PRESETS = {
+    # ~250M parameters (issue 21's shape): 16 x 1024, 16 heads / 4 KV heads, ffn 2816, vocab 32000
+    "250m": Preset("250m", 16, 1024, 16, 4, 2816, 32000, max_position_embeddings=2048),
+    "tiny": Preset("tiny-smooth", 2, 128, 4, 2, 352, 1000, max_position_embeddings=256),
+}
+SCHEMES = {   # name -> (mexc compile args, OGB precision)
+    "fp32": (["--dtype", "float32"], "fp32"),
+    "int4": (["--quant", "int4-wo", "--group-size", "32"], "int4"),
+}
+
+
+# ---------------------------------------------------------------------------------------------- smooth weights
+
+
+class SmoothFiller:
+    """Smooth bf16 tensors: a rank-4 sum of sinusoids over rows and columns, plus 5 % noise, std ~0.02.
+
+    Neighbouring weights are correlated (as in trained matrices, unlike i.i.d. noise), so a model made of them
+    has structured logits and a quantization error that can be judged. Same ``tensor`` interface as
+    :class:`mexc.tools.synth_checkpoint.Filler`."""
+
+    def __init__(self, seed: int = 0, rank: int = 4, noise: float = 0.05):
+        self.g = torch.Generator().manual_seed(seed)
+        self.rank, self.noise = rank, noise
+
+    def _wave(self, n: int) -> torch.Tensor:          # [rank, n] smooth rows
+        f = torch.rand(self.rank, 1, generator=self.g) * 6 + 0.5     # 0.5-6.5 periods over the axis
+        ph = torch.rand(self.rank, 1, generator=self.g) * 6.2832
+        return torch.sin(6.2832 * f * torch.arange(n)[None] / n + ph)
+
+    def tensor(self, shape, *, center: float = 0.0) -> torch.Tensor:
+        if len(shape) == 1:
+            w = 0.1 * self._wave(shape[0])[0]
+        else:
+            rows, cols = shape[0], int(np.prod(shape[1:]))
+            w = (self._wave(rows).t() @ self._wave(cols)) / self.rank ** 0.5
+            w = w + self.noise * torch.randn(rows, cols, generator=self.g)
+            w = (0.02 / w.std()) * w
+        return (w.reshape(shape) + center).to(torch.bfloat16)
+
+
+def write_smooth_checkpoint(preset: Preset, out: Path, seed: int = 0) -> Path:
+    """A legacy-format (``torch``), TP=1 Megatron-LM checkpoint of ``preset`` with :class:`SmoothFiller` weights."""
+    out = Path(out)
+    d = out / f"iter_{ITERATION:07d}" / "mp_rank_00"
+    d.mkdir(parents=True, exist_ok=True)
+    model = legacy_rank_state(preset, SmoothFiller(seed), tp=1, pp=1, pp_rank=0)
+    args = make_args(preset, tp=1, pp=1, ckpt_format="torch")
+    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": ITERATION, "model": model},
+               d / "model_optim_rng.pt")
+    (out / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
+    return out
+
+
+def write_word_tokenizer(hf_dir: Path, vocab: int) -> None:
+    """A word-level tokenizer of ``vocab`` ids: the builder loads a tokenizer; generation here is from ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(hf_dir)
+
+
+# ---------------------------------------------------------------------------------------------- builds
+
+
+def _run(cmd: list[str], log) -> float:
+    log("$ " + " ".join(cmd))
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
+        raise SystemExit(f"error: {cmd[2] if len(cmd) > 2 else cmd[0]} failed (exit {p.returncode}); output above")
+    return time.perf_counter() - t
+
+
+def build_all(work: Path, preset: Preset, schemes: list[str], log) -> dict[str, dict[str, Path]]:
+    """Checkpoint, mexc ONNX per scheme, mexc HF (+ tokenizer), OGB ONNX per scheme; reused when present."""
+    py = sys.executable
+    ckpt = work / "ckpt"
+    if not (ckpt / "latest_checkpointed_iteration.txt").exists():
+        log(f"writing the smooth {preset.name} checkpoint ({preset.param_count(1) / 1e6:.0f}M params) to {ckpt}")
+        write_smooth_checkpoint(preset, ckpt)
+    hf = work / "hf"
+    if not (hf / "tokenizer.json").exists():
+        _run([py, "-m", "mexc.tools.cli", "compile", str(ckpt), "--target", "hf", "--dtype", "float32",
+              "--vocab-size", str(preset.vocab_size), "-o", str(hf), "--force", "--quiet"], log)
+        write_word_tokenizer(hf, preset.vocab_size)
+    out: dict[str, dict[str, Path]] = {}
+    for s in schemes:
+        margs, prec = SCHEMES[s]
+        m, o = work / f"mexc-{s}", work / f"ogb-{s}"
+        if not (m / "model.onnx").exists():
+            dt = _run([py, "-m", "mexc.tools.cli", "compile", str(ckpt), "--target", "onnx", "--profile", "ort",
+                       "--vocab-size", str(preset.vocab_size), *margs, "-o", str(m), "--force", "--quiet"], log)
+            log(f"  mexc {s}: {dt:.1f} s")
+        if not (o / "model.onnx").exists():
+            dt = _run([py, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(o), "-p", prec,
+                       "-e", "cpu", "-c", str(work / "ogb-cache")], log)
+            log(f"  OGB {s}: {dt:.1f} s")
+        out[s] = {"mexc": m / "model.onnx", "ogb": o / "model.onnx"}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def session(path: Path, threads: int, profile_prefix: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class Runner:
+    """Prefill + greedy decode of one session, feeding inputs by the names the graph declares."""
+
+    def __init__(self, sess, head_size: int):
+        self.sess = sess
+        self.head_size = head_size          # OGB declares the cache's last dim symbolic (kv_cache_dim)
+        self.inputs = {i.name: i for i in sess.get_inputs()}
+        self.outputs = [o.name for o in sess.get_outputs()]
+        self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
+
+    def _feed(self, ids: np.ndarray, past: dict | None, past_len: int) -> dict:
+        s = ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, past_len + s), np.int64)}
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.arange(past_len, past_len + s, dtype=np.int64)[None]
+        for n in self.past:
+            i = self.inputs[n]
+            feed[n] = past[n] if past else np.zeros((1, i.shape[1], 0, self.head_size), np.float32)
+        return feed
+
+    def step(self, ids, past, past_len):
+        outs = dict(zip(self.outputs, self.sess.run(None, self._feed(ids, past, past_len))))
+        return outs["logits"], {n: outs[n.replace("past_key_values.", "present.")] for n in self.past}
+
+    def generate(self, prompt: np.ndarray, steps: int) -> dict:
+        """Times (s) of the prefill and of ``steps`` decode steps; the greedy tokens and prefill logits."""
+        t0 = time.perf_counter()
+        logits, past = self.step(prompt, None, 0)
+        t1 = time.perf_counter()
+        first = logits[0, -1].astype(np.float32)
+        toks = [int(first.argmax())]
+        n = prompt.shape[1]
+        for _ in range(steps):
+            logits, past = self.step(np.array([[toks[-1]]], np.int64), past, n)
+            n += 1
+            toks.append(int(logits[0, -1].argmax()))
+        t2 = time.perf_counter()
+        return {"prefill": t1 - t0, "decode": t2 - t1, "tokens": toks, "last_logits": first}
+
+
+def runner(path: Path, threads: int, profile_prefix: str | None = None) -> Runner:
+    cfg = json.loads((Path(path).parent / "genai_config.json").read_text())
+    return Runner(session(path, threads, profile_prefix), cfg["model"]["decoder"]["head_size"])
+
+
+def graph_histogram(path: Path) -> dict[str, int]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return dict(collections.Counter((n.domain + "." if n.domain else "") + n.op_type for n in m.graph.node))
+
+
+def kernel_histogram(path: Path, threads: int, prompt: np.ndarray, tmp: Path) -> dict[str, list]:
+    """Op -> [count, total µs] of the kernels ORT ran (after its optimizer) in one decode step."""
+    r = runner(path, threads, str(tmp / "prof"))
+    _, past = r.step(prompt, None, 0)
+    r.step(np.array([[1]], np.int64), past, prompt.shape[1])
+    prof = Path(r.sess.end_profiling())
+    events = json.loads(prof.read_text())
+    prof.unlink()
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    start = runs[-1]["ts"] if runs else 0
+    hist: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            h = hist.setdefault(e["args"]["op_name"], [0, 0])
+            h[0] += 1
+            h[1] += e["dur"]
+    return dict(sorted(hist.items(), key=lambda kv: -kv[1][1]))
+
+
+def bench_pair(paths: dict[str, Path], a, prompt: np.ndarray, log) -> dict:
+    cycles = []
+    for c in range(a.cycles):
+        order = ["mexc", "ogb"] if c % 2 == 0 else ["ogb", "mexc"]
+        sessions = {k: runner(paths[k], a.threads) for k in order}
+        res = {}
+        for k in order:
+            sessions[k].generate(prompt[:, :8], 2)                     # warm-up (allocations, caches)
+        for k in order:
+            res[k] = sessions[k].generate(prompt, a.decode)
+        del sessions
+        row = {k: {"prefill_ms_tok": 1e3 * res[k]["prefill"] / prompt.shape[1],
+                   "decode_ms_tok": 1e3 * res[k]["decode"] / a.decode} for k in order}
+        row["first"] = order[0]
+        row["same_tokens"] = sum(x == y for x, y in zip(res["mexc"]["tokens"], res["ogb"]["tokens"]))
+        row["logit_diff"] = float(np.abs(res["mexc"]["last_logits"] - res["ogb"]["last_logits"]).max())
+        cycles.append(row)
+        log(f"  cycle {c} ({order[0]} first): prefill {row['mexc']['prefill_ms_tok']:.2f} / "
+            f"{row['ogb']['prefill_ms_tok']:.2f} ms/tok, decode {row['mexc']['decode_ms_tok']:.2f} / "
+            f"{row['ogb']['decode_ms_tok']:.2f} ms/tok (mexc / OGB); greedy tokens equal "
+            f"{row['same_tokens']}/{a.decode + 1}, max |d last logits| {row['logit_diff']:.2e}")
+    ratio = {k: float(np.median([r["mexc"][k] / r["ogb"][k] for r in cycles])) for k in ("prefill_ms_tok",
+                                                                                           "decode_ms_tok")}
+    return {"cycles": cycles, "ratio": ratio, "last": res}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mexc.tools.bench_onnx", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", default="/tmp/mexc-bench-onnx", help="checkpoint and builds (reused when present)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="250m")
+    ap.add_argument("--schemes", default="fp32,int4", help="comma list of " + ", ".join(SCHEMES))
+    ap.add_argument("--cycles", type=int, default=4, help="paired cycles per scheme (order alternates)")
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="write the report here")
+    a = ap.parse_args(argv)
+    schemes = [s for s in a.schemes.split(",") if s]
+    if bad := [s for s in schemes if s not in SCHEMES]:
+        ap.error(f"unknown scheme {bad[0]!r} (choose from {', '.join(SCHEMES)})")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        import onnxruntime
+        import onnxruntime_genai  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"error: {e.name} is not installed (hint: pip install onnxruntime-genai onnx-ir)") from None
+    p = PRESETS[a.preset]
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = build_all(work, p, schemes, log)
+    prompt = np.random.default_rng(0).integers(3, p.vocab_size, (1, a.prefill), dtype=np.int64)
+    report = {"preset": a.preset, "params": p.param_count(1), "threads": a.threads, "prefill": a.prefill,
+              "decode": a.decode, "onnxruntime": onnxruntime.__version__,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "schemes": {}}
+    ref = None
+    for s in schemes:
+        log(f"{s}: {a.cycles} paired cycles, batch 1, prefill {a.prefill}, {a.decode} greedy steps, "
+            f"{a.threads} threads")
+        r = bench_pair(paths[s], a, prompt, log)
+        last = r.pop("last")
+        if s == "fp32":
+            ref = last["mexc"]
+        elif ref is not None:   # each quantized graph against the fp32 one: prefill logits and greedy tokens
+            r["vs_fp32"] = {k: {"max_abs_logit_err": float(np.abs(v["last_logits"] - ref["last_logits"]).max()),
+                                "logit_range": float(np.ptp(ref["last_logits"])),
+                                "tokens_equal": sum(x == y for x, y in zip(v["tokens"], ref["tokens"]))}
+                            for k, v in last.items()}
+        r["graph_ops"] = {k: graph_histogram(v) for k, v in paths[s].items()}
+        r["kernels"] = {k: kernel_histogram(v, a.threads, prompt, work) for k, v in paths[s].items()}
+        report["schemes"][s] = r
+    print(format_report(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"preset {rep['preset']} ({rep['params'] / 1e6:.0f}M params), onnxruntime {rep['onnxruntime']} CPU, "
+             f"{rep['threads']} threads, batch 1, prefill {rep['prefill']}, {rep['decode']} greedy decode steps",
+             "", "| scheme | mexc / OGB prefill ms/token | mexc / OGB decode ms/token | greedy tokens equal |",
+             "|---|---|---|---|"]
+    for s, r in rep["schemes"].items():
+        eq = min(c["same_tokens"] for c in r["cycles"])
+        lines.append(f"| {s} | x{r['ratio']['prefill_ms_tok']:.3f} | x{r['ratio']['decode_ms_tok']:.3f} | "
+                     f"{eq}/{rep['decode'] + 1} |")
+    for s, r in rep["schemes"].items():
+        for k, v in r.get("vs_fp32", {}).items():
+            lines.append(f"{s} {k} vs the fp32 graph: max |d prefill last-token logits| {v['max_abs_logit_err']:.3g} "
+                         f"(fp32 logit range {v['logit_range']:.3g}), greedy tokens equal {v['tokens_equal']}/"
+                         f"{rep['decode'] + 1}")
+    for s, r in rep["schemes"].items():
+        for k in ("mexc", "ogb"):
+            ops = ", ".join(f"{o} {n}" for o, n in sorted(r["graph_ops"][k].items()))
+            lines.append(f"\n{s} {k} graph ({sum(r['graph_ops'][k].values())} nodes): {ops}")
+            ker = ", ".join(f"{o} {n}x {us / 1e3:.2f} ms" for o, (n, us) in r["kernels"][k].items())
+            tot = sum(us for _, us in r["kernels"][k].values()) / 1e3
+            lines.append(f"{s} {k} kernels of one decode step after ORT's optimizer ({tot:.2f} ms): {ker}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
