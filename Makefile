@@ -26,6 +26,6 @@ example: install
 	$(BIN)/mexc run out/llama-tiny-onnx --prompt 'the quick brown' --max-new-tokens 12
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 .PHONY: install example test
