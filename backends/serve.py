@@ -35,7 +35,7 @@ def serve_commands(out: str | Path, manifest: dict | None = None) -> list[str]:
     has_tok = (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
     tok = _q(out) if has_tok else MISSING
     lines: list[str] = []
-    if not has_tok:
+    if not has_tok and target != "tensorrt":
         lines.append(f"first add the tokenizer: mexc tokenizer {_q(out)} --from PATH (then use {_q(out)} for "
                      f"{MISSING})")
     if target == "trtllm":
@@ -61,6 +61,9 @@ def serve_commands(out: str | Path, manifest: dict | None = None) -> list[str]:
             lines.append(f"the tensorrt profile is for TensorRT's ONNX parser: mexc compile ... --target "
                          f"tensorrt, or trtexec --onnx={_q(out / 'model.onnx')}")
     elif target == "tensorrt":
-        lines.append(f"{_q(out / 'model.plan')}: a TensorRT engine of the decoder step; run it with the TensorRT "
-                     "Python API (docs/onnx.md); text generation needs your own sampling loop")
+        plan = out / "model.plan"
+        lines.append(f"{_q(plan)}: " + ("a TensorRT engine of the decoder step; run it with the TensorRT Python "
+                                        "API (docs/onnx.md); text generation needs your own sampling loop"
+                                        if plan.is_file() else "not built here; build it with the trtexec "
+                                        "command above on a machine with TensorRT >= 10.15"))
     return lines

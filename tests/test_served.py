@@ -374,3 +374,32 @@ def test_serve_commands_without_tokenizer_and_for_hf(tmp_path, capsys):
     hf_serve = _check_with_trtllm(next(x for x in lines if x.startswith("trtllm-serve")), parsers)
     assert hf_serve.model == str(out) and hf_serve.backend is None   # the default, pytorch, reads HF dirs
     assert f"vllm serve {out}" in lines
+
+
+# ------------------------------------------------------------------------- TensorRT detection
+
+
+def test_tensorrt_stubs_are_not_tensorrt(tmp_path, capsys, monkeypatch):
+    """tensorrt-stubs makes `import tensorrt` succeed with an empty namespace package: not TensorRT."""
+    import sys
+    import types
+
+    from mexc.backends.onnx.tensorrt import tensorrt_status
+
+    stub = types.ModuleType("tensorrt")
+    stub.__path__ = [str(tmp_path / "site-packages" / "tensorrt")]   # a namespace package: no __version__
+    monkeypatch.setitem(sys.modules, "tensorrt", stub)
+    version, why = tensorrt_status()
+    assert version is None and "tensorrt-stubs" in why and "Builder" in why
+    out = tmp_path / "trt"
+    rc, _, err = _mexc(capsys, "compile", EXAMPLE, "--target", "tensorrt", "-o", out)
+    assert rc == 0 and "Traceback" not in err and (out / "model.onnx").is_file() and not (out / "model.plan").exists()
+    assert "TensorRT is not installed" in err and "trtexec --onnx=" in err
+    rc, _, err = _mexc(capsys, "compile", EXAMPLE, "--target", "tensorrt", "--build", "always", "-o", tmp_path / "a")
+    assert rc == 1 and "tensorrt-stubs" in err and not (tmp_path / "a").exists()
+    real = types.ModuleType("tensorrt")
+    real.__version__ = "10.15.1"
+    for name in ("Logger", "Builder", "OnnxParser", "NetworkDefinitionCreationFlag"):
+        setattr(real, name, object)
+    monkeypatch.setitem(sys.modules, "tensorrt", real)
+    assert tensorrt_status() == ("10.15.1", "")

@@ -3,7 +3,8 @@
 Both emit ``model.onnx`` + one external ``model.onnx.data`` straight from the IR (no tracing). ``onnx`` takes
 ``--profile ort`` (contrib ops for ONNX Runtime, plus ``genai_config.json``) or ``--profile tensorrt`` (standard
 ops only); ``tensorrt`` always emits the tensorrt profile and then builds ``model.plan`` through the TensorRT
-Python API when ``import tensorrt`` works. See docs/onnx.md.
+Python API when a real TensorRT is installed (:func:`tensorrt_status`: a version and the builder API).
+See docs/onnx.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ...ir.types import DType
 from ..base import Backend, CompileOptions, EmitResult, register_backend
 from ...passes.fold_moe_scaling import has_topk_scale
 from .emit import emit_onnx
-from .tensorrt import build_engine, trtexec_command
+from .tensorrt import build_engine, tensorrt_status, trtexec_command
 
 DTYPE_PASS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -103,23 +104,24 @@ class TensorRTBackend(OnnxBackend):
         return "tensorrt"
 
     def preflight(self, out: Path, opts: CompileOptions) -> None:
-        import importlib.util
-
-        if opts.build == "always" and importlib.util.find_spec("tensorrt") is None:
-            raise ToolNotFoundError("--build always: TensorRT is not installed (no `tensorrt` module); nothing was "
-                                    "written", hint="install TensorRT (pip install tensorrt), or use --build auto to write "
-                                                    f"the ONNX and get the full command (trtexec --onnx={out}/model.onnx "
-                                                    f"--saveEngine={out}/model.plan with shape ranges)")
+        if opts.build != "always":
+            return
+        version, why = tensorrt_status()
+        if version is None:
+            raise ToolNotFoundError(f"--build always: TensorRT is not installed ({why}); nothing was written",
+                                    hint="install TensorRT (pip install tensorrt), or use --build auto to write "
+                                         f"the ONNX and get the full command (trtexec --onnx={out}/model.onnx "
+                                         f"--saveEngine={out}/model.plan with shape ranges)")
 
     def build(self, out: Path, opts: CompileOptions, log) -> list[str]:
         cmd = trtexec_command(Path(out), opts)
-        try:
-            import tensorrt  # noqa: F401  (lazy: only here)
-        except ImportError:
+        version, why = tensorrt_status()
+        if version is None:
             if opts.build == "always":
-                raise ToolNotFoundError("TensorRT is not installed (import tensorrt failed); no engine was built",
-                                        hint=f"install TensorRT (pip install tensorrt) or run: {cmd}") from None
-            return [f"TensorRT is not installed; kept the ONNX, build the engine with: {cmd}"]
+                raise ToolNotFoundError(f"TensorRT is not installed ({why}); no engine was built",
+                                        hint=f"install TensorRT (pip install tensorrt) or run: {cmd}")
+            return [f"TensorRT is not installed ({why}); kept the ONNX, build the engine with: {cmd}"]
+        log(f"TensorRT {version} found")
         return build_engine(Path(out), opts, log)
 
 

@@ -13,6 +13,32 @@ from ...errors import BackendError
 from ..base import CompileOptions, write_new
 
 ENGINE_FILE = "model.plan"
+_BUILDER_API = ("Logger", "Builder", "OnnxParser", "NetworkDefinitionCreationFlag")
+
+
+def tensorrt_status() -> tuple[str | None, str]:
+    """``(version, "")`` when a real TensorRT Python package is importable (a ``__version__`` and the builder
+    API: Logger, Builder, OnnxParser), else ``(None, why)``. ``tensorrt-stubs`` makes ``import tensorrt``
+    succeed with an empty namespace package; that is not TensorRT."""
+    import importlib
+    import importlib.util
+    import sys
+
+    try:
+        trt = sys.modules.get("tensorrt")
+        if trt is None:
+            if importlib.util.find_spec("tensorrt") is None:
+                return None, "no `tensorrt` module"
+            trt = importlib.import_module("tensorrt")
+    except Exception as e:   # a broken install raises anything (missing libnvinfer, CUDA errors)
+        return None, f"`import tensorrt` failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    version = getattr(trt, "__version__", None)
+    missing = [n for n in _BUILDER_API if not hasattr(trt, n)]
+    if not isinstance(version, str) or missing:
+        where = list(getattr(trt, "__path__", [])) or [getattr(trt, "__file__", "?")]
+        return None, (f"`import tensorrt` finds {where[0]} without a version or the builder API (missing "
+                      f"{', '.join(missing) or '__version__'}): type stubs (tensorrt-stubs) or a partial install")
+    return version, ""
 
 
 def _io_dims(onnx_path: Path) -> list[tuple[str, list]]:
