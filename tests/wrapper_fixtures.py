@@ -3,9 +3,8 @@
 The weights are those of a fixture of ``tests/megatron_fixtures.py`` (real megatron-core saves, with reference
 logits): their ``.distcp`` files are copied byte for byte and the DCP index (``.metadata``) is rewritten with the
 key prefix the wrapper's own writer adds (NeMo 2: ``module.``, NeMo 1: ``model.``; Megatron-Bridge: none).
-The wrapper files around them follow the layouts documented in the NeMo and Megatron-Bridge sources (see
-tests/data/README.md "Wrapper fixtures"); NeMo and Megatron-Bridge themselves are not run (their training save
-needs GPUs):
+The wrapper files around them follow the layouts documented in the NeMo and Megatron-Bridge sources
+(docs/checkpoint-formats.md, "How this is tested", says why NeMo and Megatron-Bridge themselves do not write them):
 
 * the config sections are a dump of the megatron-core ``TransformerConfig`` the fixture was built with, every
   dataclass field, serialized with the conventions of Megatron-Bridge's / NeMo's YAML representers

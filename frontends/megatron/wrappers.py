@@ -27,10 +27,9 @@ listed as ``unknown_args`` in the lifted model, as for Megatron-LM args. Config 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import tarfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,12 +37,10 @@ import yaml
 
 from ...errors import CheckpointError, ConfigError
 from . import arguments
-from .reader import CheckpointInfo, DcpStore, inside, locate, validate_dcp
-from .safe_load import MAX_PICKLE_BYTES, _wrap
-from .unpickle import SafeUnpickler
+from .nemo_archive import TarDcpStore, TarTree
+from .reader import CheckpointInfo, DcpStore, inside, locate
 
 MAX_CONFIG_BYTES = 16 << 20      # a model.yaml / run_config.yaml is kilobytes
-MAX_MEMBERS = 1 << 20            # members of a .nemo archive
 _EMBEDDING = "embedding.word_embeddings.weight"
 _DTYPES = {"torch.float32": torch.float32, "torch.float": torch.float32, "torch.bfloat16": torch.bfloat16,
            "torch.float16": torch.float16, "torch.half": torch.float16}
@@ -59,7 +56,7 @@ def open_wrapped(path: Path, iteration: int | None = None) -> CheckpointInfo | N
     Raises :class:`CheckpointError` / :class:`ConfigError` (one line naming the file) for a damaged or hostile
     archive, a config that is not YAML, or a setting that changes the math and has no translation."""
     if path.is_file() and (path.suffix == ".nemo" or tarfile.is_tarfile(path)):
-        return _open_tree(_TarTree(path), path, iteration)
+        return _open_tree(TarTree(path), path, iteration)
     if not path.is_dir():
         return None
     if (path / "context").is_dir() and (path / "weights").is_dir() or (path / "model_config.yaml").is_file():
@@ -96,7 +93,7 @@ def _open_tree(tree, root: Path, iteration: int | None) -> CheckpointInfo:
                               hint="only megatron-core dist checkpoints (torch_dist) are read; zarr and "
                                    "model_weights.ckpt files are not")
     _check_backend(tree.read(f"{weights}/metadata.json", 1 << 16), tree.label(f"{weights}/metadata.json"))
-    if isinstance(tree, _TarTree):
+    if isinstance(tree, TarTree):
         store: DcpStore = TarDcpStore("ckpt", str(tree.path.resolve()), weights, prefix)
     else:
         store = DcpStore("ckpt", str((root / weights).resolve()), prefix)
@@ -240,7 +237,7 @@ def transformer_config_args(cfg: dict, where: str, store: DcpStore, classes: re.
     if not classes.match(target):
         raise ConfigError(f"{where}: model class {target or '(none)'} is not one whose math mexc knows from its "
                           "fields alone", hint="mexc reads the GPT, Llama (2/3), Mistral, Mixtral, Qwen2 and "
-                          "StarCoder2 configs; give the architecture of others with --config on the exported weights")
+                          "StarCoder2 configs; export others with NeMo's / Megatron-Bridge's own exporter")
     ns: dict[str, Any] = {}
     problems: list[str] = []
     for name, raw in cfg.items():
@@ -258,12 +255,8 @@ def transformer_config_args(cfg: dict, where: str, store: DcpStore, classes: re.
         elif name in TC_REFUSED:
             if v not in (TC_REFUSED[name], None, False):
                 problems.append(f"{name}={str(v)[:60]} (not lifted: per-layer or device-limited variants)")
-        elif isinstance(v, (dict, list)) and v and getattr(arguments.lookup(RENAMED.get(name, name)), "verdict",
-                                                           None) != arguments.IRRELEVANT:
-            if name not in ("moe_layer_freq", "moe_router_load_balancing_type", "pipeline_model_parallel_layout"):
-                problems.append(f"{name}={str(v)[:60]} (a structured value mexc cannot translate)")
-            else:
-                ns[name] = v
+        elif isinstance(v, (dict, list)) and v and arguments.lookup(RENAMED.get(name, name)) is None:
+            problems.append(f"{name}={str(v)[:60]} (a structured value mexc cannot translate)")
         else:
             ns[RENAMED.get(name, name)] = v
     ns.update(_activation(cfg, where))
@@ -310,11 +303,12 @@ _NEMO1_COPIED = frozenset("""num_layers hidden_size ffn_hidden_size num_attentio
 # settings of NeMo 1 models that change the math and have no lifted form: (key, value that is fine)
 _NEMO1_REFUSED = {"headscale": False, "megatron_legacy": False, "normalize_attention_scores": True,
                   "transformer_block_type": "pre_ln", "scale_positional_embedding": False}
-_NEMO1_ACT = {"gelu": {}, "geglu": {"gated_linear_unit": True}, "fast-geglu": {"gated_linear_unit": True},
-              "swiglu": {"swiglu": True}, "fast-swiglu": {"swiglu": True}, "squared-relu": {"squared_relu": True}}
-_NEMO1_NORM = {"layernorm": {"normalization": "LayerNorm"}, "low_precision_layernorm": {"normalization": "LayerNorm"},
-               "layernorm1p": {"normalization": "LayerNorm", "apply_layernorm_1p": True},
-               "rmsnorm": {"normalization": "RMSNorm"}}
+_NEMO1_ACT: dict[str, dict[str, Any]] = {
+    "gelu": {}, "geglu": {"gated_linear_unit": True}, "fast-geglu": {"gated_linear_unit": True},
+    "swiglu": {"swiglu": True}, "fast-swiglu": {"swiglu": True}, "squared-relu": {"squared_relu": True}}
+_NEMO1_NORM: dict[str, dict[str, Any]] = {
+    "layernorm": {"normalization": "LayerNorm"}, "low_precision_layernorm": {"normalization": "LayerNorm"},
+    "layernorm1p": {"normalization": "LayerNorm", "apply_layernorm_1p": True}, "rmsnorm": {"normalization": "RMSNorm"}}
 
 
 def nemo1_args(cfg: Any, where: str, store: DcpStore) -> argparse.Namespace:
@@ -332,7 +326,8 @@ def nemo1_args(cfg: Any, where: str, store: DcpStore) -> argparse.Namespace:
         problems.append(f"activation={act} / normalization={norm} (mexc lifts {', '.join(_NEMO1_ACT)} and "
                         f"{', '.join(_NEMO1_NORM)})")
     else:
-        ns.update(_NEMO1_ACT[act], **_NEMO1_NORM[norm])
+        ns.update(_NEMO1_ACT[act])
+        ns.update(_NEMO1_NORM[norm])
     ns["untie_embeddings_and_output_weights"] = not cfg.get("share_embeddings_and_output_weights", True)
     ns.setdefault("add_bias_linear", True)
     ns.setdefault("position_embedding_type", "learned_absolute")
@@ -379,122 +374,3 @@ class _DirTree:
 
     def read(self, rel: str, limit: int) -> bytes:
         return _read_file(self.root / rel, limit)
-
-
-class _TarTree:
-    """An uncompressed tar (a ``.nemo``) indexed once: member name -> (data offset, size). Every member is checked
-    before any is used: a plain file or a directory, a relative name without ``..``, its data inside the archive,
-    no name twice."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as f:
-            magic = f.read(6)
-        if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":
-            raise CheckpointError(f"{path}: a compressed archive; mexc reads .nemo tars in place, which needs an "
-                                  "uncompressed tar", hint=f"unpack it (tar xf {path.name}) and give the directory")
-        size = os.path.getsize(path)
-        self.files: dict[str, tuple[int, int]] = {}
-        self.dirs: set[str] = {""}
-        try:
-            with tarfile.open(path, "r:") as tar:
-                for n, m in enumerate(tar):
-                    if n >= MAX_MEMBERS:
-                        raise self._bad(f"more than {MAX_MEMBERS} members")
-                    self._add(m, size)
-        except tarfile.TarError as e:
-            raise CheckpointError(f"{path}: not a readable tar archive ({str(e)[:80]})",
-                                  hint="copy the .nemo file again") from None
-
-    def _bad(self, msg: str) -> CheckpointError:
-        return CheckpointError(f"{self.path}: {msg}", hint="a .nemo archive holds plain files and directories only; "
-                               "the archive is damaged or was tampered with")
-
-    def _add(self, m: tarfile.TarInfo, size: int) -> None:
-        p = PurePosixPath(m.name)
-        parts = [x for x in p.parts if x != "."]
-        if p.is_absolute() or ".." in parts or any("\\" in x or "\x00" in x for x in parts):
-            raise self._bad(f"member {m.name[:80]!r} has an absolute or '..' name")
-        name = "/".join(parts)
-        if m.isdir():
-            self.dirs.add(name)
-            return
-        if not m.isreg() or m.sparse is not None:
-            raise self._bad(f"member {m.name[:80]!r} is not a plain file (a link, device or sparse file)")
-        if name in self.files or name in self.dirs:
-            raise self._bad(f"member {name[:80]!r} appears twice")
-        if m.offset_data + m.size > size:
-            raise self._bad(f"member {name[:80]!r} extends past the end of the archive (truncated?)")
-        self.files[name] = (m.offset_data, m.size)
-        for i in range(1, len(parts)):
-            self.dirs.add("/".join(parts[:i]))
-
-    def label(self, rel: str) -> str:
-        return f"{self.path}:{rel}" if rel else str(self.path)
-
-    def is_file(self, rel: str) -> bool:
-        return rel in self.files
-
-    def is_dir(self, rel: str) -> bool:
-        return rel in self.dirs
-
-    def read(self, rel: str, limit: int) -> bytes:
-        off, n = self.files[rel]
-        if n > limit:
-            raise self._bad(f"member {rel} has {n} bytes; more than {limit}")
-        with open(self.path, "rb") as f:
-            f.seek(off)
-            return f.read(n)
-
-
-class TarDcpStore(DcpStore):
-    """A torch_dist checkpoint stored as the ``inner`` directory of an uncompressed tar (a ``.nemo``), read in
-    place: each DCP file is the byte range of its tar member."""
-
-    kind = "megatron-dist-tar"
-
-    def __init__(self, name: str, archive: str, inner: str, prefix: str = ""):
-        super().__init__(name, f"{archive}:{inner}", prefix)
-        self.archive, self.inner = archive, inner
-        self._tree: _TarTree | None = None
-
-    def spec(self):
-        return {"archive": self.archive, "inner": self.inner, **({"prefix": self.prefix} if self.prefix else {})}
-
-    def _members(self) -> _TarTree:
-        if self._tree is None:
-            self._tree = _TarTree(Path(self.archive))
-        return self._tree
-
-    def _member(self, name: str) -> tuple[int, int]:
-        got = self._members().files.get(f"{self.inner}/{name}")
-        if got is None:
-            raise CheckpointError(f"{self.archive}: no member {self.inner}/{name}",
-                                  hint="the archive is incomplete; copy the .nemo file again")
-        return got
-
-    def _file(self, name: str) -> tuple[Path, int, int | None]:
-        off, n = self._member(name)
-        return Path(self.archive), off, n
-
-    def _load_metadata(self):
-        from torch.distributed.checkpoint.metadata import Metadata
-
-        where = f"{self.archive}:{self.inner}/.metadata"
-        data = self._members().read(f"{self.inner}/.metadata", MAX_PICKLE_BYTES) \
-            if self._members().is_file(f"{self.inner}/.metadata") else None
-        if data is None:
-            raise CheckpointError(f"{where}: missing", hint="copy the .nemo file again")
-        import io
-
-        meta = _wrap(where, lambda: SafeUnpickler(io.BytesIO(data)).load())
-        if not isinstance(meta, Metadata):
-            raise CheckpointError(f"{where}: not a DCP index (holds a {type(meta).__name__})",
-                                  hint="the archive is damaged; copy it again")
-        validate_dcp(meta, Path(self.root), file_size=lambda n: self._member(n)[1])
-        return meta
-
-
-from ...ir import register_store  # noqa: E402 - after the class it registers
-
-register_store(TarDcpStore)
