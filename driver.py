@@ -14,6 +14,7 @@ from typing import Callable
 
 from .backends.base import (BACKENDS, Backend, CompileOptions, EmitResult, atomic_directory, check_output,
                             tune_allocator, write_manifest)
+from .backends.layout import check_layout
 from .errors import BackendError, UsageError
 from .ir import Model
 from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file, parse_pipeline
@@ -127,6 +128,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     if vocab is not None:
         opts.vocab_size = vocab
     passes = build_pipeline(model, opts, backend)
+    check_layout(model, passes)
     pm = PassManager(passes, print_ir_after=print_ir_after or set(), dump_ir=dump_ir, log=log)
     pm(model)
     pipeline_text = format_pipeline(passes)

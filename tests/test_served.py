@@ -403,3 +403,22 @@ def test_tensorrt_stubs_are_not_tensorrt(tmp_path, capsys, monkeypatch):
         setattr(real, name, object)
     monkeypatch.setitem(sys.modules, "tensorrt", real)
     assert tensorrt_status() == ("10.15.1", "")
+
+
+# ------------------------------------------------------------------------- summarised preconditions
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--tp", "3"], "error: --tp 3 does not divide 4 attention heads / 2 KV heads; use --tp 1, 2 or 4"),
+    (["--tp", "8"], "error: --tp 8 does not divide 4 attention heads / 2 KV heads; use --tp 1, 2 or 4"),
+    (["--pp", "3"], "error: --pp 3 exceeds the model's 2 layers; use --pp 1 or 2"),
+])
+def test_layout_errors_are_one_line(tmp_path, capsys, args, want):
+    rc, _, err = _mexc(capsys, "compile", EXAMPLE, "--target", "trtllm", *args, "-o", tmp_path / "o", "--quiet")
+    lines = err.splitlines()
+    assert rc == 2 and lines[0] == want and lines[1].startswith("hint: ") and len(lines) == 2
+    assert len(err) < 300 and not (tmp_path / "o").exists()
+    for tp in (1, 2, 4):   # the sizes the error offers do compile
+        if "--tp" in args:
+            assert main(["compile", str(EXAMPLE), "--target", "trtllm", "--tp", str(tp), "-o",
+                         str(tmp_path / f"tp{tp}"), "--quiet"]) == 0

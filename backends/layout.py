@@ -1,0 +1,61 @@
+"""Whether a model fits the target layout (``--tp`` / ``--pp``), said in one line with the sizes that do fit.
+
+``reshard``'s precondition lists every node that does not split (thousands of characters for a large model);
+before the pipeline runs, :func:`check_layout` asks the same precondition for the requested sizes and for
+each candidate, and raises one :class:`~mexc.errors.UsageError` such as
+``--tp 3 does not divide 16 attention heads / 4 KV heads; use --tp 1, 2 or 4``. Problems a later pass of the
+pipeline fixes (QKV layouts: fuse-qkv, relayout-qkv) are not counted.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import UsageError
+from ..ir import Model
+
+_FIXED_BY_PIPELINE = re.compile(r"relayout-qkv|fuse-qkv")
+
+
+def _problems(model: Model, tp: int, pp: int, ep: int) -> list[str]:
+    from ..passes.reshard import Reshard
+
+    return [p for p in Reshard(tp=tp, pp=pp, ep=ep).requires(model) if not _FIXED_BY_PIPELINE.search(p)]
+
+
+def _choices(values: list[int]) -> str:
+    v = [str(x) for x in values]
+    return v[0] if len(v) == 1 else ", ".join(v[:-1]) + " or " + v[-1]
+
+
+def check_layout(model: Model, passes: list) -> None:
+    """Raise one summarised UsageError when the pipeline's ``reshard`` cannot split ``model``."""
+    reshard = next((p for p in passes if getattr(p, "name", "") == "reshard"), None)
+    if reshard is None:
+        return
+    tp, pp, ep = reshard.tp, reshard.pp, reshard.ep
+    if not _problems(model, tp, pp, ep):
+        return
+    L = model.config.num_layers
+    if pp > L:
+        fits = [p for p in range(1, L + 1) if not _problems(model, tp, p, ep)] or [1]
+        raise UsageError(f"--pp {pp} exceeds the model's {L} layers; use --pp {_choices(fits[:8])}",
+                         hint="each pipeline stage needs at least one layer")
+    if _problems(model, 1, pp, 1) or (ep > 1 and ep != tp):
+        return   # not a TP size problem: reshard's own message says what
+    attn = {(n.attrs["num_heads"], n.attrs["num_kv_heads"]) for n in model.graph.find("attention")}
+    top = max([nh for nh, _ in attn] or [tp])
+    fits = [t for t in range(1, max(top, 1) + 1) if not _problems(model, t, pp, t if ep > 1 else 1)]
+    heads = " and ".join(f"{nh} attention heads / {nkv} KV heads" for nh, nkv in sorted(attn))
+    bad_heads = any(nh % tp or (nkv % tp and tp % nkv) for nh, nkv in attn)
+    if bad_heads:
+        what = f"does not divide {heads}"
+    else:
+        ffn = sorted({n.params["fc2"].type.shape[-1] for n in model.graph.find(("mlp", "moe"))
+                      if "fc2" in n.params})
+        what = (f"does not divide the MLP's {' / '.join(map(str, ffn))} hidden units" if ffn
+                else "does not split this model")
+    use = f"use --tp {_choices(fits)}" if fits else "no tensor-parallel size fits"
+    raise UsageError(f"--tp {tp} {what}; {use}",
+                     hint="a TP size must divide the attention heads, divide or be a multiple of the KV heads, "
+                          "and divide the MLP width")
