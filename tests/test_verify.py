@@ -105,7 +105,7 @@ def test_untouched_output_passes(capsys, outputs, kind):
     assert out.strip().splitlines()[-1].endswith(": OK")
     if kind == "trtllm":
         assert "TensorRT-LLM itself is not involved" in out and "every rank" in out
-        assert "ranks: tensors TensorRT-LLM keeps replicated are identical on all 2 TP ranks: OK" in out
+        assert "ranks: replicated tensors and shared KV heads are identical on all 2 TP ranks: OK" in out
 
 
 @pytest.mark.parametrize("kind,files,tensor", [
@@ -153,6 +153,27 @@ def test_corrupted_rank1_replicated_tensor_fails(capsys, outputs, tmp_path):
     assert res["artifact"]["ok"] and res["ranks"]["problems"] == [f"FAIL rank1.safetensors: tensor {name}: differs from rank0's copy "
                                            "(TensorRT-LLM keeps it replicated: every TP rank must hold the same bytes)"]
     with pytest.raises(AssertionError, match="input_layernorm.weight: must be replicated"):
+        trtllm_reader.read_checkpoint(str(out))
+
+
+def test_differing_copy_of_a_shared_kv_head_fails(capsys, tmp_path):
+    out = tmp_path / "tp4"  # 2 KV heads over 4 ranks: ranks 0, 1 hold head 0, ranks 2, 3 head 1
+    assert main(["compile", str(EXAMPLE), "--target", "trtllm", "--tp", "4", "-o", str(out), "--quiet"]) == 0
+    clean = rank0_logits(out)
+    cfg = json.loads((out / "config.json").read_text())
+    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    name = "transformer.layers.1.attention.qkv.weight"
+    _, _, _, shape = st_region(out / "rank1.safetensors", name)
+    assert shape[0] == 3 * d  # [Q_r; K_r; V_r], one head each
+    set_f32(out / "rank1.safetensors", name, (d + 2) * shape[1] + 7, 0.75)  # a K row
+    resign(out, "rank1.safetensors", name)
+    assert torch.equal(rank0_logits(out), clean), "a logit check runs the first copy of each KV head"
+    rc, stdout, _ = mexc(capsys, "verify", out, "--against", EXAMPLE)
+    assert rc == 1 and "NaN/Inf: OK" in stdout
+    assert fail_lines(stdout) == [f"FAIL rank1.safetensors: tensor {name}: its copy of KV head 0 (rows {d}..{3 * d}) "
+                                  "differs from rank0.safetensors's; ranks sharing a KV head must hold the same K "
+                                  "and V rows"]
+    with pytest.raises(AssertionError, match="KV head 0 duplicated over tp ranks"):
         trtllm_reader.read_checkpoint(str(out))
 
 

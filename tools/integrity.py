@@ -76,6 +76,7 @@ class Report:
     bytes: int = 0
     problems: list[Problem] = field(default_factory=list)
     sums: dict[str, dict[str, str]] = field(default_factory=dict)
+    spans: dict[str, dict[str, Span]] = field(default_factory=dict)  # file -> tensor -> where its bytes are
 
     @property
     def ok(self) -> bool:
@@ -246,12 +247,13 @@ def check_file(path: Path, rel: str, spans: list[Span], expected: dict[str, str]
         report.fail(rel, name, "not in the manifest (added after compile)")
     size = path.stat().st_size
     sums = report.sums.setdefault(rel, {})
+    report.spans[rel] = dict(found)
     cut = [s for s in spans if s.offset + s.length > size]
     if cut:  # one line for a truncated file, naming the first tensor it cuts
-        first = min(cut, key=lambda s: s.offset)
+        c = min(cut, key=lambda s: s.offset)
         more = f"; {len(cut) - 1} more tensor(s) after it are cut too" if len(cut) > 1 else ""
-        report.fail(rel, first.name, f"the file ends at byte {size}, inside or before this tensor's bytes "
-                                     f"{first.offset}..{first.offset + first.length}: truncated{more}")
+        report.fail(rel, c.name, f"the file ends at byte {size}, inside or before this tensor's bytes "
+                                 f"{c.offset}..{c.offset + c.length}: truncated{more}")
     with open(path, "rb", buffering=0) as f:
         for s in sorted(spans, key=lambda s: s.offset):
             report.tensors += 1
@@ -393,4 +395,45 @@ def replicated_mismatches(model, report: Report, tp: int) -> list[Problem]:
                 problems.append(Problem(f"rank{r}.safetensors", tname,
                                         f"differs from rank{r0}'s copy (TensorRT-LLM keeps it replicated: every TP "
                                         "rank must hold the same bytes)"))
+    return problems
+
+
+def duplicated_kv_mismatches(out: Path, report: Report, cfg: dict) -> list[Problem]:
+    """With more TP ranks than KV heads, each rank of a trtllm output holds a copy of one KV head: rank r the
+    head ``(r % tp) // (tp // nkv)``, as the K and V rows of its ``[Q_r; K_r; V_r]`` ``attention.qkv`` weight and
+    bias (TensorRT-LLM's checkpoint convention; tests/trtllm_reader.py checks it the same way). Copies of one
+    head must be identical on the ranks that share it; mexc's reader runs the first copy only, so a differing
+    copy is found here, by hashing those rows of each rank (``report.spans`` from :func:`check_artifact`)."""
+    m = cfg.get("mapping") or {}
+    tp, nh = int(m.get("tp_size", 1)), int(cfg["num_attention_heads"])
+    nkv = int(cfg.get("num_key_value_heads") or nh)
+    if tp <= nkv or tp % nkv:
+        return []
+    from ..backends.base import new_checksum
+
+    d = int(cfg.get("head_size") or cfg["hidden_size"] // nh)
+    step, q_rows, rows = tp // nkv, nh // tp * d, nh // tp * d + 2 * d
+    buf = bytearray(CHUNK)
+
+    def kv_hash(rel: str, s: Span) -> str | None:
+        row = s.length // rows
+        with open(out / rel, "rb", buffering=0) as f:
+            return scan(f, Span(s.name, None, s.offset + q_rows * row, 2 * d * row), buf, new_checksum)[0]
+
+    problems = []
+    for rel, spans in sorted(report.spans.items()):
+        k = re.fullmatch(r"rank(\d+)\.safetensors", rel)
+        if k is None or int(k.group(1)) % tp % step == 0:
+            continue
+        r = int(k.group(1))
+        ref_rel = f"rank{r - r % tp % step}.safetensors"
+        for name, s in sorted(spans.items()):
+            ref = report.spans.get(ref_rel, {}).get(name)
+            if not re.fullmatch(r"transformer\.layers\.\d+\.attention\.qkv\.(weight|bias)", name) or ref is None \
+                    or ref.length != s.length or s.length % rows:
+                continue
+            if kv_hash(rel, s) != kv_hash(ref_rel, ref):
+                problems.append(Problem(rel, name, f"its copy of KV head {r % tp // step} (rows {q_rows}..{rows}) "
+                                                   f"differs from {ref_rel}'s; ranks sharing a KV head must hold "
+                                                   "the same K and V rows"))
     return problems

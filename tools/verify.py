@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BackendError, MexcError, UsageError
-from .integrity import check_artifact, replicated_mismatches
+from .integrity import check_artifact, duplicated_kv_mismatches, replicated_mismatches
 
 PROMPTS = torch.tensor([[1, 5, 9, 23, 42, 77, 3, 99], [0, 64, 31, 8, 15, 2, 50, 11]])
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}
@@ -176,6 +176,13 @@ def verify_output(a) -> int:
     if target == "trtllm":
         from ..frontends.trtllm import lift_trtllm
 
+        cfg = json.loads((out / "config.json").read_text())  # its mapping was checked above
+        try:
+            ranks = duplicated_kv_mismatches(out, report, cfg)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise BackendError(f"{out / 'config.json'}: attention fields unusable ({type(e).__name__}: {e})",
+                               hint="the config was edited or damaged; compile again") from None
+
         try:
             lifted = lift_trtllm(out)  # a quantized checkpoint is refused here, with its reason
         except MexcError:
@@ -184,13 +191,13 @@ def verify_output(a) -> int:
             raise BackendError(f"{out / 'config.json'}: mexc's TensorRT-LLM reader cannot lift this output "
                                f"({type(e).__name__}: {e})", hint="the config was edited or damaged; compile again"
                                ) from e
-        tp = int(json.loads((out / "config.json").read_text())["mapping"].get("tp_size", 1))  # checked above
-        ranks = replicated_mismatches(lifted, report, tp)
+        tp = int((cfg.get("mapping") or {}).get("tp_size", 1))
+        ranks += replicated_mismatches(lifted, report, tp)
         for p in ranks:
             say(str(p))
         result["ranks"] = {"tp": tp, "problems": [str(p) for p in ranks], "ok": not ranks}
         if tp > 1:
-            say(f"ranks: tensors TensorRT-LLM keeps replicated are identical on all {tp} TP ranks: "
+            say(f"ranks: replicated tensors and shared KV heads are identical on all {tp} TP ranks: "
                 f"{'OK' if not ranks else f'{len(ranks)} FAIL'}")
         if ranks:
             say("logits: not compared (the ranks failed the check above)")
