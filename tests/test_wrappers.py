@@ -68,11 +68,15 @@ def test_hf_output_matches_megatron(tmp_path, case):
     assert cfg.tie_word_embeddings == (not h["untie_embeddings_and_output_weights"])
 
 
-def test_bridge_iteration_dir_and_unpacked_nemo1(tmp_path):
-    """The iter_ directory of a Bridge save, and an unpacked NeMo 1 directory, read the same weights."""
+def test_other_entry_points(tmp_path):
+    """The iter_ directory of a Bridge save, the weights/ directory of a NeMo 2 checkpoint and an unpacked NeMo 1
+    directory read the same weights."""
     root, d = W.bridge_save("llama", tmp_path / "bridge")
     ref = load_reference(d)
     assert err(run(lift(root / "iter_0000010"), ref["tokens"]), ref["logits"]) < TOL
+    root, d = W.nemo2_dir("llama", tmp_path / "nemo2")
+    m = lift(root / "weights")
+    assert m.meta["iteration"] == 9 and err(run(m, ref["tokens"]), ref["logits"]) < TOL
     nemo, d = W.nemo1_archive("gpt", tmp_path / "gpt.nemo")
     unpacked = tmp_path / "unpacked"
     with tarfile.open(nemo) as tar:

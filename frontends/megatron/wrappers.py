@@ -59,6 +59,9 @@ def open_wrapped(path: Path, iteration: int | None = None) -> CheckpointInfo | N
         return _open_tree(TarTree(path), path, iteration)
     if not path.is_dir():
         return None
+    if path.name in ("weights", "model_weights") and ((path.parent / "context").is_dir() or
+                                                      (path.parent / "model_config.yaml").is_file()):
+        path = path.parent  # the weights directory of a NeMo checkpoint: its config is one level up
     if (path / "context").is_dir() and (path / "weights").is_dir() or (path / "model_config.yaml").is_file():
         return _open_tree(_DirTree(path), path, iteration)
     if (path / "run_config.yaml").is_file() or any(
