@@ -14,7 +14,7 @@ from typing import Callable
 
 from .backends.base import (BACKENDS, Backend, CompileOptions, EmitResult, atomic_directory, check_output,
                             tune_allocator, write_manifest)
-from .backends.layout import check_layout
+from .backends.layout import check_layout, check_print_ir_after, fit_sequence
 from .errors import BackendError, UsageError
 from .ir import Model
 from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file, parse_pipeline
@@ -127,8 +127,10 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     vocab, vocab_note = tokenizers.default_vocab(model, tok) if opts.vocab_size is None else (None, None)
     if vocab is not None:
         opts.vocab_size = vocab
+    seq_note = fit_sequence(model, opts) if opts.target in ("trtllm", "tensorrt", "onnx") else None
     passes = build_pipeline(model, opts, backend)
     check_layout(model, passes)
+    check_print_ir_after(print_ir_after or set(), passes)
     pm = PassManager(passes, print_ir_after=print_ir_after or set(), dump_ir=dump_ir, log=log)
     pm(model)
     pipeline_text = format_pipeline(passes)
@@ -147,7 +149,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
                        extra={**tok.manifest(), "frontend": frontend_record(model)})
     res.out = out
     t3 = time.perf_counter()
-    notes = list(res.notes) + ([vocab_note] if vocab_note else [])
+    notes = list(res.notes) + [n for n in (vocab_note, seq_note) if n]
     if tok.tok is None:
         notes.append(tokenizers.missing_note(tok.why_missing))
     if opts.build != "never":

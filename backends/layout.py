@@ -59,3 +59,32 @@ def check_layout(model: Model, passes: list) -> None:
     raise UsageError(f"--tp {tp} {what}; {use}",
                      hint="a TP size must divide the attention heads, divide or be a multiple of the KV heads, "
                           "and divide the MLP width")
+
+
+def check_print_ir_after(names: set[str], passes: list) -> None:
+    """``--print-ir-after`` names must be passes of this pipeline (or ``all``): a misspelt one prints nothing."""
+    known = [p.name for p in passes]
+    unknown = sorted(set(names) - set(known) - {"all"})
+    if unknown:
+        raise UsageError(f"--print-ir-after {unknown[0]}: no such pass in this compile's pipeline",
+                         hint=f"one of: all, {', '.join(dict.fromkeys(known))}")
+
+
+def fit_sequence(model: Model, opts) -> str | None:
+    """A learned position table (GPT, StarCoder) has no rows past its size: ``--max-seq-len`` beyond it is an
+    error when given, and the default (2048) is lowered to the table with a note (returned)."""
+    from ..backends.base import CompileOptions
+
+    emb = next(iter(model.graph.find("embedding")), None)
+    pos = emb.params.get("position") if emb is not None else None
+    if pos is None or opts.max_seq_len <= pos.type.shape[0]:
+        return None
+    rows = pos.type.shape[0]
+    default = CompileOptions()
+    if opts.max_seq_len != default.max_seq_len:
+        raise UsageError(f"--max-seq-len {opts.max_seq_len} is beyond the model's learned position table "
+                         f"({rows} positions)", hint=f"use --max-seq-len {rows} or less")
+    opts.max_seq_len = rows
+    opts.max_input_len = min(opts.max_input_len, rows)
+    return (f"sequence length {rows} (the learned position table), not the default {default.max_seq_len}; "
+            f"input length {opts.max_input_len}")

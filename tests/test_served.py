@@ -422,3 +422,60 @@ def test_layout_errors_are_one_line(tmp_path, capsys, args, want):
         if "--tp" in args:
             assert main(["compile", str(EXAMPLE), "--target", "trtllm", "--tp", str(tp), "-o",
                          str(tmp_path / f"tp{tp}"), "--quiet"]) == 0
+
+
+# ------------------------------------------------------------------------- options honoured or refused
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--target", "hf", "--max-seq-len", "64"], "--max-seq-len does nothing for --target hf"),
+    (["--target", "hf", "--max-batch-size", "4"], "--max-batch-size does nothing for --target hf"),
+    (["--target", "trtllm", "--profile", "ort"], "--profile does nothing for --target trtllm"),
+    (["--target", "onnx", "--max-input-len", "16"], "--max-input-len does nothing for --target onnx"),
+    (["--target", "tensorrt", "--profile", "ort"], "--profile ort contradicts it"),
+    (["--target", "onnx", "--group-size", "64"], "--group-size 64 without --quant"),
+    (["--target", "trtllm", "--max-input-len", "4096"], "--max-input-len 4096 is longer than --max-seq-len 2048"),
+    (["--target", "trtllm", "--print-ir-after", "reshrd"], "--print-ir-after reshrd: no such pass"),
+    (["--target", "hf", "--parallel-embedding"], "--parallel-embedding does nothing for --target hf"),
+])
+def test_ignored_compile_options_are_refused(tmp_path, capsys, args, want):
+    rc, _, err = _mexc(capsys, "compile", EXAMPLE, *args, "-o", tmp_path / "o")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and want in errors[0] and not (tmp_path / "o").exists()
+
+
+def test_print_ir_after_a_pass_of_the_pipeline(tmp_path, capsys):
+    rc, _, err = _mexc(capsys, "compile", EXAMPLE, "--target", "trtllm", "--print-ir-after", "reshard",
+                       "-o", tmp_path / "o")
+    assert rc == 0 and "reshard" in err and "attention" in err
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--ir", "--json"], "--ir prints the IR as text"),
+    (["--draw", "x.svg"], "--draw applies to checkpoints, not to a compiled output"),
+    (["--layers"], "--layers applies to checkpoints"),
+])
+def test_inspect_options_on_outputs(served, capsys, args, want):
+    rc, _, err = _mexc(capsys, "inspect", served["onnx"], *args)
+    assert rc == 2 and want in err
+
+
+def test_learned_positions_bound_the_sequence(tmp_path, capsys):
+    """GPT's learned position table (32 rows in the fixture): the default 2048 is lowered with a note, an
+    explicit larger --max-seq-len is refused; the trtllm-build line says the same length."""
+    from megatron_fixtures import have_megatron_core, megatron_checkpoint
+
+    if not have_megatron_core():
+        pytest.skip("megatron-core not installed")
+    ckpt = megatron_checkpoint("gpt", 1, 1, "torch") / "ckpt"
+    rows = json.loads((megatron_checkpoint("gpt", 1, 1, "torch") / "fixture.json").read_text())
+    rc, stdout, err = _mexc(capsys, "compile", ckpt, "--target", "trtllm", "-o", tmp_path / "o", "--json")
+    assert rc == 0, err
+    notes = json.loads(stdout)["notes"]
+    n = next(x for x in notes if x.startswith("sequence length"))
+    table = int(n.split()[2])
+    assert table < 2048 and f"--max_seq_len {table} " in next(x for x in notes if "trtllm-build" in x)
+    assert json.loads((tmp_path / "o" / "mexc-manifest.json").read_text())["options"]["max_seq_len"] == table
+    rc, _, err = _mexc(capsys, "compile", ckpt, "--target", "trtllm", "--max-seq-len", table + 1, "-o", tmp_path / "p")
+    assert rc == 2 and f"beyond the model's learned position table ({table} positions)" in err
+    assert rows  # the fixture's hyper-parameters are there (the table size is the model's, read from the IR)

@@ -89,11 +89,12 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--ep", type=_positive_int, default=1, help="target expert-parallel size (MoE; must equal tp)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     c.add_argument("--quant", choices=["int8-wo", "int4-wo", "fp8"])
-    c.add_argument("--group-size", type=int, default=0, help="int4/int8 group size (0 = per channel)")
+    c.add_argument("--group-size", type=_positive_int, help="int4-wo/int8-wo group size (default: per channel for "
+                   "trtllm, 32 for onnx)")
     c.add_argument("--vocab-size", type=_positive_int, help="trim Megatron's vocab padding to the tokenizer's size")
     c.add_argument("--tokenizer", metavar="PATH", help="tokenizer written beside the model (HF dir, SentencePiece "
                    ".model, vocab.json,merges.txt or .tiktoken; default: the files the checkpoint's args name)")
-    c.add_argument("--profile", choices=["ort", "tensorrt"], default="ort", help="ONNX flavour")
+    c.add_argument("--profile", choices=["ort", "tensorrt"], help="--target onnx flavour (default: ort)")
     c.add_argument("--accuracy-level", type=int, choices=range(5), default=4, metavar="{0..4}",
                    help="onnx ort --quant: MatMulNBits accuracy_level (4 = int8 compute on CPU, as onnxruntime-genai's "
                         "builder; 0 = compute in the activation dtype)")
@@ -114,9 +115,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="TP copies of replicated tensors (norms, row-parallel biases) in legacy checkpoints: check "
                         "they agree (default), take rank 0's, or average them; recorded in the manifest")
     c.add_argument("--parallel-embedding", action="store_true", help="split the embedding table over tp")
-    c.add_argument("--max-batch-size", type=_positive_int, default=8)
-    c.add_argument("--max-input-len", type=_positive_int, default=1024)
-    c.add_argument("--max-seq-len", type=_positive_int, default=2048)
+    c.add_argument("--max-batch-size", type=_positive_int, help="trtllm/tensorrt engines (default: 8)")
+    c.add_argument("--max-input-len", type=_positive_int, help="trtllm/tensorrt engines (default: 1024)")
+    c.add_argument("--max-seq-len", type=_positive_int, help="trtllm/tensorrt engines, onnx position tables "
+                   "(default: 2048, or a learned position table's size)")
     c.add_argument("--jobs", type=_positive_int, default=2, help="ranks written in parallel")
     c.add_argument("--print-ir-after", action="append", default=[], metavar="PASS|all")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR before and after every pass to DIR")
@@ -246,11 +248,51 @@ def _install_signal_handlers():
         signal.signal(signal.SIGHUP, _on_signal)
 
 
+# which targets read which compile option (anything else given explicitly is refused, never ignored)
+_USED_BY = {"profile": ("onnx", "tensorrt"), "max_batch_size": ("trtllm", "tensorrt"),
+            "max_input_len": ("trtllm", "tensorrt"), "max_seq_len": ("trtllm", "tensorrt", "onnx"),
+            "parallel_embedding": ("trtllm",), "accuracy_level": ("onnx",), "quant_lm_head": ("onnx", "tensorrt")}
+
+
+def _compile_flags(a) -> None:
+    """Refuse options the target would ignore; fill the defaults of the ones left out."""
+    from ..backends.base import CompileOptions
+
+    default = CompileOptions()
+    given = {k for k in _USED_BY if getattr(a, k, None) is not None and getattr(a, k) is not False
+             and not (k == "accuracy_level" and a.accuracy_level == default.accuracy_level)}
+    if a.quant_lm_head is False:
+        given.add("quant_lm_head")
+    for k in sorted(given):
+        if a.target not in _USED_BY[k]:
+            flag = "--" + k.replace("_", "-")
+            raise UsageError(f"{flag} does nothing for --target {a.target}",
+                             hint=f"it applies to --target {' / '.join(_USED_BY[k])}; drop it")
+    if a.target == "tensorrt" and a.profile == "ort":
+        raise UsageError("--target tensorrt always writes the tensorrt profile; --profile ort contradicts it",
+                         hint="use --target onnx --profile ort for ONNX Runtime")
+    if a.group_size is not None and a.quant not in ("int4-wo", "int8-wo"):
+        raise UsageError(f"--group-size {a.group_size} without --quant int4-wo or int8-wo does nothing",
+                         hint="add --quant int4-wo (or int8-wo), or drop --group-size")
+    input_given = a.max_input_len is not None
+    for k in ("profile", "max_batch_size", "max_input_len", "max_seq_len"):
+        if getattr(a, k) is None:
+            setattr(a, k, getattr(default, k))
+    if not input_given:   # the default input length never exceeds the sequence length the user chose
+        a.max_input_len = min(a.max_input_len, a.max_seq_len)
+    if a.group_size is None:
+        a.group_size = default.group_size
+    if a.target in ("trtllm", "tensorrt") and a.max_input_len > a.max_seq_len:
+        raise UsageError(f"--max-input-len {a.max_input_len} is longer than --max-seq-len {a.max_seq_len}",
+                         hint="the sequence length counts the input: raise --max-seq-len or lower --max-input-len")
+
+
 def cmd_compile(a) -> int:
     from ..backends.base import CompileOptions
     from ..backends.serve import serve_commands
     from ..driver import compile_checkpoint
 
+    _compile_flags(a)
     quiet = a.quiet or a.json
     log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
     opts = CompileOptions(target=a.target, tp=a.tp, pp=a.pp, ep=a.ep, dtype=a.dtype, quant=a.quant,
@@ -280,6 +322,16 @@ def cmd_compile(a) -> int:
 
 def cmd_inspect(a) -> int:
     from ..tools.inspect import inspect_path
+
+    if a.ir and a.json:
+        raise UsageError("--ir prints the IR as text; it has no JSON form", hint="drop --json (or --ir)")
+    if (Path(a.path) / "mexc-manifest.json").is_file():
+        only_ckpt = [f for f, v in (("--draw", a.draw), ("--layers", a.layers), ("--pipeline", a.pipeline),
+                                    ("--config", a.config), ("--set", a.set), ("--iteration", a.iteration),
+                                    ("--load", a.load)) if v]
+        if only_ckpt:
+            raise UsageError(f"{a.path}: {only_ckpt[0]} applies to checkpoints, not to a compiled output",
+                             hint=f"run `mexc inspect CKPT {only_ckpt[0]} ...` on the source checkpoint")
 
     return inspect_path(a)
 
