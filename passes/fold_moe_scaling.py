@@ -2,8 +2,8 @@
 
 Megatron's router multiplies the top-k routing weights by ``moe_router_topk_scaling_factor`` (DeepSeek's
 ``routed_scaling_factor``): ``y = sum_e (s * p_e) * fc2_e(act(...))``. The experts are linear in their output
-projection and carry no bias in the IR, so ``y = sum_e p_e * (s * fc2_e)(act(...))`` exactly: the pass rescales
-``fc2`` (a lazy ``mul_scalar`` recipe, computed in fp32 when written; nothing is read here) and resets the
+projection and carry no bias in the IR, so ``y = sum_e p_e * (s * fc2_e)(act(...))`` exactly: the pass
+rescales ``fc2`` (a lazy ``mul_scalar`` recipe, computed in fp32 when written; nothing is read here) and resets the
 ``topk_scale`` attribute to 1, which every target can express.
 """
 

@@ -5,8 +5,8 @@ Interleaved rope rotates channel pairs ``(2i, 2i+1)`` of each head by frequency 
 channel ``2i`` to ``i`` and ``2i+1`` to ``i + r/2`` in every query and key head (the rows of the Q and K
 projections, their biases and the q/k norm weights) turns one into the other, and attention scores are
 unchanged because queries and keys are permuted alike (V rows and the output projection are untouched). It is
-exact, and it is what TensorRT-LLM's converter does for interleaved checkpoints; afterwards the model needs only
-the rotate-half rope every target has. Lazy: a ``rope_to_half`` row-permutation recipe; nothing is read here.
+exact, and it is what TensorRT-LLM's converter does for interleaved checkpoints; afterwards the model needs
+only the rotate-half rope every target has. Lazy: a ``rope_to_half`` row-permutation recipe; nothing is read here.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ def head_perm(head_dim: int, rotary_dim: int) -> list[int]:
     return [*range(0, rotary_dim, 2), *range(1, rotary_dim, 2), *range(rotary_dim, head_dim)]
 
 
-def row_perm(rows: int, head_dim: int, rotary_dim: int, kind: str = "", q: int = 0, kv: int = 0) -> torch.Tensor:
+def row_perm(rows: int, head_dim: int, rotary_dim: int, kind: str = "", q: int = 0,
+             kv: int = 0) -> torch.Tensor:
     """Row permutation of a Q/K(/V) tensor: ``head_perm`` on every Q and K head, identity on V heads.
 
     ``kind`` is the QKV layout of a fused tensor (grouped: per group its q heads, k, v; concat: Q, K, V, with
-    ``q`` / ``kv`` heads); "" means whole heads of ``head_dim`` rows, all rotated (q, k, their biases, norms)."""
+    ``q`` / ``kv`` heads); "" means whole heads of ``head_dim`` rows, all rotated (q, k, their biases,
+    norms)."""
     hp = torch.tensor(head_perm(head_dim, rotary_dim))
     if kind == "grouped":
         kinds = (["qk"] * (q // kv + 1) + ["v"]) * kv
@@ -40,8 +42,10 @@ def row_perm(rows: int, head_dim: int, rotary_dim: int, kind: str = "", q: int =
     else:
         kinds = ["qk"] * (rows // head_dim)
     if len(kinds) * head_dim != rows:
-        raise ValueError(f"rope_to_half: {rows} rows are not the {len(kinds)} heads of {head_dim} the layout says")
-    return torch.cat([b * head_dim + (hp if k == "qk" else torch.arange(head_dim)) for b, k in enumerate(kinds)])
+        raise ValueError(f"rope_to_half: {rows} rows are not the {len(kinds)} heads of {head_dim} the "
+                         "layout says")
+    same = torch.arange(head_dim)
+    return torch.cat([b * head_dim + (hp if k == "qk" else same) for b, k in enumerate(kinds)])
 
 
 @recipe_op("rope_to_half", "per-head Q/K row permutation from interleaved to rotate-half rotary order")
@@ -78,7 +82,7 @@ class RopeToHalf(Pass):
             rd = rope.rotary_dim(d)
             for name in _ROTATED:
                 lay = node.params[name].type.layout if name in node.params else None
-                for pname in (name, name + "_scale"):   # a quantized weight's per-row scales move with its rows
+                for pname in (name, name + "_scale"):   # a quantized weight's row scales move with its rows
                     p = node.params.get(pname)
                     if p is not None:
                         p.source = derive("rope_to_half", p.source, head_dim=d, rotary_dim=rd,
@@ -95,7 +99,8 @@ class RopeToHalf(Pass):
 
 def has_interleaved_rope(model: Model) -> bool:
     """True when some attention uses interleaved rotary (backends then add rope-to-half)."""
-    return any(n.attrs["position"] == "rope" and n.attrs["rope"].interleaved for n in model.graph.find("attention"))
+    return any(n.attrs["position"] == "rope" and n.attrs["rope"].interleaved
+               for n in model.graph.find("attention"))
 
 
 __all__ = ["RopeToHalf", "head_perm", "row_perm", "has_interleaved_rope"]

@@ -111,16 +111,17 @@ def print_args(path: Path, iteration: int | None, as_json: bool) -> int:
 
     info = open_checkpoint(path, iteration)
     v = apply(info.args)
+    values = {n: x for n, x, _ in v.rows}
     if as_json:
         print(json.dumps({"path": str(path), "problems": v.problems, "unknown": v.unknown,
-                          "args": [{"name": n, "value": repr(x), "verdict": r.verdict if r else "unknown", "status": status(r, x),
+                          "args": [{"name": n, "value": repr(x), "verdict": r.verdict if r else "unknown", "status": status(r, x, values),
                                     "by": r.by if r else "", "fix": r.fix if r else "",
                                     "versions": r.versions if r else ""} for n, x, r in v.rows]}, indent=2))
         return 0
     print(describe(info.args))
     counts: dict[str, int] = {}
     for _, x, r in v.rows:
-        k = status(r, x)
+        k = status(r, x, values)
         counts[k] = counts.get(k, 0) + 1
     print(f"\n{len(v.rows)} saved arguments: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
           + (f"\nrefused: {'; '.join(v.problems)}" if v.problems else "; nothing refused"))

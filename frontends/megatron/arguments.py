@@ -1,18 +1,18 @@
 """The Megatron argument table: how mexc treats every argument a Megatron checkpoint saves.
 
-Megatron-LM pickles its whole ``argparse`` namespace into every checkpoint (~400 names in 0.9, ~800 in 0.19; most
-of them drive the training loop). Each argument that can change the forward pass has a row here, and every
+Megatron-LM pickles its whole ``argparse`` namespace into every checkpoint (~400 names in 0.9, ~800 in 0.19;
+most of them drive the training loop). Each argument that can change the forward pass has a row here, and every
 other one belongs to a training-only category, so that no setting is ever silently dropped:
 
-``honoured``    mexc reads it: ``field`` names the :class:`~.config.MegatronArch` field it feeds (and through the
-                lift, the IR attribute ``by`` names). ``values``, when given, lists the values mexc honours;
+``honoured``    mexc reads it: ``field`` names the :class:`~.config.MegatronArch` field it feeds (and through
+                the lift, the IR attribute ``by`` names). ``values``, when given, lists the values mexc honours;
                 another value is refused like a ``refused`` row.
 ``refused``     mexc cannot express it: a value other than the default (or one of ``ok``) stops the lift with
                 one error naming the argument, its value and ``fix``.
 ``irrelevant``  it cannot change what the saved weights compute at inference (optimizer, schedule, dropout,
                 communication overlap, recompute, fusions, logging, ...); ``by`` says why.
 
-The table is data: ``config.ARG_ALIASES`` (what ``from_args`` reads) is derived from the ``field`` of the rows,
+The table is data: ``config.ARG_ALIASES`` (what ``from_args`` reads) is derived from the rows' ``field``,
 ``mexc inspect --args CKPT`` prints the verdict for a checkpoint's args, and the lift calls :func:`refuse`.
 Argument names are Megatron-LM's ``argparse`` destinations (``megatron/training/arguments.py``); ``aliases``
 are the same setting under older names, megatron-core ``TransformerConfig`` names and NeMo config names.
@@ -44,6 +44,7 @@ class Arg:
     aliases: tuple[str, ...] = ()    # older / TransformerConfig / NeMo names of the same setting
     values: tuple | None = None      # honoured: the values honoured (None: all)
     ok: tuple = ()                   # refused: values besides the default that are harmless
+    when: str | None = None          # judged only when this other argument is set (not at its default)
 
     def at_default(self, v: Any) -> bool:
         """True when ``v`` means the same as the default (None / False / 0 / empty count as unset when the
@@ -87,8 +88,8 @@ def H(name, default, by, field=None, aliases=(), values=None, fix=""):  # noqa: 
     return Arg(name, default, HONOURED, by, fix, field, tuple(aliases), values)
 
 
-def R(name, default, fix, aliases=(), ok=()):  # noqa: N802
-    return Arg(name, default, REFUSED, fix=fix, aliases=tuple(aliases), ok=tuple(ok))
+def R(name, default, fix, aliases=(), ok=(), when=None):  # noqa: N802
+    return Arg(name, default, REFUSED, fix=fix, aliases=tuple(aliases), ok=tuple(ok), when=when)
 
 
 def I(name, default, why, field=None, aliases=()):  # noqa: N802, E743
@@ -120,7 +121,8 @@ ROWS: tuple[Arg, ...] = (
     H("layernorm_epsilon", 1e-5, "norm.eps", "norm_eps", ("norm_epsilon",)),
     H("layernorm_zero_centered_gamma", False, "norm.zero_centered", "zero_centered_gamma",
       ("apply_layernorm_1p",)),
-    R("apply_residual_connection_post_layernorm", False, "the residual taken after the norm (BERT-style) has no "
+    R("apply_residual_connection_post_layernorm", False, "the residual taken after the norm (BERT-style) "
+      "has no "
       "IR form yet"),
     I("fp32_residual_connection", False, _NUMERICS),
     I("fused_residual_rmsnorm", False, _IMPL),
@@ -138,7 +140,8 @@ ROWS: tuple[Arg, ...] = (
     H("disable_bias_linear", False, "params *_bias absent (pre-0.9 name)", "disable_bias_linear"),
     H("add_qkv_bias", False, "attention.qkv_bias", "add_qkv_bias"),
     # ---- attention
-    I("apply_query_key_layer_scaling", False, "Megatron divides QK by the layer number and multiplies it back in "
+    I("apply_query_key_layer_scaling", False, "Megatron divides QK by the layer number and multiplies it "
+      "back in "
       "the softmax: the same math"),
     I("attention_softmax_in_fp32", False, _NUMERICS),
     R("softmax_scale", None, "a softmax scale other than 1/sqrt(kv_channels) is not lifted yet"),
@@ -147,12 +150,14 @@ ROWS: tuple[Arg, ...] = (
     H("qk_layernorm", False, "attention.qk_norm + q_norm/k_norm params", "qk_layernorm"),
     R("qk_l2_norm", False, "a weightless L2 q/k norm is not lifted yet"),
     I("qk_clip", False, "QK-clip rescales weights after optimizer steps (training only)"),
-    R("window_size", None, "sliding-window attention is not expressed by mexc yet: the model would attend to the "
+    R("window_size", None, "sliding-window attention is not expressed by mexc yet: the model would attend "
+      "to the "
       "whole context; convert with a tool that keeps the window, or retrain without --window-size"),
     R("window_attn_skip_freq", None, "layers alternating between sliding-window and full attention are not "
-      "expressed by mexc yet"),
+      "expressed by mexc yet", when="window_size"),
     R("multi_latent_attention", False, "multi-latent attention (DeepSeek MLA) is not lifted yet"),
-    R("experimental_attention_variant", None, "experimental attention variants (DSA, gated delta net) are not "
+    R("experimental_attention_variant", None, "experimental attention variants (DSA, gated delta net) are "
+      "not "
       "lifted"),
     R("linear_attention_freq", None, "linear-attention (gated delta net) layers are not lifted"),
     R("no_rope_freq", None, "layers without rope (NoPE) are not lifted yet"),
@@ -170,12 +175,14 @@ ROWS: tuple[Arg, ...] = (
     H("use_rope_scaling", False, "attention.rope.scaling=llama3", "use_rope_scaling"),
     H("rope_scaling_factor", 8.0, "attention.rope.factor (with use_rope_scaling)", "rope_scaling_factor"),
     # ---- embedding / output
-    H("embedding_multiplier", 1.0, "embedding.scale (NeMo: scale_embedding = sqrt(hidden))", "embedding_scale",
+    H("embedding_multiplier", 1.0, "embedding.scale (NeMo: scale_embedding = sqrt(hidden))",
+      "embedding_scale",
       ("scale_embedding",)),
     R("use_mup", False, "muP multipliers on embedding, attention and output are not lifted yet"),
     H("parallel_attn", False, "parallel attention + MLP wiring (NeMo config)", "parallel_attn",
       ("parallel_attention",)),
-    R("spec", None, "a custom layer spec can change any part of the layer; mexc lifts the standard GPT specs"),
+    R("spec", None, "a custom layer spec can change any part of the layer; mexc lifts the standard GPT "
+      "specs"),
     R("heterogeneous_layers_config_path", None, "heterogeneous (per-layer) blocks are not lifted"),
     R("heterogeneous_layers_config_encoded_json", None, "heterogeneous (per-layer) blocks are not lifted"),
     R("hybrid_override_pattern", None, "hybrid Mamba models are not lifted"),
@@ -183,7 +190,8 @@ ROWS: tuple[Arg, ...] = (
     R("is_hybrid_model", False, "hybrid Mamba models are not lifted"),
     R("hybrid_attention_ratio", 0.0, "hybrid Mamba models are not lifted"),
     R("hybrid_mlp_ratio", 0.0, "hybrid Mamba models are not lifted"),
-    R("mtp_num_layers", None, "multi-token-prediction heads are not lifted yet (their mtp.* tensors would have no "
+    R("mtp_num_layers", None, "multi-token-prediction heads are not lifted yet (their mtp.* tensors would "
+      "have no "
       "mapping rule)"),
     R("retro_add_retriever", False, "RETRO models are not lifted"),
     # ---- MoE
@@ -210,10 +218,12 @@ ROWS: tuple[Arg, ...] = (
     R("moe_shared_expert_glu_interleave_size", None, "interleaved GLU expert weights are not lifted"),
     R("moe_single_grouped_weight", False, "single grouped expert tensors are not lifted"),
     R("moe_single_grouped_bias", False, "single grouped expert tensors are not lifted"),
-    R("moe_use_upcycling", False, "upcycling builds the MoE from a dense checkpoint at load time; convert the "
+    R("moe_use_upcycling", False, "upcycling builds the MoE from a dense checkpoint at load time; convert "
+      "the "
       "MoE checkpoint it saved"),
     I("moe_router_dtype", None, _NUMERICS),
-    I("moe_expert_capacity_factor", None, "token dropping is a training-time capacity limit; inference engines "
+    I("moe_expert_capacity_factor", None, "token dropping is a training-time capacity limit; inference "
+      "engines "
       "(and mexc's outputs) route dropless"),
     I("moe_pad_expert_input_to_capacity", False, "token dropping is a training-time capacity limit"),
     I("moe_token_drop_policy", "probs", "token dropping is a training-time capacity limit"),
@@ -258,7 +268,8 @@ ROWS: tuple[Arg, ...] = (
     *(I(n, d, _ONLY.format("mtp_num_layers / hybrid / linear attention")) for n, d in (
         ("mtp_loss_scaling_factor", 0.1), ("mtp_standalone", False), ("mtp_use_repeated_layer", False),
         ("mtp_detach_heads", False), ("mtp_hybrid_override_pattern", None), ("mamba_state_dim", 128),
-        ("mamba_head_dim", 64), ("mamba_num_groups", 8), ("mamba_num_heads", None), ("linear_conv_kernel_dim", 4),
+        ("mamba_head_dim", 64), ("mamba_num_groups", 8), ("mamba_num_heads", None),
+        ("linear_conv_kernel_dim", 4),
         ("linear_key_head_dim", 128), ("linear_value_head_dim", 128), ("linear_num_key_heads", 16),
         ("linear_num_value_heads", 32))),
 )
@@ -279,9 +290,11 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
      "learning-rate schedule, batch sizes, iteration counters"),
     (r"(hidden_dropout|attention_dropout|.*dropout)", "dropout is off at inference"),
     (r"(init_method|embedding_init|perform_initialization|use_cpu_initialization|init_model_with_meta|"
-     r"data_parallel_random_init|seed|offset_sampling|te_rng_tracker)", "initialization and seeds: the saved weights are the model"),
+     r"data_parallel_random_init|seed|offset_sampling|te_rng_tracker)", "initialization and seeds: the "
+       "saved weights are the model"),
     (r"(recompute|checkpoint_activations|distribute_saved|cpu_offloading|activation_offload|offload|"
-     r"fine_grained|min_offloaded|delay_offload|moe_layer_recompute|mlp_chunks)", "activation recompute / offload"),
+     r"fine_grained|min_offloaded|delay_offload|moe_layer_recompute|mlp_chunks)", "activation recompute / "
+       "offload"),
     (r"(tp_comm|overlap|sequence_parallel|context_parallel|cp_comm|hierarchical_context|hybrid_context|"
      r"ddp_|data_parallel|use_megatron_fsdp|use_torch_fsdp|use_custom_fsdp|fsdp|megatron_fsdp|"
      r"outer_dp|num_distributed|gradient_accumulation|grad_reduce|gradient_reduce|align_|"
@@ -293,7 +306,8 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
      r"moe_ncclep|moe_permute|moe_router_fusion|moe_pad_experts|moe_paged|moe_extended_tp|"
      r"high_priority|use_tp_pp_dp|lazy_mpu|fake_process|ep_overlap|symmetric|disable_symmetric|"
      r"moe_shared_expert_overlap|use_grouped_gemm|suggested_comm|replication|barrier|"
-     r"async_tensor|cross_entropy|fp16_lm|calculate_per_token|max_seqlen_per|torch_fsdp2|enable_full_sharding|"
+     r"async_tensor|cross_entropy|fp16_lm|calculate_per_token|max_seqlen_per|torch_fsdp2|"
+     r"enable_full_sharding|"
      r"distrib_optim|delta_offload)",
      "parallel communication, overlap and distribution of the training run"),
     (r"(moe_aux|moe_z_loss|moe_router_bias_update|moe_per_layer|moe_router_padding|moe_routing_trace|"
@@ -317,7 +331,8 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
      r"result_rejected|fault_injector|inprocess|flight_recorder|manual_gc|empty_unused|"
      r"gpu_sniff|run_workload|adlr|enable_experimental|config_logger|log_|save_.*_interval|"
      r"disable_straggler|trust_remote|yaml_cfg|enable_msc|disable_msc|object_storage|"
-     r"capture|dataloader_|num_workers|empty|sft|chat_template|train_sync|use_pytorch_profiler)", "logging, profiling, fault tolerance"),
+     r"capture|dataloader_|num_workers|empty|sft|chat_template|train_sync|use_pytorch_profiler)", "logging, "
+       "profiling, fault tolerance"),
     (r"(data|split|vocab_file|merge_file|tokenizer|tiktoken|null_tokenizer|special_tokens|vocab_extra|"
      r"legacy_tokenizer|mock_data|mmap|eod_mask|reset_|create_attention_mask|fim_|titles_|evidence_|"
      r"block_data|embedding_path|indexer_|per_split|per_dataset|num_dataset|mid_level|renormalize|"
@@ -362,7 +377,8 @@ def _span_indices(part: str) -> range:
 
 
 def lookup(name: str) -> Arg | None:
-    """The row for ``name``: its own, or an ``irrelevant`` row of its training-only category; None if unknown."""
+    """The row for ``name``: its own, or an ``irrelevant`` row of its training-only category; None if
+    unknown."""
     row = BY_NAME.get(name)
     if row is not None:
         return row
@@ -389,8 +405,11 @@ class Verdicts:
     rows: tuple[tuple[str, Any, Arg | None], ...]   # (name, saved value, row or None when unknown)
 
     def problems_except(self, overridden=frozenset()) -> list[str]:
-        """What stops the lift, leaving out rows whose field the user overrode (--config / --set)."""
+        """What stops the lift, leaving out rows whose field the user overrode (--config / --set) and rows
+        whose ``when`` argument is unset (Megatron reads window_attn_skip_freq only with a window)."""
+        values = {n: v for n, v, _ in self.rows}
         return [p for n, v, r in self.rows if r is not None and r.field not in overridden
+                and (r.when is None or not BY_NAME[r.when].at_default(values.get(r.when)))
                 for p in [r.problem(v)] if p]
 
     @property
@@ -414,16 +433,19 @@ def refuse(args: Any, where: str, overridden=frozenset()) -> Verdicts:
     problems = v.problems_except(overridden)
     if problems:
         raise ConfigError(f"{where}: the saved args set what mexc cannot express: " + "; ".join(problems),
-                          hint="mexc never drops a setting that changes the model's math; `mexc inspect --args "
+                          hint="mexc never drops a setting that changes the model's math; `mexc inspect "
+                            "--args "
                                "CKPT` prints every argument's verdict (docs/arguments.md)")
     return v
 
 
-def status(r: Arg | None, value: Any) -> str:
-    """What one saved value amounts to: REFUSED, honoured, default (a refused/honoured row at its default),
-    irrelevant or UNKNOWN."""
+def status(r: Arg | None, value: Any, values: dict | None = None) -> str:
+    """What one saved value amounts to: REFUSED, honoured, default (a refused/honoured row at its default, or
+    one whose ``when`` argument is unset in ``values``), irrelevant or UNKNOWN."""
     if r is None:
         return "UNKNOWN"
+    if r.when and values is not None and BY_NAME[r.when].at_default(values.get(r.when)):
+        return "default"
     if r.problem(value):
         return "REFUSED"
     return "default" if r.verdict != IRRELEVANT and r.at_default(value) else r.verdict
@@ -441,16 +463,19 @@ def describe(args: Any | None = None) -> str:
         lines.append("irrelevant every other Megatron-LM argument, by category: "
                      + "; ".join(why for _, why in CATEGORIES))
         return "\n".join(lines)
-    for name, value, r in apply(args).rows:
+    rows = apply(args).rows
+    values = {n: v for n, v, _ in rows}
+    for name, value, r in rows:
         if r is None:
             lines.append(f"{'UNKNOWN':10s} {name:48s} = {_show(value)}")
             continue
-        problem = r.problem(value)
-        verdict = status(r, value)
+        verdict = status(r, value, values)
+        problem = r.problem(value) if verdict == "REFUSED" else None
         note = problem or r.by or (f"refused when set: {r.fix}" if r.fix else "")
         lines.append(f"{verdict:10s} {name:48s} = {_show(value):14s} {note}")
     return "\n".join(lines)
 
 
-__all__ = ["status", "Arg", "ROWS", "CATEGORIES", "BY_NAME", "lookup", "apply", "refuse", "describe", "arg_aliases",
+__all__ = ["status", "Arg", "ROWS", "CATEGORIES", "BY_NAME",
+           "lookup", "apply", "refuse", "describe", "arg_aliases",
            "release_span", "Verdicts", "HONOURED", "REFUSED", "IRRELEVANT"]

@@ -3,8 +3,8 @@
 Norm weights, biases of row-parallel layers, routers and position embeddings are replicated over the
 tensor-parallel ranks, and each rank's forward pass uses its own copy. With sequence parallelism (or a bug in
 gradient all-reduce) the copies drift apart, and a converter that takes rank 0's copy writes a model that no
-rank of the trained model computes. So the lift keeps every copy and the recipe decides, lazily, when a backend
-(or the reference executor) reads the tensor:
+rank of the trained model computes. So the lift keeps every copy and the recipe decides, lazily, when a
+backend (or the reference executor) reads the tensor:
 
 ``check`` (default)  compare the copies when they are read (bit-exact); on a difference raise one error naming
                      the tensor, the ranks and the max |difference|
@@ -29,8 +29,10 @@ MODES = ("check", "rank0", "mean")
 def _replicated():
     def infer(types, what, mode, ranks):
         if len({(t.dtype, t.shape) for t in types}) != 1:
-            raise CheckpointError(f"{what}: the TP ranks' copies differ in type: {', '.join(map(str, types))}",
-                                  hint="the TP ranks disagree on a replicated tensor; the checkpoint is inconsistent")
+            raise CheckpointError(f"{what}: the TP ranks' copies differ in type: "
+                                  f"{', '.join(map(str, types))}",
+                                  hint="the TP ranks disagree on a replicated tensor; the checkpoint "
+                                       "is inconsistent")
         return types[0]
 
     def compute(xs, what, mode, ranks):
@@ -45,7 +47,8 @@ def _replicated():
                     worst = (r, d)
         if worst is not None:
             raise CheckpointError(
-                f"{what}: the TP ranks hold different copies of this replicated tensor ({ranks[0]} vs {worst[0]}: "
+                f"{what}: the TP ranks hold different copies of this replicated tensor ({ranks[0]} vs "
+                f"{worst[0]}: "
                 f"max |difference| {worst[1]:.6g}); each rank computed with its own copy",
                 hint="choose one copy explicitly: --replicated rank0 (rank 0's copy) or --replicated mean "
                      "(their mean); the choice is recorded in the manifest")
@@ -55,7 +58,8 @@ def _replicated():
 
 
 def replicated(leaves: list[Recipe], ranks: list[str], what: str, mode: str) -> Recipe:
-    """One recipe for the copies ``leaves`` (from rank directories ``ranks``) of the replicated tensor ``what``."""
+    """One recipe for the copies ``leaves`` (from rank directories ``ranks``) of the replicated tensor
+    ``what``."""
     if mode not in MODES:
         raise UsageError(f"unknown --replicated mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
     if len(leaves) == 1 or mode == "rank0":
