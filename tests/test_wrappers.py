@@ -48,6 +48,7 @@ def hf_logits(ckpt: Path, out: Path, tokens) -> torch.Tensor:
 
 CASES = {
     "nemo2-dir-llama": lambda tmp: W.nemo2_dir("llama", tmp / "nemo2"),
+    "nemo2-dir-moe": lambda tmp: W.nemo2_dir("moe", tmp / "nemo2"),
     "nemo1-archive-gpt-tp2": lambda tmp: W.nemo1_archive("gpt", tmp / "gpt.nemo", tp=2),
     "nemo2-archive-llama": lambda tmp: W.nemo1_archive("llama", tmp / "llama.nemo", inner="nemo2"),
     "bridge-llama": lambda tmp: W.bridge_save("llama", tmp / "bridge"),

@@ -83,6 +83,11 @@ def transformer_config_fields(d: Path) -> dict:
     info = load_fixture_info(d)
     h = maker.kind_hparams(info["kind"])
     gated = h["swiglu"] if h["gated_linear_unit"] is None else h["gated_linear_unit"]
+    moe = {} if h["num_experts"] is None else dict(  # as the fixture maker builds its MoE config
+        num_moe_experts=h["num_experts"], moe_router_topk=h["moe_router_topk"],
+        moe_ffn_hidden_size=h["moe_ffn_hidden_size"], moe_grouped_gemm=False, moe_router_dtype="fp32",
+        moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        expert_tensor_parallel_size=info["tp"])
     cfg = TransformerConfig(
         num_layers=h["num_layers"], hidden_size=h["hidden_size"], num_attention_heads=h["num_attention_heads"],
         num_query_groups=h["num_query_groups"], kv_channels=h["kv_channels"], ffn_hidden_size=h["ffn_hidden_size"],
@@ -90,7 +95,7 @@ def transformer_config_fields(d: Path) -> dict:
         layernorm_zero_centered_gamma=h["zero_centered_gamma"], gated_linear_unit=gated,
         activation_func=maker._activation(h), add_bias_linear=h["add_bias_linear"], add_qkv_bias=h["add_qkv_bias"],
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32, pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=info["tp"], pipeline_model_parallel_size=info["pp"])
+        tensor_model_parallel_size=info["tp"], pipeline_model_parallel_size=info["pp"], **moe)
     out = {f.name: _yaml_value(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.name.startswith("_")}
     out.update(position_embedding_type=h["position_embedding_type"], rotary_base=h["rotary_base"],
                rotary_percent=h["rotary_percent"], seq_length=info["max_position_embeddings"],
