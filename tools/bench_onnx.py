@@ -5,11 +5,13 @@ is compiled by mexc to ONNX and to a Hugging Face directory; the builder (OGB,
 ``python -m onnxruntime_genai.models.builder -e cpu``) is fed that HF directory. Each pair (fp32, int4) is then run
 in this one process with raw ``onnxruntime`` on the CPU provider: batch 1, a prefill of ``--prefill`` tokens
 (empty past), then ``--decode`` greedy steps through past/present. Every cycle creates both sessions afresh and
-alternates which one is created (and run) first, since the first session of a process runs slower.
+alternates which one is created first (the first session of a process runs slower); the two then run in lock
+step, call by call, the first caller alternating, so that load from other processes falls on both alike (idle
+thread pools sleep rather than spin, so neither session steals the other's cores).
 
-Printed: the op histogram of each graph file and of the kernels ORT runs after its optimizer (one profiled
-decode step), per-cycle times, and the medians of the per-cycle ratios mexc / OGB of prefill and decode
-milliseconds per token.
+Printed: the op histogram of each graph file and of the kernels ORT runs after its optimizer (mean over profiled
+decode steps), per-cycle times, and the medians (and ranges) over cycles of the ratios mexc / OGB of prefill
+milliseconds per token and of the median decode step.
 
     python -m mexc.tools.bench_onnx --workdir /tmp/mexc-bench-onnx [--preset 250m] [--cycles 5] [--threads 2]
         [--schemes fp32,int4] [--json out.json]
@@ -149,6 +151,8 @@ def session(path: Path, threads: int, profile_prefix: str | None = None):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # idle pools sleep: two sessions live side by side, and a spinning pool would steal the other's cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -179,20 +183,33 @@ class Runner:
         outs = dict(zip(self.outputs, self.sess.run(None, self._feed(ids, past, past_len))))
         return outs["logits"], {n: outs[n.replace("past_key_values.", "present.")] for n in self.past}
 
-    def generate(self, prompt: np.ndarray, steps: int) -> dict:
-        """Times (s) of the prefill and of ``steps`` decode steps; the greedy tokens and prefill logits."""
-        t0 = time.perf_counter()
-        logits, past = self.step(prompt, None, 0)
-        t1 = time.perf_counter()
-        first = logits[0, -1].astype(np.float32)
-        toks = [int(first.argmax())]
-        n = prompt.shape[1]
-        for _ in range(steps):
-            logits, past = self.step(np.array([[toks[-1]]], np.int64), past, n)
-            n += 1
-            toks.append(int(logits[0, -1].argmax()))
-        t2 = time.perf_counter()
-        return {"prefill": t1 - t0, "decode": t2 - t1, "tokens": toks, "last_logits": first}
+    def timed(self, ids, past, past_len):
+        t = time.perf_counter()
+        logits, past = self.step(ids, past, past_len)
+        return time.perf_counter() - t, logits, past
+
+
+def lockstep(runners: dict[str, Runner], order: list[str], prompt: np.ndarray, steps: int) -> dict:
+    """Prefill then ``steps`` greedy decode steps of every runner, interleaved call by call (the first runner
+    alternates every step), so that load from outside hits both alike. Per runner: the prefill time and the
+    decode step times (s), the greedy tokens, the prefill's last-token logits."""
+    st = {k: {"decode": [], "past": None} for k in order}
+    for k in order:
+        dt, logits, st[k]["past"] = runners[k].timed(prompt, None, 0)
+        st[k]["prefill"] = dt
+        st[k]["last_logits"] = logits[0, -1].astype(np.float32)
+        st[k]["tokens"] = [int(st[k]["last_logits"].argmax())]
+    n = prompt.shape[1]
+    for i in range(steps):
+        for k in (order if i % 2 == 0 else order[::-1]):
+            dt, logits, st[k]["past"] = runners[k].timed(np.array([[st[k]["tokens"][-1]]], np.int64),
+                                                         st[k]["past"], n)
+            st[k]["decode"].append(dt)
+            st[k]["tokens"].append(int(logits[0, -1].argmax()))
+        n += 1
+    for k in order:
+        del st[k]["past"]
+    return st
 
 
 def runner(path: Path, threads: int, profile_prefix: str | None = None) -> Runner:
@@ -207,49 +224,54 @@ def graph_histogram(path: Path) -> dict[str, int]:
     return dict(collections.Counter((n.domain + "." if n.domain else "") + n.op_type for n in m.graph.node))
 
 
-def kernel_histogram(path: Path, threads: int, prompt: np.ndarray, tmp: Path) -> dict[str, list]:
-    """Op -> [count, total µs] of the kernels ORT ran (after its optimizer) in one decode step."""
+def kernel_histogram(path: Path, threads: int, prompt: np.ndarray, tmp: Path, steps: int = 8) -> dict[str, list]:
+    """Op -> [kernels per step, µs per step] that ORT ran (after its optimizer), averaged over ``steps`` decode
+    steps that follow the prefill and two unprofiled-in-the-mean decode steps."""
     r = runner(path, threads, str(tmp / "prof"))
     _, past = r.step(prompt, None, 0)
-    r.step(np.array([[1]], np.int64), past, prompt.shape[1])
+    n = prompt.shape[1]
+    for _ in range(steps + 2):
+        _, past = r.step(np.array([[1]], np.int64), past, n)
+        n += 1
     prof = Path(r.sess.end_profiling())
     events = json.loads(prof.read_text())
     prof.unlink()
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    start = runs[-1]["ts"] if runs else 0
+    runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    start = runs[-steps]
     hist: dict[str, list] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
-            h = hist.setdefault(e["args"]["op_name"], [0, 0])
-            h[0] += 1
-            h[1] += e["dur"]
+            h = hist.setdefault(e["args"]["op_name"], [0, 0.0])
+            h[0] += 1 / steps
+            h[1] += e["dur"] / steps
     return dict(sorted(hist.items(), key=lambda kv: -kv[1][1]))
 
 
 def bench_pair(paths: dict[str, Path], a, prompt: np.ndarray, log) -> dict:
+    """``a.cycles`` cycles; each creates both sessions (the first one alternates) and runs them in lock step.
+    Ratios mexc / OGB per cycle: prefill times; decode: medians of the step times. Reported: their medians."""
     cycles = []
     for c in range(a.cycles):
         order = ["mexc", "ogb"] if c % 2 == 0 else ["ogb", "mexc"]
-        sessions = {k: runner(paths[k], a.threads) for k in order}
-        res = {}
-        for k in order:
-            sessions[k].generate(prompt[:, :8], 2)                     # warm-up (allocations, caches)
-        for k in order:
-            res[k] = sessions[k].generate(prompt, a.decode)
-        del sessions
+        runners = {k: runner(paths[k], a.threads) for k in order}
+        lockstep(runners, order, prompt[:, :16], 4)                     # warm-up (allocations, first touch)
+        res = lockstep(runners, order, prompt, a.decode)
+        del runners
         row = {k: {"prefill_ms_tok": 1e3 * res[k]["prefill"] / prompt.shape[1],
-                   "decode_ms_tok": 1e3 * res[k]["decode"] / a.decode} for k in order}
+                   "decode_ms_tok": 1e3 * float(np.median(res[k]["decode"]))} for k in order}
         row["first"] = order[0]
         row["same_tokens"] = sum(x == y for x, y in zip(res["mexc"]["tokens"], res["ogb"]["tokens"]))
         row["logit_diff"] = float(np.abs(res["mexc"]["last_logits"] - res["ogb"]["last_logits"]).max())
         cycles.append(row)
         log(f"  cycle {c} ({order[0]} first): prefill {row['mexc']['prefill_ms_tok']:.2f} / "
             f"{row['ogb']['prefill_ms_tok']:.2f} ms/tok, decode {row['mexc']['decode_ms_tok']:.2f} / "
-            f"{row['ogb']['decode_ms_tok']:.2f} ms/tok (mexc / OGB); greedy tokens equal "
+            f"{row['ogb']['decode_ms_tok']:.2f} ms/tok (mexc / OGB, median step); greedy tokens equal "
             f"{row['same_tokens']}/{a.decode + 1}, max |d last logits| {row['logit_diff']:.2e}")
     ratio = {k: float(np.median([r["mexc"][k] / r["ogb"][k] for r in cycles])) for k in ("prefill_ms_tok",
                                                                                            "decode_ms_tok")}
-    return {"cycles": cycles, "ratio": ratio, "last": res}
+    spread = {k: [float(min(r["mexc"][k] / r["ogb"][k] for r in cycles)),
+                  float(max(r["mexc"][k] / r["ogb"][k] for r in cycles))] for k in ratio}
+    return {"cycles": cycles, "ratio": ratio, "spread": spread, "last": res}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -308,11 +330,14 @@ def main(argv=None) -> int:
 def format_report(rep: dict) -> str:
     lines = [f"preset {rep['preset']} ({rep['params'] / 1e6:.0f}M params), onnxruntime {rep['onnxruntime']} CPU, "
              f"{rep['threads']} threads, batch 1, prefill {rep['prefill']}, {rep['decode']} greedy decode steps",
-             "", "| scheme | mexc / OGB prefill ms/token | mexc / OGB decode ms/token | greedy tokens equal |",
+             "", "| scheme | mexc / OGB prefill ms/token (cycles' range) | mexc / OGB decode ms/token (range) | "
+             "greedy tokens equal |",
              "|---|---|---|---|"]
     for s, r in rep["schemes"].items():
         eq = min(c["same_tokens"] for c in r["cycles"])
-        lines.append(f"| {s} | x{r['ratio']['prefill_ms_tok']:.3f} | x{r['ratio']['decode_ms_tok']:.3f} | "
+        sp = {k: "x{:.2f}-{:.2f}".format(*v) for k, v in r["spread"].items()}
+        lines.append(f"| {s} | x{r['ratio']['prefill_ms_tok']:.3f} ({sp['prefill_ms_tok']}) | "
+                     f"x{r['ratio']['decode_ms_tok']:.3f} ({sp['decode_ms_tok']}) | "
                      f"{eq}/{rep['decode'] + 1} |")
     for s, r in rep["schemes"].items():
         for k, v in r.get("vs_fp32", {}).items():
@@ -323,9 +348,9 @@ def format_report(rep: dict) -> str:
         for k in ("mexc", "ogb"):
             ops = ", ".join(f"{o} {n}" for o, n in sorted(r["graph_ops"][k].items()))
             lines.append(f"\n{s} {k} graph ({sum(r['graph_ops'][k].values())} nodes): {ops}")
-            ker = ", ".join(f"{o} {n}x {us / 1e3:.2f} ms" for o, (n, us) in r["kernels"][k].items())
+            ker = ", ".join(f"{o} {n:.0f}x {us / 1e3:.2f} ms" for o, (n, us) in r["kernels"][k].items())
             tot = sum(us for _, us in r["kernels"][k].values()) / 1e3
-            lines.append(f"{s} {k} kernels of one decode step after ORT's optimizer ({tot:.2f} ms): {ker}")
+            lines.append(f"{s} {k} kernels per decode step after ORT's optimizer ({tot:.2f} ms): {ker}")
     return "\n".join(lines)
 
 
