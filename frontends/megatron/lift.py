@@ -39,7 +39,8 @@ def lift(path: str | Path, *, iteration: int | None = None, config: str | Path |
         ov["replicated"] = replicated
     where = str(info.iter_dir / ("common.pt" if info.format == "torch_dist" else "mp_rank_*/model_optim_rng.pt"))
     if info.args_missing and not ov:
-        raise CheckpointError(f"{info.iter_dir}: the checkpoint has no saved args (a release/ or converted checkpoint)",
+        first = min(info.rank_files.values()) if info.rank_files else where
+        raise CheckpointError(f"{first}: the checkpoint has no saved args (a release/ or converted checkpoint)",
                               hint="describe the architecture with --config FILE.yaml or --set FIELD=VALUE "
                                    "(fields: `mexc inspect` of a similar checkpoint shows them)")
     arch = from_args(info.args, where, ov)

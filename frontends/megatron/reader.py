@@ -129,7 +129,11 @@ def _open_legacy(root: Path, d: Path, it: int | None) -> CheckpointInfo:
     if not isinstance(sd, dict):
         raise CheckpointError(f"{first}: holds a {type(sd).__name__}, not a Megatron state dict",
                               hint="give the directory Megatron saved to")
-    args = sd.get("args")
+    model = [k for k in sd if k == "model" or re.fullmatch(r"model\d+", str(k))]
+    if not model or not all(isinstance(sd[k], dict) for k in model):
+        raise CheckpointError(f"{first}: holds no 'model' state dict", hint="give the directory Megatron saved "
+                              "to; this file is damaged or not a Megatron model checkpoint")
+    args = _checked_args(sd.get("args"), first)
     tp = _size(args, first, "tensor_model_parallel_size", "model_parallel_size")
     pp = _size(args, first, "pipeline_model_parallel_size")
     ep = _size(args, first, "expert_model_parallel_size")
@@ -171,6 +175,17 @@ def _open_legacy(root: Path, d: Path, it: int | None) -> CheckpointInfo:
     info.expert_tp = etp
     info.args_missing = args_missing
     return info
+
+
+def _checked_args(args, where: Path):
+    """Saved args are an ``argparse.Namespace`` (or a namespace / dict stand-in); anything else is damage."""
+    import argparse
+    import types
+
+    if args is None or isinstance(args, (argparse.Namespace, types.SimpleNamespace, dict)):
+        return args
+    raise CheckpointError(f"{where}: 'args' is a {type(args).__name__}, not Megatron-LM's argparse.Namespace",
+                          hint="the file is damaged; pass the architecture with --config FILE.yaml")
 
 
 def _size(args, where: Path, *names: str, default: int = 1) -> int:
@@ -245,9 +260,11 @@ def _open_dist(root: Path, d: Path, it: int | None) -> CheckpointInfo:
     mj = d / "metadata.json"
     if mj.is_file():
         try:
-            meta = json.loads(mj.read_text())
-        except ValueError as e:
-            raise CheckpointError(f"{mj}: not valid JSON ({e})", hint="copy the checkpoint again") from None
+            meta = json.loads(mj.read_text()) if os.path.getsize(inside(d, mj)) < (1 << 20) else None
+        except (ValueError, RecursionError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{mj}: not valid JSON ({str(e)[:80]})", hint="copy the checkpoint again") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{mj}: not a JSON object of a few fields", hint="copy the checkpoint again")
         backend = meta.get("sharded_backend")
         if backend != "torch_dist":
             raise CheckpointError(f"{mj}: sharded_backend {backend!r} is not supported",
@@ -261,7 +278,7 @@ def _open_dist(root: Path, d: Path, it: int | None) -> CheckpointInfo:
     if not isinstance(state, dict):
         raise CheckpointError(f"{d}: the common state holds a {type(state).__name__}, not a dict",
                               hint="the checkpoint is damaged; copy it again")
-    args = state.get("args")
+    args = _checked_args(state.get("args"), common if common.is_file() else d / "common_state")
     info = CheckpointInfo(root, d, "torch_dist", state.get("iteration", it), args, state.get("checkpoint_version"))
     if args is None:
         import argparse
@@ -574,7 +591,14 @@ class DcpStore(Store):
             mapped = _map_saved_tensor(f, path, at, info.length, dtype, sizes) if dtype is not None else None
             if mapped is not None:
                 return mapped
-            return torch_load_file(_Window(f, at, info.length), what or str(path))
+            obj = torch_load_file(_Window(f, at, info.length), what or str(path))
+        if dtype is not None and not (isinstance(obj, torch.Tensor) and obj.dtype == dtype
+                                      and obj.numel() == math.prod(sizes)):
+            got = f"{obj.dtype} {list(obj.shape)}" if isinstance(obj, torch.Tensor) else type(obj).__name__
+            raise CheckpointError(f"{path}: the chunk at bytes {info.offset}.. holds {got}, the .metadata declares "
+                                  f"{dtype} {list(sizes)}", hint="the index and the data disagree; copy the "
+                                  "checkpoint again")
+        return obj
 
     def read(self, key, type):
         base, index, chunk = _parse_key(key)

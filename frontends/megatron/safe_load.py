@@ -142,6 +142,16 @@ def _record_start(f, base: int, zi: zipfile.ZipInfo) -> int:
 
 def _load_zip(f, what: str, *, size: int, path: Path | None) -> Any:
     """A torch zip file from ``f`` (``size`` bytes from its current position 0); mapped when ``path`` is given."""
+    # torch's writer starts with a local header and ends with the end-of-directory record (no comment): a
+    # window shifted or cut by a lying offset/length is refused, although zipfile itself would tolerate it
+    f.seek(0)
+    head = f.read(4)
+    f.seek(max(size - 22, 0))
+    tail = f.read(4)
+    f.seek(0)
+    if head != b"PK\x03\x04" or tail != b"PK\x05\x06":
+        raise CheckpointError(f"{what}: not a whole torch.save zip (its bytes do not start and end where a zip does)",
+                              hint="the file or the DCP index is damaged; copy the checkpoint again")
     try:
         z = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError, ValueError) as e:

@@ -96,10 +96,23 @@ class NumpyStandIn(StandIn):
     def __setstate__(self, state):
         self.state = state
         if isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], NumpyStandIn):
-            if state[2].args[:1] == ("O8",) or state[2].args[:1] == ("O",):
-                raise UnsafeCheckpointError("a numpy object array (dtype=object) is refused",
-                                            hint="mexc never builds numpy object arrays from a checkpoint")
-            self.state = ("array", state[1], state[2].args[:1])  # shape and dtype; the raw bytes are dropped
+            code = state[2].args[0] if state[2].args else None
+            if not isinstance(code, str) or code[:1] in ("O", "V") or not code[1:].isdigit():
+                raise UnsafeCheckpointError(f"a numpy array of dtype {str(code)[:20]!r} is refused (object and "
+                                            "structured arrays are never built)")
+            shape, raw = state[1], state[4]
+            if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)) or (
+                    not isinstance(raw, (bytes, bytearray)) or _prod(shape) * int(code[1:]) != len(raw)):
+                raise UnsafeCheckpointError(f"a numpy array declares shape {str(shape)[:60]} of {code} but holds "
+                                            f"{len(raw) if isinstance(raw, (bytes, bytearray)) else '?'} bytes")
+            self.state = ("array", shape, code)  # shape and dtype; the raw bytes are dropped
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _np(qualname: str) -> Callable:
@@ -198,7 +211,8 @@ def _policy() -> dict[tuple[str, str], Any]:
 
 POLICY: dict[tuple[str, str], Any] = _policy()  # safe_load adds the torch.save rows (storages, tensors)
 _MEGATRON_NAME = re.compile(r"^megatron(\.[A-Za-z_]\w*)+$")
-_QUALNAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_QUALNAME = re.compile(r"^[A-Za-z_]\w*$")  # no dotted names: a stand-in is for a class, not an attribute chain
+MAX_ITEMS = 1 << 20    # entries in one container (a real state dict or args has thousands)
 
 
 def resolve(module: str, name: str, proto: int) -> Any:
@@ -309,6 +323,9 @@ def check_structure(obj: Any, max_depth: int = MAX_DEPTH) -> None:
         if isinstance(o, (dict, list, tuple, set, frozenset)) or isinstance(o, (argparse.Namespace, StandIn,
                                                                                 types.SimpleNamespace)):
             seen.add(id(o))
+            if isinstance(o, (dict, list, tuple, set, frozenset)) and len(o) > MAX_ITEMS:
+                raise UnsafeCheckpointError(f"a container of {len(o)} entries (more than any real checkpoint's "
+                                            f"{MAX_ITEMS})")
             if isinstance(o, dict):
                 items = list(o.keys()) + list(o.values())
             elif isinstance(o, (list, tuple, set, frozenset)):
