@@ -479,3 +479,28 @@ def test_learned_positions_bound_the_sequence(tmp_path, capsys):
     rc, _, err = _mexc(capsys, "compile", ckpt, "--target", "trtllm", "--max-seq-len", table + 1, "-o", tmp_path / "p")
     assert rc == 2 and f"beyond the model's learned position table ({table} positions)" in err
     assert rows  # the fixture's hyper-parameters are there (the table size is the model's, read from the IR)
+
+
+def test_chat_template_and_special_tokens_carried(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
+    tok.pad_token = "<unk>"
+    tok.save_pretrained(tmp_path / "chat")
+    out = tmp_path / "hf"
+    rc, _, err = _mexc(capsys, "compile", EXAMPLE, "--target", "hf", "--tokenizer", tmp_path / "chat", "-o", out)
+    assert rc == 0, err
+    got = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert got.chat_template == tok.chat_template and got.pad_token_id == 0
+    assert got.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False) == "hello</s>"
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 0)
+
+
+def test_progress_never_runs_past_its_total():
+    from mexc.tools.cli import Progress
+
+    p = Progress(enabled=False)
+    p.start("write", 300)
+    p.advance(400)   # an estimate that was too low (ONNX: tied / rope copies)
+    assert p.total == p.done == 400

@@ -212,6 +212,7 @@ class Progress:
 
     def advance(self, n: int):
         self.done += n
+        self.total = max(self.total, self.done)   # an estimated total (ONNX) may be passed; never ETA < 0
         now = time.perf_counter()
         if self.enabled and (now - self.last > 0.2 or self.done >= self.total):
             self.last = now
