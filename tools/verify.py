@@ -132,6 +132,29 @@ def tolerance(a, manifest: dict) -> float:
     return tol
 
 
+def ranks_tp(out: Path) -> int:
+    return int((json.loads((out / "config.json").read_text()).get("mapping") or {}).get("tp_size", 1))
+
+
+def check_ranks(out: Path, report) -> tuple:
+    """A trtllm output whose files passed :func:`check_artifact`: lift it with mexc's reader (a quantized one
+    is refused here, with its reason) and check the copies TP ranks must share. Returns (lifted model,
+    problems)."""
+    from ..frontends.trtllm import lift_trtllm
+
+    cfg = json.loads((out / "config.json").read_text())  # its mapping was checked with the files
+    try:
+        problems = duplicated_kv_mismatches(out, report, cfg)
+        lifted = lift_trtllm(out)
+    except MexcError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config.json the checksums do not cover: one line
+        raise BackendError(f"{out / 'config.json'}: mexc's TensorRT-LLM reader cannot lift this output "
+                           f"({type(e).__name__}: {e})", hint="the config was edited or damaged; compile again"
+                           ) from e
+    return lifted, problems + replicated_mismatches(lifted, report, ranks_tp(out))
+
+
 def verify_output(a) -> int:
     from ..driver import lift
 
@@ -141,10 +164,7 @@ def verify_output(a) -> int:
     recorded: dict = manifest["source"] if isinstance(manifest.get("source"), dict) else {}
     result: dict = {"target": target, "source": recorded, "max_abs_delta": None, "top1_agreement": None,
                     "tolerance": tolerance(a, manifest), "ok": False}
-    lines: list[str] = []
-
     def say(line: str) -> None:
-        lines.append(line)
         if not a.json:
             print(line, flush=True)
 
@@ -174,25 +194,8 @@ def verify_output(a) -> int:
         return finish(False)
     lifted = None
     if target == "trtllm":
-        from ..frontends.trtllm import lift_trtllm
-
-        cfg = json.loads((out / "config.json").read_text())  # its mapping was checked above
-        try:
-            ranks = duplicated_kv_mismatches(out, report, cfg)
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-            raise BackendError(f"{out / 'config.json'}: attention fields unusable ({type(e).__name__}: {e})",
-                               hint="the config was edited or damaged; compile again") from None
-
-        try:
-            lifted = lift_trtllm(out)  # a quantized checkpoint is refused here, with its reason
-        except MexcError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a config.json the checksums do not cover: one line
-            raise BackendError(f"{out / 'config.json'}: mexc's TensorRT-LLM reader cannot lift this output "
-                               f"({type(e).__name__}: {e})", hint="the config was edited or damaged; compile again"
-                               ) from e
-        tp = int((cfg.get("mapping") or {}).get("tp_size", 1))
-        ranks += replicated_mismatches(lifted, report, tp)
+        lifted, ranks = check_ranks(out, report)
+        tp = ranks_tp(out)
         for p in ranks:
             say(str(p))
         result["ranks"] = {"tp": tp, "problems": [str(p) for p in ranks], "ok": not ranks}
