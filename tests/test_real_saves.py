@@ -104,10 +104,12 @@ def test_hf_matches_megatron(tmp_path, case):
 def test_onnx_matches_megatron(tmp_path, case):
     from test_onnx_backend import Decoder
 
+    c = info(case)
     out = tmp_path / "onnx"
-    if not compile_or_refuse(case, out, target="onnx"):
+    # onnxruntime's CPU provider has no bf16 MatMul: a bf16 save is compiled to fp32 (--dtype float32)
+    if not compile_or_refuse(case, out, target="onnx", dtype="float32" if c["dtype"] == "bfloat16" else None):
         return
-    c, ref = info(case), reference(case)
+    ref = reference(case)
     logits, _ = Decoder(out / "model.onnx").step(ref["tokens"].numpy(), None, 0)
     assert err(logits, ref["logits"]) <= bound(c)
 
