@@ -49,6 +49,7 @@ def hf_logits(ckpt: Path, out: Path, tokens) -> torch.Tensor:
 CASES = {
     "nemo2-dir-llama": lambda tmp: W.nemo2_dir("llama", tmp / "nemo2"),
     "nemo2-dir-moe": lambda tmp: W.nemo2_dir("moe", tmp / "nemo2"),
+    "nemo2-dir-llama31": lambda tmp: W.nemo2_dir("llama3", tmp / "nemo2"),
     "nemo1-archive-gpt-tp2": lambda tmp: W.nemo1_archive("gpt", tmp / "gpt.nemo", tp=2),
     "nemo2-archive-llama": lambda tmp: W.nemo1_archive("llama", tmp / "llama.nemo", inner="nemo2"),
     "bridge-llama": lambda tmp: W.bridge_save("llama", tmp / "bridge"),
@@ -63,6 +64,11 @@ def test_hf_output_matches_megatron(tmp_path, case):
     assert err(hf_logits(ckpt, tmp_path / "hf", ref["tokens"]), ref["logits"]) < TOL
     m = lift(ckpt)
     assert "unknown_args" not in m.meta  # every field of the dumped TransformerConfig has a verdict
+    rope = next(m.graph.find("attention")).attrs["rope"]
+    if case.endswith("llama31"):  # the logits barely move at 8 positions: check the scaling itself
+        assert (rope.scaling, rope.factor, rope.base) == ("llama3", 8.0, 500000.0)
+    else:
+        assert rope.scaling == "none"
     cfg = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
     h = json.loads((d / "fixture.json").read_text())["hparams"]
     assert cfg.num_hidden_layers == h["num_layers"]
@@ -128,6 +134,7 @@ def _nemo2_with(tmp_path, **changes):
     ({"multi_latent_attention": True}, "multi_latent_attention"),
     ({"heterogeneous_block_specs": True}, "heterogeneous_block_specs"),
     ({"position_embedding_type": "yarn"}, "position_embedding_type"),
+    ({"_target_": "nemo.collections.llm.gpt.model.llama.Llama31Config", "high_freq_factor": 2.0}, "high_freq_factor"),
 ])
 def test_nemo2_settings_without_a_lifted_form_are_refused(tmp_path, change, words):
     root = _nemo2_with(tmp_path, **change)

@@ -115,17 +115,28 @@ def _fresh(out: Path) -> Path:
 
 def nemo2_dir(kind: str, out: Path, tp: int = 1) -> tuple[Path, Path]:
     """A NeMo 2 checkpoint directory (context/model.yaml + weights/ with ``module.`` keys); returns (it, the
-    megatron fixture dir)."""
+    megatron fixture dir). Kind ``llama3`` is saved as NeMo's ``Llama31Config`` (rope scaling from its
+    ``scale_factor`` fields, as NeMo's Llama 3.1 config keeps it), ``moe`` as ``MixtralConfig``."""
     d = megatron_checkpoint(kind, tp=tp, fmt="torch_dist")
+    fields = transformer_config_fields(d)
+    model_cls, cfg_cls = NEMO_MODEL, NEMO_CONFIG
+    if kind == "llama3":
+        model_cls, cfg_cls = "nemo.collections.llm.gpt.model.llama.LlamaModel", \
+            "nemo.collections.llm.gpt.model.llama.Llama31Config"
+        fields.update(scale_factor=load_fixture_info(d)["hparams"]["rope_scaling_factor"], low_freq_factor=1.0,
+                      high_freq_factor=4.0, old_context_len=8192)
+    elif kind == "moe":
+        model_cls, cfg_cls = "nemo.collections.llm.gpt.model.mixtral.MixtralModel", \
+            "nemo.collections.llm.gpt.model.mixtral.MixtralConfig"
     root = _fresh(out) / "megatron_gpt--val_loss=2.50-step=9-consumed_samples=20.0"
     prefixed_dcp(d / "ckpt" / "iter_0000010", root / "weights", "module.")
     torch.save({"global_step": 10, "epoch": 0, "pytorch-lightning_version": "2.5.1"}, root / "weights" / "common.pt")
-    config = {"_target_": NEMO_CONFIG, **transformer_config_fields(d),
+    config = {"_target_": cfg_cls, **fields,
               "transformer_layer_spec": {"_target_": "nemo.collections.llm.gpt.model.base.default_layer_spec",
                                          "_call_": False},
               "forward_step_fn": {"_target_": "nemo.collections.llm.gpt.model.base.gpt_forward_step", "_call_": False},
               "data_step_fn": {"_target_": "nemo.collections.llm.gpt.model.base.gpt_data_step", "_call_": False}}
-    model = {"_target_": NEMO_MODEL, "config": config, "model_transform": None,
+    model = {"_target_": model_cls, "config": config, "model_transform": None,
              "optim": {"_target_": "nemo.lightning.pytorch.optim.megatron.MegatronOptimizerModule",
                        "config": {"_target_": "megatron.core.optimizer.optimizer_config.OptimizerConfig", "lr": 3e-4}},
              "tokenizer": {"_target_": "nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer",

@@ -213,9 +213,10 @@ STANDARD_SPECS = frozenset({
     "nemo.collections.llm.gpt.model.base.local_layer_spec",
 })
 # config / provider classes whose math is their TransformerConfig fields alone (no model code of their own);
-# others (Gemma's embedding scaling, Llama 3.1's own rope scaling fields, multimodal models, ...) are refused
+# (Llama 3.1 / 3.2: their rope-scaling fields, translated); others (Gemma's embedding scaling, multimodal
+# models, ...) are refused
 _NEMO2_CLASSES = re.compile(r"nemo\.collections\.llm\.gpt\.model\.(base\.GPTConfig\w*|llama\.(Llama2?Config\w*|"
-                            r"Llama3Config\d+B|CodeLlamaConfig\w*)|mistral\.MistralConfig\w*|mixtral\.MixtralConfig"
+                            r"Llama3[12]?Config\w*|CodeLlamaConfig\w*)|mistral\.MistralConfig\w*|mixtral\.MixtralConfig"
                             r"\w*|qwen2\.Qwen2Config\w*|starcoder2\.Starcoder2Config\w*)$")
 _NEMO2_MODELS = re.compile(r"nemo\.collections\.llm\.gpt\.model\.(base\.GPTModel|llama\.LlamaModel|mistral\."
                            r"MistralModel|mixtral\.MixtralModel|qwen2\.Qwen2Model|starcoder2\.Starcoder2Model)$")
@@ -245,7 +246,9 @@ def transformer_config_args(cfg: dict, where: str, store: DcpStore, classes: re.
     problems: list[str] = []
     for name, raw in cfg.items():
         v = _ref(raw)
-        if name.startswith("_") or name in IRRELEVANT or name in ("activation_func", "gated_linear_unit"):
+        if name.startswith("_") or name in IRRELEVANT or name in ("activation_func", "gated_linear_unit") or (
+                name in ("scale_factor", "low_freq_factor", "high_freq_factor", "old_context_len")
+                and re.search(r"\.Llama3[12]Config", target)):
             continue
         if name == "share_embeddings_and_output_weights":
             ns["untie_embeddings_and_output_weights"] = not v
@@ -263,12 +266,26 @@ def transformer_config_args(cfg: dict, where: str, store: DcpStore, classes: re.
         else:
             ns[RENAMED.get(name, name)] = v
     ns.update(_activation(cfg, where))
+    if re.search(r"\.Llama3[12]Config", target):
+        ns.update(_nemo_llama31_rope(cfg, where))
     if ns.get("num_query_groups") and ns.get("num_attention_heads") and \
             ns["num_query_groups"] != ns["num_attention_heads"]:
         ns["group_query_attention"] = True
     if not ns.get("use_rope_scaling"):
         ns.pop("rope_scaling_factor", None)   # only read with rope scaling on (Bridge stores 1.0 when off)
     return _finish(ns, problems, where, store)
+
+
+def _nemo_llama31_rope(cfg: dict, where: str) -> dict:
+    """NeMo 2's Llama 3.1 / 3.2 configs scale rope in model code with their own fields (``scale_factor``,
+    ``low_freq_factor``, ``high_freq_factor``, ``old_context_len``): megatron-core's llama3 scaling, whose
+    frequency bounds mexc takes as 1, 4 and 8192 (``ir.types.Rope``); other bounds are refused."""
+    defaults = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "old_context_len": 8192}  # the dataclass's
+    bounds = {k: cfg.get(k, d) for k, d in defaults.items()}
+    if bounds != defaults:
+        raise ConfigError(f"{where}: Llama 3.1 rope scaling with {bounds} (mexc lifts low 1, high 4, old context "
+                          "8192)", hint="export it with NeMo's own Hugging Face exporter")
+    return {"use_rope_scaling": True, "rope_scaling_factor": float(cfg.get("scale_factor", 8.0))}
 
 
 def _activation(cfg: dict, where: str) -> dict:
