@@ -1,13 +1,13 @@
-"""The layer op set and its schemas.
+"""The layer op set: each op's attributes and params, declared as data.
 
 | op          | inputs         | attrs                                                          | params                         |
 |-------------|----------------|----------------------------------------------------------------|--------------------------------|
 | embedding   | token ids      | scale (1.0; Gemma: sqrt(hidden))                               | word [V',H], position? [P,H]   |
-| norm        | x              | kind (layernorm/rmsnorm), eps, zero_centered                   | weight [H], bias? [H]          |
-| attention   | x              | num_heads, num_kv_heads, head_dim, position (rope/none), rope | qkv (QKV-typed) or q,k,v;      |
-|             |                |                                                                | qkv_bias / q_bias,k_bias,v_bias;|
+| norm        | x              | kind (layernorm/rmsnorm), eps, zero_centered                   | weight [D], bias? [D]          |
+| attention   | x              | num_heads, num_kv_heads, head_dim, position (rope/none), rope, | qkv (QKV-typed) or q,k,v;      |
+|             |                | qk_norm (none/layernorm/rmsnorm), softmax_scale                | qkv_bias / q_bias,k_bias,v_bias;|
 |             |                |                                                                | proj [H,nh*d], proj_bias?;     |
-|             |                |                                                                | q_norm?, k_norm? [d]           |
+|             |                |                                                                | q_norm, k_norm [d] (qk_norm)   |
 | mlp         | x              | activation, gated                                              | gate,up [F,H] (gated) or fc1;  |
 |             |                |                                                                | fc2 [H,F]; *_bias?             |
 | moe         | x              | num_experts, top_k, activation, gated, score, norm_topk,       | router [E,H]; gate,up [E,F,H]  |
@@ -17,199 +17,334 @@
 
 Residual connections are explicit ``add`` nodes, so a parallel block (Falcon: attention and MLP off one
 normalized input) is just a different wiring, not a special case.
+
+Each param is a :class:`ParamSpec` (name, shape rule, role, linear or not, the attribute values that require
+it); the reshard TP/EP rules, quantize's linear weights, lower-dtype's keep-fp32 rule, the shape of a param a
+target needs but the IR lacks (:func:`absent_shape`) and the verifier all derive from these declarations
+(the Megatron-Bridge ``AutoMapping`` column / row / replicated vocabulary; tinygrad's "the spec is data").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-from .types import Rope
+from .types import QKVLayout, Rope
+
+# ---------------------------------------------------------------------------------------- enums (closed sets)
 
 ACTIVATIONS = ("gelu", "gelu-tanh", "relu", "squared-relu", "silu", "quick-gelu")
 NORM_KINDS = ("layernorm", "rmsnorm")
+QK_NORM_KINDS = ("none", *NORM_KINDS)
+POSITIONS = ("rope", "none")  # learned positions are a param of the embedding
+ROPE_SCALINGS = ("none", "linear", "llama3")
+MOE_SCORES = ("softmax", "sigmoid")
+QKV_LAYOUTS = QKVLayout.KINDS
+
+# ---------------------------------------------------------------------------------------- param roles
+
+COLUMN, ROW, REPLICATED, VOCAB, NORM, ROUTER, EXPERT = (
+    "column", "row", "replicated", "vocab", "norm", "router", "expert")
+ROLES = (COLUMN, ROW, REPLICATED, VOCAB, NORM, ROUTER, EXPERT)
+_SPLIT = {COLUMN: 0, ROW: 1, VOCAB: 0}  # tensor-parallel split dim of a role (others: replicated)
+
+
+class AttrSpec(NamedTuple):
+    """One attribute: accepted python types, default, and (for enums) the closed set of values."""
+
+    types: type | tuple
+    default: Any
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One weight of an op.
+
+    ``shape``: dim symbols (see :attr:`OpSchema.dims`); a symbol the op does not define is bound by the first
+    param (in declaration order) that has it, so every later param must agree. ``V`` means vocab rows (at
+    least ``vocab_size``; Megatron pads). ``role``: column (split on output rows), row (split on input
+    columns), replicated, vocab (rows split and padded for TP), norm, router, expert (``[E, ...]``: EP splits
+    dim 0, TP splits ``within``'s dim of one expert). ``when``: ``(attr, values)``: the param exists exactly
+    when the attribute has one of these values. ``alt``: alternative group (a node uses one). ``opt_in``: the
+    reshard option that turns the split on (``parallel_embedding``).
+    """
+
+    name: str
+    shape: tuple[str, ...]
+    role: str
+    linear: bool = False
+    required: bool = True
+    when: tuple[str, tuple] | None = None
+    alt: str | None = None
+    within: str | None = None
+    opt_in: str | None = None
+
+    def __post_init__(self):
+        assert self.role in ROLES and (self.role != EXPERT) == (self.within is None), self
+
+    def split_dim(self, *, ep: bool = False) -> int | None:
+        """The dim the tensor-parallel (or, with ``ep``, expert-parallel) axis splits; None = replicated."""
+        if self.role == EXPERT:
+            return 0 if ep else 1 + _SPLIT[self.within]
+        return None if ep else _SPLIT.get(self.role)
 
 
 @dataclass(frozen=True)
 class OpSchema:
     name: str
     arity: int | None                       # None = variadic (>= 2)
-    attrs: dict[str, tuple[type | tuple, Any]] = field(default_factory=dict)  # name -> (types, default)
-    check: Callable | None = None            # (node, model) -> list[str] problems
+    attrs: dict[str, AttrSpec] = field(default_factory=dict)
+    check: Callable | None = None           # (node, model) -> list[str] problems beyond the declarations
     doc: str = ""
+    params: tuple[ParamSpec, ...] = ()
+    dims: Callable | None = None            # (attrs, config) -> {symbol: size} the op defines
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
 
 
 OPS: dict[str, OpSchema] = {}
 
 
-def op_schema(name, arity, attrs, doc=""):
+def P(name, shape, role, **kw) -> ParamSpec:
+    return ParamSpec(name, tuple(shape.split()), role, **kw)
+
+
+def A(types, default, choices=None) -> AttrSpec:
+    return AttrSpec(types, default, choices)
+
+
+def op_schema(name, arity, attrs, doc="", params=(), dims=None):
+    """Register an op; the decorated function checks what the declarations cannot say (problems list)."""
+
     def deco(fn):
-        OPS[name] = OpSchema(name, arity, attrs, fn, doc)
+        OPS[name] = OpSchema(name, arity, dict(attrs), _checker(fn, dims), doc, tuple(params), dims)
         return fn
 
     return deco
 
 
-def _shape(node, key):
-    p = node.params.get(key)
-    return p.type.shape if p is not None else None
+def _checker(extra, dims):
+    def check(node, model):
+        if dims is not None and _declared_dims(node, model.config) is None:
+            ints = _int_attrs(node.op)
+            return [f"{'/'.join(ints)} must be {'positive ints' if len(ints) > 1 else 'a positive int'}, got "
+                    f"{'/'.join(str(node.attrs[k]) for k in ints)}"]
+        return check_params(node, model) + extra(node, model)
+
+    return check
 
 
-def _expect(problems, node, key, shape, required=True):
-    s = _shape(node, key)
-    if s is None:
-        if required:
-            problems.append(f"missing param '{key}' (expected shape {list(shape)})")
-        return
-    if tuple(s) != tuple(shape):
-        problems.append(f"param '{key}' has shape {list(s)}, expected {list(shape)}")
+# ---------------------------------------------------------------------------------------- the op set
+
+_GATED, _PLAIN = ("gated", (True,)), ("gated", (False,))
+_QK = ("qk_norm", NORM_KINDS)
 
 
-def _allowed(problems, node, allowed):
-    allowed = (*allowed, *(a + "_scale" for a in allowed))  # quantized weights carry their scales
-    extra = set(node.params) - set(allowed)
-    if extra:
-        problems.append(f"unexpected params {sorted(extra)} (allowed: {sorted(allowed)})")
-
-
-def _check_vocab_matrix(p, node, model, key):
-    """A [vocab rows, hidden] matrix with at least vocab_size rows (padding beyond it is allowed)."""
-    H = model.config.hidden_size
-    w = _shape(node, key)
-    if w is None or len(w) != 2 or w[1] != H:
-        p.append(f"param '{key}' must be [vocab, {H}], got {w}")
-    elif w[0] < model.config.vocab_size:
-        p.append(f"{node.op} has {w[0]} rows, fewer than vocab_size={model.config.vocab_size}")
-
-
-@op_schema("embedding", 1, {"scale": ((int, float), 1.0)}, "token (+ learned position) embedding")
+@op_schema("embedding", 1, {"scale": A((int, float), 1.0)}, "token (+ learned position) embedding",
+           params=[P("word", "V H", VOCAB, opt_in="parallel_embedding"),
+                   P("position", "P H", REPLICATED, required=False)],
+           dims=lambda a, c: {"H": c.hidden_size})
 def _check_embedding(node, model):
-    p = []
-    H = model.config.hidden_size
-    _check_vocab_matrix(p, node, model, "word")
-    pos = _shape(node, "position")
-    if pos is not None and (len(pos) != 2 or pos[1] != H):
-        p.append(f"param 'position' must be [positions, {H}], got {pos}")
-    _allowed(p, node, ("word", "position"))
-    return p
+    return []
 
 
-@op_schema("norm", 1, {"kind": (str, "rmsnorm"), "eps": ((int, float), 1e-5), "zero_centered": (bool, False)},
-           "LayerNorm or RMSNorm; zero_centered: the stored gamma is (weight - 1)")
+@op_schema("norm", 1, {"kind": A(str, "rmsnorm", NORM_KINDS), "eps": A((int, float), 1e-5),
+                       "zero_centered": A(bool, False)},
+           "LayerNorm or RMSNorm; zero_centered: the stored gamma is (weight - 1)",
+           params=[P("weight", "D", NORM), P("bias", "D", NORM, required=False, when=("kind", ("layernorm",)))],
+           dims=lambda a, c: {})
 def _check_norm(node, model):
-    p = []
-    if node.attrs["kind"] not in NORM_KINDS:
-        p.append(f"unknown norm kind {node.attrs['kind']!r} (use {NORM_KINDS})")
-    w = _shape(node, "weight")
-    dim = node.attrs.get("dim") or (w[0] if w else model.config.hidden_size)
-    _expect(p, node, "weight", (dim,))
-    _expect(p, node, "bias", (dim,), required=False)
-    if node.attrs["kind"] == "rmsnorm" and "bias" in node.params:
-        p.append("rmsnorm has no bias")
-    _allowed(p, node, ("weight", "bias"))
-    return p
+    return []
 
 
-@op_schema("attention", 1, {"num_heads": (int, None), "num_kv_heads": (int, None), "head_dim": (int, None),
-                            "position": (str, "rope"), "rope": (Rope, Rope()), "qk_norm": (str, "none"),
-                            "softmax_scale": ((int, float, type(None)), None)},
-           "causal self-attention, MHA/GQA/MQA")
+@op_schema("attention", 1, {"num_heads": A(int, None), "num_kv_heads": A(int, None), "head_dim": A(int, None),
+                            "position": A(str, "rope", POSITIONS), "rope": A(Rope, Rope()),
+                            "qk_norm": A(str, "none", QK_NORM_KINDS),
+                            "softmax_scale": A((int, float, type(None)), None)},
+           "causal self-attention, MHA/GQA/MQA",
+           params=[P("qkv", "QKV H", COLUMN, linear=True, alt="fused"),
+                   P("qkv_bias", "QKV", COLUMN, required=False, alt="fused"),
+                   P("q", "Q H", COLUMN, linear=True, alt="separate"),
+                   P("k", "KV H", COLUMN, linear=True, alt="separate"),
+                   P("v", "KV H", COLUMN, linear=True, alt="separate"),
+                   P("q_bias", "Q", COLUMN, required=False, alt="separate"),
+                   P("k_bias", "KV", COLUMN, required=False, alt="separate"),
+                   P("v_bias", "KV", COLUMN, required=False, alt="separate"),
+                   P("proj", "H Q", ROW, linear=True),
+                   P("proj_bias", "H", REPLICATED, required=False),  # added once, after the row reduction
+                   P("q_norm", "d", NORM, when=_QK),
+                   P("k_norm", "d", NORM, when=_QK)],
+           dims=lambda a, c: {"H": c.hidden_size, "d": a["head_dim"], "Q": a["num_heads"] * a["head_dim"],
+                              "KV": a["num_kv_heads"] * a["head_dim"],
+                              "QKV": (a["num_heads"] + 2 * a["num_kv_heads"]) * a["head_dim"]})
 def _check_attention(node, model):
     p = []
     a = node.attrs
-    H, nh, nkv, d = model.config.hidden_size, a["num_heads"], a["num_kv_heads"], a["head_dim"]
-    if not all(isinstance(x, int) and x > 0 for x in (nh, nkv, d)):
-        return [f"num_heads/num_kv_heads/head_dim must be positive ints, got {nh}/{nkv}/{d}"]
+    nh, nkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
     if nh % nkv:
         p.append(f"num_heads={nh} is not a multiple of num_kv_heads={nkv}")
-    if a["position"] not in ("rope", "none"):
-        p.append(f"unknown position {a['position']!r} (learned positions live on the embedding)")
+    rope = a["rope"]
+    if isinstance(rope, Rope) and rope.scaling not in ROPE_SCALINGS:
+        p.append(f"attribute rope has scaling={rope.scaling!r}, not one of {', '.join(ROPE_SCALINGS)}")
     if "qkv" in node.params:
         t = node.params["qkv"].type
         if t.layout is None:
             p.append("param 'qkv' has no QKV layout in its type")
         elif (t.layout.q_heads, t.layout.kv_heads, t.layout.head_dim) != (nh, nkv, d):
             p.append(f"qkv layout {t.layout} disagrees with attrs heads={nh} kv={nkv} d={d}")
-        _expect(p, node, "qkv", ((nh + 2 * nkv) * d, H))
-        if "qkv_bias" in node.params:
-            bt = node.params["qkv_bias"].type
-            if bt.layout != t.layout:
-                p.append(f"qkv_bias layout {bt.layout} differs from qkv layout {t.layout}")
-            _expect(p, node, "qkv_bias", ((nh + 2 * nkv) * d,))
-        qkv_names = ("qkv", "qkv_bias")
-    else:
-        _expect(p, node, "q", (nh * d, H))
-        _expect(p, node, "k", (nkv * d, H))
-        _expect(p, node, "v", (nkv * d, H))
-        for n, rows in (("q_bias", nh * d), ("k_bias", nkv * d), ("v_bias", nkv * d)):
-            _expect(p, node, n, (rows,), required=False)
-        qkv_names = ("q", "k", "v", "q_bias", "k_bias", "v_bias")
-    _expect(p, node, "proj", (H, nh * d))
-    _expect(p, node, "proj_bias", (H,), required=False)
-    _expect(p, node, "q_norm", (d,), required=False)
-    _expect(p, node, "k_norm", (d,), required=False)
-    _allowed(p, node, (*qkv_names, "proj", "proj_bias", "q_norm", "k_norm"))
+        if "qkv_bias" in node.params and node.params["qkv_bias"].type.layout != t.layout:
+            p.append(f"qkv_bias layout {node.params['qkv_bias'].type.layout} differs from qkv layout {t.layout}")
     return p
 
 
-@op_schema("mlp", 1, {"activation": (str, "gelu"), "gated": (bool, False)},
-           "dense MLP: fc2(act(fc1 x)), or gated fc2(act(gate x) * up x)")
+@op_schema("mlp", 1, {"activation": A(str, "gelu", ACTIVATIONS), "gated": A(bool, False)},
+           "dense MLP: fc2(act(fc1 x)), or gated fc2(act(gate x) * up x)",
+           params=[P("fc2", "H F", ROW, linear=True),
+                   P("fc2_bias", "H", REPLICATED, required=False),
+                   P("gate", "F H", COLUMN, linear=True, when=_GATED),
+                   P("up", "F H", COLUMN, linear=True, when=_GATED),
+                   P("fc1", "F H", COLUMN, linear=True, when=_PLAIN),
+                   P("gate_bias", "F", COLUMN, required=False, when=_GATED),
+                   P("up_bias", "F", COLUMN, required=False, when=_GATED),
+                   P("fc1_bias", "F", COLUMN, required=False, when=_PLAIN)],
+           dims=lambda a, c: {"H": c.hidden_size})
 def _check_mlp(node, model):
-    p = []
-    H = model.config.hidden_size
-    if node.attrs["activation"] not in ACTIVATIONS:
-        p.append(f"unknown activation {node.attrs['activation']!r} (use {ACTIVATIONS})")
-    fc2 = _shape(node, "fc2")
-    if fc2 is None or len(fc2) != 2 or fc2[0] != H:
-        return p + [f"param 'fc2' must be [{H}, ffn], got {fc2}"]
-    F = fc2[1]
-    names = ["fc2", "fc2_bias"]
-    ins = ("gate", "up") if node.attrs["gated"] else ("fc1",)
-    for n in ins:
-        _expect(p, node, n, (F, H))
-        _expect(p, node, n + "_bias", (F,), required=False)
-        names += [n, n + "_bias"]
-    _expect(p, node, "fc2_bias", (H,), required=False)
-    _allowed(p, node, names)
-    return p
+    return []
 
 
-@op_schema("moe", 1, {"num_experts": (int, None), "top_k": (int, 2), "activation": (str, "silu"),
-                      "gated": (bool, True), "score": (str, "softmax"), "pre_softmax": (bool, False),
-                      "norm_topk": (bool, False), "topk_scale": ((int, float), 1.0)},
+@op_schema("moe", 1, {"num_experts": A(int, None), "top_k": A(int, 2), "activation": A(str, "silu", ACTIVATIONS),
+                      "gated": A(bool, True), "score": A(str, "softmax", MOE_SCORES), "pre_softmax": A(bool, False),
+                      "norm_topk": A(bool, False), "topk_scale": A((int, float), 1.0)},
            "mixture of experts: router, top-k, expert MLPs (Mixtral: softmax over top-k logits); the top-k "
-           "routing weights are multiplied by topk_scale (Megatron's moe_router_topk_scaling_factor)")
+           "routing weights are multiplied by topk_scale (Megatron's moe_router_topk_scaling_factor)",
+           params=[P("router", "E H", ROUTER),
+                   P("fc2", "E H F", EXPERT, linear=True, within=ROW),
+                   P("gate", "E F H", EXPERT, linear=True, within=COLUMN, when=_GATED),
+                   P("up", "E F H", EXPERT, linear=True, within=COLUMN, when=_GATED),
+                   P("fc1", "E F H", EXPERT, linear=True, within=COLUMN, when=_PLAIN)],
+           dims=lambda a, c: {"H": c.hidden_size, "E": a["num_experts"]})
 def _check_moe(node, model):
-    p = []
-    H, E = model.config.hidden_size, node.attrs["num_experts"]
-    if not isinstance(E, int) or E < 1:
-        return [f"num_experts must be a positive int, got {E}"]
-    if not 1 <= node.attrs["top_k"] <= E:
-        p.append(f"top_k={node.attrs['top_k']} outside [1, {E}]")
-    _expect(p, node, "router", (E, H))
-    fc2 = _shape(node, "fc2")
-    if fc2 is None or len(fc2) != 3 or fc2[:2] != (E, H):
-        return p + [f"param 'fc2' must be [{E}, {H}, ffn], got {fc2}"]
-    F = fc2[2]
-    ins = ("gate", "up") if node.attrs["gated"] else ("fc1",)
-    for n in ins:
-        _expect(p, node, n, (E, F, H))
-    _allowed(p, node, ("router", "fc2", *ins))
-    return p
+    E, k = node.attrs["num_experts"], node.attrs["top_k"]
+    return [] if 1 <= k <= E else [f"top_k={k} outside [1, {E}]"]
 
 
-@op_schema("add", None, {}, "residual sum of two or more activations")
+@op_schema("add", None, {}, "residual sum of two or more activations", dims=lambda a, c: {})
 def _check_add(node, model):
     return [] if len(node.inputs) >= 2 else ["add needs at least two inputs"]
 
 
-@op_schema("lm_head", 1, {"tied": (bool, False)}, "output projection to (padded) vocab logits")
+@op_schema("lm_head", 1, {"tied": A(bool, False)}, "output projection to (padded) vocab logits",
+           params=[P("weight", "V H", VOCAB, linear=True)], dims=lambda a, c: {"H": c.hidden_size})
 def _check_lm_head(node, model):
-    p = []
-    _check_vocab_matrix(p, node, model, "weight")
-    _allowed(p, node, ("weight",))
-    return p
+    return []
+
+
+# ---------------------------------------------------------------------------------------- derived views
 
 
 def default_attrs(op: str) -> dict[str, Any]:
-    return {k: d for k, (_, d) in OPS[op].attrs.items()}
+    return {k: s.default for k, s in OPS[op].attrs.items()}
+
+
+def param_spec(op: str, name: str) -> ParamSpec | None:
+    """The declaration of ``op``'s param ``name`` (None for undeclared names and quantization scales)."""
+    schema = OPS.get(op)
+    return schema.param(name) if schema is not None else None
+
+
+def params_with(**match) -> set[tuple[str, str]]:
+    """``(op, param)`` pairs whose declaration has these field values, e.g. ``params_with(linear=True)``."""
+    return {(op, p.name) for op, s in OPS.items() for p in s.params
+            if all(getattr(p, k) == v for k, v in match.items())}
+
+
+def _int_attrs(op: str) -> list[str]:
+    """The size attributes an op's dims are made of (int, no default)."""
+    return [k for k, s in OPS[op].attrs.items() if s.default is None and s.types is int]
+
+
+def _declared_dims(node, config) -> dict[str, int] | None:
+    """The op's own dims, or None when the attributes they need are not positive ints."""
+    vals = [node.attrs.get(k) for k in _int_attrs(node.op)]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
+        return None
+    return dict(OPS[node.op].dims(node.attrs, config))
+
+
+def bind_dims(node, config) -> dict[str, int]:
+    """Every dim symbol of ``node``: the op's own, then free ones (F, D, P, V) from its params in order."""
+    env = _declared_dims(node, config) or {}
+    for spec in OPS[node.op].params:
+        p = node.params.get(spec.name)
+        if p is not None and len(p.type.shape) == len(spec.shape):
+            for sym, n in zip(spec.shape, p.type.shape):
+                env.setdefault(sym, n)
+    return env
+
+
+def absent_shape(node, name: str, config) -> tuple[int, ...] | None:
+    """Shape of a declared param ``node`` lacks but a target needs (a zero bias, zero learned positions):
+    positions default to ``max_position_embeddings``, vocab rows to ``vocab_size``. None when undeclared."""
+    spec = param_spec(node.op, name)
+    if spec is None:
+        return None
+    env = {"P": config.max_position_embeddings, "V": config.vocab_size, **bind_dims(node, config)}
+    if any(s not in env for s in spec.shape):
+        return None
+    return tuple(env[s] for s in spec.shape)
+
+
+def chosen_alt(node) -> str | None:
+    """The alternative group ``node`` uses: the first that has a param present (else the first declared)."""
+    alts = list(dict.fromkeys(p.alt for p in OPS[node.op].params if p.alt))
+    return next((a for a in alts if any(p.alt == a and p.name in node.params for p in OPS[node.op].params)),
+                alts[0] if alts else None)
+
+
+def check_params(node, model) -> list[str]:
+    """Problems of ``node``'s params against its op's declarations: presence (attribute <-> param),
+    alternatives, shapes (dim symbols bound consistently), vocab rows."""
+    schema, cfg, out = OPS[node.op], model.config, []
+    env = _declared_dims(node, cfg) or {}
+    alt = chosen_alt(node)
+    declared = {p.name for p in schema.params}
+    extra = sorted(n for n in node.params if n not in declared and not
+                   (n.endswith("_scale") and n[: -len("_scale")] in declared))
+    if extra:
+        out.append(f"unexpected params {extra} (allowed: {sorted(declared)})")
+    for spec in schema.params:
+        present = spec.name in node.params
+        if spec.alt is not None and spec.alt != alt:
+            if present:
+                out.append(f"param {spec.name!r} ({spec.alt}) mixed with {alt} params: keep one form")
+            continue
+        if spec.when is not None:
+            attr, values = spec.when
+            if node.attrs[attr] not in values:
+                if present:
+                    want = " or ".join(map(repr, values))
+                    out.append(f"param {spec.name!r} needs {attr}={want}, but {attr}={node.attrs[attr]!r} (targets "
+                               f"would drop the weight): set {attr}={values[0]!r} (or the value it was trained "
+                               f"with), or drop the param")
+                continue
+        shape = [env.get(s, s) for s in spec.shape]
+        if not present:
+            if spec.required:
+                why = f"; required by {spec.when[0]}={node.attrs[spec.when[0]]!r}" if spec.when else ""
+                out.append(f"missing param {spec.name!r} (expected shape {_fmt(shape)}{why})")
+            continue
+        got = node.params[spec.name].type.shape
+        if len(got) != len(shape) or any(isinstance(w, int) and w != g for w, g in zip(shape, got)):
+            out.append(f"param {spec.name!r} has shape {list(got)}, expected {_fmt(shape)}")
+            continue
+        for s, g in zip(spec.shape, got):
+            if s == "V" and g < cfg.vocab_size:
+                out.append(f"{node.op} has {g} rows, fewer than vocab_size={cfg.vocab_size}")
+            env.setdefault(s, g)
+    return out
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"

@@ -34,8 +34,10 @@ def problems(model: Model) -> list[str]:
         for k, val in node.attrs.items():
             if k not in schema.attrs:
                 out.append(f"{loc}: unknown attribute {k!r} (known: {', '.join(schema.attrs)})")
-            elif val is not None and not isinstance(val, schema.attrs[k][0]):
+            elif val is not None and not isinstance(val, schema.attrs[k].types):
                 out.append(f"{loc}: attribute {k}={val!r} has the wrong type")
+            elif schema.attrs[k].choices is not None and val not in schema.attrs[k].choices:
+                out.append(f"{loc}: attribute {k}={val!r} is not one of {', '.join(map(repr, schema.attrs[k].choices))}")
         missing = [k for k in schema.attrs if k not in node.attrs]
         if missing:
             out.append(f"{loc}: missing attributes {missing}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import PassError
 from ..ir import Model, Param, derive
+from ..ir.ops import VOCAB, param_spec
 from .infra import Pass, PassResult, register_pass
 
 
@@ -43,6 +44,11 @@ class Canonicalize(Pass):
         return PassResult(any(stats.values()), stats)
 
 
+def _vocab(op: str, name: str) -> bool:
+    spec = param_spec(op, name)
+    return spec is not None and spec.role == VOCAB
+
+
 @register_pass("trim-vocab")
 @dataclass
 class TrimVocab(Pass):
@@ -55,14 +61,14 @@ class TrimVocab(Pass):
             return [f"size must be a positive vocab size, got {self.size}"]
         out = []
         for node, name, p in model.graph.params():
-            if (node.op, name) in (("embedding", "word"), ("lm_head", "weight")) and p.type.shape[0] < self.size:
+            if _vocab(node.op, name) and p.type.shape[0] < self.size:
                 out.append(f"{node.location}: {name} has {p.type.shape[0]} rows, fewer than size={self.size}")
         return out
 
     def run(self, model: Model) -> PassResult:
         n = 0
         for node, name, p in model.graph.params():
-            if (node.op, name) in (("embedding", "word"), ("lm_head", "weight")) and p.type.shape[0] != self.size:
+            if _vocab(node.op, name) and p.type.shape[0] != self.size:
                 if p.sharding.dim == 0:
                     raise PassError(f"{node.location}: trim-vocab must run before reshard splits the vocab",
                                     hint="put trim-vocab before reshard in the pipeline")

@@ -7,13 +7,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..ir import DType, Model, derive
+from ..ir.ops import NORM, ROUTER, param_spec
 from .infra import Pass, PassResult, register_pass
 
 
 @register_pass("lower-dtype")
 @dataclass
 class LowerDType(Pass):
-    """Cast float weights to bf16/fp16/fp32; norms and the MoE router may stay fp32 (options)."""
+    """Cast float weights to bf16/fp16/fp32; norms and the MoE router may stay fp32 (options).
+
+    Which weights are norms or routers is their declared role (:mod:`mexc.ir.ops`)."""
 
     to: Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"] = "bf16"
     keep_norms_fp32: bool = False
@@ -25,8 +28,9 @@ class LowerDType(Pass):
         for node, name, p in model.graph.params():
             if not p.type.dtype.is_float or p.type.dtype == DType.f8e4m3 or name.endswith("_scale"):
                 continue
-            keep = (self.keep_norms_fp32 and (node.op == "norm" or name in ("q_norm", "k_norm"))) or (
-                self.keep_router_fp32 and node.op == "moe" and name == "router")
+            spec = param_spec(node.op, name)
+            role = spec.role if spec is not None else None
+            keep = (self.keep_norms_fp32 and role == NORM) or (self.keep_router_fp32 and role == ROUTER)
             want = DType.f32 if keep else target
             if p.type.dtype != want:
                 p.source = derive("cast", p.source, dtype=want.value)

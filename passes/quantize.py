@@ -6,25 +6,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..ir import Model, Param, derive
+from ..ir.ops import params_with
 from .infra import Pass, PassResult, register_pass
 
-# (op, param) pairs that are linear weights [out, in] (or [experts, out, in]); one rule per line.
-LINEAR_WEIGHTS: set[tuple[str, str]] = {
-    ("attention", "qkv"),
-    ("attention", "q"),
-    ("attention", "k"),
-    ("attention", "v"),
-    ("attention", "proj"),
-    ("mlp", "gate"),
-    ("mlp", "up"),
-    ("mlp", "fc1"),
-    ("mlp", "fc2"),
-    ("moe", "gate"),
-    ("moe", "up"),
-    ("moe", "fc1"),
-    ("moe", "fc2"),
-    ("lm_head", "weight"),
-}
+# (op, param) pairs that are linear weights [out, in] (or [experts, out, in]): declared in mexc.ir.ops
+LINEAR_WEIGHTS: frozenset[tuple[str, str]] = frozenset(params_with(linear=True))
 
 
 @register_pass("quantize")

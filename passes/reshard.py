@@ -1,10 +1,10 @@
 """reshard: lay the model out for a target tensor / pipeline / expert parallel size (a distribution transform).
 
 IR weights are always logical (the frontend's recipes already merged the source's TP/PP/VP/EP shards, gated
-fc1 halves per source shard included), so re-sharding is: set each param's :class:`Sharding` from the rule
-table below, assign pipeline stages, and pad the vocab rows the target TP must split. Backends materialize
-``shard(...)`` of each param per rank; a fused QKV in the ``concat`` layout is split into per-rank
-``[Q_r; K_r; V_r]`` with KV heads replicated when tp exceeds them.
+fc1 halves per source shard included), so re-sharding is: set each param's :class:`Sharding` from its
+declared role (:func:`split_of`), assign pipeline stages, and pad the vocab rows the target TP must split.
+Backends materialize ``shard(...)`` of each param per rank; a fused QKV in the ``concat`` layout is split
+into per-rank ``[Q_r; K_r; V_r]`` with KV heads replicated when tp exceeds them.
 """
 
 from __future__ import annotations
@@ -13,32 +13,21 @@ from dataclasses import dataclass
 
 from ..errors import PassError
 from ..ir import Model, Sharding, derive
+from ..ir.ops import EXPERT, VOCAB, param_spec
 from .infra import Pass, PassResult, register_pass
 
-# (op, param) -> dim split across TP ranks; absent = replicated. One rule per line.
-TP_RULES: dict[tuple[str, str], int] = {
-    ("attention", "qkv"): 0,
-    ("attention", "qkv_bias"): 0,
-    ("attention", "q"): 0,
-    ("attention", "k"): 0,
-    ("attention", "v"): 0,
-    ("attention", "q_bias"): 0,
-    ("attention", "k_bias"): 0,
-    ("attention", "v_bias"): 0,
-    ("attention", "proj"): 1,            # row-parallel: bias replicated, added once after the reduction
-    ("mlp", "gate"): 0,
-    ("mlp", "up"): 0,
-    ("mlp", "fc1"): 0,
-    ("mlp", "gate_bias"): 0,
-    ("mlp", "up_bias"): 0,
-    ("mlp", "fc1_bias"): 0,
-    ("mlp", "fc2"): 1,
-    ("lm_head", "weight"): 0,            # vocab rows, padded to a multiple of tp
-}
-# MoE experts: with ep == tp experts are split across ranks (dim 0); with ep == 1 each expert's FFN is
-MOE_EP_RULES: dict[str, int] = {"gate": 0, "up": 0, "fc1": 0, "fc2": 0}
-MOE_TP_RULES: dict[str, int] = {"gate": 1, "up": 1, "fc1": 1, "fc2": 2}
-PARALLEL_EMBEDDING_RULES: dict[tuple[str, str], int] = {("embedding", "word"): 0}
+
+def split_of(op: str, name: str, *, ep: int = 1, parallel_embedding: bool = False) -> tuple[int | None, str]:
+    """``(dim, axis)`` a param of ``op`` is split on, from its declaration (:mod:`mexc.ir.ops`): column
+    params on their output rows, row params on their input columns (their bias stays replicated, added once
+    after the reduction), vocab rows (the embedding's only with ``parallel_embedding``); experts on dim 0
+    over ``ep`` ranks when ``ep > 1``, else each expert's FFN over TP. ``dim`` None = replicated."""
+    spec = param_spec(op, name)
+    if spec is None or (spec.opt_in == "parallel_embedding" and not parallel_embedding):
+        return None, "tp"
+    if spec.role == EXPERT and ep > 1:
+        return spec.split_dim(ep=True), "ep"
+    return spec.split_dim(), "tp"
 
 
 def pp_layers(num_layers: int, pp: int) -> list[range]:
@@ -92,9 +81,8 @@ class Reshard(Pass):
                 out.append(f"{n.location}: separate q/k/v with {nkv} KV heads over tp={self.tp}: run fuse-qkv first")
         for n in model.graph.find(("mlp", "moe")):
             for name, p in n.params.items():
-                dim = TP_RULES.get((n.op, name)) if n.op == "mlp" else (
-                    MOE_TP_RULES.get(name) if self.ep == 1 else None)
-                if dim is not None and self.tp > 1 and p.type.shape[dim] % self.tp:
+                dim, axis = split_of(n.op, name, ep=self.ep)
+                if dim is not None and axis == "tp" and self.tp > 1 and p.type.shape[dim] % self.tp:
                     out.append(f"{n.location}: {name} {p.type} dim {dim} does not split over tp={self.tp}")
         return out
 
@@ -102,27 +90,22 @@ class Reshard(Pass):
         stats = {"sharded": 0, "padded": 0, "unpadded": 0}
         old = model.parallel
         model.parallel = type(old)(tp=self.tp, pp=self.pp, ep=self.ep)
-        rules = dict(TP_RULES)
-        if self.parallel_embedding:
-            rules.update(PARALLEL_EMBEDDING_RULES)
         for node in model.graph.nodes:
             for name, p in list(node.params.items()):
                 if name.endswith("_scale"):
                     continue
-                if p.source.op == "pad" and (node.op, name) in (("lm_head", "weight"), ("embedding", "word")):
+                spec = param_spec(node.op, name)
+                vocab = spec is not None and spec.role == VOCAB
+                if p.source.op == "pad" and vocab:
                     p.source = p.source.inputs[0]  # an earlier reshard's vocab padding: pad for this layout
                     stats["unpadded"] += 1
-                if node.op == "moe":
-                    table = MOE_EP_RULES if self.ep > 1 else MOE_TP_RULES
-                    dim = table.get(name)
-                    axis, parts = ("ep", self.ep) if self.ep > 1 else ("tp", self.tp)
-                else:
-                    dim, axis, parts = rules.get((node.op, name)), "tp", self.tp
+                dim, axis = split_of(node.op, name, ep=self.ep, parallel_embedding=self.parallel_embedding)
+                parts = self.ep if axis == "ep" else self.tp
                 if dim is None or parts == 1:
                     new = Sharding()
                 else:
                     new = Sharding(dim, parts, axis)
-                    if (node.op, name) in (("lm_head", "weight"), ("embedding", "word")):
+                    if vocab:
                         rows = p.type.shape[0]
                         target = -(-rows // parts) * parts
                         if target != rows:

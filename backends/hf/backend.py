@@ -17,6 +17,7 @@ from pathlib import Path
 from ...errors import BackendError
 from ...ir import Model, derive
 from ...ir.analysis import node_roles
+from ...ir.ops import absent_shape
 from ...ir.tensors import Recipe, TensorCache
 from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry, write_new,
                     write_safetensors)
@@ -43,23 +44,13 @@ def max_shard_bytes() -> int:
 
 
 def _absent_shape(model: Model, node, param: str) -> tuple[int, ...]:
-    """Shape of a param the IR does not have but the HF class does (a zero bias, zero positions)."""
-    H = model.config.hidden_size
-    a = node.attrs
-    if node.op == "attention":
-        d = a["head_dim"]
-        return {"q_bias": (a["num_heads"] * d,), "k_bias": (a["num_kv_heads"] * d,),
-                "v_bias": (a["num_kv_heads"] * d,), "proj_bias": (H,),
-                "qkv_bias": ((a["num_heads"] + 2 * a["num_kv_heads"]) * d,)}[param]
-    if node.op == "mlp":
-        F = node.params["fc2"].type.shape[1]
-        return {"gate_bias": (F,), "up_bias": (F,), "fc1_bias": (F,), "fc2_bias": (H,)}[param]
-    if node.op == "norm" and param == "bias":
-        return (node.params["weight"].type.shape[0],)
-    if node.op == "embedding" and param == "position":
-        return (model.config.max_position_embeddings, H)
-    raise BackendError(f"{node.location}: the hf target needs param {param!r}, which this model lacks",
-                       hint="this is a gap in the hf name table")
+    """Shape of a param the IR does not have but the HF class does (a zero bias, zero positions): the param's
+    declared shape rule (:func:`mexc.ir.ops.absent_shape`)."""
+    shape = absent_shape(node, param, model.config)
+    if shape is None:
+        raise BackendError(f"{node.location}: the hf target needs param {param!r}, which this model lacks",
+                           hint="this is a gap in the hf name table")
+    return shape
 
 
 def plan(model: Model, family: str, cache=None) -> tuple[list[TensorEntry], list[str]]:
