@@ -134,3 +134,97 @@ def test_qkv_regroup_permutation_round_trips():
     assert torch.equal(c[0], xs[0, 0]) and torch.equal(c[4], xs[1, 0])
     assert torch.equal(c[8], xs[0, 4]) and torch.equal(c[9], xs[1, 4])
     assert torch.equal(c[10], xs[0, 5]) and torch.equal(c[11], xs[1, 5])
+
+
+# ------------------------------------------------------------------------------------ structural patterns
+
+
+def _block_model(wiring, layers=2, H=64, E=4, F=32):
+    """A small model whose layers are wired as ``wiring``: sequential, parallel (one norm), parallel2 (two
+    norms), shared (x + moe(h) + mlp(h) in one add), shared-nested ((x + moe(h)) + mlp(h))."""
+    st = ir.RandomStore("rnd", seed=2)
+    lay = ir.QKVLayout("concat", 4, 2, 16)
+
+    def w(key, *shape):
+        return ir.load(st, key, ir.TensorType(ir.f32, shape))
+
+    def mlp(h, i, tag):
+        return b.node("mlp", h, layer=i, activation="silu", gated=True,
+                      params={"gate": w(f"{i}{tag}g", F, H), "up": w(f"{i}{tag}u", F, H), "fc2": w(f"{i}{tag}f", H, F)})
+
+    b = ir.Builder(ir.ModelConfig(family="x", hidden_size=H, num_layers=layers, vocab_size=128), stores={"rnd": st})
+    x = b.node("embedding", b.input_ids, params={"word": w("emb", 128, H)})
+    for i in range(layers):
+        h = b.node("norm", x, layer=i, params={"weight": w(f"{i}n0", H)})
+        a = b.node("attention", h, layer=i, num_heads=4, num_kv_heads=2, head_dim=16,
+                   params={"qkv": ir.load(st, f"{i}qkv", ir.TensorType(ir.f32, (lay.rows, H), lay)),
+                           "proj": w(f"{i}p", H, H)})
+        if wiring.startswith("parallel"):
+            h2 = h if wiring == "parallel" else b.node("norm", x, layer=i, params={"weight": w(f"{i}n1", H)})
+            x = b.node("add", x, a, mlp(h2, i, "m"), layer=i)
+            continue
+        x = b.node("add", x, a, layer=i)
+        h = b.node("norm", x, layer=i, params={"weight": w(f"{i}n1", H)})
+        if wiring == "sequential":
+            x = b.node("add", x, mlp(h, i, "m"), layer=i)
+            continue
+        y = b.node("moe", h, layer=i, num_experts=E, top_k=2, gated=True,
+                   params={"router": w(f"{i}r", E, H), "gate": w(f"{i}g", E, F, H), "up": w(f"{i}u", E, F, H),
+                           "fc2": w(f"{i}f", E, H, F)})
+        s = mlp(h, i, "s")
+        x = b.node("add", b.node("add", x, y, layer=i), s, layer=i) if wiring == "shared-nested" else \
+            b.node("add", x, y, s, layer=i)
+    x = b.node("norm", x, params={"weight": w("nf", H)})
+    return b.output(b.node("lm_head", x, params={"weight": w("head", 128, H)}))
+
+
+@pytest.mark.parametrize("wiring, kind, parallel, norms", [
+    ("sequential", "sequential", False, None),
+    ("parallel", "parallel", True, 1),
+    ("parallel2", "parallel", True, 2),
+    ("shared", "moe-shared-expert", False, None),
+    ("shared-nested", "moe-shared-expert", False, None),
+])
+def test_block_patterns(wiring, kind, parallel, norms):
+    from mexc.ir import analysis
+
+    m = _block_model(wiring)
+    ir.verify(m)
+    assert analysis.block_kinds(m) == {0: kind, 1: kind}
+    assert analysis.has_parallel_blocks(m) is parallel
+    assert analysis.is_parallel_block(m, 1) is parallel
+    assert analysis.parallel_block_norms(m, 0)[0] == norms
+    match = analysis.match_block(m, 0)
+    assert match.attention is m.node("attention", 0) and match.x is m.node("embedding").output
+    assert {n.op for n in match.ffn} == ({"moe", "mlp"} if kind == "moe-shared-expert" else {"mlp"})
+
+
+def test_shared_expert_wiring_is_not_a_falcon_block():
+    """x + moe(h) + mlp(h) sums three terms like Falcon's x + attn(n(x)) + mlp(n(x)), but is a MoE with a
+    shared expert: no backend may take it for a parallel block (issue 15)."""
+    from mexc.backends.hf import families
+    from mexc.backends.trtllm import _arch
+
+    m = _block_model("shared")
+    cls, problems = _arch(m)
+    assert cls != "FalconForCausalLM"
+    assert problems and all("parallel" not in p for p in problems)
+    assert any("shared expert" in p for p in problems)
+    family, problems = families.classify(m)
+    assert family not in ("falcon", "falcon2") and problems
+    assert all("parallel" not in p for p in problems)
+    # the reference semantics are the wiring's: the same logits as the nested form of the same sum
+    assert torch.allclose(run(m, TOKENS), run(_block_model("shared-nested"), TOKENS), atol=1e-6)
+
+
+def test_an_unmatched_three_term_sum_stays_a_parallel_candidate_with_a_reason():
+    """A wiring no pattern matches (here the MLP reads the attention's output) is still flagged, so a Falcon
+    backend explains it instead of writing it as a sequential block."""
+    from mexc.ir import analysis
+
+    m = _block_model("parallel")
+    mlp = m.node("mlp", 0)
+    mlp.inputs = (m.node("attention", 0).output,)
+    assert analysis.match_block(m, 0) is None and analysis.block_kinds(m)[1] == "parallel"
+    assert analysis.is_parallel_block(m, 0) and analysis.has_parallel_blocks(m)
+    assert analysis.parallel_block_norms(m, 0) == (None, "attention and MLP must read a norm of the block input")

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from ...errors import BackendError
 from ...ir import Model, Param, derive
-from ...ir.analysis import has_parallel_blocks, node_roles, parallel_block_norms
+from ...ir.analysis import (MOE_SHARED_EXPERT, block_kinds, has_parallel_blocks, node_roles,
+                             parallel_block_norms)
 from ...ir.tensors import Recipe
 from ...ir.tensors import TensorCache
 from ...passes.fold_moe_scaling import has_topk_scale
@@ -66,6 +67,10 @@ def _arch(model: Model) -> tuple[str | None, list[str]]:
     acts = {n.attrs["activation"] for n in mlps} | {n.attrs["activation"] for n in moes}
     llama_like = norms == {"rmsnorm"} and gated == {True} and acts == {"silu"} and "position" not in emb.params
     if moes:
+        shared = [layer for layer, kind in block_kinds(model).items() if kind == MOE_SHARED_EXPERT]
+        if shared:
+            problems.append(f"layer {shared[0]}: a MoE with a shared expert (x + moe(h) + mlp(h)) is not "
+                            "expressible with TensorRT-LLM's Llama class (no shared expert)")
         if not llama_like:
             problems.append("MoE is emitted with TensorRT-LLM's Llama class (RMSNorm, SwiGLU experts) only")
         if any(n.attrs["score"] != "softmax" for n in moes):
