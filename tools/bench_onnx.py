@@ -3,9 +3,9 @@
 The same weights go both ways: a synthetic Megatron checkpoint with smooth weights (:func:`write_smooth_checkpoint`)
 is compiled by mexc to ONNX and to a Hugging Face directory; the builder (OGB,
 ``python -m onnxruntime_genai.models.builder -e cpu``) is fed that HF directory. Each pair (fp32, int4) is then run
-in this one process with raw ``onnxruntime`` on the CPU provider: batch 1, a prefill of ``--prefill`` tokens
-(empty past), then ``--decode`` greedy steps through past/present. Every cycle creates both sessions afresh and
-alternates which one is created first (the first session of a process runs slower); the two then run in lock
+with raw ``onnxruntime`` on the CPU provider: batch 1, a prefill of ``--prefill`` tokens
+(empty past), then ``--decode`` greedy steps through past/present. Every cycle is a fresh process that creates
+both sessions and alternates which one is created first (the first session of a process runs slower); the two then run in lock
 step, call by call, the first caller alternating, so that load from other processes falls on both alike (idle
 thread pools sleep rather than spin, so neither session steals the other's cores).
 
@@ -248,17 +248,36 @@ def kernel_histogram(path: Path, threads: int, prompt: np.ndarray, tmp: Path, st
     return dict(sorted(hist.items(), key=lambda kv: -kv[1][1]))
 
 
-def bench_pair(paths: dict[str, Path], a, prompt: np.ndarray, log) -> dict:
-    """``a.cycles`` cycles; each creates both sessions (the first one alternates) and runs them in lock step.
-    Ratios mexc / OGB per cycle: prefill times; decode: medians of the step times. Reported: their medians."""
+def one_cycle(paths: dict[str, str], order: list[str], threads: int, prefill: int, vocab: int, decode: int) -> dict:
+    """One cycle, run in a fresh process (:func:`bench_pair`): sessions created in ``order``, a warm-up, then
+    prefill + ``decode`` steps in lock step."""
+    prompt = np.random.default_rng(0).integers(3, vocab, (1, prefill), dtype=np.int64)
+    runners = {k: runner(Path(paths[k]), threads) for k in order}
+    lockstep(runners, order, prompt[:, :16], 4)                      # warm-up (allocations, first touch)
+    res = lockstep(runners, order, prompt, decode)
+    for v in res.values():
+        v["last_logits"] = v["last_logits"].tolist()
+    return res
+
+
+def bench_pair(paths: dict[str, Path], a, vocab: int, log) -> dict:
+    """``a.cycles`` cycles, each in a fresh process (no heap or cache state carried from one to the next); each
+    creates both sessions, the first one alternating, and runs them in lock step. Per cycle: prefill ms per
+    token and the median decode step."""
     cycles = []
     for c in range(a.cycles):
         order = ["mexc", "ogb"] if c % 2 == 0 else ["ogb", "mexc"]
-        runners = {k: runner(paths[k], a.threads) for k in order}
-        lockstep(runners, order, prompt[:, :16], 4)                     # warm-up (allocations, first touch)
-        res = lockstep(runners, order, prompt, a.decode)
-        del runners
-        row = {k: {"prefill_ms_tok": 1e3 * res[k]["prefill"] / prompt.shape[1],
+        job = json.dumps({"paths": {k: str(v) for k, v in paths.items()}, "order": order, "threads": a.threads,
+                          "prefill": a.prefill, "vocab": vocab, "decode": a.decode})
+        p = subprocess.run([sys.executable, "-m", "mexc.tools.bench_onnx", "--one-cycle", job], capture_output=True,
+                           text=True)
+        if p.returncode:
+            sys.stderr.write(p.stderr[-4000:])
+            raise SystemExit(f"error: benchmark cycle {c} failed (exit {p.returncode}); output above")
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        for v in res.values():
+            v["last_logits"] = np.asarray(v["last_logits"], np.float32)
+        row = {k: {"prefill_ms_tok": 1e3 * res[k]["prefill"] / a.prefill,
                    "decode_ms_tok": 1e3 * float(np.median(res[k]["decode"]))} for k in order}
         row["first"] = order[0]
         row["same_tokens"] = sum(x == y for x, y in zip(res["mexc"]["tokens"], res["ogb"]["tokens"]))
@@ -296,7 +315,11 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the report here")
+    ap.add_argument("--one-cycle", help=argparse.SUPPRESS)             # internal: one cycle, JSON job description
     a = ap.parse_args(argv)
+    if a.one_cycle:
+        print(json.dumps(one_cycle(**json.loads(a.one_cycle))))
+        return 0
     schemes = [s for s in a.schemes.split(",") if s]
     if bad := [s for s in schemes if s not in SCHEMES]:
         ap.error(f"unknown scheme {bad[0]!r} (choose from {', '.join(SCHEMES)})")
@@ -310,7 +333,7 @@ def main(argv=None) -> int:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     paths = build_all(work, p, schemes, log)
-    prompt = np.random.default_rng(0).integers(3, p.vocab_size, (1, a.prefill), dtype=np.int64)
+    prompt = np.random.default_rng(0).integers(3, p.vocab_size, (1, a.prefill), dtype=np.int64)   # as one_cycle's
     report = {"preset": a.preset, "params": p.param_count(1), "threads": a.threads, "prefill": a.prefill,
               "decode": a.decode, "onnxruntime": onnxruntime.__version__,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "schemes": {}}
@@ -318,7 +341,7 @@ def main(argv=None) -> int:
     for s in schemes:
         log(f"{s}: {a.cycles} paired cycles, batch 1, prefill {a.prefill}, {a.decode} greedy steps, "
             f"{a.threads} threads")
-        r = bench_pair(paths[s], a, prompt, log)
+        r = bench_pair(paths[s], a, p.vocab_size, log)
         last = r.pop("last")
         if s == "fp32":
             ref = last["mexc"]
