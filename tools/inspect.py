@@ -110,11 +110,15 @@ def print_args(path: Path, iteration: int | None, as_json: bool) -> int:
     from ..frontends.megatron.reader import open_checkpoint
 
     info = open_checkpoint(path, iteration)
+    if not info.args:   # a checkpoint without saved args (release/ or converted): the whole table
+        print(describe())
+        return 0
     v = apply(info.args)
     values = {n: x for n, x, _ in v.rows}
     if as_json:
         print(json.dumps({"path": str(path), "problems": v.problems, "unknown": v.unknown,
-                          "args": [{"name": n, "value": repr(x), "verdict": r.verdict if r else "unknown", "status": status(r, x, values),
+                          "args": [{"name": n, "value": repr(x), "verdict": r.verdict if r else "unknown",
+                                    "status": status(r, x, values),
                                     "by": r.by if r else "", "fix": r.fix if r else "",
                                     "versions": r.versions if r else ""} for n, x, r in v.rows]}, indent=2))
         return 0
