@@ -7,12 +7,15 @@ Steps, each printed as one line (``--json``: one object):
 2. ``artifact``: every file and tensor the manifest lists, checksums recomputed and NaN/Inf scanned, read
    tensor by tensor in bounded memory (:mod:`mexc.tools.integrity`); one ``FAIL file: tensor ...`` line per
    finding. A failed artifact stops here (its logits are not compared).
-3. ``runtime``: what runs the output: transformers (hf), ONNX Runtime on CPU (onnx, tensorrt: the engine is not
-   run), or, for trtllm, mexc's own reader of the TensorRT-LLM checkpoint (every rank, TP merged) on mexc's
-   reference executor: TensorRT-LLM itself is not involved. A trtllm output's replicated tensors must also be
-   identical on every TP rank.
-4. ``logits``: prefill logits of ``PROMPTS`` [2, 8] against mexc's reference executor on ``--against``; max
-   |delta| within a tolerance chosen from the dtype written (and the quantization scheme), top-1 agreement.
+3. ``runtime``: what runs the output, and its memory bound: transformers in the output's dtype, one module's
+   weights at a time where the family allows (hf); ONNX Runtime on CPU, whole graph (onnx, tensorrt: the
+   engine is not run); for trtllm, mexc's own reader of the TensorRT-LLM checkpoint (every rank, TP merged) on
+   mexc's reference interpreter, layer by layer: TensorRT-LLM itself is not involved. A trtllm output's
+   replicated tensors must also be identical on every TP rank.
+4. ``logits``: prefill logits of ``PROMPTS`` [2, 8] against mexc's reference interpreter on ``--against``, run
+   layer by layer (:mod:`mexc.tools.verify_stream`: one node's weights in memory, so a 7B model verifies on a
+   24 GB machine); max |delta| within a tolerance chosen from the dtype written (and the quantization scheme),
+   top-1 agreement.
 
 Exit status: 0 all OK, 1 a FAIL; a combination that cannot be run here is one ``error:`` line.
 """
@@ -85,40 +88,37 @@ def unsupported(manifest: dict) -> str | None:
 
 
 def runtime_line(target: str) -> str:
-    if target == "hf":
-        import transformers
-
-        return f"transformers {transformers.__version__} (AutoModelForCausalLM, float32) on the output"
+    """Which runtime computes the output's logits, and its memory bound (hf: said by :func:`artifact_logits`)."""
     if target in ("onnx", "tensorrt"):
         import onnxruntime
 
         tail = "; the TensorRT engine itself is not run" if target == "tensorrt" else ""
-        return f"onnxruntime {onnxruntime.__version__} (CPU) on model.onnx{tail}"
+        return (f"onnxruntime {onnxruntime.__version__} (CPU) on model.onnx, whole graph in memory (about the "
+                f"output's weight bytes){tail}")
     return ("mexc's reader of TensorRT-LLM checkpoints (every rank, TP shards merged) on mexc's reference "
-            "executor: TensorRT-LLM itself is not involved and no engine is run")
+            "interpreter, one layer's weights in memory at a time: TensorRT-LLM itself is not involved and no "
+            "engine is run")
 
 
-def artifact_logits(out: Path, target: str, tokens: torch.Tensor, lifted=None) -> torch.Tensor:
-    """Prefill logits ``[b, s, vocab]`` (float32) of the output run by its runtime (see :func:`runtime_line`)."""
+def artifact_logits(out: Path, manifest: dict, tokens: torch.Tensor, lifted=None) -> tuple[torch.Tensor, str]:
+    """Prefill logits ``[b, s, vocab]`` (float32) of the output run by its runtime, and the ``runtime:`` line.
+
+    hf: transformers in the output's own dtype, streamed module by module where the family allows
+    (:func:`mexc.tools.verify_stream.hf_logits`); trtllm: streamed layer by layer through the reference
+    interpreter (:func:`mexc.tools.verify_stream.stream_logits`); onnx: onnxruntime on the whole graph."""
+    from .verify_stream import TORCH_DTYPES, hf_logits, stream_logits
+
+    target = manifest["target"]
     if target == "hf":
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-
-        m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-        with torch.no_grad():
-            return m(tokens).logits
+        return hf_logits(out, tokens, TORCH_DTYPES.get(manifest["model"].get("dtype"), torch.float32))
     if target in ("onnx", "tensorrt"):
         from ..backends.onnx.runtime import prefill_logits
 
-        return prefill_logits(out, tokens)
+        return prefill_logits(out, tokens), runtime_line(target)
     if target == "trtllm":
-        from ..backends.reference.executor import run
         from ..frontends.trtllm import lift_trtllm
 
-        return run(lifted if lifted is not None else lift_trtllm(out), tokens)
+        return stream_logits(lifted if lifted is not None else lift_trtllm(out), tokens), runtime_line(target)
     raise UsageError(f"verify does not know target {target!r}")
 
 
@@ -214,11 +214,11 @@ def verify_output(a) -> int:
         raise BackendError(f"{out}: logits not compared: {why}",
                            hint="to compare logits, compile the same model with --dtype float16 or float32")
     try:
-        result["runtime"] = runtime_line(target)
-        say(f"runtime: {result['runtime']}")
         vocab = manifest["model"]["vocab_size"]
         tokens = PROMPTS.clamp(max=vocab - 1)
-        got = artifact_logits(out, target, tokens, lifted)[..., :vocab].float()
+        got, result["runtime"] = artifact_logits(out, manifest, tokens, lifted)
+        got = got[..., :vocab].float()
+        say(f"runtime: {result['runtime']}")
     except MexcError:
         raise
     except ImportError as e:
@@ -228,9 +228,9 @@ def verify_output(a) -> int:
         msg = (str(e).strip().splitlines() or [""])[-1][:300]
         raise BackendError(f"{out}: the {target} runtime could not run the output ({type(e).__name__}: {msg})",
                            hint="run `mexc --debug verify ...` for the traceback") from e
-    from ..backends.reference.executor import run
+    from .verify_stream import stream_logits
 
-    ref = run(src, tokens)[..., :vocab]
+    ref = stream_logits(src, tokens)[..., :vocab]  # --against, layer by layer (float32 compute)
     if ref.shape != got.shape:
         say(f"FAIL logits: the output gives {list(got.shape)}, --against {a.against} gives {list(ref.shape)}: "
             "they are different models")

@@ -1,0 +1,191 @@
+"""Prefill logits in bounded memory, one layer at a time, for `mexc verify` (issue 19 item 9, issue 21 item 3).
+
+Two runners, each holding the weights of one node (one layer op) at a time instead of the whole model:
+
+* :func:`stream_logits`: an IR model (the source lifted from a checkpoint, or a trtllm output lifted back by
+  mexc's reader :func:`mexc.frontends.trtllm.lift_trtllm`) through the reference interpreter's per-node
+  functions (``op_embedding``, ``op_attention``, ...). Before a node runs, its params are materialized from
+  their lazy recipes; after it, the materialized tensors are dropped and the stores are told to release the
+  pages (``Recipe.release``); activations are dropped once their last user has run. The arithmetic is the
+  interpreter's own, so the logits are bit-identical to the whole-model path (``run``), which keeps every
+  materialized weight in one cache until the end. Peak memory: the hidden states ``[b, s, hidden]`` of the
+  prompts plus one node's weights, as stored and once more in the compute dtype (float32: the interpreter's
+  attention promotes rotary tables to float32, so it cannot compute in bfloat16/float16 itself).
+* :func:`hf_logits`: an hf output through transformers' own modules. The model is instantiated on the
+  ``meta`` device (no memory), and each module with parameters gets its tensors from the output's safetensors
+  files just before its forward and gives them back just after (torch ``forward_pre_hook``/``forward_hook``),
+  in the output's own dtype. Peak memory: the largest module's weights (one Linear or the embedding). Where
+  the model's parameters are not the files' tensors one to one (transformers renames or fuses them at load
+  time for some families, e.g. MoE experts) or the config asks for a quantizer, the whole model is loaded
+  instead, still in the output's dtype (peak: the output's weight bytes); the returned description says which.
+
+Errors: a tensor a store cannot read raises the store's :class:`mexc.errors.IRError` (named file and key).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_INTERPRETERS = ("mexc.ir.semantics", "mexc.backends.reference.executor")  # the interpreter is moving to ir/
+
+
+def interpreter():
+    """The reference interpreter's executor class (``ReferenceExecutor``: ``op_<name>(node, *inputs, pos)``
+    per IR op and a weight reader ``.w`` whose ``.cache`` holds materialized params)."""
+    for name in _INTERPRETERS:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, "ReferenceExecutor"):
+            return mod.ReferenceExecutor
+    raise ImportError(f"no reference interpreter found in {', '.join(_INTERPRETERS)}")
+
+
+def stream_logits(model, input_ids: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                  simulate_ranks: bool | None = None, on_node=None) -> torch.Tensor:
+    """Prefill logits ``[b, s, V]`` (V = lm_head rows) of ``model`` for ``input_ids`` ``[b, s]`` (int64),
+    computed node by node with only the running node's weights materialized.
+
+    ``dtype`` and ``simulate_ranks`` mean what they mean to the interpreter (``run``): tensor-parallel ranks
+    are simulated for a model laid out for tp > 1. ``on_node(node)``, when given, is called after each node
+    once its weights are dropped (tests measure memory there)."""
+    ex = interpreter()(model, dtype=dtype, simulate_ranks=simulate_ranks)
+    b, s = input_ids.shape
+    pos = torch.arange(s).expand(b, s)
+    graph = model.graph
+    left = Counter(id(v) for node in graph.nodes for v in node.inputs)  # uses still to run, per value
+    for v in graph.outputs:
+        left[id(v)] += 1
+    env: dict[int, torch.Tensor] = {id(graph.inputs[0]): input_ids}
+    with torch.no_grad():
+        for node in graph.nodes:  # stages are contiguous and in order
+            args = [env[id(v)] for v in node.inputs]
+            try:
+                env[id(node.output)] = getattr(ex, "op_" + node.op)(node, *args, pos=pos)
+            finally:
+                ex.w.cache.clear()  # this node's materialized weights (and their per-rank shards)
+                for p in node.params.values():
+                    p.source.release()  # memory-mapped stores drop the pages this node read
+            del args
+            for v in node.inputs:
+                left[id(v)] -= 1
+                if left[id(v)] <= 0:
+                    env.pop(id(v), None)
+            if on_node is not None:
+                on_node(node)
+    return env[id(graph.outputs[0])]
+
+
+# ----------------------------------------------------------------------------------------- transformers
+
+
+def _files(out: Path) -> dict:
+    """tensor name -> open safetensors handle, over every ``*.safetensors`` file of ``out``."""
+    from safetensors import safe_open
+
+    where = {}
+    for f in sorted(out.glob("*.safetensors")):
+        h = safe_open(f, framework="pt")
+        for k in h.keys():
+            where[k] = h
+    return where
+
+
+def _module_keys(model, where: dict) -> dict[str, str] | None:
+    """Parameter name -> tensor name in the files, for every parameter of ``model`` (tied parameters, e.g.
+    ``lm_head.weight`` = ``model.embed_tokens.weight``, share the one tensor that is stored); None when a
+    parameter has no stored tensor of its shape (transformers would convert the files at load time)."""
+    names: dict[int, list[str]] = {}
+    params = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+        params[n] = p
+    keys = {}
+    for n, p in params.items():
+        stored = [k for k in names[id(p)] if k in where]
+        if not stored or tuple(where[stored[0]].get_slice(stored[0]).get_shape()) != tuple(p.shape):
+            return None
+        keys[n] = stored[0]
+    return keys
+
+
+def _materialize_buffers(model) -> bool:
+    """Rebuild on the CPU each module whose buffers are on ``meta`` (rotary ``inv_freq`` tables are computed,
+    not stored); returns False for a module that cannot be rebuilt from the config alone."""
+    for name, mod in list(model.named_modules()):
+        if not any(b.is_meta for b in mod.buffers(recurse=False)):
+            continue
+        try:
+            new = type(mod)(config=model.config)
+        except Exception:  # noqa: BLE001 - not a config-built module: the caller loads the whole model
+            return False
+        if any(b.is_meta for b in new.buffers()):
+            return False
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    return True
+
+
+def _streaming_model(out: Path, dtype: torch.dtype):
+    """A transformers model on ``meta`` whose modules load their weights from the files around their forward;
+    None when this family's parameters are not the files' tensors one to one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(out)
+    if getattr(cfg, "quantization_config", None):
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval()
+    where = _files(out)
+    keys = _module_keys(model, where)
+    if keys is None or not _materialize_buffers(model):
+        return None
+
+    def load(mod, args):
+        for n, p in list(mod._parameters.items()):
+            if p is not None:
+                k = keys[mod._mexc_prefix + n]
+                mod._parameters[n] = torch.nn.Parameter(where[k].get_tensor(k).to(dtype), requires_grad=False)
+
+    def drop(mod, args, output):
+        for n, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[n] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+    for name, mod in model.named_modules():
+        if any(p is not None for p in mod._parameters.values()):
+            mod._mexc_prefix = name + "." if name else ""
+            mod.register_forward_pre_hook(load)
+            mod.register_forward_hook(drop)
+    return model
+
+
+def hf_logits(out: Path, tokens: torch.Tensor, dtype: torch.dtype, *, stream: bool = True):
+    """Prefill logits ``[b, s, vocab]`` (float32) of an hf output run by transformers in ``dtype``, and how it
+    ran (for the ``runtime:`` line). ``stream=False`` loads the whole model (the bound when streaming is not
+    possible)."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    name = str(dtype).removeprefix("torch.")
+    model = _streaming_model(out, dtype) if stream else None
+    if model is not None:
+        how = (f"transformers {transformers.__version__} (AutoModelForCausalLM, {name}) on the output, "
+               "one module's weights in memory at a time")
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+        how = (f"transformers {transformers.__version__} (AutoModelForCausalLM, {name}) on the output, whole "
+               "model in memory" + (" (its parameters are not the files' tensors one to one)" if stream else ""))
+    with torch.no_grad():
+        return model(tokens, use_cache=False).logits.float(), how
