@@ -80,10 +80,11 @@ def _corpus() -> list[tuple[str, str, str, str | None]]:
     out = []
     for n, pid in enumerate(ids):
         c, w, k = slots[n % len(slots)]
-        if _payloads("/CANARY")[pid].memo or pid.startswith("frame"):
+        if (_payloads("/CANARY")[pid].memo and carriers.CARRIER[c].protocol >= 4) or pid.startswith("frame"):
             w, k = "after", None
         out.append((c, pid, w, k))
-    return out
+    structure = [p for p in ids if p.startswith(("dag", "deep", "list"))]
+    return out + [(c, p, "inside", "model") for c, p in zip(("rank0", "rank1", "rank1-nonzip", "rank0"), structure)]
 
 
 CORPUS = _corpus()
@@ -111,16 +112,18 @@ def _case_dir(tmp: Path) -> Path:
     return d
 
 
-def run_both(server, case: Path, ckpt: Path, *, names, canary=None, refuse=True) -> list[str]:
-    """``mexc inspect CKPT`` and ``mexc compile CKPT --target hf -o PARENT/out --quiet``; the problems found."""
+def run_both(server, case: Path, ckpt: Path, *, names, canary=None, refuse=True, inspect_refuses=None) -> list[str]:
+    """``mexc inspect CKPT`` and ``mexc compile CKPT --target hf -o PARENT/out --quiet``; the problems found.
+    ``inspect_refuses`` (default: ``refuse``): False where only reading tensor bytes can see the fault."""
     found = []
     for cmd in ("inspect", "compile"):
+        must = refuse if cmd == "compile" or inspect_refuses is None else inspect_refuses
         parent = case / f"parent-{cmd}"
         parent.mkdir()
         argv = ["inspect", ckpt] if cmd == "inspect" else ["compile", ckpt, "--target", "hf", "-o",
                                                             parent / "out", "--quiet"]
         o = server.run(argv, parent)
-        bad = problems(o, names=names, canary=canary, parent=parent, refuse=refuse, keep=("out",) if o.rc == 0 else ())
+        bad = problems(o, names=names, canary=canary, parent=parent, refuse=must, keep=("out",) if o.rc == 0 else ())
         if bad:
             found.append(f"{'; '.join(bad)} <- {o.describe()}")
     return found
@@ -131,11 +134,14 @@ def hostile_pickle(server, tmp: Path, bases, carrier_id: str, payload_id: str, w
     c = carriers.CARRIER[carrier_id]
     case = _case_dir(tmp)
     canary = case / "CANARY"
+    Path(f"{canary}.dir").mkdir()  # the sentinel a shutil.rmtree payload would remove
     p = _payloads(str(canary), protocol)[payload_id]
-    p = pickles.Payload(p.id, wrap(p.ops), p.code, p.memo)
+    p = pickles.Payload(p.id, wrap(p.ops), p.code, p.memo, p.harmless)
     ckpt = carriers.copy_base(bases, c.base, case / "ckpt")
     carriers.put(ckpt, c, p, where, key)
-    return run_both(server, case, ckpt, names=c.names, canary=canary, refuse=not c.unread)
+    in_model = where == "inside" and key == "model" and not c.unread  # a shared or deep sub-dict in the weights
+    harmless = p.harmless and not in_model
+    return run_both(server, case, ckpt, names=c.names, canary=canary, refuse=not (c.unread or harmless))
 
 
 # ------------------------------------------------------------------------------------------ controls
@@ -156,6 +162,48 @@ def test_control_benign_injection_compiles(server, tmp_path, bases, carrier):
 
 
 # ------------------------------------------------------------------------------------------ pickles
+
+# Code payloads that cannot run code even unrestricted: NEWOBJ(_EX) calls os.system.__new__, a slot-state BUILD
+# only sets a class attribute. They are still refused below; the rest must be live ammunition.
+_DUDS = {"newobj-os.system", "newobj_ex-os.system", "build-class-slotstate"}
+
+_LIVE_PROBE = """
+import json, os, pickle, sys
+sys.path.insert(0, sys.argv[1])
+from hostile import pickles
+from test_hostile_inputs import ALLOWED
+root, live = sys.argv[2], []
+for n, p in enumerate(pickles.all_payloads(os.path.join(root, "c", "CANARY"), ALLOWED, 2)):
+    if not p.code:
+        continue
+    d = os.path.join(root, str(n))
+    os.makedirs(d + "/c/CANARY.dir")
+    canary = os.path.join(d, "c", "CANARY")
+    p = {q.id: q for q in pickles.all_payloads(canary, ALLOWED, 2)}[p.id]
+    try:
+        pickle.loads(p.ops + pickle.STOP)
+    except Exception:
+        pass
+    if os.path.exists(canary) or not os.path.isdir(canary + ".dir"):
+        live.append(p.id)
+print(json.dumps(live))
+"""
+
+
+def test_payloads_run_code_when_unpickled_without_a_policy(tmp_path):
+    """The oracle for the corpus: Python's own unpickler, unrestricted (in a throw-away process), runs every code
+    payload (creates its canary) except the known duds, and every dotted route the generator discovered."""
+    import json
+
+    r = subprocess.run([sys.executable, "-c", _LIVE_PROBE, str(Path(__file__).parent), str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    live = set(json.loads(r.stdout.splitlines()[-1]))
+    code = {p.id for p in pickles.all_payloads("/C", ALLOWED, 2) if p.code}
+    must = {p for p in code if p not in _DUDS and not (p.startswith("dotted-") and p.endswith(":os.system"))}
+    assert must <= live, f"payloads that do nothing even unrestricted: {sorted(must - live)}"
+    assert len(live) >= 40, sorted(live)
+
 
 
 @pytest.mark.parametrize("carrier,payload,where,key", CORPUS, ids=[f"{c}-{w}{'-' + k if k else ''}-{p}"
@@ -198,7 +246,7 @@ def test_lying_metadata_is_refused(server, tmp_path, bases, m):
     ckpt = carriers.copy_base(bases, m.base, case / "ckpt")
     carriers.finish(ckpt)
     m.apply(ckpt, case)
-    found = run_both(server, case, ckpt, names=m.names, refuse=m.refuse)
+    found = run_both(server, case, ckpt, names=m.names, refuse=m.refuse, inspect_refuses=m.inspect_refuses and m.refuse)
     assert not found, f"{m.base}/{m.id}:\n" + "\n".join(found)
 
 

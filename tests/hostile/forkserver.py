@@ -97,7 +97,8 @@ def problems(o: Outcome, *, names: tuple[str, ...] = (), canary: Path | None = N
 
     ``refuse``: the exit status must be non-zero with exactly one ``error:`` line (plus at most a ``hint:``)
     that contains one of ``names``; otherwise (an input mexc may accept) success is allowed too, but a failure
-    must look the same. Always: no hang, no death by a signal, no traceback, the canary absent, nothing in
+    must look the same. Always: no hang, no death by a signal, no traceback, the canary absent and its sentinel
+    directory ``CANARY.dir`` (the caller makes it; a ``shutil.rmtree`` payload removes it) present, nothing in
     ``parent`` (the output's parent directory) but the names in ``keep`` (a successful output).
     """
     bad = []
@@ -117,8 +118,8 @@ def problems(o: Outcome, *, names: tuple[str, ...] = (), canary: Path | None = N
                 bad.append("stderr is not one `error:` line plus at most a `hint:` line")
             elif names and not any(n in lines[0] for n in names):
                 bad.append(f"the error does not name {' or '.join(names)}")
-    if canary is not None and (canary.exists() or Path(str(canary) + ".dir").exists()):
-        bad.append("THE CANARY WAS CREATED (code from the checkpoint ran)")
+    if canary is not None and (canary.exists() or not Path(str(canary) + ".dir").is_dir()):
+        bad.append("THE CANARY WAS CREATED (or its sentinel directory removed): code from the checkpoint ran")
     if parent is not None and parent.exists():
         left = sorted(p.name for p in parent.iterdir() if p.name not in keep)
         if left:

@@ -16,6 +16,7 @@ Opcode reference: CPython ``Lib/pickle.py`` and ``Lib/pickletools.py`` (the opco
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import pickle
@@ -86,12 +87,15 @@ def memo_get(idx: int) -> bytes:
 @dataclass(frozen=True)
 class Payload:
     """``ops`` pushes one object. ``code``: an unrestricted unpickler creates the canary (or runs other code);
-    ``memo``: the ops use explicit memo slots (only safe where no MEMOIZE follows, i.e. ``after``)."""
+    ``memo``: the ops use explicit memo slots (in a protocol-4 pickle only safe where no MEMOIZE follows, i.e.
+    ``after``); ``harmless``: nothing in it needs refusing once the unpickler is safe (a declared numpy shape
+    that is never allocated, a big but linear list): mexc may accept it, but must not hang, crash or trace."""
 
     id: str
     ops: bytes
     code: bool = True
     memo: bool = False
+    harmless: bool = False
 
 
 def _touch(canary: str) -> str:
@@ -173,9 +177,9 @@ def numpy_payloads(canary: str, protocol: int = 2) -> list[Payload]:
             Payload(f"numpy-{tag}-object-array-1e9", array(tup(i(10 ** 9)), dtype("O8"),
                                                            pickle.MARK + pickle.NONE + pickle.LIST), code=False),
             Payload(f"numpy-{tag}-reconstruct-2^40", call(recon, glob("numpy", "ndarray"), tup(i(2 ** 40)),
-                                                         b(b"b", protocol)), code=False),
+                                                         b(b"b", protocol)), code=False, harmless=True),
             Payload(f"numpy-{tag}-state-2^40", array(tup(i(2 ** 40)), dtype("u1"), b(b"\0" * 8, protocol)),
-                    code=False),
+                    code=False, harmless=True),
         ]
     return out
 
@@ -186,12 +190,14 @@ def structure_payloads(depth: int = 100_000, dag_levels: int = 90, items: int = 
     dag = pickle.EMPTY_DICT + memo_put(900_000)
     for lvl in range(1, dag_levels + 1):
         prev = memo_get(900_000 + lvl - 1)
-        dag += pickle.EMPTY_DICT + pickle.MARK + s("a") + prev + s("b") + prev + pickle.SETITEMS + memo_put(900_000 + lvl)
+        dag += pickle.POP + pickle.EMPTY_DICT + pickle.MARK + s("a") + prev + s("b") + prev + pickle.SETITEMS
+        dag += memo_put(900_000 + lvl)  # the previous level was popped: one dict stays on the stack
     return [
         Payload(f"deep-list-{depth}", pickle.EMPTY_LIST * depth + pickle.APPEND * (depth - 1), code=False),
         Payload(f"deep-tuple-{depth}", pickle.EMPTY_TUPLE + pickle.TUPLE1 * depth, code=False),
-        Payload(f"dag-dict-2^{dag_levels}", dag, code=False, memo=True),
-        Payload(f"list-{items}", pickle.EMPTY_LIST + pickle.MARK + pickle.NONE * items + pickle.APPENDS, code=False),
+        Payload(f"dag-dict-2^{dag_levels}", dag, code=False, memo=True, harmless=True),  # harmful in `model`
+        Payload(f"list-{items}", pickle.EMPTY_LIST + pickle.MARK + pickle.NONE * items + pickle.APPENDS, code=False,
+                harmless=True),
     ]
 
 
@@ -202,6 +208,7 @@ _DANGER_MODULES = {"os": "system", "posix": "system", "pickle": "loads", "builti
                    "subprocess": "call", "shutil": "rmtree"}
 
 
+@functools.lru_cache(maxsize=None)
 def routes(module: str, depth: int = 2) -> list[str]:
     """Dotted names from ``module`` to a dangerous callable (``os.system``, ``pickle.loads``, ``builtins.open``
     ...), found by walking module attributes breadth first (``torch.distributed.checkpoint.filesystem`` ->
@@ -217,7 +224,7 @@ def routes(module: str, depth: int = 2) -> list[str]:
         nxt = []
         for path, mod in frontier:
             for attr, val in sorted(vars(mod).items()):
-                if not isinstance(val, type(os)) or id(val) in seen:
+                if not isinstance(val, types.ModuleType) or id(val) in seen:
                     continue
                 seen.add(id(val))
                 route = f"{path}{attr}"
@@ -245,14 +252,14 @@ def _call_route(route: str, canary: str, module: str, stack: bool) -> bytes:
 
 def dotted_payloads(canary: str, allowed: dict[str, list[str]]) -> list[Payload]:
     """For every module the allow-list admits: ``os.system`` and every discovered route as a dotted name (GLOBAL
-    and STACK_GLOBAL, under PROTO 4 where dotted names resolve), and, for each allowed name of it, the
+    and STACK_GLOBAL in turn, under PROTO 4 where dotted names resolve), and, for each allowed name of it, the
     ``<Name>.__init__.__globals__.get`` / ``__builtins__.get`` pair that reaches ``getattr(os, "system")``."""
     out = []
-    for module in sorted(allowed):
-        for route in sorted({"os.system", *routes(module)}):
-            for stack in (False, True):
-                tag = "stack_global" if stack else "global"
-                out.append(Payload(f"dotted-{tag}-{module}:{route}", proto(4) + _call_route(route, canary, module, stack)))
+    for n, module in enumerate(sorted(allowed)):
+        for k, route in enumerate(["os.system", *(r for r in routes(module) if r != "os.system")]):
+            stack = (n + k) % 2 == 1  # the opcodes alternate: a module with a route beyond os.system gets both
+            tag = "stack_global" if stack else "global"
+            out.append(Payload(f"dotted-{tag}-{module}:{route}", proto(4) + _call_route(route, canary, module, stack)))
         for name in sorted(allowed[module])[:2]:
             os_name = _os_global_name(module, name)
             if os_name is None:
