@@ -129,7 +129,7 @@ def test_bad_input_corpus(case, tmp_path, llama):
         needles = ["already exists", "--force"]
     elif case == "vocab-tp":
         args += ["--tp", "3"]
-        needles = ["tp=3"]
+        needles = ["--tp 3 does not divide 4 attention heads / 2 KV heads; use --tp 1, 2 or 4"]
     elif case == "kv-tp":
         args[1] = megatron_checkpoint("llama", tp=1) / "ckpt"
         args += ["--tp", "4", "--pipeline", "reshard{tp=4}"]  # before relayout: grouped QKV over 4 ranks
