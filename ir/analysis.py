@@ -79,7 +79,7 @@ def _out_add(nodes: list[Node]) -> Node | None:
 
 
 def _terms(add: Node, layer: int) -> tuple[list[Value], list[Node]]:
-    """The summed values of ``add``, flattening inner adds of the same layer used only by it; and those adds."""
+    """The summed values of ``add`` (same-layer inner adds used only by it flattened), and those adds."""
     terms, inner = [], []
     for v in add.inputs:
         p = v.producer
@@ -236,7 +236,7 @@ def has_parallel_blocks(model: Model) -> bool:
 
 
 def parallel_block_norms(model: Model, layer: int) -> tuple[int | None, str]:
-    """``(norms, "")`` when ``layer`` is exactly ``x + attn(norm(x)) + mlp(norm'(x))`` (``norms`` = 1 when both
-    branches read one norm, 2 for two); ``(None, why not)`` otherwise."""
+    """``(norms, "")`` when ``layer`` is exactly ``x + attn(norm(x)) + mlp(norm'(x))`` (``norms`` = 1 when
+    both branches read one norm, 2 for two); ``(None, why not)`` otherwise."""
     m, why = _match_parallel(model, layer)
     return (m.distinct_norms, "") if m is not None else (None, why)

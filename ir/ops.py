@@ -153,7 +153,8 @@ def _check_embedding(node, model):
 @op_schema("norm", 1, {"kind": A(str, "rmsnorm", NORM_KINDS), "eps": A((int, float), 1e-5),
                        "zero_centered": A(bool, False)},
            "LayerNorm or RMSNorm; zero_centered: the stored gamma is (weight - 1)",
-           params=[P("weight", "D", NORM), P("bias", "D", NORM, required=False, when=("kind", ("layernorm",)))],
+           params=[P("weight", "D", NORM),
+                   P("bias", "D", NORM, required=False, when=("kind", ("layernorm",)))],
            dims=lambda a, c: {})
 def _check_norm(node, model):
     return []
@@ -195,7 +196,8 @@ def _check_attention(node, model):
         elif (t.layout.q_heads, t.layout.kv_heads, t.layout.head_dim) != (nh, nkv, d):
             p.append(f"qkv layout {t.layout} disagrees with attrs heads={nh} kv={nkv} d={d}")
         if "qkv_bias" in node.params and node.params["qkv_bias"].type.layout != t.layout:
-            p.append(f"qkv_bias layout {node.params['qkv_bias'].type.layout} differs from qkv layout {t.layout}")
+            bias = node.params["qkv_bias"].type.layout
+            p.append(f"qkv_bias layout {bias} differs from qkv layout {t.layout}")
     return p
 
 
@@ -214,8 +216,9 @@ def _check_mlp(node, model):
     return []
 
 
-@op_schema("moe", 1, {"num_experts": A(int, None), "top_k": A(int, 2), "activation": A(str, "silu", ACTIVATIONS),
-                      "gated": A(bool, True), "score": A(str, "softmax", MOE_SCORES), "pre_softmax": A(bool, False),
+@op_schema("moe", 1, {"num_experts": A(int, None), "top_k": A(int, 2),
+                      "activation": A(str, "silu", ACTIVATIONS), "gated": A(bool, True),
+                      "score": A(str, "softmax", MOE_SCORES), "pre_softmax": A(bool, False),
                       "norm_topk": A(bool, False), "topk_scale": A((int, float), 1.0)},
            "mixture of experts: router, top-k, expert MLPs (Mixtral: softmax over top-k logits); the top-k "
            "routing weights are multiplied by topk_scale (Megatron's moe_router_topk_scaling_factor)",
@@ -325,9 +328,9 @@ def check_params(node, model) -> list[str]:
             if node.attrs[attr] not in values:
                 if present:
                     want = " or ".join(map(repr, values))
-                    out.append(f"param {spec.name!r} needs {attr}={want}, but {attr}={node.attrs[attr]!r} (targets "
-                               f"would drop the weight): set {attr}={values[0]!r} (or the value it was trained "
-                               f"with), or drop the param")
+                    out.append(f"param {spec.name!r} needs {attr}={want}, but {attr}={node.attrs[attr]!r} "
+                               f"(targets would drop the weight): set {attr}={values[0]!r} (or the value it "
+                               f"was trained with), or drop the param")
                 continue
         shape = [env.get(s, s) for s in spec.shape]
         if not present:

@@ -37,7 +37,8 @@ def problems(model: Model) -> list[str]:
             elif val is not None and not isinstance(val, schema.attrs[k].types):
                 out.append(f"{loc}: attribute {k}={val!r} has the wrong type")
             elif schema.attrs[k].choices is not None and val not in schema.attrs[k].choices:
-                out.append(f"{loc}: attribute {k}={val!r} is not one of {', '.join(map(repr, schema.attrs[k].choices))}")
+                choices = ", ".join(map(repr, schema.attrs[k].choices))
+                out.append(f"{loc}: attribute {k}={val!r} is not one of {choices}")
         missing = [k for k in schema.attrs if k not in node.attrs]
         if missing:
             out.append(f"{loc}: missing attributes {missing}")

@@ -150,9 +150,11 @@ def _block_model(wiring, layers=2, H=64, E=4, F=32):
 
     def mlp(h, i, tag):
         return b.node("mlp", h, layer=i, activation="silu", gated=True,
-                      params={"gate": w(f"{i}{tag}g", F, H), "up": w(f"{i}{tag}u", F, H), "fc2": w(f"{i}{tag}f", H, F)})
+                      params={"gate": w(f"{i}{tag}g", F, H), "up": w(f"{i}{tag}u", F, H),
+                              "fc2": w(f"{i}{tag}f", H, F)})
 
-    b = ir.Builder(ir.ModelConfig(family="x", hidden_size=H, num_layers=layers, vocab_size=128), stores={"rnd": st})
+    cfg = ir.ModelConfig(family="x", hidden_size=H, num_layers=layers, vocab_size=128)
+    b = ir.Builder(cfg, stores={"rnd": st})
     x = b.node("embedding", b.input_ids, params={"word": w("emb", 128, H)})
     for i in range(layers):
         h = b.node("norm", x, layer=i, params={"weight": w(f"{i}n0", H)})
@@ -227,4 +229,5 @@ def test_an_unmatched_three_term_sum_stays_a_parallel_candidate_with_a_reason():
     mlp.inputs = (m.node("attention", 0).output,)
     assert analysis.match_block(m, 0) is None and analysis.block_kinds(m)[1] == "parallel"
     assert analysis.is_parallel_block(m, 0) and analysis.has_parallel_blocks(m)
-    assert analysis.parallel_block_norms(m, 0) == (None, "attention and MLP must read a norm of the block input")
+    why = "attention and MLP must read a norm of the block input"
+    assert analysis.parallel_block_norms(m, 0) == (None, why)

@@ -8,7 +8,7 @@ MatMulNBits for int4/int8 weight-only).
 a growing cache (Concat of past and new K/V) and a 4-D ``Attention`` with an explicit boolean mask and no
 past/present inputs (the form TensorRT's parser accepts), DequantizeLinear + MatMul for weight-only quant.
 
-Every numeric convention follows :mod:`mexc.backends.reference.executor` (the semantic oracle).
+Every numeric convention follows :mod:`mexc.ir.semantics` (what the reference interpreter computes).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from onnx import TensorProto
 from ...errors import BackendError
 from ...ir import Model, Node
 from ...ir.analysis import node_roles
+from ...ir.semantics import rope_tables
 from ...ir.types import DType, Rope
-from ..reference.executor import rope_tables
 from .graph import GraphBuilder
 
 OPSET = 23

@@ -1,0 +1,217 @@
+"""The reference interpreter: a plain-torch forward pass of an IR model (prefill logits for token ids).
+
+It is the semantic oracle of mexc: every pass is tested by running the model before and after it. With
+``simulate_ranks=True`` (the default when the model is laid out for tp > 1 or ep > 1) each tensor-parallel
+rank computes with only the shards the target would give it, row-parallel partial sums are reduced and their
+bias added once, vocab-parallel logits are gathered; pipeline stages run in order. So a wrong sharding rule
+gives wrong logits here, not only in an engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BackendError
+from .graph import Model, Node
+from .semantics import activation, apply_rope, norm, rope_tables
+from .tensors import derive
+from .types import DType
+
+
+class _Weights:
+    """Materializes params (dequantizing quantized ones) per rank, with a per-run cache."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.cache: dict = {}
+        self.dtype = dtype
+
+    def get(self, node: Node, name: str, rank: int | None = None) -> torch.Tensor | None:
+        p = node.params.get(name)
+        if p is None:
+            return None
+        src = p.source
+        if p.type.dtype in (DType.i8, DType.i4, DType.f8e4m3):
+            scale = node.params.get(name + "_scale")
+            if scale is None:
+                raise BackendError(f"{node.location}: quantized param {name!r} has no {name}_scale")
+            src = derive("dequantize", src, scale.source, dtype="f32")
+        if rank is not None and not p.sharding.replicated:
+            src = derive("shard", src, dim=p.sharding.dim, parts=p.sharding.parts, index=rank)
+        return src.materialize(self.cache).to(self.dtype)
+
+
+def _linear(x, w, b=None):
+    y = x @ w.t()
+    return y + b if b is not None else y
+
+
+class ReferenceExecutor:
+    def __init__(self, model: Model, *, dtype: torch.dtype = torch.float32, simulate_ranks: bool | None = None):
+        self.model = model
+        self.w = _Weights(dtype)
+        self.dtype = dtype
+        par = model.parallel
+        self.simulate = (par.tp > 1 or par.ep > 1) if simulate_ranks is None else simulate_ranks
+        self.tp = par.tp if self.simulate else 1
+        self.ep = par.ep if self.simulate else 1
+
+    # ranks ---------------------------------------------------------------------------------------------
+    def _ranks(self, node: Node, *names: str) -> list[int | None]:
+        if self.tp == 1 or all(node.params[n].sharding.replicated for n in names if n in node.params):
+            return [None]
+        return list(range(self.tp))
+
+    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        b, s = input_ids.shape
+        pos = position_ids if position_ids is not None else torch.arange(s).expand(b, s)
+        env: dict[int, torch.Tensor] = {id(self.model.graph.inputs[0]): input_ids}
+        for node in self.model.graph.nodes:  # stages are contiguous and in order
+            args = [env[id(v)] for v in node.inputs]
+            env[id(node.output)] = getattr(self, "op_" + node.op)(node, *args, pos=pos)
+        return env[id(self.model.graph.outputs[0])]
+
+    # ops -----------------------------------------------------------------------------------------------
+    def op_embedding(self, node, ids, pos):
+        ranks = self._ranks(node, "word")
+        if ranks == [None]:
+            x = F.embedding(ids, self.w.get(node, "word"))
+        else:  # vocab-parallel: each rank looks up its rows, others contribute zeros; all-reduce
+            x = 0
+            for r in ranks:
+                wr = self.w.get(node, "word", r)
+                lo = r * wr.shape[0]
+                local = ids - lo
+                mask = (local < 0) | (local >= wr.shape[0])
+                e = F.embedding(local.clamp(0, wr.shape[0] - 1), wr)
+                x = x + e.masked_fill(mask[..., None], 0.0)
+        if "position" in node.params:
+            x = x + F.embedding(pos, self.w.get(node, "position"))
+        return x * node.attrs["scale"] if node.attrs["scale"] != 1.0 else x
+
+    def op_norm(self, node, x, pos):
+        a = node.attrs
+        return norm(x, self.w.get(node, "weight"), self.w.get(node, "bias"), a["kind"], a["eps"],
+                     a["zero_centered"])
+
+    def _qkv(self, node, x, r, nh, nkv, d):
+        if "qkv" in node.params:
+            w, bias = self.w.get(node, "qkv", r), self.w.get(node, "qkv_bias", r)
+            y = _linear(x, w, bias)
+            layout = node.params["qkv"].type.layout.kind
+            if layout == "grouped":
+                g = y.view(*y.shape[:2], nkv, nh // nkv + 2, d)
+                q = g[..., : nh // nkv, :].reshape(*y.shape[:2], nh, d)
+                k, v = g[..., -2, :], g[..., -1, :]
+            else:
+                q, k, v = y.split([nh * d, nkv * d, nkv * d], -1)
+                q, k, v = (t.reshape(*y.shape[:2], -1, d) for t in (q, k, v))
+            return q, k, v
+        if r is not None and self.tp > node.attrs["num_kv_heads"]:
+            raise BackendError(f"{node.location}: separate k/v params cannot be split over more ranks than "
+                               "KV heads", hint="run fuse-qkv before reshard")
+        q = _linear(x, self.w.get(node, "q", r), self.w.get(node, "q_bias", r))
+        k = _linear(x, self.w.get(node, "k", r), self.w.get(node, "k_bias", r))
+        v = _linear(x, self.w.get(node, "v", r), self.w.get(node, "v_bias", r))
+        return (t.reshape(*x.shape[:2], -1, d) for t in (q, k, v))
+
+    def op_attention(self, node, x, pos):
+        a = node.attrs
+        nh, nkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
+        qkv_name = "qkv" if "qkv" in node.params else "q"
+        ranks = self._ranks(node, qkv_name, "proj")
+        out = 0
+        for r in ranks:
+            lnh = nh if r is None else nh // self.tp
+            lkv = nkv if r is None else max(1, nkv // self.tp)
+            q, k, v = self._qkv(node, x, r, lnh, lkv, d)
+            if a["qk_norm"] != "none":
+                kind = a["qk_norm"]
+                q = norm(q, self.w.get(node, "q_norm"), None, kind, 1e-5, False)
+                k = norm(k, self.w.get(node, "k_norm"), None, kind, 1e-5, False)
+            if a["position"] == "rope":
+                cos, sin = rope_tables(a["rope"], d, pos)
+                q = apply_rope(q, cos, sin, a["rope"].interleaved)
+                k = apply_rope(k, cos, sin, a["rope"].interleaved)
+            k = k.repeat_interleave(lnh // lkv, 2)
+            v = v.repeat_interleave(lnh // lkv, 2)
+            scale = a["softmax_scale"] or 1.0 / math.sqrt(d)
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+            s = x.shape[1]
+            causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)
+            p = scores.masked_fill(causal, float("-inf")).softmax(-1)
+            o = torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(*x.shape[:2], lnh * d)
+            out = out + o @ self.w.get(node, "proj", r).t()
+        bias = self.w.get(node, "proj_bias")
+        return out + bias if bias is not None else out
+
+    def op_mlp(self, node, x, pos):
+        a = node.attrs
+        first = "gate" if a["gated"] else "fc1"
+        out = 0
+        for r in self._ranks(node, first, "fc2"):
+            if a["gated"]:
+                h = activation(a["activation"], _linear(x, self.w.get(node, "gate", r), self.w.get(node, "gate_bias", r)))
+                h = h * _linear(x, self.w.get(node, "up", r), self.w.get(node, "up_bias", r))
+            else:
+                h = activation(a["activation"], _linear(x, self.w.get(node, "fc1", r), self.w.get(node, "fc1_bias", r)))
+            out = out + h @ self.w.get(node, "fc2", r).t()
+        bias = self.w.get(node, "fc2_bias")
+        return out + bias if bias is not None else out
+
+    def op_moe(self, node, x, pos):
+        a = node.attrs
+        k = a["top_k"]
+        logits = x.float() @ self.w.get(node, "router").float().t()
+        if a["score"] == "softmax":
+            if a.get("pre_softmax", False):
+                probs, idx = logits.softmax(-1).topk(k, -1)
+            else:
+                top, idx = logits.topk(k, -1)
+                probs = top.softmax(-1)
+        else:  # sigmoid
+            probs, idx = torch.sigmoid(logits).topk(k, -1)
+            if a["norm_topk"]:
+                probs = probs / probs.sum(-1, keepdim=True)
+        probs = probs * a.get("topk_scale", 1.0)  # Megatron's moe_router_topk_scaling_factor
+        gated = a["gated"]
+        first = "gate" if gated else "fc1"
+        ep_split = not node.params[first].sharding.replicated and node.params[first].sharding.axis == "ep"
+        out = torch.zeros_like(x)
+        ranks = list(range(self.ep)) if (self.simulate and ep_split) else [None]
+        for r in ranks:
+            fc2 = self.w.get(node, "fc2", r)
+            g = self.w.get(node, first, r)
+            up = self.w.get(node, "up", r) if gated else None
+            e0 = 0 if r is None else r * g.shape[0]
+            for j in range(g.shape[0]):
+                e = e0 + j
+                weight = (probs * (idx == e)).sum(-1, keepdim=True).to(x.dtype)
+                h = activation(a["activation"], x @ g[j].t())
+                if gated:
+                    h = h * (x @ up[j].t())
+                out = out + weight * (h @ fc2[j].t())
+        return out
+
+    def op_add(self, node, *xs, pos):
+        out = xs[0]
+        for t in xs[1:]:
+            out = out + t
+        return out
+
+    def op_lm_head(self, node, x, pos):
+        ranks = self._ranks(node, "weight")
+        return torch.cat([x @ self.w.get(node, "weight", r).t() for r in ranks], -1)
+
+
+def run(model: Model, input_ids: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+        simulate_ranks: bool | None = None, trim_vocab: bool = False) -> torch.Tensor:
+    """Prefill logits ``[b, s, V]`` (V = lm_head rows, or ``vocab_size`` with ``trim_vocab``)."""
+    with torch.no_grad():
+        logits = ReferenceExecutor(model, dtype=dtype, simulate_ranks=simulate_ranks).run(input_ids)
+    return logits[..., : model.config.vocab_size] if trim_vocab else logits
+
+
+__all__ = ["run", "ReferenceExecutor"]

@@ -1,0 +1,91 @@
+"""The numeric conventions of the IR ops, in one place: rope tables, rotation, norms, activations.
+
+The reference interpreter (:mod:`mexc.ir.interpreter`) computes with these, and every backend that builds
+tables or formulas itself (the ONNX lowering's cos/sin caches) takes them from here, so a target agrees with
+the oracle by construction. Sources of each convention are named in the docstrings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BackendError
+from .types import Rope
+
+
+def rope_tables(rope: Rope, head_dim: int, positions: torch.Tensor):
+    """cos/sin of shape [b, s, rotary_dim] for ``positions`` [b, s] (Megatron's convention: freqs repeated for
+    rotate-half, ``repeat_interleave`` for GPT-J pairs; ``linear`` scaling divides positions by ``factor``,
+    ``llama3`` rescales the inverse frequencies as :func:`llama3_inv_freq`)."""
+    rd = rope.rotary_dim(head_dim)
+    inv = 1.0 / (rope.base ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
+    pos = positions.to(torch.float64)
+    if rope.scaling == "linear":
+        pos = pos / rope.factor
+    elif rope.scaling == "llama3":
+        inv = llama3_inv_freq(inv, rope)
+    freqs = pos[..., None] * inv  # [b, s, rd/2]
+    emb = freqs.repeat_interleave(2, -1) if rope.interleaved else torch.cat([freqs, freqs], -1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def llama3_inv_freq(inv: torch.Tensor, r: Rope) -> torch.Tensor:
+    """Llama 3.1's rope scaling of inverse frequencies (megatron-core ``RotaryEmbedding._apply_scaling``,
+    transformers ``_compute_llama3_parameters``): long wavelengths divided by ``factor``, short ones kept,
+    a smooth blend between."""
+    low_wl = r.original_max_positions / r.low_freq_factor
+    high_wl = r.original_max_positions / r.high_freq_factor
+    wl = 2 * math.pi / inv
+    out = torch.where(wl > low_wl, inv / r.factor, inv)
+    smooth = (r.original_max_positions / wl - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
+    mid = (1 - smooth) * out / r.factor + smooth * out
+    is_mid = (wl <= low_wl) & (wl >= high_wl)
+    return torch.where(is_mid, mid, out)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x: [b, s, h, d]; rotates the first rotary_dim channels."""
+    rd = cos.shape[-1]
+    xr, xp = x[..., :rd], x[..., rd:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack([-x2, x1], -1).flatten(-2)
+    else:
+        x1, x2 = xr.chunk(2, -1)
+        rot = torch.cat([-x2, x1], -1)
+    return torch.cat([xr * c + rot * s, xp], -1)
+
+
+def norm(x, weight, bias, kind, eps, zero_centered):
+    """LayerNorm or RMSNorm over the last dim; ``zero_centered``: the stored gamma is (weight - 1) (Gemma,
+    Megatron's LayerNorm1p). RMSNorm: x * rsqrt(mean(x^2) + eps) * w (+ bias when given)."""
+    w = weight + 1.0 if zero_centered else weight
+    if kind == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), w, bias, eps)
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    return y + bias if bias is not None else y
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The IR's activations (:data:`mexc.ir.ops.ACTIVATIONS`): gelu (erf), gelu-tanh, relu, squared-relu
+    (Primer / Nemotron), silu, quick-gelu (x * sigmoid(1.702 x), CLIP)."""
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu-tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    if name == "squared-relu":
+        return F.relu(x).pow(2)
+    if name == "silu":
+        return F.silu(x)
+    if name == "quick-gelu":
+        return x * torch.sigmoid(1.702 * x)
+    raise BackendError(f"unknown activation {name!r}")
+
+
+__all__ = ["rope_tables", "llama3_inv_freq", "apply_rope", "norm", "activation"]
