@@ -3,8 +3,8 @@
 Flags follow TensorRT-LLM's own parsers (``tensorrt_llm/commands/serve.py``: ``trtllm-serve MODEL --backend
 {pytorch,tensorrt} --tokenizer --tp_size --pp_size``, default backend pytorch; ``examples/run.py`` with
 ``examples/utils.py``: ``--max_output_len`` (required), ``--engine_dir``, ``--tokenizer_dir``,
-``--input_text``); a multi-rank engine runs under ``mpirun -n TP*PP``. tests/test_served_commands.py parses each command
-with those parsers (copies under tests/data, the commits named there).
+``--input_text``); a multi-rank engine runs under ``mpirun -n TP*PP``. tests/test_served_commands.py parses
+each command with those parsers (copies under tests/data, the commits named there).
 """
 
 from __future__ import annotations
