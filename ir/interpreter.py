@@ -214,4 +214,4 @@ def run(model: Model, input_ids: torch.Tensor, *, dtype: torch.dtype = torch.flo
     return logits[..., : model.config.vocab_size] if trim_vocab else logits
 
 
-__all__ = ["run", "ReferenceExecutor"]
+__all__ = ["ReferenceExecutor", "run"]

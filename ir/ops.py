@@ -26,8 +26,9 @@ target needs but the IR lacks (:func:`absent_shape`) and the verifier all derive
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from .types import QKVLayout, Rope
 
@@ -129,8 +130,9 @@ def _checker(extra, dims):
     def check(node, model):
         if dims is not None and _declared_dims(node, model.config) is None:
             ints = _int_attrs(node.op)
-            return [f"{'/'.join(ints)} must be {'positive ints' if len(ints) > 1 else 'a positive int'}, got "
-                    f"{'/'.join(str(node.attrs[k]) for k in ints)}"]
+            what = "positive ints" if len(ints) > 1 else "a positive int"
+            got = "/".join(str(node.attrs[k]) for k in ints)
+            return [f"{'/'.join(ints)} must be {what}, got {got}"]
         return check_params(node, model) + extra(node, model)
 
     return check

@@ -88,4 +88,4 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     raise BackendError(f"unknown activation {name!r}")
 
 
-__all__ = ["rope_tables", "llama3_inv_freq", "apply_rope", "norm", "activation"]
+__all__ = ["activation", "apply_rope", "llama3_inv_freq", "norm", "rope_tables"]

@@ -2,7 +2,6 @@
 enum checks."""
 
 import pytest
-
 from mexc import ir
 from mexc.errors import IRError, ParseError
 from mexc.ir.ops import absent_shape, param_spec, params_with
