@@ -75,6 +75,14 @@ def test_hf_output_matches_megatron(tmp_path, case):
     assert cfg.tie_word_embeddings == (not h["untie_embeddings_and_output_weights"])
 
 
+def test_nemo_contexts_are_nemos_own():
+    """The NeMo 2 contexts the tests read were written by NeMo (tests/data/wrappers/README.md), for every kind."""
+    for kind in ("llama", "gpt", "llama3", "moe"):
+        d = W.REAL_NEMO_CONTEXT / kind
+        assert json.loads((d / "made-by.json").read_text())["nemo_toolkit"] == "2.7.3"
+        assert (d / "context" / "io.json").is_file() and (d / "context" / "model.yaml").is_file()
+
+
 def test_other_entry_points(tmp_path):
     """The iter_ directory of a Bridge save, the weights/ directory of a NeMo 2 checkpoint and an unpacked NeMo 1
     directory read the same weights."""

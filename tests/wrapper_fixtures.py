@@ -4,9 +4,11 @@ The weights are those of a fixture of ``tests/megatron_fixtures.py`` (real megat
 logits): their ``.distcp`` files are copied byte for byte and the DCP index (``.metadata``) is rewritten with the
 key prefix the wrapper's own writer adds (NeMo 2: ``module.``, NeMo 1: ``model.``; Megatron-Bridge: none).
 The wrapper files around them follow the layouts documented in the NeMo and Megatron-Bridge sources
-(docs/checkpoint-formats.md, "How this is tested", says why NeMo and Megatron-Bridge themselves do not write them):
+(tests/data/wrappers/README.md says which parts NeMo 2.7.3 itself wrote and why the rest is assembled):
 
-* the config sections are a dump of the megatron-core ``TransformerConfig`` the fixture was built with, every
+* NeMo 2 ``context/``: written by NeMo 2.7.3 itself (tests/data/wrappers/nemo-2.7.3/<kind>, by
+  tools/fixtures/nemo_context.py) for the kinds it has; otherwise, and for Megatron-Bridge's ``model:`` section,
+  the config is a dump of the megatron-core ``TransformerConfig`` the fixture was built with, every
   dataclass field, serialized with the conventions of Megatron-Bridge's / NeMo's YAML representers
   (functions and dtypes as ``{_target_: module.name, _call_: false}``, enums with ``_name_``), plus the GPT
   config / provider fields (``seq_length``, ``share_embeddings_and_output_weights``, ``transformer_layer_spec``,
@@ -30,6 +32,7 @@ import yaml
 
 from megatron_fixtures import load_fixture_info, megatron_checkpoint
 
+REAL_NEMO_CONTEXT = Path(__file__).resolve().parent / "data" / "wrappers" / "nemo-2.7.3"  # by NeMo itself
 BRIDGE_PROVIDER = "megatron.bridge.models.gpt_provider.GPTModelProvider"
 NEMO_MODEL, NEMO_CONFIG = "nemo.collections.llm.gpt.model.base.GPTModel", "nemo.collections.llm.gpt.model.base.GPTConfig"
 
@@ -114,10 +117,17 @@ def _fresh(out: Path) -> Path:
 
 
 def nemo2_dir(kind: str, out: Path, tp: int = 1) -> tuple[Path, Path]:
-    """A NeMo 2 checkpoint directory (context/model.yaml + weights/ with ``module.`` keys); returns (it, the
-    megatron fixture dir). Kind ``llama3`` is saved as NeMo's ``Llama31Config`` (rope scaling from its
-    ``scale_factor`` fields, as NeMo's Llama 3.1 config keeps it), ``moe`` as ``MixtralConfig``."""
+    """A NeMo 2 checkpoint directory (context/ + weights/ with ``module.`` keys); returns (it, the megatron fixture
+    dir). ``context/`` is the one NeMo 2.7.3 itself wrote for the kind (tools/fixtures/nemo_context.py) where
+    tests/data/wrappers has it (llama, gpt, llama3 as ``Llama31Config``, moe as ``MixtralConfig``), else a dump of
+    the fixture's TransformerConfig in NeMo's format."""
     d = megatron_checkpoint(kind, tp=tp, fmt="torch_dist")
+    if (REAL_NEMO_CONTEXT / kind / "context" / "model.yaml").is_file():
+        root = _fresh(out) / "megatron_gpt--val_loss=2.50-step=9-consumed_samples=20.0"
+        prefixed_dcp(d / "ckpt" / "iter_0000010", root / "weights", "module.")
+        torch.save({"global_step": 10, "epoch": 0}, root / "weights" / "common.pt")
+        shutil.copytree(REAL_NEMO_CONTEXT / kind / "context", root / "context")
+        return root, d
     fields = transformer_config_fields(d)
     model_cls, cfg_cls = NEMO_MODEL, NEMO_CONFIG
     if kind == "llama3":
