@@ -68,12 +68,40 @@ def _get(args: Any, field: str, default=None):
     return default
 
 
+# saved sizes an untrusted checkpoint may lie about: each an int in [1, bound] when present (bounds far above any
+# real model, so that no later product, loop or allocation is unbounded)
+_SIZE_BOUNDS = {
+    "num_layers": 1 << 14, "hidden_size": 1 << 18, "ffn_hidden_size": 1 << 21, "num_attention_heads": 1 << 12,
+    "num_query_groups": 1 << 12, "kv_channels": 1 << 14, "padded_vocab_size": 1 << 24, "vocab_size": 1 << 24,
+    "seq_length": 1 << 26, "max_position_embeddings": 1 << 26, "num_experts": 1 << 16, "moe_router_topk": 1 << 16,
+    "moe_ffn_hidden_size": 1 << 21,
+}
+
+
+def _check_sizes(args: Any, where: str) -> None:
+    """Refuse a saved size that is not a positive int within bounds, naming the argument (before any use)."""
+    import torch
+
+    for name, bound in _SIZE_BOUNDS.items():
+        v = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= bound:
+            raise ConfigError(f"{where}: args.{name} = {str(v)[:40]} is not a size (1..{bound})",
+                              hint=f"the saved args are damaged; give {name} with --config FILE.yaml")
+    dt = args.get("params_dtype") if isinstance(args, dict) else getattr(args, "params_dtype", None)
+    if dt is not None and not isinstance(dt, torch.dtype):
+        raise ConfigError(f"{where}: args.params_dtype = {str(dt)[:40]} is not a torch dtype",
+                          hint="the saved args are damaged; give dtype with --config FILE.yaml")
+
+
 def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) -> MegatronArch:
     """Build the architecture from saved args (``where`` names the file for errors).
 
     Raises :class:`ConfigError` when a saved argument changes the math and mexc does not honour it (the argument
     table, :mod:`.arguments`), or when the args are missing or inconsistent."""
     overrides = dict(overrides or {})
+    _check_sizes(args, where)
     refuse(args, where, overridden={f for f in overrides if f in ARG_ALIASES})
 
     def need(field):
