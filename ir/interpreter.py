@@ -129,8 +129,8 @@ class ReferenceExecutor:
             q, k, v = self._qkv(node, x, r, lnh, lkv, d)
             if a["qk_norm"] != "none":
                 kind = a["qk_norm"]
-                q = norm(q, self.w.get(node, "q_norm"), None, kind, 1e-5, False)
-                k = norm(k, self.w.get(node, "k_norm"), None, kind, 1e-5, False)
+                q = norm(q, self.w.get(node, "q_norm"), None, kind, a["qk_norm_eps"], False)
+                k = norm(k, self.w.get(node, "k_norm"), None, kind, a["qk_norm_eps"], False)
             if a["position"] == "rope":
                 cos, sin = rope_tables(a["rope"], d, pos)
                 q = apply_rope(q, cos, sin, a["rope"].interleaved)

@@ -165,6 +165,7 @@ def _check_norm(node, model):
 @op_schema("attention", 1, {"num_heads": A(int, None), "num_kv_heads": A(int, None), "head_dim": A(int, None),
                             "position": A(str, "rope", POSITIONS), "rope": A(Rope, Rope()),
                             "qk_norm": A(str, "none", QK_NORM_KINDS),
+                            "qk_norm_eps": A((int, float), 1e-5),  # Megatron: layernorm_epsilon
                             "softmax_scale": A((int, float, type(None)), None)},
            "causal self-attention, MHA/GQA/MQA",
            params=[P("qkv", "QKV H", COLUMN, linear=True, alt="fused"),

@@ -444,18 +444,18 @@ class Lowering:
                          outputs=3, axis=-1)
 
     def _qk_norm(self, node, t, heads, name, base, four_d):
-        """RMS/Layer norm over head_dim (the executor uses eps 1e-5, no bias)."""
+        """RMS/Layer norm over head_dim at the attention's qk_norm_eps, no bias."""
         g, a = self.g, node.attrs
         d = a["head_dim"]
         w = self.float_weight(f"{base}/{name}.weight", self.w(node, name))
         if not four_d:
             t = g.op("Reshape", [t, g.const([0, 0, heads, d])], f"{base}/{name}/Reshape_in")
         if a["qk_norm"] == "rmsnorm":
-            t = g.op("RMSNormalization", [t, w], f"{base}/{name}/RMSNormalization", axis=-1, epsilon=1e-5,
-                     stash_type=1)
+            t = g.op("RMSNormalization", [t, w], f"{base}/{name}/RMSNormalization", axis=-1,
+                     epsilon=a["qk_norm_eps"], stash_type=1)
         else:
-            t = g.op("LayerNormalization", [t, w], f"{base}/{name}/LayerNormalization", axis=-1, epsilon=1e-5,
-                     stash_type=1)
+            t = g.op("LayerNormalization", [t, w], f"{base}/{name}/LayerNormalization", axis=-1,
+                     epsilon=a["qk_norm_eps"], stash_type=1)
         if not four_d:
             t = g.op("Reshape", [t, g.const([0, 0, heads * d])], f"{base}/{name}/Reshape_out")
         return t
