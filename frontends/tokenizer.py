@@ -36,6 +36,10 @@ _HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Megatron-LM --tokenizer-type values and the args that name their files
 _SPM_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "Llama3Tokenizer",
               "MistralTokenizer")
+# what save_pretrained writes, in transformers 4.x and 5.x (a replaced tokenizer leaves none of them behind)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "vocab.txt")
 FIX = "pass it with --tokenizer PATH, or add it later with `mexc tokenizer OUT --from PATH`"
 
 
@@ -230,6 +234,10 @@ def write(tok, out: Path, *, replace: bool = False) -> dict[str, int]:
     if taken:
         raise ConfigError(f"saving the tokenizer would overwrite {sorted(taken)} in {out}",
                           hint="give a tokenizer directory without model files")
+    if replace:   # an earlier tokenizer's files the new one does not have would be read with the new ones
+        for name in sorted(set(TOKENIZER_FILES) - set(files)):
+            if (out / name).is_file() and not (out / name).is_symlink():
+                (out / name).unlink()
     for name, data in files.items():
         dst = out / name
         if replace:

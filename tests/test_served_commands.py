@@ -231,3 +231,27 @@ def test_learned_positions_bound_the_sequence(tmp_path, capsys):
     rc, _, err = _mexc(capsys, "compile", ckpt, "--target", "trtllm", "--max-seq-len", table + 1, "-o", tmp_path / "p")
     assert rc == 2 and f"beyond the model's learned position table ({table} positions)" in err
     assert rows  # the fixture's hyper-parameters are there (the table size is the model's, read from the IR)
+
+
+def test_tokenizer_added_to_a_trtllm_output(tmp_path, capsys):
+    """`mexc tokenizer` on a trtllm output: the files for --tokenizer_dir, and the serve lines then name OUT."""
+    from mexc.backends.serve import serve_commands
+
+    out = tmp_path / "trt"
+    assert _mexc(capsys, "compile", EXAMPLE, "--target", "trtllm", "--tp", 2, "-o", out, "--quiet")[0] == 0
+    assert any("TOKENIZER_DIR" in x for x in serve_commands(out))
+    rc, _, err = _mexc(capsys, "tokenizer", out, "--from", TOKENIZER)
+    assert rc == 0, err
+    assert (out / "tokenizer.json").is_file() and json.loads((out / "config.json").read_text())["vocab_size"] == 128
+    lines = serve_commands(out)
+    assert not any("TOKENIZER_DIR" in x for x in lines) and f"--tokenizer {out}" in lines[0]
+
+
+def test_run_refuses_what_it_cannot_run(tmp_path, capsys):
+    rc, _, err = _mexc(capsys, "run", tmp_path, "--prompt", "hi")
+    assert rc == 2 and "not a mexc output" in err
+    out = tmp_path / "trt-profile"
+    assert _mexc(capsys, "compile", EXAMPLE, "--target", "onnx", "--profile", "tensorrt", "--tokenizer", TOKENIZER,
+                 "-o", out, "--quiet")[0] == 0
+    rc, _, err = _mexc(capsys, "run", out, "--prompt", "hi")
+    assert rc == 2 and "--profile ort" in err

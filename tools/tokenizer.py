@@ -76,6 +76,10 @@ def add_tokenizer(a) -> int:
     out = Path(a.out)
     manifest = read_manifest(out)
     target = manifest.get("target")
+    unknown = sorted(set(dict(a.set)) - set(tokenizers.TOKEN_FIELDS))
+    if unknown:
+        raise UsageError(f"--set {unknown[0]}: only token ids can be set here",
+                         hint=f"one of {', '.join(tokenizers.TOKEN_FIELDS)}; recompile to change the architecture")
     if has_tokenizer(out) and not a.force:
         raise UsageError(f"{out}: already has a tokenizer (tokenizer.json / tokenizer_config.json)",
                          hint="add --force to replace it")
@@ -84,10 +88,6 @@ def add_tokenizer(a) -> int:
     rows = _vocab_rows(out, target)
     tokenizers.check_vocab(res.tok, rows, str(a.source))
     ids = tokenizers.token_ids(res, dict(a.set), rows)
-    unknown = sorted(set(dict(a.set)) - set(tokenizers.TOKEN_FIELDS))
-    if unknown:
-        raise UsageError(f"--set {unknown[0]}: only token ids can be set here",
-                         hint=f"one of {', '.join(tokenizers.TOKEN_FIELDS)}; recompile to change the architecture")
     files = tokenizers.write(res.tok, out, replace=a.force)
     changed = set_ids(out, target, ids)
     manifest.update(res.manifest())
