@@ -226,6 +226,20 @@ def test_hostile_archives_are_refused(tmp_path, bad, words):
     assert words in e.value.message and str(p) in e.value.message
 
 
+@pytest.mark.parametrize("text,words", [
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in
+                                                         zip("abcdefg", "bcdefgh")) + "model: *h\n", "YAML nodes"),
+    ("model: " + "[" * 100000 + "]" * 100000 + "\n", "not valid YAML"),
+])
+def test_hostile_config_files_are_refused(tmp_path, text, words):
+    """An alias bomb (10^8 nodes as shared references) and absurd nesting are one error, not a hang or a crash."""
+    root, _ = W.bridge_save("llama", tmp_path / "b")
+    (root / "iter_0000010" / "run_config.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        lift(root)
+    assert words in e.value.message and "run_config.yaml" in e.value.message
+
+
 def test_zarr_weights_and_io_json_only_are_refused(tmp_path):
     root, _ = W.nemo2_dir("llama", tmp_path / "n2")
     (root / "weights" / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))

@@ -32,7 +32,6 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from ...errors import CheckpointError, ConfigError
@@ -41,9 +40,8 @@ from .nemo_archive import TarDcpStore, TarTree
 from .reader import CheckpointInfo, DcpStore, inside, locate
 
 MAX_CONFIG_BYTES = 16 << 20      # a model.yaml / run_config.yaml is kilobytes
+MAX_CONFIG_NODES = 1 << 20      # YAML nodes visited, aliases followed (a real run_config.yaml has a few thousand)
 _EMBEDDING = "embedding.word_embeddings.weight"
-_DTYPES = {"torch.float32": torch.float32, "torch.float": torch.float32, "torch.bfloat16": torch.bfloat16,
-           "torch.float16": torch.float16, "torch.half": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------ entry
@@ -80,8 +78,8 @@ def _open_tree(tree, root: Path, iteration: int | None) -> CheckpointInfo:
     elif tree.is_dir("context") and tree.is_dir("weights"):
         raise CheckpointError(f"{tree.label('context')}: a NeMo 2 checkpoint without context/model.yaml (only "
                               "io.json, which is a fiddle graph mexc does not evaluate)",
-                              hint="re-save it with NeMo >= 2.1 (it writes model.yaml), or give the architecture "
-                                   "with --config FILE.yaml")
+                              hint="load it in NeMo and save it again (NeMo's ModelCheckpoint writes "
+                                   "context/model.yaml), or export it with NeMo's Hugging Face exporter")
     else:
         raise CheckpointError(f"{tree.label('')}: a NeMo checkpoint without model_weights/ or weights/",
                               hint="NeMo 1 checkpoints whose weights are model_weights.ckpt files (no mcore "
@@ -118,7 +116,7 @@ def _open_bridge(root: Path, d: Path, it: int | None) -> CheckpointInfo:
     model = cfg.get("model") if isinstance(cfg, dict) else None
     if not isinstance(model, dict):
         raise ConfigError(f"{where}: no model: section (a Megatron-Bridge ConfigContainer has one)",
-                          hint="give the architecture with --config FILE.yaml")
+                          hint="copy the run's run_config.yaml again")
     ckpt = cfg.get("checkpoint") if isinstance(cfg.get("checkpoint"), dict) else {}
     if ckpt.get("ckpt_format", "torch_dist") != "torch_dist":
         raise CheckpointError(f"{where}: checkpoint.ckpt_format {ckpt.get('ckpt_format')!r}; mexc reads torch_dist",
@@ -137,11 +135,26 @@ def _open_bridge(root: Path, d: Path, it: int | None) -> CheckpointInfo:
 
 
 def _load_yaml(text: bytes, where: str) -> Any:
+    """``yaml.safe_load`` (no tags, nothing imported), then a bound on the nodes reachable through aliases: an
+    alias bomb loads as shared references but would explode when walked or printed."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
+        doc = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{where}: not valid YAML ({first})", hint="copy the checkpoint again") from None
+        raise ConfigError(f"{where}: not valid YAML ({first[:120]})", hint="copy the checkpoint again") from None
+    todo, seen = [doc], 0
+    while todo:
+        v = todo.pop()
+        seen += 1
+        if seen > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES} YAML nodes (aliases expanded); not a config "
+                              "file a training run writes", hint="copy the checkpoint's config file again")
+        if isinstance(v, dict):
+            todo.extend(v.keys())
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
+    return doc
 
 
 def _read_file(path: Path, limit: int) -> bytes:
@@ -335,7 +348,7 @@ def nemo1_args(cfg: Any, where: str, store: DcpStore) -> argparse.Namespace:
     """Megatron-LM args from a NeMo 1 ``model_config.yaml`` (an mcore GPT: ``mcore_gpt: true``)."""
     if not isinstance(cfg, dict) or "num_layers" not in cfg:
         raise ConfigError(f"{where}: not a NeMo 1 GPT model config (no num_layers)",
-                          hint="copy the checkpoint again, or give the architecture with --config")
+                          hint="copy the checkpoint again; mexc reads NeMo 1 GPT (mcore) models")
     problems = [f"{k}={str(cfg.get(k))[:40]} (NeMo 1 setting without a lifted form)"
                 for k, ok in _NEMO1_REFUSED.items() if cfg.get(k, ok) not in (ok, None)]
     if cfg.get("mcore_gpt") is not True:
