@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class Found:
     kind: str
     paths: tuple[Path, ...]
     origin: str                                  # "--tokenizer" or "checkpoint args (tokenizer_model=...)"
-    special: dict[str, str] = field(default_factory=dict)   # e.g. Megatron's GPT-2 eod
 
 
 def megatron_args(args: Any) -> dict[str, Any]:
@@ -123,7 +122,7 @@ def from_args(args: Any) -> tuple[Found | None, str | None]:
     if ttype == "GPT2BPETokenizer":
         files = [a.get("vocab_file"), a.get("merge_file")]
         if all(files) and all(Path(f).is_file() for f in files):
-            return Found("gpt2", tuple(Path(f) for f in files), origin, {"eod": "<|endoftext|>"}), None
+            return Found("gpt2", tuple(Path(f) for f in files), origin), None   # eod = bos = eos <|endoftext|>
         return None, f"its args name {_describe(a)}, not found on this machine"
     if ttype == "TikTokenizer":
         return None, (f"its args name {_describe(a)}: Megatron's TikTokenizer puts "
@@ -149,9 +148,10 @@ def load(found: Found):
             if p.is_file():
                 return transformers.PreTrainedTokenizerFast(tokenizer_file=str(p))
             return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        if found.kind == "gpt2":
-            tok = transformers.GPT2Tokenizer(vocab=str(p), merges=str(found.paths[1]))
-            return tok
+        if found.kind == "gpt2":   # transformers 5 takes vocab=/merges=; 4.x's fast class vocab_file=/merges_file=
+            if int(transformers.__version__.split(".")[0]) >= 5:
+                return transformers.GPT2Tokenizer(vocab=str(p), merges=str(found.paths[1]))
+            return transformers.GPT2TokenizerFast(vocab_file=str(p), merges_file=str(found.paths[1]))
         if found.kind == "sentencepiece":
             return _sentencepiece(p)
         from transformers.convert_slow_tokenizer import TikTokenConverter
