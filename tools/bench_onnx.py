@@ -185,19 +185,20 @@ class Runner:
         return outs["logits"], {n: outs[n.replace("past_key_values.", "present.")] for n in self.past}
 
     def timed(self, ids, past, past_len):
-        t = time.perf_counter()
+        """(wall seconds, CPU seconds of this process: ORT's threads included), logits, present."""
+        t, c = time.perf_counter(), time.process_time()
         logits, past = self.step(ids, past, past_len)
-        return time.perf_counter() - t, logits, past
+        return (time.perf_counter() - t, time.process_time() - c), logits, past
 
 
 def lockstep(runners: dict[str, Runner], order: list[str], prompt: np.ndarray, steps: int) -> dict:
     """Prefill then ``steps`` greedy decode steps of every runner, interleaved call by call (the first runner
     alternates every step), so that load from outside hits both alike. Per runner: the prefill time and the
     decode step times (s), the greedy tokens, the prefill's last-token logits."""
-    st = {k: {"decode": [], "past": None} for k in order}
+    st = {k: {"decode": [], "decode_cpu": [], "past": None} for k in order}
     for k in order:
         dt, logits, st[k]["past"] = runners[k].timed(prompt, None, 0)
-        st[k]["prefill"] = dt
+        st[k]["prefill"], st[k]["prefill_cpu"] = dt
         st[k]["last_logits"] = logits[0, -1].astype(np.float32)
         st[k]["tokens"] = [int(st[k]["last_logits"].argmax())]
     n = prompt.shape[1]
@@ -205,7 +206,8 @@ def lockstep(runners: dict[str, Runner], order: list[str], prompt: np.ndarray, s
         for k in (order if i % 2 == 0 else order[::-1]):
             dt, logits, st[k]["past"] = runners[k].timed(np.array([[st[k]["tokens"][-1]]], np.int64),
                                                          st[k]["past"], n)
-            st[k]["decode"].append(dt)
+            st[k]["decode"].append(dt[0])
+            st[k]["decode_cpu"].append(dt[1])
             st[k]["tokens"].append(int(logits[0, -1].argmax()))
         n += 1
     for k in order:
@@ -278,14 +280,18 @@ def bench_pair(paths: dict[str, Path], a, vocab: int, log) -> dict:
         for v in res.values():
             v["last_logits"] = np.asarray(v["last_logits"], np.float32)
         row = {k: {"prefill_ms_tok": 1e3 * res[k]["prefill"] / a.prefill,
-                   "decode_ms_tok": 1e3 * float(np.median(res[k]["decode"]))} for k in order}
+                   "decode_ms_tok": 1e3 * float(np.median(res[k]["decode"])),
+                   "prefill_cpu_ms_tok": 1e3 * res[k]["prefill_cpu"] / a.prefill,
+                   "decode_cpu_ms_tok": 1e3 * float(np.median(res[k]["decode_cpu"]))} for k in order}
         row["first"] = order[0]
         row["same_tokens"] = sum(x == y for x, y in zip(res["mexc"]["tokens"], res["ogb"]["tokens"]))
         row["logit_diff"] = float(np.abs(res["mexc"]["last_logits"] - res["ogb"]["last_logits"]).max())
         cycles.append(row)
         log(f"  cycle {c} ({order[0]} first): prefill {row['mexc']['prefill_ms_tok']:.2f} / "
             f"{row['ogb']['prefill_ms_tok']:.2f} ms/tok, decode {row['mexc']['decode_ms_tok']:.2f} / "
-            f"{row['ogb']['decode_ms_tok']:.2f} ms/tok (mexc / OGB, median step); greedy tokens equal "
+            f"{row['ogb']['decode_ms_tok']:.2f} ms/tok (mexc / OGB, median step; CPU ms "
+            f"{row['mexc']['prefill_cpu_ms_tok']:.2f} / {row['ogb']['prefill_cpu_ms_tok']:.2f}, "
+            f"{row['mexc']['decode_cpu_ms_tok']:.2f} / {row['ogb']['decode_cpu_ms_tok']:.2f}); greedy tokens equal "
             f"{row['same_tokens']}/{a.decode + 1}, max |d last logits| {row['logit_diff']:.2e}")
     return {"cycles": cycles, **balanced(cycles), "last": res}
 
@@ -294,7 +300,7 @@ def balanced(cycles: list[dict]) -> dict:
     """Ratios mexc / OGB: the geometric mean of the median ratio of the cycles where mexc was created first and of
     those where OGB was (the first session of a process runs slower, so this cancels the order), and the range."""
     ratio, spread = {}, {}
-    for k in ("prefill_ms_tok", "decode_ms_tok"):
+    for k in ("prefill_ms_tok", "decode_ms_tok", "prefill_cpu_ms_tok", "decode_cpu_ms_tok"):
         by = [[r["mexc"][k] / r["ogb"][k] for r in cycles if r["first"] == f] for f in ("mexc", "ogb")]
         meds = [float(np.median(v)) for v in by if v]
         ratio[k] = float(np.prod(meds) ** (1 / len(meds)))
@@ -362,15 +368,16 @@ def main(argv=None) -> int:
 def format_report(rep: dict) -> str:
     lines = [f"preset {rep['preset']} ({rep['params'] / 1e6:.0f}M params), onnxruntime {rep['onnxruntime']} CPU, "
              f"{rep['threads']} threads, batch 1, prefill {rep['prefill']}, {rep['decode']} greedy decode steps",
-             "", "| scheme | mexc / OGB prefill ms/token (cycles' range) | mexc / OGB decode ms/token (range) | "
-             "greedy tokens equal |",
-             "|---|---|---|---|"]
+             "", "Ratios mexc / OGB (geometric mean of the per-creation-order medians; range over cycles); wall = "
+             "elapsed, CPU = this process's CPU time (ORT's threads included), which load from other processes "
+             "disturbs less", "",
+             "| scheme | prefill ms/token, wall | decode ms/token, wall | prefill, CPU | decode, CPU | "
+             "greedy tokens equal |", "|---|---|---|---|---|---|"]
     for s, r in rep["schemes"].items():
         eq = min(c["same_tokens"] for c in r["cycles"])
-        sp = {k: "x{:.2f}-{:.2f}".format(*v) for k, v in r["spread"].items()}
-        lines.append(f"| {s} | x{r['ratio']['prefill_ms_tok']:.3f} ({sp['prefill_ms_tok']}) | "
-                     f"x{r['ratio']['decode_ms_tok']:.3f} ({sp['decode_ms_tok']}) | "
-                     f"{eq}/{rep['decode'] + 1} |")
+        cells = [f"x{r['ratio'][k]:.3f} (x{r['spread'][k][0]:.2f}-{r['spread'][k][1]:.2f})"
+                 for k in ("prefill_ms_tok", "decode_ms_tok", "prefill_cpu_ms_tok", "decode_cpu_ms_tok")]
+        lines.append(f"| {s} | {' | '.join(cells)} | {eq}/{rep['decode'] + 1} |")
     for s, r in rep["schemes"].items():
         for k, v in r.get("vs_fp32", {}).items():
             lines.append(f"{s} {k} vs the fp32 graph: max |d prefill last-token logits| {v['max_abs_logit_err']:.3g} "
