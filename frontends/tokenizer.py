@@ -329,7 +329,8 @@ def default_vocab(model, res: Resolved) -> tuple[int | None, str | None]:
         return None, None
     emb = next(iter(model.graph.find("embedding")), None)
     rows = emb.params["word"].type.shape[0] if emb is not None else model.config.vocab_size
-    size = max(len(res.tok), min(model.config.vocab_size, rows))
+    saved = model.config.vocab_size   # the unpadded vocab when the args had one; else the padded rows
+    size = len(res.tok) if saved >= rows else max(len(res.tok), saved)
     if size >= rows:
         return None, None
     return size, (f"vocab {rows} -> {size}: trimmed Megatron's padding rows to the tokenizer's {len(res.tok)} "
