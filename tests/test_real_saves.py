@@ -34,7 +34,7 @@ CASE_DIRS = sorted(p.parent for p in CORPUS.glob("*/case.json"))
 # what tools/fixtures/megatron_lm_saves.py makes; a case lost from the corpus fails test_corpus_is_complete
 EXPECTED = {"torch-tp2", "dist-tp2", "bf16-dist-tp2", "distopt-torch-dp2", "distopt-dist-dp2", "vp-torch-pp2",
             "uneven-torch-pp2", "tied-torch-pp2", "moe-torch-ep2", "moe-torch-tp2-ep2-etp1",
-            "dist-tp2-v0.19"}
+            "async-dist-tp1", "dist-tp2-v0.19", "torch-tp1-v0.19"}
 MAX_CORPUS_BYTES = 8 * 2**20
 
 
