@@ -365,25 +365,29 @@ def test_signal_at_startup(tmp_path, legacy, sig, delay):
     assert not found, f"{signal.Signals(sig).name} after {delay:.2f}s: " + "\n".join(found)
 
 
-@pytest.mark.parametrize("phase", ["lift", "write"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: signal.Signals(s).name)
-def test_signal_during_phase(tmp_path, bases, phase, sig):
-    for base in ("legacy", "dist"):
-        case = _case_dir(tmp_path)
-        ckpt = carriers.copy_base(bases, base, case / "ckpt")
-        carriers.finish(ckpt)
-        parent = case / "parent"
-        parent.mkdir()
-        argv = ["compile", ckpt, "--target", "hf", "-o", parent / "out", "--quiet"]
-        marker = case / "MARK"
-        proc = spawn(argv, case, phase, marker)
-        reached = wait_marker(proc, marker)
-        proc.send_signal(sig)
-        marker.unlink(missing_ok=True)  # lets the phase hook return
-        o = finish(proc, argv)
-        assert reached, f"{base}: the {phase} phase was never reached: {o.describe()}"
-        found = _interrupted(o, parent, sig)
-        assert not found, f"{base}: {signal.Signals(sig).name} during {phase}: " + "\n".join(found)
+_PHASES = [(phase, sig, base) for (phase, sig), base in zip(
+    itertools.product(["lift", "write"], [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]),
+    itertools.cycle(["legacy", "dist"]))]  # each phase and each signal meets both formats
+
+
+@pytest.mark.parametrize("phase,sig,base", _PHASES,
+                         ids=[f"{p}-{signal.Signals(s).name}-{b}" for p, s, b in _PHASES])
+def test_signal_during_phase(tmp_path, bases, phase, sig, base):
+    case = _case_dir(tmp_path)
+    ckpt = carriers.copy_base(bases, base, case / "ckpt")
+    carriers.finish(ckpt)
+    parent = case / "parent"
+    parent.mkdir()
+    argv = ["compile", ckpt, "--target", "hf", "-o", parent / "out", "--quiet"]
+    marker = case / "MARK"
+    proc = spawn(argv, case, phase, marker)
+    reached = wait_marker(proc, marker)
+    proc.send_signal(sig)
+    marker.unlink(missing_ok=True)  # lets the phase hook return
+    o = finish(proc, argv)
+    assert reached, f"{base}: the {phase} phase was never reached: {o.describe()}"
+    found = _interrupted(o, parent, sig)
+    assert not found, f"{base}: {signal.Signals(sig).name} during {phase}: " + "\n".join(found)
 
 
 def test_killed_run_leftovers_are_cleaned_by_the_next_run(tmp_path, server, legacy):
