@@ -296,3 +296,24 @@ def test_progress_never_runs_past_its_total():
 def test_inspect_options_on_outputs(served, capsys, args, want):
     rc, _, err = _mexc(capsys, "inspect", served["onnx"], *args)
     assert rc == 2 and want in err
+
+
+@pytest.mark.parametrize("extra,saved,want", [(0, None, 100), (10, None, 110), (0, 128, 100), (0, 120, 120)])
+def test_default_vocab_follows_the_tokenizer(tmp_path, capsys, extra, saved, want):
+    """The tokenizer's size (or the saved unpadded vocab when larger) becomes the vocab of every target; a saved
+    vocab equal to the padded rows (args without an unpadded size) does not hide the padding."""
+    transformers = pytest.importorskip("transformers")
+    tok_dir = TOKENIZER
+    if extra:
+        tok = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER))
+        tok.add_tokens([f"extra{i}" for i in range(extra)])
+        tok.save_pretrained(tmp_path / "tok")
+        tok_dir = tmp_path / "tok"
+    out = tmp_path / "onnx"
+    args = ["compile", EXAMPLE, "--target", "onnx", "--tokenizer", tok_dir, "-o", out, "--json"]
+    if saved:
+        args += ["--set", f"vocab_size={saved}"]
+    rc, stdout, err = _mexc(capsys, *args)
+    assert rc == 0, err
+    assert json.loads((out / "genai_config.json").read_text())["model"]["vocab_size"] == want
+    assert any(n.startswith(f"vocab 128 -> {want}") for n in json.loads(stdout)["notes"]) == (want < 128)
