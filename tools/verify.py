@@ -106,7 +106,7 @@ def artifact_logits(out: Path, manifest: dict, tokens: torch.Tensor, lifted=None
     hf: transformers in the output's own dtype, streamed module by module where the family allows
     (:func:`mexc.tools.verify_stream.hf_logits`); trtllm: streamed layer by layer through the reference
     interpreter (:func:`mexc.tools.verify_stream.stream_logits`); onnx: onnxruntime on the whole graph."""
-    from .verify_stream import TORCH_DTYPES, hf_logits, stream_logits
+    from .verify_stream import TORCH_DTYPES, hf_logits, stream_logits, unmapped
 
     target = manifest["target"]
     if target == "hf":
@@ -118,7 +118,8 @@ def artifact_logits(out: Path, manifest: dict, tokens: torch.Tensor, lifted=None
     if target == "trtllm":
         from ..frontends.trtllm import lift_trtllm
 
-        return stream_logits(lifted if lifted is not None else lift_trtllm(out), tokens), runtime_line(target)
+        model = unmapped(lifted if lifted is not None else lift_trtllm(out))  # read, not mapped: bounded RSS
+        return stream_logits(model, tokens), runtime_line(target)
     raise UsageError(f"verify does not know target {target!r}")
 
 
@@ -175,7 +176,8 @@ def verify_output(a) -> int:
         return 0 if ok else 1
 
     say(f"source: {describe_source(recorded)}, as recorded in the manifest")
-    src = lift(a.against)
+    chosen = (manifest.get("frontend") or {}).get("replicated")  # the compile's --replicated, as recorded
+    src = lift(a.against, overrides={"replicated": chosen} if chosen in ("rank0", "mean") else None)
     same = same_source(recorded, Path(a.against), src.meta)
     result["against"], result["against_is_source"] = str(a.against), same
     if not same:

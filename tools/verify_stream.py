@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ..ir import SafetensorsStore
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _INTERPRETERS = ("mexc.ir.semantics", "mexc.backends.reference.executor")  # the interpreter is moving to ir/
 
@@ -85,19 +87,83 @@ def stream_logits(model, input_ids: torch.Tensor, *, dtype: torch.dtype = torch.
 # ----------------------------------------------------------------------------------------- transformers
 
 
-def _files(out: Path) -> dict:
-    """tensor name -> open safetensors handle, over every ``*.safetensors`` file of ``out``."""
-    from safetensors import safe_open
-
-    where = {}
-    for f in sorted(out.glob("*.safetensors")):
-        h = safe_open(f, framework="pt")
-        for k in h.keys():
-            where[k] = h
-    return where
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _module_keys(model, where: dict) -> dict[str, str] | None:
+class Unmapped:
+    """The tensors of safetensors files, read with plain ``read`` calls into fresh memory instead of through a
+    memory map: pages of a mapped file stay in the process's RSS (RssFile) until it is unmapped, so reading a
+    whole output through ``safe_open`` puts its full size in the RSS (1.8 GB for a 0.9B bf16 model) although
+    only one layer is in use. Offsets come from :func:`mexc.tools.integrity.safetensors_spans` (the header
+    checked), shapes from the ``safetensors`` library; the files passed ``check_artifact`` before."""
+
+    def __init__(self, files):
+        from safetensors import safe_open
+
+        from ..errors import BackendError
+        from .integrity import safetensors_spans
+
+        self.where: dict[str, tuple[Path, int, int, torch.dtype, tuple]] = {}
+        for f in files:
+            spans, why = safetensors_spans(f)
+            if why:
+                raise BackendError(f"{f}: {why}", hint="the output was damaged; compile it again")
+            with safe_open(f, framework="pt") as h:
+                for sp in spans:
+                    shape = tuple(h.get_slice(sp.name).get_shape())
+                    self.where[sp.name] = (f, sp.offset, sp.length, _ST_DTYPES[sp.dtype], shape)
+
+    def shape(self, name: str) -> tuple:
+        return self.where[name][4]
+
+    def read(self, name: str) -> torch.Tensor:
+        path, offset, length, dtype, shape = self.where[name]
+        buf = torch.empty(length, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            while done < length:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise OSError(f"{path}: tensor {name!r} ends past the end of the file")
+                done += n
+        return buf.view(dtype).reshape(shape)
+
+
+class UnmappedSafetensorsStore(SafetensorsStore):
+    """A :class:`mexc.ir.SafetensorsStore` (same name, root and keys ``file:tensor``) that reads through
+    :class:`Unmapped`; :func:`unmapped` puts it in place of the mapped one."""
+
+    def __init__(self, name: str, root: str):
+        super().__init__(name, root)
+        self._files: dict[str, Unmapped] = {}
+
+    def read(self, key, type):
+        fname, tname = key.split(":", 1)
+        if fname not in self._files:
+            self._files[fname] = Unmapped([Path(self.root) / fname])
+        return self._files[fname].read(tname)
+
+
+def unmapped(model):
+    """``model`` with the leaves of its recipes that read a :class:`SafetensorsStore` (the trtllm reader's)
+    moved to an :class:`UnmappedSafetensorsStore` of the same name (recipe keys unchanged); returns it."""
+    new: dict[int, UnmappedSafetensorsStore] = {}
+    for node in model.graph.nodes:
+        for p in node.params.values():
+            for leaf in p.source.leaves():
+                st = leaf.store
+                if type(st) is SafetensorsStore:
+                    leaf.store = new.setdefault(id(st), UnmappedSafetensorsStore(st.name, st.root))
+    for k, st in list(model.stores.items()):
+        if id(st) in new:
+            model.stores[k] = new[id(st)]
+    return model
+
+
+def _module_keys(model, where: Unmapped) -> dict[str, str] | None:
     """Parameter name -> tensor name in the files, for every parameter of ``model`` (tied parameters, e.g.
     ``lm_head.weight`` = ``model.embed_tokens.weight``, share the one tensor that is stored); None when a
     parameter has no stored tensor of its shape (transformers would convert the files at load time)."""
@@ -108,8 +174,8 @@ def _module_keys(model, where: dict) -> dict[str, str] | None:
         params[n] = p
     keys = {}
     for n, p in params.items():
-        stored = [k for k in names[id(p)] if k in where]
-        if not stored or tuple(where[stored[0]].get_slice(stored[0]).get_shape()) != tuple(p.shape):
+        stored = [k for k in names[id(p)] if k in where.where]
+        if not stored or where.shape(stored[0]) != tuple(p.shape):
             return None
         keys[n] = stored[0]
     return keys
@@ -143,7 +209,7 @@ def _streaming_model(out: Path, dtype: torch.dtype):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.eval()
-    where = _files(out)
+    where = Unmapped(sorted(out.glob("*.safetensors")))
     keys = _module_keys(model, where)
     if keys is None or not _materialize_buffers(model):
         return None
@@ -152,7 +218,7 @@ def _streaming_model(out: Path, dtype: torch.dtype):
         for n, p in list(mod._parameters.items()):
             if p is not None:
                 k = keys[mod._mexc_prefix + n]
-                mod._parameters[n] = torch.nn.Parameter(where[k].get_tensor(k).to(dtype), requires_grad=False)
+                mod._parameters[n] = torch.nn.Parameter(where.read(k).to(dtype), requires_grad=False)
 
     def drop(mod, args, output):
         for n, p in list(mod._parameters.items()):
