@@ -100,6 +100,32 @@ def test_other_entry_points(tmp_path):
     assert err(run(lift(unpacked), ref["tokens"]), ref["logits"]) < TOL
 
 
+def test_tokenizer_the_wrapper_saved_is_carried(tmp_path):
+    """Megatron-Bridge's iter_N/tokenizer/ (its run_config names a path not on this machine) and NeMo 2's
+    context/nemo_tokenizer/ end up in the output as HF tokenizer files."""
+    import shutil
+
+    tok = Path(__file__).resolve().parent.parent / "examples" / "llama-tiny-tokenizer"  # 100 tokens, HF files
+    root, _ = W.bridge_save("llama", tmp_path / "bridge")
+    it = root / "iter_0000010"
+    shutil.copytree(tok, it / "tokenizer")
+    cfg = yaml.safe_load((it / "run_config.yaml").read_text())
+    cfg["tokenizer"].update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="/lustre/run/tokenizer")
+    (it / "run_config.yaml").write_text(yaml.safe_dump(cfg))
+    n2, _ = W.nemo2_dir("llama", tmp_path / "nemo2")
+    shutil.copytree(tok, n2 / "context" / "nemo_tokenizer")
+    m = yaml.safe_load((n2 / "context" / "model.yaml").read_text())
+    m["tokenizer"] = {"_target_": "nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer",
+                      "pretrained_model_name": "nemo_tokenizer"}
+    (n2 / "context" / "model.yaml").write_text(yaml.safe_dump(m))
+    for ckpt in (root, n2):
+        out = tmp_path / f"hf-{ckpt.name}"
+        compile_checkpoint(ckpt, out, CompileOptions(target="hf"))
+        got = transformers.AutoTokenizer.from_pretrained(out)
+        assert len(got) == 100 and got("hello world").input_ids == \
+            transformers.AutoTokenizer.from_pretrained(tok)("hello world").input_ids
+
+
 def test_archive_store_round_trips_through_ir_text(tmp_path):
     """The IR text names the tar store by archive, member dir and prefix; parsed back, it reads the same weights."""
     nemo, d = W.nemo1_archive("llama", tmp_path / "llama.nemo", inner="nemo2")

@@ -27,9 +27,10 @@ listed as ``unknown_args`` in the lifted model, as for Megatron-LM args. Config 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -100,6 +101,8 @@ def _open_tree(tree, root: Path, iteration: int | None) -> CheckpointInfo:
         store = DcpStore("ckpt", str((root / weights).resolve()), prefix)
     if prefix == "module.":
         args = nemo2_args(cfg, where, store)
+        if isinstance(tree, _DirTree):
+            vars(args).update(_nemo2_tokenizer(cfg.get("tokenizer"), root / "context"))
         m = re.search(r"step=(\d+)", root.name)
         it = int(m.group(1)) if m else None
     else:
@@ -126,9 +129,44 @@ def _open_bridge(root: Path, d: Path, it: int | None) -> CheckpointInfo:
                               hint="copy the whole iteration directory")
     store = DcpStore("ckpt", str(d.resolve()))
     args = transformer_config_args(model, where, store, _BRIDGE_CLASSES)
+    vars(args).update(_bridge_tokenizer(cfg.get("tokenizer"), d / "tokenizer"))
     info = CheckpointInfo(root, d, "torch_dist", it, args, None)
     info.store = store
     return info
+
+
+def _bridge_tokenizer(tok: Any, assets: Path) -> dict:
+    """Megatron-LM tokenizer args (what :mod:`mexc.frontends.tokenizer` reads) from run_config.yaml's
+    ``tokenizer:`` section (Megatron-LM's names); a file it names that is not on this machine is taken from the
+    copy Megatron-Bridge saved beside the weights (``iter_N/tokenizer/``, its ``save_tokenizer_assets``)."""
+    if not isinstance(tok, dict):
+        return {}
+    out = {k: tok[k] for k in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
+           if isinstance(tok.get(k), str)}
+    for k in ("tokenizer_model", "vocab_file", "merge_file"):
+        if k in out and not Path(out[k]).exists():
+            hf = k == "tokenizer_model" and out.get("tokenizer_type") == "HuggingFaceTokenizer"
+            local = assets if hf else assets / PurePosixPath(out[k]).name
+            if local.exists():
+                out[k] = str(local)
+    return out
+
+
+def _nemo2_tokenizer(tok: Any, context: Path) -> dict:
+    """Megatron-LM tokenizer args from model.yaml's ``tokenizer:`` (NeMo's ``AutoTokenizer`` /
+    ``SentencePieceTokenizer``) when it names files NeMo saved inside ``context/`` (``nemo_tokenizer/``)."""
+    if not isinstance(tok, dict):
+        return {}
+    target = str(tok.get("_target_", ""))
+    name, ttype = ((tok.get("pretrained_model_name"), "HuggingFaceTokenizer") if target.endswith(".AutoTokenizer")
+                   else (tok.get("model_path"), "SentencePieceTokenizer")
+                   if target.endswith(".SentencePieceTokenizer") else (None, None))
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        return {}
+    p = (context / name).resolve()
+    if os.path.commonpath([p, context.resolve()]) != str(context.resolve()) or not p.exists():
+        return {}
+    return {"tokenizer_type": ttype, "tokenizer_model": str(p)}
 
 
 # ------------------------------------------------------------------------------------------ config files
