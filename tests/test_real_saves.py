@@ -1,13 +1,13 @@
 """Checkpoints written by Megatron-LM's own training-loop save (tests/data/real-saves, made by
-tools/fixtures/megatron_lm_saves.py at pinned Megatron-LM tags) compile to every target and reproduce the logits
-megatron-core computed with the same model in the same process before it saved.
+tools/fixtures/megatron_lm_saves.py at pinned Megatron-LM tags) compile to every target and reproduce the
+logits megatron-core computed with the same model in the same process before it saved.
 
-Oracles: transformers (hf target), onnxruntime (onnx target), tests/trtllm_reader.py (trtllm target, TensorRT-LLM's
-own checkpoint semantics). Bounds: fp32 max |d logits| <= 1e-4; bf16 saves (megatron computed in bf16) the bf16
-bound of test_hf_backend; GELU models on trtllm the tanh-GELU rule of test_families (TensorRT-LLM's "gelu" is the
-tanh approximation). A case whose ``case.json`` says ``"expect": "refused"`` must fail with one MexcError whose
-text holds ``expect_error`` and write nothing. The corpus is committed (CI has no GitHub access); megatron-core is
-not needed to run these tests.
+Oracles: transformers (hf target), onnxruntime (onnx target), tests/trtllm_reader.py (trtllm target,
+TensorRT-LLM's own checkpoint semantics). Bounds: fp32 max |d logits| <= 1e-4; bf16 saves (megatron computed
+in bf16) the bf16 bound of test_hf_backend; GELU models on trtllm the tanh-GELU rule of test_families
+(TensorRT-LLM's "gelu" is the tanh approximation). A case whose ``case.json`` says ``"expect": "refused"``
+must fail with one MexcError whose text holds ``expect_error`` and write nothing. The corpus is committed (CI
+has no GitHub access); megatron-core is not needed to run these tests.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 import trtllm_reader
+from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,7 +38,8 @@ MAX_CORPUS_BYTES = 8 * 2**20
 
 
 def info(d: Path) -> dict:
-    """``case.json``: tag, megatron-core version, flags, tp/pp/ep/etp/vp, format, dtype, expect[, expect_error]."""
+    """``case.json``: tag, megatron-core version, flags, tp/pp/ep/etp/vp, format, dtype, expect[,
+    expect_error]."""
     return json.loads((d / "case.json").read_text())
 
 
@@ -63,8 +63,8 @@ def case(request):
 
 
 def compile_or_refuse(d: Path, out: Path, **opts) -> bool:
-    """Compile ``d``; for a case that must be refused, assert the one-line refusal and that nothing was written.
-    Returns True when there is an output to check."""
+    """Compile ``d``; for a case that must be refused, assert the one-line refusal and that nothing was
+    written. Returns True when there is an output to check."""
     c = info(d)
     if c["expect"] == "refused":
         with pytest.raises(MexcError) as e:
