@@ -167,6 +167,7 @@ def _nemo2_with(tmp_path, **changes):
     ({"_model_target_": "nemo.collections.llm.t5.model.t5.T5Model"}, "T5Model"),
     ({"multi_latent_attention": True}, "multi_latent_attention"),
     ({"heterogeneous_block_specs": True}, "heterogeneous_block_specs"),
+    ({"hidden_size": None}, "no hidden_size"),
     ({"position_embedding_type": "yarn"}, "position_embedding_type"),
     ({"_target_": "nemo.collections.llm.gpt.model.llama.Llama31Config", "high_freq_factor": 2.0}, "high_freq_factor"),
 ])

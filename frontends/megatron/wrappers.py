@@ -417,6 +417,10 @@ def _finish(ns: dict, problems: list[str], where: str, store: DcpStore) -> argpa
     if not ns.get("vocab_size") or ns["vocab_size"] > emb[1][0]:
         ns["vocab_size"] = emb[1][0]
     ns["params_dtype"] = emb[0]
+    missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads") if not isinstance(ns.get(k), int)]
+    if missing:
+        raise ConfigError(f"{where}: no {', '.join(missing)} (or not integers)",
+                          hint="the config file is damaged; copy the checkpoint again")
     args = argparse.Namespace(**ns)
     problems = problems + arguments.apply(args).problems
     if problems:
