@@ -291,7 +291,7 @@ def transformer_config_args(cfg: dict, where: str, store: DcpStore, classes: re.
     target = str(cfg.get("_target_", ""))
     if not classes.match(target):
         raise ConfigError(f"{where}: model class {target or '(none)'} is not one whose math mexc knows from its "
-                          "fields alone", hint="mexc reads the GPT, Llama (2/3), Mistral, Mixtral, Qwen2 and "
+                          "fields alone", hint="mexc reads the GPT, Llama (2, 3, 3.1, 3.2), Mistral, Mixtral, Qwen and "
                           "StarCoder2 configs; export others with NeMo's / Megatron-Bridge's own exporter")
     ns: dict[str, Any] = {}
     problems: list[str] = []
