@@ -43,7 +43,16 @@ def main() -> int:
           f"Tree: {head} plus the uncommitted work in progress. Command: `.venv/bin/python tests/hostile/report.py "
           f"/work/notes/hostile-failures.md` (= `pytest -q tests/test_hostile_inputs.py`).", "",
           f"**{len(c.failed)} failing, {c.passed} passing.** Each line: what is wrong <- the command, how it ended, "
-          "its stderr.", ""]
+          "its stderr.", "",
+          "What every case asserts (tests/hostile/forkserver.py `problems`): no hang (60 s), no death by a signal, "
+          "no traceback, the canary absent, nothing left in the output's parent; and, unless the case allows "
+          "acceptance, a non-zero exit with exactly one `error:` line (plus at most a `hint:`) naming the file "
+          "(any of the fragments the case lists). Allowed to succeed: payloads in pickles mexc never needs to "
+          "unpickle (DCP tensor chunk, `_extra_state`), harmless payloads (numpy shapes never allocated, a 4M "
+          "list, a memo DAG outside `model`), and the mutations marked `refuse=False` in tests/hostile/mutate.py "
+          "(offset+1: zipfile finds the same bytes; seq_length=1e18, kv_channels=0; a FIFO tracker when one "
+          "iteration exists). `inspect` may pass where only reading tensor bytes shows the lie (length-1, dtype "
+          "changes).", ""]
     groups: dict[str, list] = {}
     for node, msg in c.failed:
         groups.setdefault(node.split("[")[0], []).append((node, msg))
