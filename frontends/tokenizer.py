@@ -160,7 +160,7 @@ def load(found: Found):
         return transformers.PreTrainedTokenizerFast(tokenizer_object=obj)
     except ConfigError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+    except Exception as e:   # tokenizers / sentencepiece raise plain Exception / RuntimeError on bad files
         raise ConfigError(f"{p}: cannot read the {found.kind} tokenizer ({found.origin}): "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
                           hint="check the file, or give an HF tokenizer directory with --tokenizer") from None

@@ -253,6 +253,13 @@ def test_bad_tokenizer_paths(tmp_path, capsys):
     rc, _, err = _mexc(capsys, "compile", EXAMPLE, "--target", "hf", "--tokenizer", tmp_path / "empty",
                        "-o", tmp_path / "o")
     assert rc == 1 and "holds no tokenizer" in err and not (tmp_path / "o").exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')   # truncated
+    (tmp_path / "bad.model").write_bytes(b"\n\x05junk")
+    for bad in (tmp_path / "bad", tmp_path / "bad.model"):
+        rc, _, err = _mexc(capsys, "compile", EXAMPLE, "--target", "onnx", "--tokenizer", bad, "-o", tmp_path / "o")
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 1 and len(errors) == 1 and "cannot read the" in errors[0] and "Traceback" not in err
 
 
 def test_version(capsys):
