@@ -181,6 +181,7 @@ def test_nemo2_settings_without_a_lifted_form_are_refused(tmp_path, change, word
 @pytest.mark.parametrize("change,words", [
     ({"headscale": True}, "headscale"), ({"mcore_gpt": False}, "mcore_gpt"), ({"activation": "reglu"}, "reglu"),
     ({"position_embedding_type": "alibi"}, "alibi"), ({"transformer_block_type": "normformer"}, "normformer"),
+    ({"max_position_embeddings": "${multiply:2,${.encoder_seq_length}}"}, "interpolation"),
 ])
 def test_nemo1_settings_without_a_lifted_form_are_refused(tmp_path, change, words):
     d = megatron_checkpoint("gpt", fmt="torch_dist")

@@ -166,13 +166,15 @@ def nemo1_config(d: Path) -> dict:
     return {"mcore_gpt": True, "precision": 32, "micro_batch_size": 1, "global_batch_size": 2,
             "tensor_model_parallel_size": info["tp"], "pipeline_model_parallel_size": info["pp"],
             "encoder_seq_length": info["max_position_embeddings"],
-            "max_position_embeddings": info["max_position_embeddings"], "num_layers": h["num_layers"],
+            "max_position_embeddings": "${.encoder_seq_length}",  # as NeMo's megatron_gpt_config.yaml has it
+            "num_layers": h["num_layers"],
             "hidden_size": h["hidden_size"], "ffn_hidden_size": h["ffn_hidden_size"],
             "num_attention_heads": h["num_attention_heads"], "num_query_groups": h["num_query_groups"],
             "kv_channels": h["kv_channels"], "init_method_std": 0.02, "use_scaled_init_method": True,
             "hidden_dropout": 0.0, "attention_dropout": 0.0, "ffn_dropout": 0.0, "kv_channels_unused": None,
             "apply_query_key_layer_scaling": False, "normalization": norm[h["normalization"]],
-            "layernorm_epsilon": h["norm_epsilon"], "do_layer_norm_weight_decay": False,
+            "layernorm_epsilon": f"{h['norm_epsilon']:g}",  # `1e-05` unquoted: YAML 1.1 reads it as a string
+            "do_layer_norm_weight_decay": False,
             "make_vocab_size_divisible_by": 128, "pre_process": True, "post_process": True, "persist_layer_norm": True,
             "bias": h["add_bias_linear"], "qkv_bias": h["add_qkv_bias"], "activation": act, "headscale": False,
             "transformer_block_type": "pre_ln", "openai_gelu": h["openai_gelu"], "normalize_attention_scores": True,

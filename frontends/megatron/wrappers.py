@@ -215,6 +215,25 @@ def _check_backend(text: bytes, where: str) -> None:
                               hint="convert it to torch_dist (megatron-core's dist_checkpointing) first")
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")        # YAML 1.1 reads 1e-5 as a string
+_INTERP = re.compile(r"\$\{(?:\.|model\.)?([A-Za-z_]\w*)\}")   # OmegaConf ${.key} / ${model.key} / ${key}
+
+
+def _plain(cfg: dict) -> dict:
+    """A config mapping as the training run saw it: OmegaConf references to a sibling key (NeMo 1 saves
+    ``max_position_embeddings: ${.encoder_seq_length}``) resolved, exponent-only floats (``1e-5``) as numbers. Other
+    interpolations stay strings (and are refused where they matter)."""
+    out = dict(cfg)
+    for k, v in cfg.items():
+        for _ in range(8):  # a chain of references, never a cycle
+            m = _INTERP.fullmatch(v) if isinstance(v, str) else None
+            if m is None or m.group(1) not in cfg:
+                break
+            v = cfg[m.group(1)]
+        out[k] = float(v) if isinstance(v, str) and _FLOAT.fullmatch(v) else v
+    return out
+
+
 def _ref(v: Any) -> Any:
     """A saved ``{_target_: X, _call_: false}`` reference -> ``"X"``; an enum ``{_target_, _name_}`` -> its name;
     anything else as is."""
@@ -288,6 +307,7 @@ _ACTIVATIONS = {
 def transformer_config_args(cfg: dict, where: str, store: DcpStore, classes: re.Pattern) -> argparse.Namespace:
     """Megatron-LM args from a saved ``TransformerConfig`` / GPT provider (``cfg``: its fields, ``_target_`` the
     class). The padded vocab and the parameter dtype come from the saved word embedding."""
+    cfg = _plain(cfg)
     target = str(cfg.get("_target_", ""))
     if not classes.match(target):
         raise ConfigError(f"{where}: model class {target or '(none)'} is not one whose math mexc knows from its "
@@ -387,11 +407,14 @@ def nemo1_args(cfg: Any, where: str, store: DcpStore) -> argparse.Namespace:
     if not isinstance(cfg, dict) or "num_layers" not in cfg:
         raise ConfigError(f"{where}: not a NeMo 1 GPT model config (no num_layers)",
                           hint="copy the checkpoint again; mexc reads NeMo 1 GPT (mcore) models")
+    cfg = _plain(cfg)
     problems = [f"{k}={str(cfg.get(k))[:40]} (NeMo 1 setting without a lifted form)"
                 for k, ok in _NEMO1_REFUSED.items() if cfg.get(k, ok) not in (ok, None)]
     if cfg.get("mcore_gpt") is not True:
         problems.append("mcore_gpt is not true (pre-mcore NeMo weights use other names)")
     ns: dict[str, Any] = {_NEMO1_RENAMED.get(k, k): cfg[k] for k in (*_NEMO1_COPIED, *_NEMO1_RENAMED) if k in cfg}
+    problems += [f"{k}={v[:60]} (an OmegaConf interpolation mexc does not evaluate)" for k, v in ns.items()
+                 if isinstance(v, str) and "${" in v]
     act, norm = str(cfg.get("activation", "gelu")), str(cfg.get("normalization", "layernorm"))
     if act not in _NEMO1_ACT or norm not in _NEMO1_NORM:
         problems.append(f"activation={act} / normalization={norm} (mexc lifts {', '.join(_NEMO1_ACT)} and "
