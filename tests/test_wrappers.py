@@ -54,6 +54,8 @@ CASES = {
     "nemo2-archive-llama": lambda tmp: W.nemo1_archive("llama", tmp / "llama.nemo", inner="nemo2"),
     "bridge-llama": lambda tmp: W.bridge_save("llama", tmp / "bridge"),
     "bridge-gpt-tp2": lambda tmp: W.bridge_save("gpt", tmp / "bridge", tp=2),
+    "bridge-model-config-llama": lambda tmp: W.bridge_save("llama", tmp / "bridge", form="model-config"),
+    "bridge-model-config-gpt": lambda tmp: W.bridge_save("gpt", tmp / "bridge", form="model-config"),
 }
 
 

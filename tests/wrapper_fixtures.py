@@ -74,7 +74,42 @@ def _yaml_value(v):
 
 
 def transformer_config_fields(d: Path) -> dict:
-    """Every field of the megatron-core ``TransformerConfig`` fixture ``d`` was built with, YAML-ready."""
+    """Every field of the megatron-core ``TransformerConfig`` fixture ``d`` was built with, YAML-ready, plus the GPT
+    config / provider fields."""
+    cfg, h, info = _transformer_config(d)
+    out = {f.name: _yaml_value(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.name.startswith("_")}
+    out.update(_gpt_fields(h, info))
+    return out
+
+
+def _gpt_fields(h: dict, info: dict) -> dict:
+    return dict(position_embedding_type=h["position_embedding_type"], rotary_base=h["rotary_base"],
+                rotary_percent=h["rotary_percent"], seq_length=info["max_position_embeddings"],
+                share_embeddings_and_output_weights=not h["untie_embeddings_and_output_weights"],
+                make_vocab_size_divisible_by=128, vocab_size=info["vocab_size"], parallel_output=True,
+                seq_len_interpolation_factor=None, fp16_lm_cross_entropy=False,
+                scatter_embedding_sequence_parallel=True, tp_comm_overlap_cfg=None)
+
+
+def bridge_model_config(d: Path) -> dict:
+    """Megatron-Bridge's 2026 model-config form (``BridgeGPTModelConfig.as_dict``): GPT build fields outside, the
+    ``TransformerConfig`` nested under ``transformer:`` with callables left out and ``activation_func`` by its
+    short name (Bridge's ``activation_map``)."""
+    cfg, h, info = _transformer_config(d)
+    tc = {"_target_": "megatron.core.transformer.transformer_config.TransformerConfig"}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if not (callable(v) or f.name.startswith("_")):
+            tc[f.name] = _yaml_value(v)
+    tc["activation_func"] = {"silu": "silu", "gelu": "gelu", "squared_relu": "squared_relu"}[cfg.activation_func.__name__]
+    return {"_target_": "megatron.bridge.models.gpt.model_config.BridgeGPTModelConfig",
+            "_builder_": "megatron.bridge.models.gpt.gpt_builder.GPTModelBuilder", "transformer": tc,
+            "transformer_layer_spec": None, "should_pad_vocab": False, "rope_scaling": False,
+            "rope_scaling_factor": 8.0, "use_arbitrary_attention_mask": None, **_gpt_fields(h, info)}
+
+
+def _transformer_config(d: Path):
+    """The megatron-core ``TransformerConfig`` fixture ``d`` was built with, its hyper-parameters and fixture.json."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_mexc_fixture_maker", Path(__file__).resolve().parent.parent
@@ -91,23 +126,14 @@ def transformer_config_fields(d: Path) -> dict:
         moe_ffn_hidden_size=h["moe_ffn_hidden_size"], moe_grouped_gemm=False, moe_router_dtype="fp32",
         moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
         expert_tensor_parallel_size=info["tp"])
-    cfg = TransformerConfig(
+    return TransformerConfig(
         num_layers=h["num_layers"], hidden_size=h["hidden_size"], num_attention_heads=h["num_attention_heads"],
         num_query_groups=h["num_query_groups"], kv_channels=h["kv_channels"], ffn_hidden_size=h["ffn_hidden_size"],
         normalization=h["normalization"], layernorm_epsilon=h["norm_epsilon"],
         layernorm_zero_centered_gamma=h["zero_centered_gamma"], gated_linear_unit=gated,
         activation_func=maker._activation(h), add_bias_linear=h["add_bias_linear"], add_qkv_bias=h["add_qkv_bias"],
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32, pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=info["tp"], pipeline_model_parallel_size=info["pp"], **moe)
-    out = {f.name: _yaml_value(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.name.startswith("_")}
-    out.update(position_embedding_type=h["position_embedding_type"], rotary_base=h["rotary_base"],
-               rotary_percent=h["rotary_percent"], seq_length=info["max_position_embeddings"],
-               share_embeddings_and_output_weights=not h["untie_embeddings_and_output_weights"],
-               make_vocab_size_divisible_by=128, vocab_size=info["vocab_size"], parallel_output=True,
-               seq_len_interpolation_factor=None, fp16_lm_cross_entropy=False,
-               scatter_embedding_sequence_parallel=True, use_transformer_engine_full_layer_spec=False,
-               tp_comm_overlap_cfg=None, masked_softmax_fusion=True, cross_entropy_loss_fusion=True)
-    return out
+        tensor_model_parallel_size=info["tp"], pipeline_model_parallel_size=info["pp"], **moe), h, info
 
 
 def _fresh(out: Path) -> Path:
@@ -205,9 +231,11 @@ def nemo1_archive(kind: str, out: Path, tp: int = 1, config: dict | None = None,
     return out, d
 
 
-def bridge_save(kind: str, out: Path, tp: int = 1, model: dict | None = None) -> tuple[Path, Path]:
+def bridge_save(kind: str, out: Path, tp: int = 1, form: str = "provider") -> tuple[Path, Path]:
     """A Megatron-Bridge save dir: trackers, iter_0000010/ (torch_dist, keys as Megatron-LM's, common.pt without
-    ``args``, run_config.yaml, train_state.pt). Returns (the save dir, the megatron fixture dir)."""
+    ``args``, run_config.yaml, train_state.pt). ``form``: the ``model:`` section as a GPT provider dump
+    (``provider``) or in the nested model-config form (``model-config``). Returns (the save dir, the megatron
+    fixture dir)."""
     d = megatron_checkpoint(kind, tp=tp, fmt="torch_dist")
     root = _fresh(out)
     it = root / "iter_0000010"
@@ -218,7 +246,9 @@ def bridge_save(kind: str, out: Path, tp: int = 1, model: dict | None = None) ->
     torch.save(state, it / "train_state.pt")
     torch.save(state, root / "latest_train_state.pt")
     (root / "latest_checkpointed_iteration.txt").write_text("10")
-    if model is None:
+    if form == "model-config":
+        model = bridge_model_config(d)
+    else:
         model = {"_target_": BRIDGE_PROVIDER, **transformer_config_fields(d),
                  "transformer_layer_spec": {"_target_": "megatron.bridge.models.gpt_provider.default_layer_spec",
                                             "_call_": False},

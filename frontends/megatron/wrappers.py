@@ -128,6 +128,15 @@ def _open_bridge(root: Path, d: Path, it: int | None) -> CheckpointInfo:
         raise CheckpointError(f"{d}: run_config.yaml but no torch_dist files (.metadata)",
                               hint="copy the whole iteration directory")
     store = DcpStore("ckpt", str(d.resolve()))
+    if isinstance(model.get("transformer"), dict):
+        # Megatron-Bridge's model-config form (BridgeGPTModelConfig, 2026): GPT build fields outside, the
+        # TransformerConfig nested under transformer:, activation_func by short name ("silu")
+        inner = model["transformer"]
+        if inner.get("_target_") != _TRANSFORMER_CONFIG:
+            raise ConfigError(f"{where}: model.transformer is a {inner.get('_target_')}, not megatron-core's "
+                              "TransformerConfig", hint="mexc reads GPT models (no MLA / hybrid configs)")
+        model = {**{k: v for k, v in inner.items() if k != "_target_"},
+                 **{k: v for k, v in model.items() if k != "transformer"}}
     args = transformer_config_args(model, where, store, _BRIDGE_CLASSES)
     vars(args).update(_bridge_tokenizer(cfg.get("tokenizer"), d / "tokenizer"))
     info = CheckpointInfo(root, d, "torch_dist", it, args, None)
@@ -292,7 +301,9 @@ _NEMO2_MODELS = re.compile(r"nemo\.collections\.llm\.gpt\.model\.(base\.GPTModel
                            r"MistralModel|mixtral\.MixtralModel|qwen2\.Qwen2Model|starcoder2\.Starcoder2Model)$")
 _BRIDGE_CLASSES = re.compile(r"megatron\.bridge\.models\.(gpt_provider\.GPTModelProvider\w*|llama\.llama_provider\."
                              r"Llama\w*Provider\w*|qwen\.qwen_provider\.Qwen[23]\w*Provider\w*|mistral\.\w+\."
-                             r"Mistral\w*Provider\w*)$")
+                             r"Mistral\w*Provider\w*|gpt\.model_config\.BridgeGPTModelConfig)$"
+                             r"|megatron\.training\.models\.gpt\.GPTModelConfig$")
+_TRANSFORMER_CONFIG = "megatron.core.transformer.transformer_config.TransformerConfig"
 # activation_func target (last dotted name) -> (Megatron-LM switches when gated, when not gated)
 _ACTIVATIONS = {
     "silu": ({"swiglu": True}, None),
@@ -300,7 +311,9 @@ _ACTIVATIONS = {
     "erf_gelu": ({"gated_linear_unit": True}, {}),
     "openai_gelu": ({"gated_linear_unit": True, "openai_gelu": True}, {"openai_gelu": True}),
     "fast_gelu": ({"gated_linear_unit": True, "openai_gelu": True}, {"openai_gelu": True}),
+    "gelu_pytorch_tanh": ({"gated_linear_unit": True, "openai_gelu": True}, {"openai_gelu": True}),
     "squared_relu": (None, {"squared_relu": True}),
+    "relu2": (None, {"squared_relu": True}),
 }
 
 
@@ -324,7 +337,8 @@ def transformer_config_args(cfg: dict, where: str, store: DcpStore, classes: re.
         if name == "share_embeddings_and_output_weights":
             ns["untie_embeddings_and_output_weights"] = not v
         elif name == "transformer_layer_spec":
-            if v not in STANDARD_SPECS:
+            # None: the builder's default GPT spec (the model-config form leaves callables out of the file)
+            if v is not None and not (isinstance(v, str) and v in STANDARD_SPECS):
                 problems.append(f"transformer_layer_spec={str(v)[:80]} (a custom layer spec can change any part "
                                 "of the layer; mexc lifts the standard GPT specs)")
         elif name == "seq_length":
