@@ -69,10 +69,10 @@ def from_path(path: str | Path, origin: str = "--tokenizer") -> Found:
     """Classify a user path (see the module doc); raises ConfigError when it is none of the known forms."""
     text = str(path)
     if "," in text:
-        vocab, merges = (Path(p) for p in text.split(",", 1))
-        for p in (vocab, merges):
-            if not p.is_file():
-                raise ConfigError(f"{p}: no such file (from {origin} {text})", hint="give VOCAB.json,MERGES.txt")
+        vocab, merges = (Path(q) for q in text.split(",", 1))
+        for q in (vocab, merges):
+            if not q.is_file():
+                raise ConfigError(f"{q}: no such file (from {origin} {text})", hint="give VOCAB.json,MERGES.txt")
         return Found("gpt2", (vocab, merges), origin)
     p = Path(path)
     if not p.exists():
@@ -96,12 +96,12 @@ def from_path(path: str | Path, origin: str = "--tokenizer") -> Found:
     if name.endswith(".tiktoken"):
         return Found("tiktoken", (p,), origin)
     if name.endswith(".json"):
-        merges = [m for m in (p.parent / "merges.txt", p.with_name(p.stem.replace("vocab", "merges") + ".txt"))
+        beside = [m for m in (p.parent / "merges.txt", p.with_name(p.stem.replace("vocab", "merges") + ".txt"))
                   if m.is_file()]
-        if not merges:
+        if not beside:
             raise ConfigError(f"{p}: a GPT-2 vocab needs its merges file (merges.txt beside it)",
                               hint=f"pass --tokenizer {p},MERGES.txt")
-        return Found("gpt2", (p, merges[0]), origin)
+        return Found("gpt2", (p, beside[0]), origin)
     with open(p, "rb") as f:
         head = f.read(64)
     if p.suffix == ".model" or head[:1] == b"\n":   # a SentencePiece ModelProto starts with field 1 (pieces)
@@ -120,9 +120,9 @@ def from_args(args: Any) -> tuple[Found | None, str | None]:
     if ttype in (None, "NullTokenizer"):
         return None, f"the checkpoint was trained with {ttype or 'no tokenizer_type'} (token ids only)"
     if ttype == "GPT2BPETokenizer":
-        files = [a.get("vocab_file"), a.get("merge_file")]
+        files = [str(a.get("vocab_file") or ""), str(a.get("merge_file") or "")]
         if all(files) and all(Path(f).is_file() for f in files):
-            return Found("gpt2", tuple(Path(f) for f in files), origin), None   # eod = bos = eos <|endoftext|>
+            return Found("gpt2", (Path(files[0]), Path(files[1])), origin), None   # eod = bos = eos <|endoftext|>
         return None, f"its args name {_describe(a)}, not found on this machine"
     if ttype == "TikTokenizer":
         return None, (f"its args name {_describe(a)}: Megatron's TikTokenizer puts "
@@ -151,7 +151,8 @@ def load(found: Found):
         if found.kind == "gpt2":   # transformers 5 takes vocab=/merges=; 4.x's fast class vocab_file=/merges_file=
             if int(transformers.__version__.split(".")[0]) >= 5:
                 return transformers.GPT2Tokenizer(vocab=str(p), merges=str(found.paths[1]))
-            return transformers.GPT2TokenizerFast(vocab_file=str(p), merges_file=str(found.paths[1]))
+            fast = getattr(transformers, "GPT2TokenizerFast")
+            return fast(vocab_file=str(p), merges_file=str(found.paths[1]))
         if found.kind == "sentencepiece":
             return _sentencepiece(p)
         from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -177,7 +178,7 @@ def _sentencepiece(path: Path):
     import transformers
 
     sp = spm.SentencePieceProcessor(model_file=str(path))
-    special = {}
+    special: dict = {}
     for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()),
                     ("pad_token", sp.pad_id())):
         special[name] = sp.id_to_piece(i) if i >= 0 else None
@@ -266,7 +267,7 @@ class Resolved:
     why_missing: str | None = None
 
     def manifest(self) -> dict:
-        if self.tok is None:
+        if self.tok is None or self.found is None:
             return {"tokenizer": None}
         return {"tokenizer": {"kind": self.found.kind, "origin": self.found.origin,
                               "files": [str(p) for p in self.found.paths], "size": len(self.tok)}}
@@ -275,13 +276,13 @@ class Resolved:
 def resolve(ckpt: str | Path, path: str | Path | None, iteration: int | None = None) -> Resolved:
     """``--tokenizer PATH`` when given, else the files the checkpoint's args name (read from its saved args)."""
     if path is not None:
-        found = from_path(path)
-    else:
-        from .megatron.reader import open_checkpoint
+        given = from_path(path)
+        return Resolved(load(given), given)
+    from .megatron.reader import open_checkpoint
 
-        found, why = from_args(open_checkpoint(ckpt, iteration).args)
-        if found is None:
-            return Resolved(why_missing=why)
+    found, why = from_args(open_checkpoint(ckpt, iteration).args)
+    if found is None:
+        return Resolved(why_missing=why)
     return Resolved(load(found), found)
 
 
@@ -294,7 +295,7 @@ def split_overrides(overrides: dict | None) -> tuple[dict, dict]:
 
 def token_ids(res: Resolved, overrides: dict, rows: int) -> dict[str, Any]:
     """bos/eos/pad ids from the tokenizer, then ``--set`` overrides; each checked against ``rows``."""
-    ids = special_ids(res.tok) if res.tok is not None else {}
+    ids: dict[str, Any] = dict(special_ids(res.tok)) if res.tok is not None else {}
     for k, v in overrides.items():
         vals = v if isinstance(v, (list, tuple)) else [v]
         if v is None:
@@ -315,7 +316,7 @@ def attach(model, res: Resolved, id_overrides: dict) -> None:
     emb = next(iter(model.graph.find("embedding")), None)
     rows = emb.params["word"].type.shape[0] if emb is not None else model.config.vocab_size
     if res.tok is not None:
-        check_vocab(res.tok, rows, res.found.origin)
+        check_vocab(res.tok, rows, res.found.origin if res.found else "the tokenizer")
     ids = token_ids(res, id_overrides, rows)
     extra = {k: v for k, v in dict(model.config.extra).items() if k not in TOKEN_FIELDS}
     extra.update(ids)

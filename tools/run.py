@@ -103,7 +103,7 @@ def _run_hf(out: Path, prompt: str, n: int) -> Generation:
     p = ids.input_ids.shape[1]
     new = seq[p:]
     return Generation("transformers " + transformers.__version__, seq[:p], new,
-                      tok.decode(new, skip_special_tokens=True), time.perf_counter() - t0)
+                      str(tok.decode(new, skip_special_tokens=True)), time.perf_counter() - t0)
 
 
 def _run_onnx(out: Path, prompt: str, n: int) -> Generation:
@@ -135,7 +135,7 @@ def _run_onnx(out: Path, prompt: str, n: int) -> Generation:
     eos = cfg["model"].get("eos_token_id")
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     shown = [i for i in new if i not in eos]
-    return Generation("onnxruntime-genai " + og.__version__, prompt_ids, new, tok.decode(shown),
+    return Generation("onnxruntime-genai " + og.__version__, prompt_ids, new, str(tok.decode(shown)),
                       time.perf_counter() - t0)
 
 

@@ -75,7 +75,7 @@ def set_ids(out: Path, target: str, ids: dict) -> list[str]:
 def add_tokenizer(a) -> int:
     out = Path(a.out)
     manifest = read_manifest(out)
-    target = manifest.get("target")
+    target = str(manifest.get("target"))
     unknown = sorted(set(dict(a.set)) - set(tokenizers.TOKEN_FIELDS))
     if unknown:
         raise UsageError(f"--set {unknown[0]}: only token ids can be set here",
@@ -83,8 +83,8 @@ def add_tokenizer(a) -> int:
     if has_tokenizer(out) and not a.force:
         raise UsageError(f"{out}: already has a tokenizer (tokenizer.json / tokenizer_config.json)",
                          hint="add --force to replace it")
-    res = tokenizers.Resolved(None, tokenizers.from_path(a.source))
-    res.tok = tokenizers.load(res.found)
+    found = tokenizers.from_path(a.source)
+    res = tokenizers.Resolved(tokenizers.load(found), found)
     rows = _vocab_rows(out, target)
     tokenizers.check_vocab(res.tok, rows, str(a.source))
     ids = tokenizers.token_ids(res, dict(a.set), rows)
