@@ -62,7 +62,7 @@ def build_pipeline(model: Model, opts: CompileOptions, backend: Backend) -> list
         if p.name == "reshard" and (p.tp, p.pp, p.ep) != (opts.tp, opts.pp, opts.ep):
             raise UsageError(f"--pipeline has {p} but the target layout is --tp {opts.tp} --pp {opts.pp} "
                              f"--ep {opts.ep}", hint="set the layout with --tp/--pp/--ep; the backend adds reshard")
-    return user + parse_pipeline(backend.legalize_pipeline(opts, model))
+    return user + backend.legalize(opts, model)
 
 
 def check_apart(ckpt: str | Path, out: str | Path) -> None:

@@ -85,6 +85,13 @@ class Backend:
         """The passes (pipeline text) that bring a lifted model into the form ``emit`` takes."""
         return ""
 
+    def legalize(self, opts: CompileOptions, model: Model) -> list:
+        """The passes (objects) that bring a lifted model into the form ``emit`` takes; by default parsed from
+        :meth:`legalize_pipeline` (the hf and trtllm backends build them from their target class)."""
+        from ..passes import parse_pipeline
+
+        return parse_pipeline(self.legalize_pipeline(opts, model))
+
     def check(self, model: Model, opts: CompileOptions) -> list[str]:
         """What this target cannot lower (each with a hint); empty = fine."""
         return []

@@ -21,8 +21,10 @@ from ...ir.ops import absent_shape
 from ...ir.tensors import Recipe, TensorCache
 from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry, write_new,
                     write_safetensors)
+from ...passes import format_pipeline
 from ...passes.fold_moe_scaling import has_topk_scale
 from ...passes.rope_to_half import has_interleaved_rope
+from ..lowering import Plan, cached_plan, make_pass
 from . import families
 from .names import Rule, rules_for
 
@@ -54,11 +56,17 @@ def _absent_shape(model: Model, node, param: str) -> tuple[int, ...]:
 
 
 def plan(model: Model, family: str, cache=None) -> tuple[list[TensorEntry], list[str]]:
-    """The entries in model order, and problems (IR params no active rule writes)."""
+    """The entries in model order, and problems (IR params no active row writes)."""
+    pairs, problems = _lower(model, family)
+    return [recipe_entry(name, rec, cache) for name, rec in pairs], problems
+
+
+def _lower(model: Model, family: str) -> tuple[list[tuple[str, Recipe]], list[str]]:
+    """(tensor name, recipe) pairs in model order from the family's rows, and the params no row takes."""
     roles = node_roles(model)
     rules = rules_for(family)
     fl = families.flags(model, family)
-    entries: list[TensorEntry] = []
+    pairs: list[tuple[str, Recipe]] = []
     problems: list[str] = []
     dtype = model.config.dtype.value
     for node in model.graph.nodes:
@@ -78,15 +86,28 @@ def plan(model: Model, family: str, cache=None) -> tuple[list[TensorEntry], list
                                        dtype=ref or _ref_dtype(node, dtype)))
                 taken.add(pname)
             src = srcs[0] if len(srcs) == 1 else derive("concat", *srcs, dim=0)
-            for name, rec in _apply(r, src, node):
-                entries.append(recipe_entry(name, rec, cache))
+            pairs += _apply(r, src, node)
         if role == "lm_head" and node.attrs["tied"]:
             taken.add("weight")
         left = sorted(set(node.params) - taken)
         if left:
             problems.append(f"{node.location}: params {left} have no place in the {family} family "
                             f"({families.ARCHITECTURES[family]}) and would be dropped")
-    return entries, problems
+    return pairs, problems
+
+
+def lowering_plan(model: Model) -> Plan:
+    """The model's :class:`~mexc.backends.lowering.Plan` for the hf target: the family, its refusal lines and
+    the (name, recipe) pairs, computed once for this model state and shared by check and emit."""
+    return cached_plan("hf", model, _compute_plan)
+
+
+def _compute_plan(model: Model) -> Plan:
+    cls, problems, _ = families.classify_class(model)
+    p = Plan(cls, problems)
+    if cls is not None and not problems:
+        p.data["pairs"], p.problems = _lower(model, cls.name)
+    return p
 
 
 def _ref_dtype(node, default: str) -> str:
@@ -133,16 +154,22 @@ class HFBackend(Backend):
     name = "hf"
     description = "Hugging Face layout (config.json + model.safetensors) for transformers, vLLM, TRT-LLM PyTorch"
 
-    def legalize_pipeline(self, opts: CompileOptions, model: Model) -> str:
-        family = families.classify(model)[0]
-        qkv = (["fuse-qkv", "relayout-qkv{to=grouped}"] if family in families.FUSED_QKV else ["split-qkv"])
-        fold = "false" if family in families.ZERO_CENTERED else "true"   # Gemma/Nemotron norms add 1 themselves
-        exact = (["rope-to-half"] if has_interleaved_rope(model) else []) + \
-            (["fold-moe-scaling"] if has_topk_scale(model) else [])   # exact rewrites (issue 16)
-        steps = [*exact, *qkv, f"canonicalize{{fold-gamma={fold}}}", "reshard{tp=1 pp=1 ep=1}"]
+    def legalize(self, opts: CompileOptions, model: Model) -> list:
+        """The passes (objects) that bring a lifted model into the form ``emit`` takes, from its family."""
+        cls = families.classify_class(model)[0]
+        fused = cls is not None and cls.extra["fused_qkv"]
+        qkv = [make_pass("fuse-qkv"), make_pass("relayout-qkv", to="grouped")] if fused else [make_pass("split-qkv")]
+        # Gemma/Nemotron norms add 1 themselves: their gamma is not folded
+        fold = not (cls is not None and cls.extra["zero_centered"])
+        exact = ([make_pass("rope-to-half")] if has_interleaved_rope(model) else []) + \
+            ([make_pass("fold-moe-scaling")] if has_topk_scale(model) else [])   # exact rewrites (issue 16)
+        steps = [*exact, *qkv, make_pass("canonicalize", fold_gamma=fold), make_pass("reshard", tp=1, pp=1, ep=1)]
         if opts.dtype:
-            steps.append(f"lower-dtype{{to={opts.dtype} keep-norms-fp32=false keep-router-fp32=false}}")
-        return ",".join(steps)
+            steps.append(make_pass("lower-dtype", to=opts.dtype, keep_norms_fp32=False, keep_router_fp32=False))
+        return steps
+
+    def legalize_pipeline(self, opts: CompileOptions, model: Model) -> str:
+        return format_pipeline(self.legalize(opts, model))
 
     def check(self, model: Model, opts: CompileOptions) -> list[str]:
         problems: list[str] = []
@@ -153,19 +180,16 @@ class HFBackend(Backend):
         if opts.tp != 1 or opts.pp != 1 or opts.ep != 1:
             problems.append(f"the hf target writes one unsharded model (got --tp {opts.tp} --pp {opts.pp} "
                             f"--ep {opts.ep}); loaders shard it at load time: drop --tp/--pp/--ep")
-        family, fam_problems = families.classify(model)
-        problems += fam_problems
+        problems += lowering_plan(model).problems
         if has_topk_scale(model):
             problems.append("a MoE top-k scaling factor: no transformers class reads one; run fold-moe-scaling")
-        if family is not None and not fam_problems:
-            problems += plan(model, family)[1]
         return problems
 
     def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:
-        family, problems = families.classify(model)
+        lp = lowering_plan(model)
+        family, problems = lp.name, list(lp.problems)
         cache = TensorCache(cache_bytes(model))
-        entries, more = plan(model, family, cache) if family else ([], [])
-        problems += more
+        entries = [recipe_entry(name, rec, cache) for name, rec in lp.data.get("pairs", [])]
         if problems:
             raise BackendError("the hf target cannot lower this model: " + "; ".join(problems))
         out = Path(out)

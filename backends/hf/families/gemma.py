@@ -1,0 +1,56 @@
+"""GemmaForCausalLM: RMSNorm computing with (1 + w) (the gamma stays zero-centered), embedding x sqrt(hidden),
+GeGLU with the tanh GELU, full rotary."""
+
+from __future__ import annotations
+
+import math
+
+from .common import (HIDDEN_ACT, MLP_BIAS, ONE_MLP_SIZE, ROTARY_ONLY, family, full_rotary, mlp_form, no_qk_norm,
+                     rotary_config, rule)
+
+ROWS = """
+embedding   word        model.embed_tokens.weight                          copy  always
+input_norm  weight      model.layers.{L}.input_layernorm.weight            zc    always
+attention   q           model.layers.{L}.self_attn.q_proj.weight           copy  always
+attention   k           model.layers.{L}.self_attn.k_proj.weight           copy  always
+attention   v           model.layers.{L}.self_attn.v_proj.weight           copy  always
+attention   q_bias      model.layers.{L}.self_attn.q_proj.bias             copy  attn_bias
+attention   k_bias      model.layers.{L}.self_attn.k_proj.bias             copy  attn_bias
+attention   v_bias      model.layers.{L}.self_attn.v_proj.bias             copy  attn_bias
+attention   proj        model.layers.{L}.self_attn.o_proj.weight           copy  always
+attention   proj_bias   model.layers.{L}.self_attn.o_proj.bias             copy  attn_bias
+post_norm   weight      model.layers.{L}.post_attention_layernorm.weight   zc    always
+mlp         gate        model.layers.{L}.mlp.gate_proj.weight              copy  always
+mlp         up          model.layers.{L}.mlp.up_proj.weight                copy  always
+mlp         fc2         model.layers.{L}.mlp.down_proj.weight              copy  always
+final_norm  weight      model.norm.weight                                  zc    always
+lm_head     weight      lm_head.weight                                     copy  untied
+"""
+
+
+def _scale(f):
+    H = f.config.hidden_size
+    if not math.isclose(f.emb.attrs["scale"], math.sqrt(H), rel_tol=1e-6):
+        return (f"embedding scale {f.emb.attrs['scale']:g} cannot be expressed by the {f.name}: it multiplies by "
+                f"sqrt(hidden_size) = {math.sqrt(H):g}")
+
+
+def config(f, flags) -> dict:
+    cfg, a, act = rotary_config(f), f.a0, HIDDEN_ACT[f.mlps[0].attrs["activation"]]
+    cfg.update(intermediate_size=f.mlps[0].params["fc2"].type.shape[1], num_key_value_heads=a["num_kv_heads"],
+               head_dim=a["head_dim"], hidden_act=act, hidden_activation=act, rms_norm_eps=f.norms[0].attrs["eps"],
+               attention_bias=flags["attn_bias"])
+    return cfg
+
+
+family("gemma", "GemmaForCausalLM", rows=ROWS, zero_centered=True,
+       signature=lambda f: (f.emb.attrs["scale"] != 1.0 and f.kinds == {"rmsnorm"} and f.gated == {True}
+                            and f.acts <= {"gelu", "gelu-tanh"}),
+       rules=[rule("q/k normalization")(no_qk_norm), ROTARY_ONLY, rule("partial rotary")(full_rotary),
+              rule("an MLP other than GeGLU with the tanh GELU")(mlp_form(
+                  True, "gelu-tanh", ": transformers' Gemma always uses the tanh GELU (it rewrites "
+                  "hidden_act='gelu' to gelu_pytorch_tanh); Megatron's Gemma uses openai_gelu (tanh)")),
+              ONE_MLP_SIZE,
+              rule("MLP biases")(lambda f: f"MLP biases cannot be expressed by the {f.name}"
+                                 if f.has(f.mlps, MLP_BIAS) else None),
+              rule("an embedding scale other than sqrt(hidden)")(_scale)], config=config)
