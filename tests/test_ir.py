@@ -204,17 +204,15 @@ def test_block_patterns(wiring, kind, parallel, norms):
 def test_shared_expert_wiring_is_not_a_falcon_block():
     """x + moe(h) + mlp(h) sums three terms like Falcon's x + attn(n(x)) + mlp(n(x)), but is a MoE with a
     shared expert: no backend may take it for a parallel block (issue 15)."""
-    from mexc.backends.hf import families
-    from mexc.backends.trtllm import _arch
+    from mexc.backends.base import CompileOptions
+    from mexc.driver import get_backend
 
     m = _block_model("shared")
-    cls, problems = _arch(m)
-    assert cls != "FalconForCausalLM"
-    assert problems and all("parallel" not in p for p in problems)
-    assert any("shared expert" in p for p in problems)
-    family, problems = families.classify(m)
-    assert family not in ("falcon", "falcon2") and problems
-    assert all("parallel" not in p for p in problems)
+    for target in ("trtllm", "hf"):
+        problems = get_backend(target).check(m, CompileOptions(target=target, build="never"))
+        assert problems, f"{target} must refuse a shared expert it cannot express"
+        assert all("parallel" not in p and "Falcon" not in p for p in problems), (target, problems)
+    assert any("shared expert" in p for p in get_backend("trtllm").check(m, CompileOptions(target="trtllm")))
     # the reference semantics are the wiring's: the same logits as the nested form of the same sum
     assert torch.allclose(run(m, TOKENS), run(_block_model("shared-nested"), TOKENS), atol=1e-6)
 
