@@ -1,9 +1,14 @@
 """A second frontend: lift a TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) back into the IR.
 
-`mexc verify` uses it to run a compiled ``trtllm`` output through the reference executor. It inverts
-TensorRT-LLM's documented rules: per-rank ``[Q_r; K_r; V_r]`` (KV heads de-duplicated when they were
-replicated), column-parallel weights concatenated on dim 0, row-parallel on dim 1, stage-local layer
-numbering, ``lm_head`` padding, MoE ``fc`` = ``[up; gate]`` per expert. Weights stay lazy.
+`mexc verify` and `mexc inspect --ir` use it to run a compiled ``trtllm`` output through the reference
+interpreter. It is derived from the writer (issue 15 item 7): the class that config.json's ``architecture``
+names is looked up in :mod:`mexc.backends.trtllm.classes`; its name rows are inverted (tensor name -> node role
+and IR param) and its ``read`` function turns config.json back into the IR attributes its ``config`` wrote
+(norm kind, MLP form, parallel blocks, embedding scale, q/k norm). A class the writer does not know is refused
+with one line. How shards merge follows the IR's declared param roles (:mod:`mexc.ir.ops`: column params
+concatenated on dim 0, row on dim 1, the rest taken from the first rank), plus TensorRT-LLM's own per-rank
+``[Q_r; K_r; V_r]`` (KV heads de-duplicated when replicated), stage-local layer numbering, ``lm_head`` padding and
+MoE ``fc`` = ``[up; gate]`` per expert. Weights stay lazy.
 """
 
 from __future__ import annotations
@@ -14,16 +19,16 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..errors import CheckpointError
-from ..ir import Builder, ModelConfig, Recipe, Rope, SafetensorsStore, TensorType, derive, load
+from ..ir import Builder, ModelConfig, Rope, SafetensorsStore, TensorType, derive, load
+from ..ir.ops import param_spec
 from ..ir.types import DType
 
 _ST = {"F32": DType.f32, "BF16": DType.bf16, "F16": DType.f16, "F8_E4M3": DType.f8e4m3, "I8": DType.i8}
-_ACT = {"gelu": "gelu-tanh", "gelu_new": "gelu-tanh", "relu": "relu", "squared-relu": "squared-relu",
-        "silu": "silu", "swiglu": "silu", "geglu": "gelu-tanh", "quick_gelu": "quick-gelu"}
+_OP = {"embedding": "embedding", "input_norm": "norm", "post_norm": "norm", "final_norm": "norm",
+       "attention": "attention", "mlp": "mlp", "moe": "moe", "lm_head": "lm_head"}
 
 
-def lift_trtllm(path: str | Path):
-    root = Path(path)
+def _config(root: Path) -> dict:
     cfg_path = root / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -31,13 +36,37 @@ def lift_trtllm(path: str | Path):
         raise CheckpointError(f"{cfg_path}: missing", hint="give the directory `mexc compile --target trtllm` wrote") from None
     except ValueError as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("mapping"), dict):
+        raise CheckpointError(f"{cfg_path}: not a TensorRT-LLM checkpoint config (no mapping)")
     if (cfg.get("quantization") or {}).get("quant_algo"):
         raise CheckpointError(f"{cfg_path}: quantized checkpoints ({cfg['quantization']['quant_algo']}) are "
                               "quantized by trtllm-build; verify the float checkpoint instead",
                               hint="compile without --quant to verify, then build with --quant")
+    return cfg
+
+
+def _class(cfg: dict, cfg_path: Path):
+    from ..backends.trtllm.classes import REGISTRY, by_architecture
+
+    cls = by_architecture(str(cfg.get("architecture")))
+    if cls is None:
+        raise CheckpointError(f"{cfg_path}: architecture {cfg.get('architecture')!r} is not a class mexc's "
+                              "trtllm target writes, so mexc cannot read it back",
+                              hint=f"mexc reads {', '.join(c.name for c in REGISTRY)}")
+    info = cls.extra["read"](cfg)
+    if "refuse" in info:
+        raise CheckpointError(f"{cfg_path}: {info['refuse']}")
+    return cls, info
+
+
+def lift_trtllm(path: str | Path):
+    """The IR of a TensorRT-LLM checkpoint directory (weights lazy); a class mexc does not write, a missing
+    rank file or tensor is one :class:`~mexc.errors.CheckpointError`."""
+    root = Path(path)
+    cfg = _config(root)
+    cls, info = _class(cfg, root / "config.json")
     m = cfg["mapping"]
-    tp, pp = m.get("tp_size", 1), m.get("pp_size", 1)
-    ep = m.get("moe_ep_size", 1)
+    tp, pp, ep = m.get("tp_size", 1), m.get("pp_size", 1), m.get("moe_ep_size", 1)
     store = SafetensorsStore("trt", str(root.resolve()))
     shapes: dict[int, dict[str, tuple[DType, tuple[int, ...]]]] = {}
     for r in range(tp * pp):
@@ -46,6 +75,7 @@ def lift_trtllm(path: str | Path):
             raise CheckpointError(f"{f}: missing (mapping says tp={tp} pp={pp})", hint="copy every rank file")
         with safe_open(f, "pt") as h:
             shapes[r] = {k: (_ST[h.get_slice(k).get_dtype()], tuple(h.get_slice(k).get_shape())) for k in h.keys()}
+    names = {(row.role, row.params): row.name for row in cls.rows}
 
     def leaf(rank, name):
         if name not in shapes[rank]:
@@ -66,16 +96,27 @@ def lift_trtllm(path: str | Path):
     def ranks(stage):
         return [stage * tp + t for t in range(tp)]
 
-    def merged(stage, name, dim):
-        parts = [leaf(r, name) for r in ranks(stage)]
+    def name(role, param, layer=None):
+        row = names.get((role, param if isinstance(param, tuple) else (param,)))
+        return None if row is None else row.format(L=local[layer] if layer is not None else "")
+
+    def merged(stage, role, param, layer=None):
+        """The param merged over the stage's TP ranks by its declared role (None when absent)."""
+        n = name(role, param, layer)
+        parts = [leaf(r, n) for r in ranks(stage)] if n else [None]
         if parts[0] is None:
             return None
+        spec = param_spec(_OP[role], param)
+        dim = spec.split_dim() if spec is not None else None
+        if role == "embedding" and param == "word" and not cfg.get("use_parallel_embedding"):
+            dim = None
         if dim is None or tp == 1:
             return parts[0]
         return derive("concat", *parts, dim=dim)
 
-    def qkv(stage, name):
-        parts = [leaf(r, name) for r in ranks(stage)]
+    def qkv(stage, param, layer):
+        n = name("attention", param, layer)
+        parts = [leaf(r, n) for r in ranks(stage)] if n else [None]
         if parts[0] is None:
             return None
         ql, kl = nh // tp * d, max(1, nkv // tp) * d
@@ -85,80 +126,54 @@ def lift_trtllm(path: str | Path):
         vs = [derive("slice", p, dim=0, start=ql + kl, stop=ql + 2 * kl) for p in parts[::step]]
         return derive("tag_qkv", derive("concat", *qs, *ks, *vs, dim=0), kind="concat", q=nh, kv=nkv, d=d)
 
-    llama = cfg["architecture"] in ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
-    act = _ACT.get(cfg.get("hidden_act", "gelu"))
-    gated = llama or cfg.get("hidden_act") in ("swiglu", "geglu")
-    kind = "rmsnorm" if llama else "layernorm"
+    kind, gated, act = info["norm"], info["gated"], info["activation"]
     eps = cfg.get("norm_epsilon", 1e-5)
     pos = cfg.get("position_embedding_type", "learned_absolute")
-    rs = cfg.get("rotary_scaling") or {}
-    rope = Rope(base=float(cfg.get("rotary_base", 10000.0)), percent=1.0 if llama else float(cfg.get("rotary_pct", 1.0)),
-                interleaved=pos == "rope_gptj", scaling=rs.get("type", "none") if rs else "none",
-                factor=float(rs.get("factor", 1.0)) if rs else 1.0)
+    rope = Rope(interleaved=pos == "rope_gptj", **info["rope"])
     vocab = cfg["vocab_size"]
-    dtype = DType.parse(cfg["dtype"])
-    mc = ModelConfig(family="llama" if llama else "gpt", hidden_size=H, num_layers=L, vocab_size=vocab,
-                     max_position_embeddings=cfg.get("max_position_embeddings") or 2048, dtype=dtype)
+    mc = ModelConfig(family=cls.name, hidden_size=H, num_layers=L, vocab_size=vocab,
+                     max_position_embeddings=cfg.get("max_position_embeddings") or 2048,
+                     dtype=DType.parse(cfg["dtype"]))
     b = Builder(mc, stores={"trt": store}, meta={"source": "trtllm", "checkpoint": str(root.resolve())})
-    emb_dim = 0 if cfg.get("use_parallel_embedding") else None
-    word = merged(0, "transformer.vocab_embedding.weight", emb_dim)
+    word = merged(0, "embedding", "word")
     if word is None:
-        raise CheckpointError(f"{root}/rank0.safetensors: no transformer.vocab_embedding.weight")
+        raise CheckpointError(f"{root}/rank0.safetensors: no {name('embedding', 'word')}")
     if word.type.shape[0] != vocab:
         word = derive("slice", word, dim=0, start=0, stop=vocab)
-    x = b.node("embedding", b.input_ids, params={"word": word,
-                                                 "position": merged(0, "transformer.position_embedding.weight", emb_dim)})
-    moe = cfg.get("moe") or {}
-    E = moe.get("num_experts", 0) or cfg.get("moe_num_experts", 0)
+    x = b.node("embedding", b.input_ids, scale=info.get("emb_scale", 1.0),
+               params={"word": word, "position": merged(0, "embedding", "position")})
+    E = info.get("experts", 0)
+    qk = {"qk_norm": info["qk_norm"], "qk_norm_eps": info["qk_norm_eps"]} if info.get("qk_norm") else {}
     for i in range(L):
-        s, p = stage_of[i], f"transformer.layers.{local[i]}."
+        s = stage_of[i]
 
-        def rep(name, s=s):
-            return leaf(ranks(s)[0], name)
+        def norm(role, inp, s=s, i=i):
+            return b.node("norm", inp, layer=i, kind=kind, eps=eps,
+                          params={"weight": merged(s, role, "weight", i), "bias": merged(s, role, "bias", i)})
 
-        h = b.node("norm", x, layer=i, stage=0, kind=kind, eps=eps,
-                   params={"weight": rep(p + "input_layernorm.weight"), "bias": rep(p + "input_layernorm.bias")})
+        h = norm("input_norm", x)
         a = b.node("attention", h, layer=i, num_heads=nh, num_kv_heads=nkv, head_dim=d,
-                   position="rope" if pos.startswith("rope") else "none", rope=rope,
-                   params={"qkv": qkv(s, p + "attention.qkv.weight"), "qkv_bias": qkv(s, p + "attention.qkv.bias"),
-                           "proj": merged(s, p + "attention.dense.weight", 1),
-                           "proj_bias": rep(p + "attention.dense.bias")})
+                   position="rope" if pos.startswith("rope") else "none", rope=rope, **qk,
+                   params={"qkv": qkv(s, "qkv", i), "qkv_bias": qkv(s, "qkv_bias", i),
+                           "proj": merged(s, "attention", "proj", i),
+                           "proj_bias": merged(s, "attention", "proj_bias", i),
+                           **{p: merged(s, "attention", p, i) for p in ("q_norm", "k_norm") if qk}})
+        parallel = info.get("parallel")
+        if parallel:          # Falcon: x + attn(ln(x)) + mlp(ln(x) or mlp_layernorm(x))
+            m_in = h if parallel == 1 else norm("post_norm", x)
+            x = b.node("add", x, a, _mlp(b, m_in, i, s, merged, gated, act), layer=i)
+            continue
         x = b.node("add", x, a, layer=i)
-        h = b.node("norm", x, layer=i, kind=kind, eps=eps,
-                   params={"weight": rep(p + "post_layernorm.weight"), "bias": rep(p + "post_layernorm.bias")})
+        h = norm("post_norm", x)
         if E:
-            fc = [leaf(r, p + "mlp.fc.weight") for r in ranks(s)]
-            proj = [leaf(r, p + "mlp.proj.weight") for r in ranks(s)]
-            f_l = fc[0].type.shape[1] // 2
-            ups = [derive("slice", t, dim=1, start=0, stop=f_l) for t in fc]
-            gates = [derive("slice", t, dim=1, start=f_l, stop=2 * f_l) for t in fc]
-            moe_tp = tp // ep
-            # rank t holds expert block t % ep and ffn slice t // ep
-            def join(ts, ffn_dim):
-                blocks = []
-                for e in range(ep):
-                    cols = [ts[t] for t in range(tp) if t % ep == e]
-                    blocks.append(cols[0] if moe_tp == 1 else derive("concat", *cols, dim=ffn_dim))
-                return blocks[0] if ep == 1 else derive("concat", *blocks, dim=0)
-
-            mlp = b.node("moe", h, layer=i, num_experts=E, top_k=moe.get("top_k", 2), activation="silu", gated=True,
-                         pre_softmax=moe.get("normalization_mode", 1) == 0,
-                         params={"router": rep(p + "mlp.router.weight"), "gate": join(gates, 1), "up": join(ups, 1),
-                                 "fc2": join(proj, 2)})
+            mlp = _moe(b, h, i, s, cfg, info, leaf, ranks, name, tp, ep, merged)
         else:
-            params: dict[str, Recipe | None] = {"fc2": merged(s, p + "mlp.proj.weight", 1),
-                                                "fc2_bias": rep(p + "mlp.proj.bias")}
-            if gated:
-                params.update(gate=merged(s, p + "mlp.fc.weight", 0), gate_bias=merged(s, p + "mlp.fc.bias", 0),
-                              up=merged(s, p + "mlp.gate.weight", 0), up_bias=merged(s, p + "mlp.gate.bias", 0))
-            else:
-                params.update(fc1=merged(s, p + "mlp.fc.weight", 0), fc1_bias=merged(s, p + "mlp.fc.bias", 0))
-            mlp = b.node("mlp", h, layer=i, activation=act, gated=gated, params=params)
+            mlp = _mlp(b, h, i, s, merged, gated, act)
         x = b.node("add", x, mlp, layer=i)
     last = pp - 1
-    x = b.node("norm", x, kind=kind, eps=eps, params={"weight": leaf(ranks(last)[0], "transformer.ln_f.weight"),
-                                                      "bias": leaf(ranks(last)[0], "transformer.ln_f.bias")})
-    head = merged(last, "lm_head.weight", 0)
+    x = b.node("norm", x, kind=kind, eps=info.get("final_eps", eps),
+               params={"weight": merged(last, "final_norm", "weight"), "bias": merged(last, "final_norm", "bias")})
+    head = merged(last, "lm_head", "weight")
     if head is None:
         head = word
     elif head.type.shape[0] != vocab:
@@ -168,3 +183,32 @@ def lift_trtllm(path: str | Path):
 
     verify(model, context=f"(lifted from TensorRT-LLM checkpoint {root})")
     return model
+
+
+def _mlp(b, h, i, s, merged, gated, act):
+    params = {"fc2": merged(s, "mlp", "fc2", i), "fc2_bias": merged(s, "mlp", "fc2_bias", i)}
+    names = ("gate", "gate_bias", "up", "up_bias") if gated else ("fc1", "fc1_bias")
+    params.update({p: merged(s, "mlp", p, i) for p in names})
+    return b.node("mlp", h, layer=i, activation=act, gated=gated, params=params)
+
+
+def _moe(b, h, i, s, cfg, info, leaf, ranks, name, tp, ep, merged):
+    """MoE: rank t holds expert block t % ep and ffn slice t // ep; ``fc`` = [up; gate] per expert."""
+    fc = [leaf(r, name("moe", ("up", "gate"), i)) for r in ranks(s)]
+    proj = [leaf(r, name("moe", "fc2", i)) for r in ranks(s)]
+    f_l = fc[0].type.shape[1] // 2
+    ups = [derive("slice", t, dim=1, start=0, stop=f_l) for t in fc]
+    gates = [derive("slice", t, dim=1, start=f_l, stop=2 * f_l) for t in fc]
+    moe_tp = tp // ep
+
+    def join(ts, ffn_dim):
+        blocks = []
+        for e in range(ep):
+            cols = [ts[t] for t in range(tp) if t % ep == e]
+            blocks.append(cols[0] if moe_tp == 1 else derive("concat", *cols, dim=ffn_dim))
+        return blocks[0] if ep == 1 else derive("concat", *blocks, dim=0)
+
+    return b.node("moe", h, layer=i, num_experts=info["experts"], top_k=info["top_k"], activation="silu",
+                  gated=True, pre_softmax=info["pre_softmax"],
+                  params={"router": leaf(ranks(s)[0], name("moe", "router", i)), "gate": join(gates, 1),
+                          "up": join(ups, 1), "fc2": join(proj, 2)})

@@ -61,9 +61,15 @@ _GPT = "GPTForCausalLM"
 _LLAMA = "LLaMAForCausalLM"
 _GEMMA = "GemmaForCausalLM"
 _FALCON = "FalconForCausalLM"
+_QWEN = "QWenForCausalLM"
+# qwen/config.py QWenConfig.from_hugging_face: the qwen_type values TensorRT-LLM accepts; this reader reads qwen3
+QWEN_TYPES = {"qwen", "qwen2", "qwen2_moe", "qwen2_llava_onevision", "qwen2_vl", "qwen2_audio", "qwen3",
+              "qwen3_moe"}
+# layers/attention.py Attention(eps=1e-05): QWenDecoderLayer builds its q/k RmsNorm without passing an eps
+QWEN_QK_NORM_EPS = 1e-5
 
 # architecture string -> TRT-LLM model class (tensorrt_llm/models/__init__.py MODEL_MAP,
-# union over the 0.x/1.x versions).  The GPT, LLaMA, Gemma and Falcon classes can be read here.
+# union over the 0.x/1.x versions).  The GPT, LLaMA, Gemma, Falcon and QWen (qwen3) classes can be read here.
 MODEL_MAP: Dict[str, str] = {
     **{a: _GPT for a in (
         "GPTForCausalLM", "GPT2LMHeadModel", "GPT2LMHeadCustomModel", "GPTBigCodeForCausalLM",
@@ -76,6 +82,7 @@ MODEL_MAP: Dict[str, str] = {
         "LlavaLlamaModel")},
     **{a: _FALCON for a in ("FalconForCausalLM", "RWForCausalLM")},
     _GEMMA: _GEMMA,
+    _QWEN: _QWEN,
     **{a: "Other" for a in (
         "OPTForCausalLM", "BloomForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "Phi3VForCausalLM",
         "Phi3SmallForCausalLM", "PhiMoEForCausalLM", "Phi4MMForCausalLM", "MambaForCausalLM",
@@ -83,7 +90,7 @@ MODEL_MAP: Dict[str, str] = {
         "ChatGLMModel", "ChatGLMForCausalLM", "ChatGLMForConditionalGeneration",
         "Grok1ModelForCausalLM", "MedusaForCausalLM", "MedusaLlamaForCausalLM", "ReDrafterForCausalLM",
         "BaichuanForCausalLM", "BaiChuanForCausalLM", "Gemma2ForCausalLM",
-        "Gemma3ForCausalLM", "QWenLMHeadModel", "QWenForCausalLM", "Qwen2ForCausalLM",
+        "Gemma3ForCausalLM", "QWenLMHeadModel", "Qwen2ForCausalLM",
         "Qwen2MoeForCausalLM", "Qwen2ForSequenceClassification", "DbrxForCausalLM",
         "RecurrentGemmaForCausalLM", "CogVLMForCausalLM", "DeepseekForCausalLM",
         "DeepseekV2ForCausalLM", "DeciLMForCausalLM", "WhisperEncoder", "EncoderModel",
@@ -235,7 +242,7 @@ def check_config(cfg: dict) -> List[str]:
         rp = cfg.get("rotary_pct", 1.0)
         if not (0.0 < float(rp) <= 1.0):
             p.append(f"rotary_pct {rp} outside (0, 1]")
-        if MODEL_MAP.get(arch) in (_LLAMA, _GEMMA, _FALCON) and float(rp) != 1.0:
+        if MODEL_MAP.get(arch) in (_LLAMA, _GEMMA, _FALCON, _QWEN) and float(rp) != 1.0:
             p.append(f"rotary_pct={rp} on the {MODEL_MAP[arch]} class: its TRT-LLM decoder layer does not "
                      "pass rotary_pct to its attention (it would rotate the full head)")
         if MODEL_MAP.get(arch) in (_GEMMA, _FALCON) and act in GATED_ACTS:
@@ -268,6 +275,11 @@ def check_config(cfg: dict) -> List[str]:
             p.append("the Gemma class shares its table with lm_head: embedding_sharding_dim must be 0")
         if pp > 1:
             p.append("the Gemma class shares its embedding table, which cannot be split over pipeline stages")
+    if MODEL_MAP.get(arch) == _QWEN:
+        if cfg.get("qwen_type") not in QWEN_TYPES:
+            p.append(f"qwen_type {cfg.get('qwen_type')!r} is not one QWenConfig accepts ({sorted(QWEN_TYPES)})")
+        if act in GATED_ACTS and cfg.get("qwen_type") not in ("qwen2_moe", "qwen3_moe"):
+            p.append(f"hidden_act '{act}' on a dense QWen model: its GatedMLP applies hidden_act to fc")
     if not m["auto_parallel"] and m["world_size"] != tp * pp * cp:
         p.append(f"mapping.world_size {m['world_size']} != tp_size*pp_size*cp_size = {tp}*{pp}*{cp}")
     L = cfg["num_hidden_layers"]
@@ -575,6 +587,18 @@ def _allowed_layer_names(cfg: dict) -> Tuple[set, set]:
         if cfg.get("bias", False):
             req |= {"attention.qkv.bias", "attention.dense.bias", "mlp.fc.bias", "mlp.proj.bias"}
         return req, opt
+    if cls == _QWEN:
+        # qwen/model.py: RmsNorm layers, GatedMLP, Attention(bias=attn_bias (QWenConfig default True),
+        # dense_bias=False, qk_layernorm for qwen3 / qwen3_moe), GatedMLP(bias=mlp_bias)
+        if cfg.get("qwen_type") != "qwen3":
+            _fail(f"QWenForCausalLM with qwen_type {cfg.get('qwen_type')!r} cannot be read by this reader")
+        req |= {"mlp.fc.weight", "mlp.gate.weight", "mlp.proj.weight", "attention.q_layernorm.weight",
+                "attention.k_layernorm.weight"}
+        if cfg.get("attn_bias", True):
+            req.add("attention.qkv.bias")
+        if cfg.get("mlp_bias", False):
+            req |= {"mlp.fc.bias", "mlp.gate.bias", "mlp.proj.bias"}
+        return req, opt
     if cfg.get("qk_layernorm"):
         req |= {"attention.q_layernorm.weight", "attention.k_layernorm.weight"}
     if moe["num_experts"] > 1:
@@ -690,7 +714,7 @@ def read_checkpoint(ckpt_dir: str, emulate_build_quant: bool = True):
     if probs:
         _fail("config.json problems: " + "; ".join(probs))
     cls = MODEL_MAP[cfg["architecture"]]
-    if cls not in (_GPT, _LLAMA, _GEMMA, _FALCON):
+    if cls not in (_GPT, _LLAMA, _GEMMA, _FALCON, _QWEN):
         _fail(f"architecture {cfg['architecture']} ({cls}) not supported by this reader")
     m = _mapping(cfg)
     tp, pp = m["tp"], m["pp"]
@@ -935,6 +959,47 @@ def _to_hf_llama(cfg: dict, t: Dict[str, torch.Tensor]):
     return hf_cfg, sd
 
 
+def _to_hf_qwen3(cfg: dict, t: Dict[str, torch.Tensor]):
+    """QWenForCausalLM qwen3 (qwen/model.py QWenDecoderLayer): RmsNorm at norm_epsilon, Attention with qkv bias
+    per attn_bias, no dense bias, per-head RmsNorm of q and k (attention.q_layernorm / k_layernorm) applied
+    before rotary at eps 1e-5, GatedMLP (fc = gate_proj activated, gate = up_proj) -> Qwen3ForCausalLM."""
+    import transformers as tr
+    H, L, nh, nkv, d, I, V = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+                              _nkv(cfg), _head_size(cfg), _inter(cfg), cfg["vocab_size"])
+    if cfg.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox" or cfg.get("use_logn_attn"):
+        raise NotImplementedError("QWen qwen3 with other positions or logn attention")
+    if cfg.get("hidden_act") != "silu" or cfg.get("mlp_bias"):
+        raise NotImplementedError("QWen qwen3 with an MLP other than bias-free SwiGLU")
+    lm, tied = _lm_head(cfg, t)
+    attn_bias = bool(cfg.get("attn_bias", True))
+    hf_cfg = tr.Qwen3Config(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                            num_attention_heads=nh, num_key_value_heads=nkv, head_dim=d, hidden_act="silu",
+                            rms_norm_eps=float(cfg.get("norm_epsilon", 1e-6)), attention_bias=attn_bias,
+                            max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+                            tie_word_embeddings=tied, rope_parameters=_rope_parameters(cfg),
+                            use_sliding_window=False, attention_dropout=0.0)
+    hf_cfg.trtllm_qk_norm_eps = QWEN_QK_NORM_EPS
+    sd = {"model.embed_tokens.weight": t["transformer.vocab_embedding.weight"],
+          "model.norm.weight": t["transformer.ln_f.weight"], "lm_head.weight": lm}
+    for i in range(L):
+        s, o = f"transformer.layers.{i}.", f"model.layers.{i}."
+        sd[o + "input_layernorm.weight"] = t[s + "input_layernorm.weight"]
+        sd[o + "post_attention_layernorm.weight"] = t[s + "post_layernorm.weight"]
+        q, k, v = torch.split(t[s + "attention.qkv.weight"], [nh * d, nkv * d, nkv * d], 0)
+        sd[o + "self_attn.q_proj.weight"], sd[o + "self_attn.k_proj.weight"], sd[o + "self_attn.v_proj.weight"] = q, k, v
+        sd[o + "self_attn.o_proj.weight"] = t[s + "attention.dense.weight"]
+        if attn_bias:   # HF's attention_bias also gives o_proj a bias: TensorRT-LLM's dense has none (zeros)
+            qb, kb, vb = torch.split(t[s + "attention.qkv.bias"], [nh * d, nkv * d, nkv * d], 0)
+            sd[o + "self_attn.q_proj.bias"], sd[o + "self_attn.k_proj.bias"], sd[o + "self_attn.v_proj.bias"] = qb, kb, vb
+            sd[o + "self_attn.o_proj.bias"] = torch.zeros(H, dtype=qb.dtype)
+        sd[o + "self_attn.q_norm.weight"] = t[s + "attention.q_layernorm.weight"]
+        sd[o + "self_attn.k_norm.weight"] = t[s + "attention.k_layernorm.weight"]
+        sd[o + "mlp.gate_proj.weight"] = t[s + "mlp.fc.weight"]
+        sd[o + "mlp.up_proj.weight"] = t[s + "mlp.gate.weight"]
+        sd[o + "mlp.down_proj.weight"] = t[s + "mlp.proj.weight"]
+    return hf_cfg, sd
+
+
 def _zeros_like_bias(t, key, n, ref):
     return t[key] if key in t else torch.zeros(n, dtype=ref.dtype)
 
@@ -1139,7 +1204,8 @@ def to_hf(cfg: dict, tensors: Dict[str, torch.Tensor]):
     GPT class + learned_absolute -> GPT2LMHeadModel; GPT class + rope_gpt_neox -> GPTNeoXForCausalLM
     (partial_rotary_factor = rotary_pct); LLaMA class -> LlamaForCausalLM, Qwen2ForCausalLM when
     attn_bias is set but the dense bias is all zeros, MixtralForCausalLM with a moe block; Gemma class ->
-    GemmaForCausalLM; Falcon class -> FalconForCausalLM."""
+    GemmaForCausalLM; Falcon class -> FalconForCausalLM; QWen class (qwen3) -> Qwen3ForCausalLM whose q/k
+    norms run at TensorRT-LLM's eps (see ``build_hf_model``)."""
     cls = MODEL_MAP.get(cfg["architecture"])
     if cls == _GEMMA:
         return _to_hf_gemma(cfg, tensors)
@@ -1147,6 +1213,8 @@ def to_hf(cfg: dict, tensors: Dict[str, torch.Tensor]):
         return _to_hf_falcon(cfg, tensors)
     if cls == _LLAMA:
         return _to_hf_llama(cfg, tensors)
+    if cls == _QWEN:
+        return _to_hf_qwen3(cfg, tensors)
     if cls == _GPT:
         return _to_hf_gpt(cfg, tensors)
     raise NotImplementedError(f"to_hf for {cfg['architecture']}")
@@ -1161,6 +1229,10 @@ def build_hf_model(hf_cfg, sd):
     model.load_state_dict(sd, strict=True)
     if getattr(hf_cfg, "tie_word_embeddings", False):
         model.tie_weights()
+    qk_eps = getattr(hf_cfg, "trtllm_qk_norm_eps", None)
+    if qk_eps is not None:   # TensorRT-LLM's QWen q/k RmsNorm eps, not rms_norm_eps
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.variance_epsilon = layer.self_attn.k_norm.variance_epsilon = qk_eps
     return model.eval()
 
 
