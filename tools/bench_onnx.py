@@ -45,6 +45,9 @@ PRESETS = {
 SCHEMES = {   # name -> (mexc compile args, OGB precision)
     "fp32": (["--dtype", "float32"], "fp32"),
     "int4": (["--quant", "int4-wo", "--group-size", "32"], "int4"),
+    # mexc's int4 before issue 21 (fp32 activations in MatMulNBits, float lm_head), for comparison
+    "int4-level0": (["--quant", "int4-wo", "--group-size", "32", "--accuracy-level", "0", "--no-quant-lm-head"],
+                    "int4"),
 }
 
 
@@ -129,7 +132,7 @@ def build_all(work: Path, preset: Preset, schemes: list[str], log) -> dict[str, 
     out: dict[str, dict[str, Path]] = {}
     for s in schemes:
         margs, prec = SCHEMES[s]
-        m, o = work / f"mexc-{s}", work / f"ogb-{s}"
+        m, o = work / f"mexc-{s}", work / f"ogb-{prec}"
         if not (m / "model.onnx").exists():
             dt = _run([py, "-m", "mexc.tools.cli", "compile", str(ckpt), "--target", "onnx", "--profile", "ort",
                        "--vocab-size", str(preset.vocab_size), *margs, "-o", str(m), "--force", "--quiet"], log)
