@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 import wrapper_fixtures as W
 from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
@@ -75,6 +76,23 @@ def test_hf_output_matches_megatron(tmp_path, case):
     h = json.loads((d / "fixture.json").read_text())["hparams"]
     assert cfg.num_hidden_layers == h["num_layers"]
     assert cfg.tie_word_embeddings == (not h["untie_embeddings_and_output_weights"])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt"])
+def test_checkpoint_written_by_nemo_matches_megatron(tmp_path, kind):
+    """A whole NeMo 2 checkpoint written by NeMo 2.7.3's own MegatronCheckpointIO and TrainerContext (committed,
+    tools/fixtures/nemo_checkpoint.py) with megatron-core's logits from the same process: as a directory and
+    packed as a .nemo tar, through hf and transformers."""
+    d = W.REAL_NEMO_CONTEXT / f"{kind}-checkpoint"
+    root = next(d.glob("megatron_gpt--*"))
+    ref = load_file(d / "reference.safetensors")
+    assert json.loads((d / "made-by.json").read_text())["keys"][0].startswith("module.")
+    assert err(hf_logits(root, tmp_path / "hf", ref["tokens"]), ref["logits"]) < TOL
+    packed = tmp_path / "packed.nemo"
+    with tarfile.open(packed, "w:") as tar:
+        tar.add(root, arcname=".")
+    assert err(hf_logits(packed, tmp_path / "hf-packed", ref["tokens"]), ref["logits"]) < TOL
+    assert lift(root).meta["iteration"] == 9
 
 
 def test_nemo_contexts_are_nemos_own():
