@@ -103,6 +103,20 @@ def bases(tmp_path_factory):
     return carriers.make_bases(tmp_path_factory.mktemp("bases"), dist)
 
 
+@pytest.fixture(scope="module")
+def references(server, bases, tmp_path_factory):
+    """Each base compiled as it is (hf): what an accepted case must reproduce."""
+    root = tmp_path_factory.mktemp("references")
+    out = {}
+    for name in bases:
+        ckpt = carriers.copy_base(bases, name, root / f"{name}-ckpt")
+        carriers.finish(ckpt)
+        o = server.run(["compile", ckpt, "--target", "hf", "-o", root / name, "--quiet"], root)
+        assert o.rc == 0, o.describe()
+        out[name] = root / name
+    return out
+
+
 _n = itertools.count()
 
 
@@ -112,9 +126,26 @@ def _case_dir(tmp: Path) -> Path:
     return d
 
 
-def run_both(server, case: Path, ckpt: Path, *, names, canary=None, refuse=True, inspect_refuses=None) -> list[str]:
+def same_weights(out: Path, reference: Path) -> list[str]:
+    """An accepted hostile input must convert faithfully: every tensor equal to the base's own output."""
+    from safetensors.torch import load_file
+
+    def tensors(d: Path) -> dict:
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    got, want = tensors(out), tensors(reference)
+    if got.keys() != want.keys():
+        return [f"accepted, but the output has other tensors: {sorted(got.keys() ^ want.keys())[:6]}"]
+    diff = sorted(k for k in want if not (got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+                                         and bool((got[k] == want[k]).all())))
+    return [f"accepted, but tensors differ from the base's output: {diff[:6]}"] if diff else []
+
+
+def run_both(server, case: Path, ckpt: Path, *, names, canary=None, refuse=True, inspect_refuses=None,
+             reference: Path | None = None) -> list[str]:
     """``mexc inspect CKPT`` and ``mexc compile CKPT --target hf -o PARENT/out --quiet``; the problems found.
-    ``inspect_refuses`` (default: ``refuse``): False where only reading tensor bytes can see the fault."""
+    ``inspect_refuses`` (default: ``refuse``): False where only reading tensor bytes can see the fault;
+    ``reference``: the base's own output, which an accepted compile must reproduce tensor for tensor."""
     found = []
     for cmd in ("inspect", "compile"):
         must = refuse if cmd == "compile" or inspect_refuses is None else inspect_refuses
@@ -124,13 +155,15 @@ def run_both(server, case: Path, ckpt: Path, *, names, canary=None, refuse=True,
                                                             parent / "out", "--quiet"]
         o = server.run(argv, parent)
         bad = problems(o, names=names, canary=canary, parent=parent, refuse=must, keep=("out",) if o.rc == 0 else ())
+        if cmd == "compile" and o.rc == 0 and reference is not None and not bad:
+            bad = same_weights(parent / "out", reference)
         if bad:
             found.append(f"{'; '.join(bad)} <- {o.describe()}")
     return found
 
 
-def hostile_pickle(server, tmp: Path, bases, carrier_id: str, payload_id: str, where: str, key, protocol=2,
-                   wrap=lambda ops: ops) -> list[str]:
+def hostile_pickle(server, tmp: Path, bases, references, carrier_id: str, payload_id: str, where: str, key,
+                   protocol=2, wrap=lambda ops: ops) -> list[str]:
     c = carriers.CARRIER[carrier_id]
     case = _case_dir(tmp)
     canary = case / "CANARY"
@@ -141,7 +174,8 @@ def hostile_pickle(server, tmp: Path, bases, carrier_id: str, payload_id: str, w
     carriers.put(ckpt, c, p, where, key)
     in_model = where == "inside" and key == "model" and not c.unread  # a shared or deep sub-dict in the weights
     harmless = p.harmless and not in_model
-    return run_both(server, case, ckpt, names=c.names, canary=canary, refuse=not (c.unread or harmless))
+    return run_both(server, case, ckpt, names=c.names, canary=canary, refuse=not (c.unread or harmless),
+                    reference=references[c.base])
 
 
 # ------------------------------------------------------------------------------------------ controls
@@ -208,8 +242,8 @@ def test_payloads_run_code_when_unpickled_without_a_policy(tmp_path):
 
 @pytest.mark.parametrize("carrier,payload,where,key", CORPUS, ids=[f"{c}-{w}{'-' + k if k else ''}-{p}"
                                                                  for c, p, w, k in CORPUS])
-def test_hostile_pickle_is_refused(server, tmp_path, bases, carrier, payload, where, key):
-    found = hostile_pickle(server, tmp_path, bases, carrier, payload, where, key)
+def test_hostile_pickle_is_refused(server, tmp_path, bases, references, carrier, payload, where, key):
+    found = hostile_pickle(server, tmp_path, bases, references, carrier, payload, where, key)
     assert not found, f"{carrier}/{where}/{key}/{payload}:\n" + "\n".join(found)
 
 
@@ -224,7 +258,7 @@ _WRAPS = {
 
 @H
 @given(data=st.data())
-def test_hostile_pickle_random(server, tmp_path, bases, data):
+def test_hostile_pickle_random(server, tmp_path, bases, references, data):
     """Random payload x carrier x position x key x protocol x nesting."""
     carrier = data.draw(st.sampled_from([c.id for c in carriers.CARRIERS]), "carrier")
     c = carriers.CARRIER[carrier]
@@ -233,7 +267,7 @@ def test_hostile_pickle_random(server, tmp_path, bases, data):
     where = data.draw(st.sampled_from(WHERE), "where")
     key = data.draw(st.sampled_from(c.keys), "key")
     wrap = data.draw(st.sampled_from(sorted(_WRAPS)), "wrap")
-    found = hostile_pickle(server, tmp_path, bases, carrier, pid, where, key, protocol, _WRAPS[wrap])
+    found = hostile_pickle(server, tmp_path, bases, references, carrier, pid, where, key, protocol, _WRAPS[wrap])
     assert not found, "\n".join(found)
 
 
@@ -241,12 +275,13 @@ def test_hostile_pickle_random(server, tmp_path, bases, data):
 
 
 @pytest.mark.parametrize("m", mutate.MUTATIONS, ids=[f"{m.base}-{m.id}" for m in mutate.MUTATIONS])
-def test_lying_metadata_is_refused(server, tmp_path, bases, m):
+def test_lying_metadata_is_refused(server, tmp_path, bases, references, m):
     case = _case_dir(tmp_path)
     ckpt = carriers.copy_base(bases, m.base, case / "ckpt")
     carriers.finish(ckpt)
     m.apply(ckpt, case)
-    found = run_both(server, case, ckpt, names=m.names, refuse=m.refuse, inspect_refuses=m.inspect_refuses and m.refuse)
+    found = run_both(server, case, ckpt, names=m.names, refuse=m.refuse, inspect_refuses=m.inspect_refuses and m.refuse,
+                     reference=references[m.base])
     assert not found, f"{m.base}/{m.id}:\n" + "\n".join(found)
 
 

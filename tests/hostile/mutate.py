@@ -207,6 +207,8 @@ DIST_MUTATIONS = [
     Mutation("dtype=float64", "dist", edit(_dtype(torch.float64)), DIST),
     Mutation("dtype=float16", "dist", edit(_dtype(torch.float16)), DIST, inspect_refuses=False),
     Mutation("dtype=bfloat16", "dist", edit(_dtype(torch.bfloat16)), DIST, inspect_refuses=False),
+    Mutation("properties=None", "dist", edit(lambda md: setattr(md.state_dict_metadata[TP_TENSOR], "properties", None)),
+             DIST),
     Mutation("storage_data=list", "dist", edit(lambda md: setattr(md, "storage_data", list(md.storage_data.values()))),
              DIST),
     Mutation("state_dict_metadata=None", "dist", edit(lambda md: setattr(md, "state_dict_metadata", None)), DIST),
@@ -336,6 +338,12 @@ def _replace_file(rel: str, how: str):
     return apply
 
 
+def _iter_outside(ckpt: Path, scratch: Path) -> None:
+    """``iter_0000010`` -> a real iteration directory elsewhere (the rank files would be read from outside)."""
+    shutil.move(ckpt / ITER, scratch / "outside-iter")
+    os.symlink(scratch / "outside-iter", ckpt / ITER)
+
+
 R0 = ("mp_rank_00/model_optim_rng.pt",)
 R1 = ("mp_rank_01/model_optim_rng.pt",)
 TRACKER = ("latest_checkpointed_iteration.txt",)
@@ -371,13 +379,14 @@ LEGACY_MUTATIONS = [
         ("expert_model_parallel_size", 10 ** 9), ("num_layers", 10 ** 12), ("num_layers", -1),
         ("hidden_size", -64), ("hidden_size", 10 ** 12), ("num_attention_heads", 0),
         ("padded_vocab_size", -1), ("ffn_hidden_size", 10 ** 15), ("num_query_groups", 3),
-        ("params_dtype", "os.system"))),
+        ("params_dtype", "os.system"), ("params_dtype", "x\nhint: a second line the checkpoint wrote"))),
     # values mexc may take as "unset" or pass through to config.json: accepting them is not wrong
     *(Mutation(f"args.{n}={v!r}", "legacy", set_arg(n, v), (*R0, n), refuse=False) for n, v in (
         ("seq_length", 10 ** 18), ("kv_channels", 0))),
     Mutation("args=list", "legacy", set_key("args", [1, 2]), R0),
     Mutation("args missing", "legacy", set_key("args", KeyError), (*R0, ITER)),
     Mutation("model=list", "legacy", set_key("model", [torch.zeros(2)]), R0),
+    Mutation("iteration directory is a symlink outside", "legacy", _iter_outside, (ITER,)),
     *(Mutation(f"rank 1 file: {how}", "legacy", _replace_file(RANK1, how), R1)
       for how in ("fifo", "dir", "/dev/zero", "outside", "half", "empty")),
     *(Mutation(f"tracker={t!r}", "legacy", _tracker(t), TRACKER)
