@@ -30,8 +30,8 @@ Row dialect, one row per line (``#`` comments), 5 whitespace-separated columns::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from ..ir import Model
 
@@ -80,9 +80,9 @@ class Rule:
     has it (a str, a list of str, or None/empty when the rule holds)."""
 
     cannot: str
-    check: Callable[["Facts"], str | list[str] | None]
+    check: Callable[[Facts], str | list[str] | None]
 
-    def refusals(self, facts: "Facts") -> list[str]:
+    def refusals(self, facts: Facts) -> list[str]:
         out = self.check(facts)
         if not out:
             return []
@@ -157,6 +157,12 @@ class Registry:
             raise ValueError(f"{self.target} target class {cls.name!r} registered twice")
         self.classes[cls.name] = cls
         return cls
+
+    def order(self, names: list[str]) -> None:
+        """Fix the classification order (module import order is not a contract); every class once."""
+        if sorted(names) != sorted(self.classes):
+            raise ValueError(f"{self.target} classification order {names} != registered {sorted(self.classes)}")
+        self.classes = {n: self.classes[n] for n in names}
 
     def __getitem__(self, name: str) -> TargetClass:
         return self.classes[name]

@@ -73,8 +73,9 @@ def lift_trtllm(path: str | Path):
         f = root / f"rank{r}.safetensors"
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (mapping says tp={tp} pp={pp})", hint="copy every rank file")
-        with safe_open(f, "pt") as h:
-            shapes[r] = {k: (_ST[h.get_slice(k).get_dtype()], tuple(h.get_slice(k).get_shape())) for k in h.keys()}
+        with safe_open(f, "pt") as h:   # safe_open is not iterable: keys()
+            slices = {k: h.get_slice(k) for k in h.keys()}  # noqa: SIM118
+            shapes[r] = {k: (_ST[v.get_dtype()], tuple(v.get_shape())) for k, v in slices.items()}
     names = {(row.role, row.params): row.name for row in cls.rows}
 
     def leaf(rank, name):

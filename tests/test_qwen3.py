@@ -13,18 +13,17 @@ import json
 import numpy as np
 import pytest
 import torch
-
 import trtllm_reader
 from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not have_megatron_core(), reason="megatron-core not installed")
 
-from mexc.backends.base import CompileOptions  # noqa: E402
-from mexc.backends.reference.executor import run  # noqa: E402
-from mexc.driver import compile_checkpoint, lift  # noqa: E402
-from mexc.errors import BackendError  # noqa: E402
-from mexc.tools.cli import main  # noqa: E402
+from mexc.backends.base import CompileOptions
+from mexc.backends.reference.executor import run
+from mexc.driver import compile_checkpoint, lift
+from mexc.errors import BackendError
+from mexc.tools.cli import main
 
 TOL = 1e-4
 # TensorRT-LLM's q/k RmsNorm runs at eps 1e-5, Megatron's at 1e-6: measured 7.2e-5 on this fixture with both

@@ -19,11 +19,11 @@ from ...ir import Model, derive
 from ...ir.analysis import node_roles
 from ...ir.ops import absent_shape
 from ...ir.tensors import Recipe, TensorCache
-from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry, write_new,
-                    write_safetensors)
 from ...passes import format_pipeline
 from ...passes.fold_moe_scaling import has_topk_scale
 from ...passes.rope_to_half import has_interleaved_rope
+from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry, write_new,
+                    write_safetensors)
 from ..lowering import Plan, cached_plan, make_pass
 from . import families
 from .names import Rule, rules_for

@@ -29,4 +29,4 @@ def describe(family: str | None = None) -> str:
     return "\n".join(out)
 
 
-__all__ = ["RULES", "FAMILIES", "Rule", "rules_for", "describe"]
+__all__ = ["FAMILIES", "RULES", "Rule", "describe", "rules_for"]

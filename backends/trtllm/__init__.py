@@ -105,7 +105,7 @@ class TRTLLMBackend(Backend):
         plan = lowering_plan(model)
         if plan.problems:
             raise BackendError("; ".join(plan.problems))
-        g, c, cls = model.graph, model.config, plan.cls
+        c, cls = model.config, plan.cls
         f = Facts(model, "trtllm")
         a = f.a0
         emb, head, norm = f.emb, f.heads[0], f.norms[0]

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from ....ir import Model
 from ...lowering import Facts, TargetClass
+from . import falcon, gemma, gpt2, gpt_bigcode, llama, mixtral, nemotron, qwen2, qwen3, stablelm  # noqa: F401
 from .common import ATTN_BIAS, DTYPE, HIDDEN_ACT, MLP_BIAS, REGISTRY, falcon_block  # noqa: F401 - re-exported
 
 # classification order: the first class whose signature and rules hold wins
-from . import mixtral, falcon, gemma, gpt_bigcode, gpt2, stablelm, nemotron, qwen3, qwen2, llama  # noqa: E402,F401,I001
+REGISTRY.order(["mixtral", "falcon", "falcon2", "gemma", "gpt_bigcode", "gpt2", "stablelm", "nemotron", "qwen3",
+                "qwen2", "llama"])
 
 ARCHITECTURES = {c.name: c.extra["architecture"] for c in REGISTRY}
 MODEL_TYPES = {c.name: c.extra["model_type"] for c in REGISTRY}

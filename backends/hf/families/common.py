@@ -9,10 +9,10 @@ on transformers 4.x) read the same file.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
-from ...lowering import Facts, Registry, Rule, TargetClass, parse_rows
 from ....ir.analysis import is_parallel_block, parallel_block_norms
+from ...lowering import Facts, Registry, Rule, TargetClass, parse_rows
 
 # hf transforms: copy; zc (a norm weight the HF module uses as 1 + w: the IR's zero-centered weight as is, or
 # w - 1 for a norm that is not zero-centered); conv1d (GPT-2 Conv1D stores [in, out]); expert (one tensor per
@@ -62,9 +62,10 @@ def family(name: str, architecture: str, *, rows: str, signature: Callable[[Fact
     config builder. ``zero_centered``: the HF norm computes with (1 + w), so the gamma is not folded;
     ``fused_qkv``: the class keeps Megatron's grouped fused QKV; ``flags(facts, base)`` adjusts the row
     conditions; ``moe``: the class has experts (the others never take a model with them)."""
-    if not moe:   # only the MoE class takes a model with experts
-        signature = (lambda sig: lambda f: not f.moes and sig(f))(signature)
-    cls = TargetClass(name, f"{name} family ({architecture})", signature, [*COMMON, *rules],
+    def dense(f: Facts, structure=signature) -> bool:   # only the MoE class takes a model with experts
+        return not f.moes and structure(f)
+
+    cls = TargetClass(name, f"{name} family ({architecture})", signature if moe else dense, [*COMMON, *rules],
                       parse_rows(rows, transforms=TRANSFORMS, conditions=CONDITIONS, where=f"hf {name}",
                                  family=name),
                       config, {"architecture": architecture, "model_type": model_type or name,
@@ -75,6 +76,38 @@ def family(name: str, architecture: str, *, rows: str, signature: Callable[[Fact
 def rule(cannot: str):
     """Decorator: a function ``f(facts) -> refusal line(s) | None`` becomes a :class:`Rule`."""
     return lambda fn: Rule(cannot, fn)
+
+
+# ------------------------------------------------------------------------------- rows of the model.layers layout
+def decoder_rows(*, norm: str = "copy", norm_bias: bool = False, qkv_bias: str | None = None,
+                 proj_bias: str | None = None, qk_norm: bool = False, mlp: str = "gated",
+                 mlp_bias: str | None = None) -> str:
+    """Rows of the ``model.layers.{L}`` layout transformers' Llama-descended classes share (Llama, Qwen2/3,
+    Mixtral, Gemma, Nemotron, StableLM): ``norm`` = the norm weights' transform (``zc`` when the class adds
+    1 itself), ``norm_bias`` = LayerNorm biases, ``qkv_bias`` / ``proj_bias`` / ``mlp_bias`` = the condition
+    of those biases (None: the class has none), ``qk_norm`` = q/k norm weights, ``mlp`` = ``gated``
+    (gate/up/down), ``plain`` (up/down) or ``none`` (the class writes its own FFN rows)."""
+    L = "model.layers.{L}."
+    rows = [("embedding", "word", "model.embed_tokens.weight", "copy", "always"),
+            ("input_norm", "weight", L + "input_layernorm.weight", norm, "always")]
+    rows += [("input_norm", "bias", L + "input_layernorm.bias", "copy", "always")] if norm_bias else []
+    rows += [("attention", p, L + f"self_attn.{p}_proj.weight", "copy", "always") for p in "qkv"]
+    rows += [("attention", f"{p}_bias", L + f"self_attn.{p}_proj.bias", "copy", qkv_bias)
+             for p in "qkv" if qkv_bias]
+    rows += [("attention", "proj", L + "self_attn.o_proj.weight", "copy", "always")]
+    rows += [("attention", "proj_bias", L + "self_attn.o_proj.bias", "copy", proj_bias)] if proj_bias else []
+    rows += [("attention", f"{p}_norm", L + f"self_attn.{p}_norm.weight", "copy", "always")
+             for p in "qk" if qk_norm]
+    rows += [("post_norm", "weight", L + "post_attention_layernorm.weight", norm, "always")]
+    rows += [("post_norm", "bias", L + "post_attention_layernorm.bias", "copy", "always")] if norm_bias else []
+    ffn = {"gated": [("gate", "gate_proj"), ("up", "up_proj"), ("fc2", "down_proj")],
+           "plain": [("fc1", "up_proj"), ("fc2", "down_proj")], "none": []}[mlp]
+    rows += [("mlp", p, L + f"mlp.{hf}.weight", "copy", "always") for p, hf in ffn]
+    rows += [("mlp", f"{p}_bias", L + f"mlp.{hf}.bias", "copy", mlp_bias) for p, hf in ffn if mlp_bias]
+    rows += [("final_norm", "weight", "model.norm.weight", norm, "always")]
+    rows += [("final_norm", "bias", "model.norm.bias", "copy", "always")] if norm_bias else []
+    rows += [("lm_head", "weight", "lm_head.weight", "copy", "untied")]
+    return "\n".join("  ".join(r) for r in rows)
 
 
 # ------------------------------------------------------------------------------- rules every class holds
@@ -136,6 +169,15 @@ def no_qk_norm(f: Facts):
 
 
 # ------------------------------------------------------------------------------- shared rule sets
+def _rotation(f: Facts) -> list[str]:
+    rope, p = f.a0["rope"], []
+    if rope.interleaved:
+        p.append(f"interleaved (GPT-J style) rotary cannot be expressed by the {f.name}: HF rotates halves")
+    if rope.scaling not in ("none", "linear", "llama3"):
+        p.append(f"rope scaling {rope.scaling!r} is not written by mexc's hf target (none, linear, llama3)")
+    return p
+
+
 def _rope_llama(f: Facts):
     rope, p = f.a0["rope"], []
     if f.learned:
@@ -144,11 +186,7 @@ def _rope_llama(f: Facts):
         p.append(f"partial rotary (rotary_percent={rope.percent:g}) cannot be expressed by the {f.name} in the hf "
                  f"target: transformers' {f.cls.extra['architecture']} rotates the whole head (no "
                  "partial_rotary_factor); a model with q/k/v bias and partial rotary has no exact HF class")
-    if rope.interleaved:
-        p.append(f"interleaved (GPT-J style) rotary cannot be expressed by the {f.name}: HF rotates halves")
-    if rope.scaling not in ("none", "linear", "llama3"):
-        p.append(f"rope scaling {rope.scaling!r} is not written by mexc's hf target (none, linear, llama3)")
-    return p
+    return p + _rotation(f)
 
 
 def _gated_mlps(f: Facts):
@@ -171,16 +209,12 @@ ONE_MLP_SIZE = rule("MLP sizes that differ across layers")(_one_mlp_size)
 
 def _rope_rotary_only(f: Facts):
     """Gemma / Nemotron / StableLM / Falcon: rotary only, half rotation, no exotic scaling."""
-    rope, p = f.a0["rope"], []
+    p = []
     if f.learned:
         p.append(f"learned position embeddings cannot be expressed by the {f.name}")
     if f.positions != {"rope"}:
         p.append(f"the {f.name} is rotary-only (Falcon's ALiBi is not emitted by mexc)")
-    if rope.interleaved:
-        p.append(f"interleaved (GPT-J style) rotary cannot be expressed by the {f.name}: HF rotates halves")
-    if rope.scaling not in ("none", "linear", "llama3"):
-        p.append(f"rope scaling {rope.scaling!r} is not written by mexc's hf target (none, linear, llama3)")
-    return p
+    return p + _rotation(f)
 
 
 def full_rotary(f: Facts):

@@ -3,8 +3,9 @@ ln_mlp, Falcon's new decoder architecture); rotary, the fused grouped QKV, biase
 
 from __future__ import annotations
 
-from .common import (ATTN_BIAS, HIDDEN_ACT, MLP_BIAS, ONE_MLP_SIZE, ROTARY_ONLY, falcon_block, family, full_rotary,
-                     head_dim_from_hidden, mlp_form, no_qk_norm, parallel_layers, rotary_config, rule)
+from .common import (ATTN_BIAS, HIDDEN_ACT, MLP_BIAS, ONE_MLP_SIZE, ROTARY_ONLY, falcon_block, family,
+                     full_rotary, head_dim_from_hidden, mlp_form, no_qk_norm, parallel_layers, rotary_config,
+                     rule)
 
 _SHARED = """
 attention   qkv         transformer.h.{L}.self_attention.query_key_value.weight   copy  always

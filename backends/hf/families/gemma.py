@@ -5,27 +5,10 @@ from __future__ import annotations
 
 import math
 
-from .common import (HIDDEN_ACT, MLP_BIAS, ONE_MLP_SIZE, ROTARY_ONLY, family, full_rotary, mlp_form, no_qk_norm,
-                     rotary_config, rule)
+from .common import (HIDDEN_ACT, MLP_BIAS, ONE_MLP_SIZE, ROTARY_ONLY, decoder_rows, family, full_rotary,
+                     mlp_form, no_qk_norm, rotary_config, rule)
 
-ROWS = """
-embedding   word        model.embed_tokens.weight                          copy  always
-input_norm  weight      model.layers.{L}.input_layernorm.weight            zc    always
-attention   q           model.layers.{L}.self_attn.q_proj.weight           copy  always
-attention   k           model.layers.{L}.self_attn.k_proj.weight           copy  always
-attention   v           model.layers.{L}.self_attn.v_proj.weight           copy  always
-attention   q_bias      model.layers.{L}.self_attn.q_proj.bias             copy  attn_bias
-attention   k_bias      model.layers.{L}.self_attn.k_proj.bias             copy  attn_bias
-attention   v_bias      model.layers.{L}.self_attn.v_proj.bias             copy  attn_bias
-attention   proj        model.layers.{L}.self_attn.o_proj.weight           copy  always
-attention   proj_bias   model.layers.{L}.self_attn.o_proj.bias             copy  attn_bias
-post_norm   weight      model.layers.{L}.post_attention_layernorm.weight   zc    always
-mlp         gate        model.layers.{L}.mlp.gate_proj.weight              copy  always
-mlp         up          model.layers.{L}.mlp.up_proj.weight                copy  always
-mlp         fc2         model.layers.{L}.mlp.down_proj.weight              copy  always
-final_norm  weight      model.norm.weight                                  zc    always
-lm_head     weight      lm_head.weight                                     copy  untied
-"""
+ROWS = decoder_rows(norm="zc", qkv_bias="attn_bias", proj_bias="attn_bias")
 
 
 def _scale(f):

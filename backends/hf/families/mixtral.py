@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from .common import ATTN_BIAS, LLAMA_LIKE, family, llama_config, no_qk_norm, rule
+from .common import ATTN_BIAS, LLAMA_LIKE, decoder_rows, family, llama_config, no_qk_norm, rule
 
-ROWS = """
-embedding   word        model.embed_tokens.weight                                 copy    always
-input_norm  weight      model.layers.{L}.input_layernorm.weight                   copy    always
-attention   q           model.layers.{L}.self_attn.q_proj.weight                  copy    always
-attention   k           model.layers.{L}.self_attn.k_proj.weight                  copy    always
-attention   v           model.layers.{L}.self_attn.v_proj.weight                  copy    always
-attention   proj        model.layers.{L}.self_attn.o_proj.weight                  copy    always
-post_norm   weight      model.layers.{L}.post_attention_layernorm.weight          copy    always
-moe         router      model.layers.{L}.block_sparse_moe.gate.weight             copy    always
-moe         gate        model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight   expert  always
-moe         fc2         model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight   expert  always
-moe         up          model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight   expert  always
-final_norm  weight      model.norm.weight                                         copy    always
-lm_head     weight      lm_head.weight                                            copy    untied
+ROWS = decoder_rows(mlp="none") + """
+moe   router   model.layers.{L}.block_sparse_moe.gate.weight               copy    always
+moe   gate     model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight     expert  always
+moe   fc2      model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight     expert  always
+moe   up       model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight     expert  always
 """
 _MOE_PARAMS = {"router", "gate", "up", "fc2"}
 

@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-from .common import LLAMA_LIKE, MLP_BIAS, ONE_MLP_SIZE, QKV_BIAS, family, llama_config, no_qk_norm, rule
+from .common import (LLAMA_LIKE, MLP_BIAS, ONE_MLP_SIZE, QKV_BIAS, decoder_rows, family, llama_config,
+                     no_qk_norm, rule)
 
-ROWS = """
-embedding   word        model.embed_tokens.weight                          copy  always
-input_norm  weight      model.layers.{L}.input_layernorm.weight            copy  always
-attention   q           model.layers.{L}.self_attn.q_proj.weight           copy  always
-attention   k           model.layers.{L}.self_attn.k_proj.weight           copy  always
-attention   v           model.layers.{L}.self_attn.v_proj.weight           copy  always
-attention   q_bias      model.layers.{L}.self_attn.q_proj.bias             copy  always
-attention   k_bias      model.layers.{L}.self_attn.k_proj.bias             copy  always
-attention   v_bias      model.layers.{L}.self_attn.v_proj.bias             copy  always
-attention   proj        model.layers.{L}.self_attn.o_proj.weight           copy  always
-post_norm   weight      model.layers.{L}.post_attention_layernorm.weight   copy  always
-mlp         gate        model.layers.{L}.mlp.gate_proj.weight              copy  always
-mlp         up          model.layers.{L}.mlp.up_proj.weight                copy  always
-mlp         fc2         model.layers.{L}.mlp.down_proj.weight              copy  always
-final_norm  weight      model.norm.weight                                  copy  always
-lm_head     weight      lm_head.weight                                     copy  untied
-"""
+ROWS = decoder_rows(qkv_bias="always")
 
 
 def config(f, flags) -> dict:

@@ -5,10 +5,11 @@ signature and rules hold; :mod:`.common` holds what they share; issue 15 item 2)
 
 from __future__ import annotations
 
+from . import falcon, gemma, gpt, llama, qwen3  # noqa: F401
 from .common import REGISTRY, falcon_layout  # noqa: F401 - re-exported
 
 # classification order: the first class whose signature and rules hold wins
-from . import gemma, falcon, qwen3, llama, gpt  # noqa: E402,F401,I001
+REGISTRY.order(["GemmaForCausalLM", "FalconForCausalLM", "QWenForCausalLM", "LlamaForCausalLM", "GPTForCausalLM"])
 
 
 def by_architecture(arch: str):

@@ -10,7 +10,7 @@ the other (IR ``up``) ``mlp.gate``; a MoE's ``mlp.fc`` is ``[up_r; gate_r]`` per
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ....ir.analysis import parallel_block_norms
 from ....passes.fold_moe_scaling import has_topk_scale
@@ -165,6 +165,17 @@ def read_rope(cfg: dict, percent: float | None = None) -> dict:
         out.update(low_freq_factor=float(rs["low_freq_factor"]), high_freq_factor=float(rs["high_freq_factor"]),
                    original_max_positions=int(rs["original_max_position_embeddings"]))
     return out
+
+
+def qk_norm_and_scaling(f: Facts) -> list[str]:
+    """The Llama / GPT classes: no q/k norm; rope scaling none, linear or llama3."""
+    p = []
+    if f.a0["qk_norm"] != "none":
+        p.append("QK layernorm is not supported by the Llama/GPT checkpoint classes")
+    rope = f.a0["rope"]
+    if f.a0["position"] == "rope" and rope.scaling not in ("none", "linear", "llama3"):
+        p.append(f"rope scaling {rope.scaling!r} is not expressible")
+    return p
 
 
 def _plain(f: Facts) -> list[str]:

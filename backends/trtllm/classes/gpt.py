@@ -3,20 +3,11 @@ no positions, plain or gated MLP, one ``bias`` flag."""
 
 from __future__ import annotations
 
-from .common import GATED_ACT, HIDDEN_ACT, PLAIN_DECODER, UNREWRITTEN, read_rope, rule, trt_class
+from .common import (GATED_ACT, HIDDEN_ACT, PLAIN_DECODER, UNREWRITTEN, qk_norm_and_scaling, read_rope, rule,
+                     trt_class)
 
 _ACT = {"gelu": "gelu-tanh", "gelu_new": "gelu-tanh", "relu": "relu", "squared-relu": "squared-relu",
         "silu": "silu", "swiglu": "silu", "geglu": "gelu-tanh", "quick_gelu": "quick-gelu"}
-
-
-def _rules(f):
-    p = []
-    if f.a0["qk_norm"] != "none":
-        p.append("QK layernorm is not supported by the Llama/GPT checkpoint classes")
-    rope = f.a0["rope"]
-    if f.a0["position"] == "rope" and rope.scaling not in ("none", "linear", "llama3"):
-        p.append(f"rope scaling {rope.scaling!r} is not expressible")
-    return p
 
 
 def config(f, cfg: dict) -> dict:
@@ -34,5 +25,5 @@ def read(cfg: dict) -> dict:
 
 
 trt_class("GPTForCausalLM", signature=lambda f: f.kinds == {"layernorm"},
-          rules=[PLAIN_DECODER, UNREWRITTEN, rule("QK norm, rope scaling other than linear/llama3")(_rules)], config=config,
+          rules=[PLAIN_DECODER, UNREWRITTEN, rule("QK norm, rope scaling other than linear/llama3")(qk_norm_and_scaling)], config=config,
           read=read)

@@ -4,7 +4,7 @@ scaling), optional q/k/v/o and MLP biases; MoE of SwiGLU experts with softmax to
 from __future__ import annotations
 
 from ....ir.analysis import MOE_SHARED_EXPERT, block_kinds
-from .common import PLAIN_DECODER, UNREWRITTEN, read_rope, rule, trt_class
+from .common import PLAIN_DECODER, UNREWRITTEN, qk_norm_and_scaling, read_rope, rule, trt_class
 
 
 def _llama_like(f) -> bool:
@@ -14,12 +14,7 @@ def _llama_like(f) -> bool:
 
 
 def _rules(f):
-    p = []
-    if f.a0["qk_norm"] != "none":
-        p.append("QK layernorm is not supported by the Llama/GPT checkpoint classes")
-    rope = f.a0["rope"]
-    if f.a0["position"] == "rope" and rope.scaling not in ("none", "linear", "llama3"):
-        p.append(f"rope scaling {rope.scaling!r} is not expressible")
+    p, rope = qk_norm_and_scaling(f), f.a0["rope"]
     if f.moes:
         shared = [layer for layer, kind in block_kinds(f.model).items() if kind == MOE_SHARED_EXPERT]
         if shared:
