@@ -198,3 +198,39 @@ def test_cli_options(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compile", str(ckpt), "--target", "onnx", "--accuracy-level", "5", "-o", str(tmp_path / "p")])
     assert "accuracy-level" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- bench helpers
+
+
+def test_smooth_weights_are_smooth_and_scaled():
+    from mexc.tools.bench_onnx import SmoothFiller
+    from mexc.tools.synth_checkpoint import Filler
+
+    def neighbour_corr(w):   # correlation of horizontally adjacent weights
+        w = w.float()
+        return float(torch.corrcoef(torch.stack([w[:, :-1].reshape(-1), w[:, 1:].reshape(-1)]))[0, 1])
+
+    w = SmoothFiller(seed=3).tensor((256, 512))
+    assert w.dtype == torch.bfloat16 and abs(float(w.float().std()) - 0.02) < 2e-3
+    assert neighbour_corr(w) > 0.9 > 0.1 > abs(neighbour_corr(Filler(seed=3, block=1 << 16).tensor((256, 512))))
+    norm = SmoothFiller(seed=3).tensor((128,), center=1.0).float()
+    assert 0.85 < float(norm.min()) and float(norm.max()) < 1.15
+
+
+def test_bench_ratio_cancels_the_session_order():
+    from mexc.tools.bench_onnx import balanced
+
+    keys = ("prefill_ms_tok", "decode_ms_tok", "prefill_cpu_ms_tok", "decode_cpu_ms_tok")
+
+    def cyc(first, m, o):
+        return {"first": first, "mexc": dict.fromkeys(keys, m), "ogb": dict.fromkeys(keys, o)}
+
+    # equal graphs; whichever session is created first runs 20 % slower
+    cycles = [cyc("mexc", 12, 10), cyc("ogb", 10, 12), cyc("mexc", 12.1, 10), cyc("ogb", 10, 12.1)]
+    r = balanced(cycles)
+    assert abs(r["ratio"]["decode_ms_tok"] - 1.0) < 1e-4
+    assert r["spread"]["prefill_ms_tok"][0] < 0.85 and r["spread"]["prefill_ms_tok"][1] > 1.15
+    # mexc 10 % slower on top of the order effect
+    r = balanced([cyc("mexc", 13.2, 10), cyc("ogb", 11, 12)])
+    assert abs(r["ratio"]["prefill_ms_tok"] - 1.1) < 1e-9
