@@ -158,11 +158,23 @@ class Registry:
         self.classes[cls.name] = cls
         return cls
 
-    def order(self, names: list[str]) -> None:
-        """Fix the classification order (module import order is not a contract); every class once."""
-        if sorted(names) != sorted(self.classes):
-            raise ValueError(f"{self.target} classification order {names} != registered {sorted(self.classes)}")
-        self.classes = {n: self.classes[n] for n in names}
+    def order(self) -> list[str]:
+        """Classification order: registration order, except that a class declared ``before=(...)`` others
+        comes ahead of them (a stable topological sort; a cycle or an unknown name is an error at import)."""
+        names = list(self.classes)
+        after = {n: {m for m, c in self.classes.items() if n in c.extra.get("before", ())} for n in names}
+        for n, c in self.classes.items():
+            unknown = set(c.extra.get("before", ())) - set(names)
+            if unknown:
+                raise ValueError(f"{self.target} class {n!r} is declared before unknown classes {sorted(unknown)}")
+        out: list[str] = []
+        while len(out) < len(names):
+            ready = [n for n in names if n not in out and after[n] <= set(out)]
+            if not ready:
+                raise ValueError(f"{self.target} classes {sorted(set(names) - set(out))} declare a cycle of before=")
+            out.append(ready[0])
+        self.classes = {n: self.classes[n] for n in out}
+        return out
 
     def __getitem__(self, name: str) -> TargetClass:
         return self.classes[name]
@@ -185,6 +197,18 @@ class Registry:
         if first is not None:
             return first
         return None, [self._none_line(facts)]
+
+
+def load_classes(package: str, path, registry: Registry, skip: tuple[str, ...] = ("common",)) -> None:
+    """Import every module of a classes package (one file per target class registers itself), then fix the
+    classification order: adding a class is adding its file."""
+    import importlib
+    import pkgutil
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(path)):
+        if mod not in skip:
+            importlib.import_module(f"{package}.{mod}")
+    registry.order()
 
 
 @dataclass

@@ -24,13 +24,12 @@ signature and rules hold (:meth:`mexc.backends.lowering.Registry.classify`).
 from __future__ import annotations
 
 from ....ir import Model
-from ...lowering import Facts, TargetClass
-from . import falcon, gemma, gpt2, gpt_bigcode, llama, mixtral, nemotron, qwen2, qwen3, stablelm  # noqa: F401
+from ...lowering import Facts, TargetClass, load_classes
 from .common import ATTN_BIAS, DTYPE, HIDDEN_ACT, MLP_BIAS, REGISTRY, falcon_block  # noqa: F401 - re-exported
 
-# classification order: the first class whose signature and rules hold wins
-REGISTRY.order(["mixtral", "falcon", "falcon2", "gemma", "gpt_bigcode", "gpt2", "stablelm", "nemotron", "qwen3",
-                "qwen2", "llama"])
+# every other module of this package is one family; the classification order is registration order with
+# each file's before= (the first class whose signature and rules hold wins)
+load_classes(__name__, __path__, REGISTRY)
 
 ARCHITECTURES = {c.name: c.extra["architecture"] for c in REGISTRY}
 MODEL_TYPES = {c.name: c.extra["model_type"] for c in REGISTRY}

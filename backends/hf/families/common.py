@@ -56,19 +56,20 @@ def falcon_block(model, layer=None) -> str | None:
 
 def family(name: str, architecture: str, *, rows: str, signature: Callable[[Facts], bool], rules: list[Rule],
            config: Callable[[Facts, dict], dict], model_type: str | None = None, zero_centered: bool = False,
-           fused_qkv: bool = False, moe: bool = False,
+           fused_qkv: bool = False, moe: bool = False, before: tuple[str, ...] = (),
            flags: Callable[[Facts, dict], dict] | None = None) -> TargetClass:
     """Register one HF family (one file per class): its rows, signature, rules (after :data:`COMMON`) and
     config builder. ``zero_centered``: the HF norm computes with (1 + w), so the gamma is not folded;
     ``fused_qkv``: the class keeps Megatron's grouped fused QKV; ``flags(facts, base)`` adjusts the row
-    conditions; ``moe``: the class has experts (the others never take a model with them)."""
+    conditions; ``moe``: the class has experts (the others never take a model with them); ``before``: classes
+    whose signature also holds for this one's models and that must be tried after it."""
     def dense(f: Facts, structure=signature) -> bool:   # only the MoE class takes a model with experts
         return not f.moes and structure(f)
 
     cls = TargetClass(name, f"{name} family ({architecture})", signature if moe else dense, [*COMMON, *rules],
                       parse_rows(rows, transforms=TRANSFORMS, conditions=CONDITIONS, where=f"hf {name}",
                                  family=name),
-                      config, {"architecture": architecture, "model_type": model_type or name,
+                      config, {"architecture": architecture, "model_type": model_type or name, "before": before,
                                "zero_centered": zero_centered, "fused_qkv": fused_qkv, "flags": flags})
     return REGISTRY.register(cls)
 

@@ -74,6 +74,7 @@ def _parallel(f, norms: str) -> bool:
 
 
 family("falcon", "FalconForCausalLM", rows=ROWS_ONE, fused_qkv=True, signature=lambda f: _parallel(f, "one-norm"),
-       rules=RULES, config=config, flags=_flags)
+       rules=RULES, config=config, flags=_flags, before=("stablelm", "nemotron"))
 family("falcon2", "FalconForCausalLM", model_type="falcon", rows=ROWS_TWO, fused_qkv=True,
-       signature=lambda f: _parallel(f, "two-norm"), rules=RULES, config=config, flags=_flags)
+       signature=lambda f: _parallel(f, "two-norm"), rules=RULES, config=config, flags=_flags,
+       before=("stablelm", "nemotron"))

@@ -36,4 +36,5 @@ family("gemma", "GemmaForCausalLM", rows=ROWS, zero_centered=True,
               ONE_MLP_SIZE,
               rule("MLP biases")(lambda f: f"MLP biases cannot be expressed by the {f.name}"
                                  if f.has(f.mlps, MLP_BIAS) else None),
-              rule("an embedding scale other than sqrt(hidden)")(_scale)], config=config)
+              rule("an embedding scale other than sqrt(hidden)")(_scale)], config=config,
+       before=("qwen3", "qwen2", "llama"))

@@ -17,4 +17,5 @@ def config(f, flags) -> dict:
 family("qwen2", "Qwen2ForCausalLM", rows=ROWS,
        signature=lambda f: (f.kinds == {"rmsnorm"} and f.positions == {"rope"} and f.has(f.attns, QKV_BIAS)
                             and not f.has(f.attns, ("proj_bias",)) and not f.has(f.mlps, MLP_BIAS)),
-       rules=[rule("q/k normalization")(no_qk_norm), *LLAMA_LIKE, ONE_MLP_SIZE], config=config)
+       rules=[rule("q/k normalization")(no_qk_norm), *LLAMA_LIKE, ONE_MLP_SIZE], config=config,
+       before=("llama",))

@@ -42,4 +42,4 @@ family("qwen3", "Qwen3ForCausalLM", rows=ROWS,
                             and any(a.attrs["qk_norm"] != "none" for a in f.attns)),
        rules=[rule("a LayerNorm q/k norm; a q/k norm eps other than rms_norm_eps")(_qk_norm),
               rule("MLP biases")(_mlp_bias), *LLAMA_LIKE, ONE_MLP_SIZE],
-       config=config, flags=_flags)
+       config=config, flags=_flags, before=("qwen2", "llama"))

@@ -1,15 +1,15 @@
-"""TensorRT-LLM checkpoint classes, one file each, registered in classification order (the first whose
-signature and rules hold; :mod:`.common` holds what they share; issue 15 item 2). The writer
+"""TensorRT-LLM checkpoint classes, one file each (:mod:`.common` holds what they share; issue 15 item 2). The writer
 (:mod:`mexc.backends.trtllm`) and the reader (:mod:`mexc.frontends.trtllm`) both use these tables.
 """
 
 from __future__ import annotations
 
-from . import falcon, gemma, gpt, llama, qwen3  # noqa: F401
+from ...lowering import load_classes
 from .common import REGISTRY, falcon_layout  # noqa: F401 - re-exported
 
-# classification order: the first class whose signature and rules hold wins
-REGISTRY.order(["GemmaForCausalLM", "FalconForCausalLM", "QWenForCausalLM", "LlamaForCausalLM", "GPTForCausalLM"])
+# every other module of this package is one class; the classification order is registration order with each
+# file's before= (the first class whose signature and rules hold wins)
+load_classes(__name__, __path__, REGISTRY)
 
 
 def by_architecture(arch: str):

@@ -63,4 +63,5 @@ trt_class(CLS, signature=lambda f: has_parallel_blocks(f.model),
                  rule("sequential blocks, norms other than LayerNorm with bias or at another eps, a gated or "
                       "non-GELU MLP, head_dim != hidden/heads, some but not all biases, biases with tp > 1")(
                      _rules)],
-          config=config, read=read, extra_rows=ROWS)
+          config=config, read=read, extra_rows=ROWS,
+          before=("QWenForCausalLM", "LlamaForCausalLM", "GPTForCausalLM"))

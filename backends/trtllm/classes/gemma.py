@@ -53,4 +53,5 @@ trt_class(CLS, signature=lambda f: f.emb.attrs["scale"] != 1.0,
           rules=[decoder_attention(("none", "linear", "llama3")), UNREWRITTEN,
                  rule("an embedding scale other than sqrt(hidden), norms other than RMSNorm, an MLP other than "
                       "tanh GeGLU, linear biases, an untied head, pp > 1, parallel blocks")(_rules)],
-          config=config, read=read, parallel_embedding=lambda opts: opts.tp > 1)
+          config=config, read=read, parallel_embedding=lambda opts: opts.tp > 1,
+          before=("FalconForCausalLM", "QWenForCausalLM", "LlamaForCausalLM", "GPTForCausalLM"))

@@ -52,4 +52,5 @@ def read(cfg: dict) -> dict:
 trt_class("LlamaForCausalLM", signature=lambda f: bool(f.moes) or _llama_like(f),
           rules=[PLAIN_DECODER, UNREWRITTEN, rule("QK norm, rope scaling other than linear/llama3, partial rotary, a shared "
                                    "expert, experts other than SwiGLU, routing other than softmax top-k")(_rules)],
-          config=config, read=read, aliases=("MistralForCausalLM", "MixtralForCausalLM", "LLaMAForCausalLM"))
+          config=config, read=read, aliases=("MistralForCausalLM", "MixtralForCausalLM", "LLaMAForCausalLM"),
+          before=("GPTForCausalLM",))

@@ -60,4 +60,4 @@ trt_class(CLS, signature=lambda f: not f.moes and any(a.attrs["qk_norm"] != "non
           rules=[decoder_attention(("none", "linear", "llama3"), qk_norm=True), PLAIN_DECODER, UNREWRITTEN,
                  rule("a LayerNorm q/k norm, norms other than RmsNorm, an MLP other than SwiGLU, an attention output "
                       "bias, MLP biases")(_rules)],
-          config=config, read=read, extra_rows=ROWS, notes=notes)
+          config=config, read=read, extra_rows=ROWS, notes=notes, before=("LlamaForCausalLM", "GPTForCausalLM"))
