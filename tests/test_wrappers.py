@@ -95,12 +95,19 @@ def test_checkpoint_written_by_nemo_matches_megatron(tmp_path, kind):
     assert lift(root).meta["iteration"] == 9
 
 
-def test_nemo_contexts_are_nemos_own():
-    """The NeMo 2 contexts the tests read were written by NeMo (tests/data/wrappers/README.md), for every kind."""
+def test_configs_are_the_tools_own():
+    """The NeMo 2 contexts and Megatron-Bridge run configs the tests read were written by NeMo / Megatron-Bridge
+    (tests/data/wrappers/README.md), and the fixture builders use them."""
     for kind in ("llama", "gpt", "llama3", "moe"):
         d = W.REAL_NEMO_CONTEXT / kind
         assert json.loads((d / "made-by.json").read_text())["nemo_toolkit"] == "2.7.3"
         assert (d / "context" / "io.json").is_file() and (d / "context" / "model.yaml").is_file()
+    for kind in ("llama", "gpt"):
+        d = W.REAL_BRIDGE_CONFIG / kind
+        assert json.loads((d / "made-by.json").read_text())["megatron_bridge"] == "0.3.1"
+        cfg = yaml.safe_load((d / "run_config.yaml").read_text())
+        assert cfg["_target_"] == "megatron.bridge.training.config.ConfigContainer"
+        assert cfg["model"]["_target_"] == "megatron.bridge.models.gpt_provider.GPTModelProvider"
 
 
 def test_other_entry_points(tmp_path):

@@ -33,6 +33,7 @@ import yaml
 from megatron_fixtures import load_fixture_info, megatron_checkpoint
 
 REAL_NEMO_CONTEXT = Path(__file__).resolve().parent / "data" / "wrappers" / "nemo-2.7.3"  # by NeMo itself
+REAL_BRIDGE_CONFIG = Path(__file__).resolve().parent / "data" / "wrappers" / "bridge-0.3.1"  # by Megatron-Bridge
 BRIDGE_PROVIDER = "megatron.bridge.models.gpt_provider.GPTModelProvider"
 NEMO_MODEL, NEMO_CONFIG = "nemo.collections.llm.gpt.model.base.GPTModel", "nemo.collections.llm.gpt.model.base.GPTConfig"
 
@@ -233,9 +234,10 @@ def nemo1_archive(kind: str, out: Path, tp: int = 1, config: dict | None = None,
 
 def bridge_save(kind: str, out: Path, tp: int = 1, form: str = "provider") -> tuple[Path, Path]:
     """A Megatron-Bridge save dir: trackers, iter_0000010/ (torch_dist, keys as Megatron-LM's, common.pt without
-    ``args``, run_config.yaml, train_state.pt). ``form``: the ``model:`` section as a GPT provider dump
-    (``provider``) or in the nested model-config form (``model-config``). Returns (the save dir, the megatron
-    fixture dir)."""
+    ``args``, run_config.yaml, train_state.pt). ``form``: ``provider``: the run_config.yaml Megatron-Bridge 0.3.1
+    itself wrote for the kind (tools/fixtures/bridge_run_config.py) where tests/data/wrappers has one (llama, gpt),
+    else a GPT provider dump of the fixture's TransformerConfig; ``model-config``: the nested 2026 model-config form.
+    Returns (the save dir, the megatron fixture dir)."""
     d = megatron_checkpoint(kind, tp=tp, fmt="torch_dist")
     root = _fresh(out)
     it = root / "iter_0000010"
@@ -260,5 +262,9 @@ def bridge_save(kind: str, out: Path, tp: int = 1, form: str = "provider") -> tu
                             "global_batch_size": 2, "micro_batch_size": 1},
                   "tokenizer": {"_target_": "megatron.bridge.training.tokenizers.config.TokenizerConfig",
                                 "tokenizer_type": "NullTokenizer", "vocab_size": 100}}
-    (it / "run_config.yaml").write_text(yaml.safe_dump(run_config))
+    real = REAL_BRIDGE_CONFIG / kind / "run_config.yaml"
+    if form == "provider" and real.is_file():
+        shutil.copyfile(real, it / "run_config.yaml")
+    else:
+        (it / "run_config.yaml").write_text(yaml.safe_dump(run_config))
     return root, d
