@@ -8,7 +8,9 @@ Each runs ``mexc inspect`` and ``mexc compile --target hf --quiet`` in a forked 
 (``hostile.forkserver``: 4 GiB address space, 256 MiB largest file, 60 s) and must be refused with exactly one
 ``error:`` line (plus at most a ``hint:``) naming the file, no traceback, the canary never created, nothing left
 in the output's parent directory. Inputs mexc never needs to unpickle (a DCP tensor chunk's pickle, an
-``_extra_state`` item) may also be accepted, but never run code.
+``_extra_state`` item), harmless payloads (a numpy shape never allocated) and the few mutations marked so may
+also be accepted, but then the output must equal the base's own, tensor for tensor. An oracle test checks that
+the payloads are live: Python's unrestricted unpickler, in a throw-away process, creates their canaries.
 
 Signals and faults use real ``python -m mexc.tools.cli`` processes: SIGINT / SIGTERM / SIGHUP at start-up,
 during lift and during writing (the phase is found with an audit hook on ``open``, ``hostile/phase.py``), a
@@ -38,7 +40,6 @@ from hostile import carriers, mutate, pickles
 from hostile.forkserver import GiB, ForkServer, Outcome, problems
 from megatron_fixtures import megatron_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 PHASE = Path(__file__).resolve().parent / "hostile" / "phase.py"
 H = settings(max_examples=12, derandomize=True, database=None, deadline=None,
              phases=(Phase.explicit, Phase.generate),  # no shrinking: each example is a process
