@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import BackendError
 from .graph import Model, Node
-from .semantics import activation, apply_rope, norm, rope_tables
+from .semantics import activation, apply_rope, causal_conv1d, gated_rmsnorm, norm, rope_tables, ssm_scan
 from .tensors import derive
 from .types import DType
 
@@ -193,6 +193,29 @@ class ReferenceExecutor:
                 if gated:
                     h = h * (x @ up[j].t())
                 out = out + weight * (h @ fc2[j].t())
+        return out
+
+    def op_mamba(self, node, x, pos):
+        """Mamba-2 mixer per TP rank (whole heads and groups per rank, as Megatron shards them); the row-parallel
+        out projection's partial sums are reduced."""
+        a = node.attrs
+        nh, p, g, n = a["num_heads"], a["head_dim"], a["num_groups"], a["state_dim"]
+        ranks = self._ranks(node, "in_x", "out")
+        parts = len(ranks) if ranks != [None] else 1
+        out = 0
+        for r in ranks:
+            w = {k: self.w.get(node, k, r) for k in node.params if not k.endswith("_scale")}
+            b, s = x.shape[:2]
+            z, xs = _linear(x, w["in_z"]), _linear(x, w["in_x"])
+            B, C, dt = _linear(x, w["in_B"]), _linear(x, w["in_C"]), _linear(x, w["in_dt"])
+            xs = F.silu(causal_conv1d(xs, w["conv_x"], w.get("conv_x_bias")))
+            B = F.silu(causal_conv1d(B, w["conv_B"], w.get("conv_B_bias")))
+            C = F.silu(causal_conv1d(C, w["conv_C"], w.get("conv_C_bias")))
+            lnh, lg = nh // parts, g // parts
+            y = ssm_scan(xs.view(b, s, lnh, p), dt, w["A_log"], B.view(b, s, lg, n), C.view(b, s, lg, n),
+                         w["D"], w["dt_bias"]).reshape(b, s, lnh * p)
+            y = gated_rmsnorm(y, z, w["norm"], lg, a["norm_eps"], a["norm_before_gate"])
+            out = out + y @ w["out"].t()
         return out
 
     def op_add(self, node, *xs, pos):

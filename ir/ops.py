@@ -12,11 +12,17 @@
 |             |                |                                                                | fc2 [H,F]; *_bias?             |
 | moe         | x              | num_experts, top_k, activation, gated, score, norm_topk,       | router [E,H]; gate,up [E,F,H]  |
 |             |                | pre_softmax, topk_scale                                        | or fc1; fc2 [E,H,F]            |
+| mamba       | x              | num_heads, head_dim, num_groups, state_dim, conv_kernel,       | in_z,in_x [I,H]; in_B,in_C     |
+|             |                | norm_eps, norm_before_gate (Mamba-2 mixer, see its doc)        | [GN,H]; in_dt [NH,H]; conv_*   |
+|             |                |                                                                | [.,K] (+bias); dt_bias, A_log, |
+|             |                |                                                                | D [NH]; norm [I]; out [H,I]    |
 | add         | x, y, ...      |                                                                | (residual sum)                 |
 | lm_head     | x              | tied                                                           | weight [V',H]                  |
 
 Residual connections are explicit ``add`` nodes, so a parallel block (Falcon: attention and MLP off one
-normalized input) is just a different wiring, not a special case.
+normalized input) is just a different wiring, not a special case. A hybrid model (Megatron's ``MambaModel`` /
+``HybridModel``, Nemotron-H) is the same wiring with one mixer per layer: ``norm -> mamba | attention | mlp |
+moe -> add``; :func:`layer_pattern` spells it as Megatron's ``hybrid_override_pattern`` (``M*-E``).
 
 Each param is a :class:`ParamSpec` (name, shape rule, role, linear or not, the attribute values that require
 it); the reshard TP/EP rules, quantize's linear weights, lower-dtype's keep-fp32 rule, the shape of a param a
@@ -236,6 +242,41 @@ def _check_moe(node, model):
     return [] if 1 <= k <= E else [f"top_k={k} outside [1, {E}]"]
 
 
+_MAMBA_DOC = ("Mamba-2 mixer (Megatron's MambaMixer, megatron/core/ssm/mamba_mixer.py): in_proj split into z, x, B, "
+              "C, dt; depthwise causal conv1d (with bias) + SiLU over x, B, C; selective scan with A = -exp(A_log), "
+              "dt = softplus(dt + dt_bias), B/C shared by the heads of a group, D skip; gated RMSNorm over groups "
+              "of I/num_groups channels (norm_before_gate=False: norm(y * silu(z)) * w, Megatron's only form; "
+              "True: norm(y) * w * silu(z)); out_proj")
+
+
+@op_schema("mamba", 1, {"num_heads": A(int, None), "head_dim": A(int, None), "num_groups": A(int, None),
+                        "state_dim": A(int, None), "conv_kernel": A(int, None),
+                        "norm_eps": A((int, float), 1e-5),  # Megatron: MambaMixer's RMSNormGated eps=1e-5
+                        "norm_before_gate": A(bool, False)},
+           _MAMBA_DOC,
+           params=[P("in_z", "I H", COLUMN, linear=True), P("in_x", "I H", COLUMN, linear=True),
+                   P("in_B", "GN H", COLUMN, linear=True), P("in_C", "GN H", COLUMN, linear=True),
+                   P("in_dt", "NH H", COLUMN, linear=True),
+                   P("conv_x", "I K", COLUMN), P("conv_B", "GN K", COLUMN), P("conv_C", "GN K", COLUMN),
+                   P("conv_x_bias", "I", COLUMN, required=False), P("conv_B_bias", "GN", COLUMN, required=False),
+                   P("conv_C_bias", "GN", COLUMN, required=False),
+                   P("dt_bias", "NH", COLUMN), P("A_log", "NH", COLUMN), P("D", "NH", COLUMN),
+                   P("norm", "I", COLUMN),  # gated RMSNorm weight: TP-split with d_inner, as Megatron does
+                   P("out", "H I", ROW, linear=True)],
+           dims=lambda a, c: {"H": c.hidden_size, "I": a["num_heads"] * a["head_dim"], "NH": a["num_heads"],
+                              "GN": a["num_groups"] * a["state_dim"], "K": a["conv_kernel"]})
+def _check_mamba(node, model):
+    a, p = node.attrs, []
+    nh, g = a["num_heads"], a["num_groups"]
+    if nh % g:
+        p.append(f"num_heads={nh} is not a multiple of num_groups={g}")
+    parts = {prm.sharding.parts for prm in node.params.values() if not prm.sharding.replicated}
+    for n in sorted(parts):
+        if nh % n or g % n:  # Megatron: each TP rank holds whole heads and whole groups
+            p.append(f"split {n} ways, but num_heads={nh} / num_groups={g} do not both divide by {n}")
+    return p
+
+
 @op_schema("add", None, {}, "residual sum of two or more activations", dims=lambda a, c: {})
 def _check_add(node, model):
     return [] if len(node.inputs) >= 2 else ["add needs at least two inputs"]
@@ -248,6 +289,22 @@ def _check_lm_head(node, model):
 
 
 # ---------------------------------------------------------------------------------------- derived views
+
+# Megatron's hybrid layer symbols (megatron/core/models/hybrid/hybrid_layer_allocation.py, Symbols)
+HYBRID_SYMBOLS = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
+
+
+def layer_pattern(graph) -> str | None:
+    """The hybrid pattern of a graph whose layers hold one mixer each (``"M-M*-"``), else None (a layer with
+    attention and an MLP, or none of the mixers)."""
+    ops: dict[int, list[str]] = {}
+    for n in graph.nodes:
+        if n.layer is not None and n.op in HYBRID_SYMBOLS:
+            ops.setdefault(n.layer, []).append(n.op)
+    if not ops or any(len(v) != 1 for v in ops.values()):
+        return None
+    return "".join(HYBRID_SYMBOLS[ops[i][0]] for i in sorted(ops))
+
 
 
 def default_attrs(op: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The numeric conventions of the IR ops, in one place: rope tables, rotation, norms, activations.
+"""The numeric conventions of the IR ops, in one place: rope tables, rotation, norms, activations, and the
+Mamba-2 pieces (causal conv1d, selective scan, gated RMSNorm).
 
 The reference interpreter (:mod:`mexc.ir.interpreter`) computes with these, and every backend that builds
 tables or formulas itself (the ONNX lowering's cos/sin caches) takes them from here, so a target agrees with
@@ -88,4 +89,44 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     raise BackendError(f"unknown activation {name!r}")
 
 
-__all__ = ["activation", "apply_rope", "llama3_inv_freq", "norm", "rope_tables"]
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise causal convolution over time: x [b, s, C], weight [C, K], bias [C] or None -> [b, s, C]; the
+    output at t sees inputs t-K+1..t (left zero padding: Megatron's conv1d with padding=K-1, trimmed)."""
+    k = weight.shape[-1]
+    y = F.conv1d(x.transpose(1, 2), weight[:, None, :], bias, padding=k - 1, groups=weight.shape[0])
+    return y[..., : x.shape[1]].transpose(1, 2)
+
+
+def ssm_scan(x, dt, A_log, B, C, D, dt_bias):
+    """Mamba-2 selective scan, sequential (the oracle form of mamba_ssm's chunked kernel).
+
+    x [b, s, nh, p]; dt [b, s, nh] (before bias); A_log, D, dt_bias [nh]; B, C [b, s, g, n] shared by the
+    nh/g consecutive heads of a group. dt' = softplus(dt + dt_bias), A = -exp(A_log); per step
+    h = exp(dt' A) h + dt' x B^T and y = h C + D x. Returns y [b, s, nh, p]."""
+    b, s, nh, p = x.shape
+    rep = nh // B.shape[2]
+    Bh, Ch = B.repeat_interleave(rep, 2), C.repeat_interleave(rep, 2)  # [b, s, nh, n]
+    dt = F.softplus(dt + dt_bias)
+    A = -torch.exp(A_log)
+    h = x.new_zeros(b, nh, p, B.shape[-1])
+    ys = []
+    for t in range(s):
+        h = h * torch.exp(dt[:, t] * A)[..., None, None] + \
+            (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        ys.append((h * Ch[:, t, :, None, :]).sum(-1) + D[:, None] * x[:, t])
+    return torch.stack(ys, 1)
+
+
+def gated_rmsnorm(y, z, weight, groups: int, eps: float, norm_before_gate: bool):
+    """Mamba-2's gated RMSNorm (mamba_ssm RMSNormGated): RMS over ``groups`` contiguous channel groups of y
+    [..., I]; norm_before_gate=False (Megatron): norm(y * silu(z)) * w; True: norm(y) * w * silu(z)."""
+    if not norm_before_gate:
+        y = y * F.silu(z)
+    g = y.reshape(*y.shape[:-1], groups, -1)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    out = g.reshape(y.shape) * weight
+    return out * F.silu(z) if norm_before_gate else out
+
+
+__all__ = ["activation", "apply_rope", "causal_conv1d", "gated_rmsnorm", "llama3_inv_freq", "norm", "rope_tables",
+           "ssm_scan"]

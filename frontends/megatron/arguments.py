@@ -100,6 +100,9 @@ _NUMERICS = "precision only: the same math; the output dtype (--dtype) decides p
 _IMPL = "an implementation choice (kernel, fusion, backend): the same math"
 _ONLY = "read only together with {}, which is refused"
 _LAYOUT = "checkpoint layout / distribution: the lift reads it from the tensors and the rank files"
+# the layer specs pretrain_mamba.py / pretrain_hybrid.py save for MambaModel / HybridModel
+_MAMBA_SPEC = ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"]
+_HYBRID_SPEC = ["megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"]
 
 # fmt: off
 ROWS: tuple[Arg, ...] = (
@@ -182,14 +185,21 @@ ROWS: tuple[Arg, ...] = (
     H("parallel_attn", False, "parallel attention + MLP wiring (NeMo config)", "parallel_attn",
       ("parallel_attention",)),
     R("spec", None, "a custom layer spec can change any part of the layer; mexc lifts the standard GPT "
-      "specs"),
+      "specs and the Mamba / hybrid stack specs", ok=(_MAMBA_SPEC, _HYBRID_SPEC)),
     R("heterogeneous_layers_config_path", None, "heterogeneous (per-layer) blocks are not lifted"),
     R("heterogeneous_layers_config_encoded_json", None, "heterogeneous (per-layer) blocks are not lifted"),
-    R("hybrid_override_pattern", None, "hybrid Mamba models are not lifted"),
-    R("hybrid_layer_pattern", None, "hybrid Mamba models are not lifted"),
-    R("is_hybrid_model", False, "hybrid Mamba models are not lifted"),
-    R("hybrid_attention_ratio", 0.0, "hybrid Mamba models are not lifted"),
-    R("hybrid_mlp_ratio", 0.0, "hybrid Mamba models are not lifted"),
+    # ---- hybrid Mamba (MambaModel / HybridModel, Nemotron-H): one mixer per layer, M * - E
+    H("hybrid_override_pattern", None, "one mamba / attention / mlp / moe node per layer (M * - E; | ignored)",
+      "hybrid_pattern", ("hybrid_layer_pattern",)),
+    I("is_hybrid_model", False, "the saved hybrid_override_pattern and the tensors decide the layers"),
+    R("hybrid_attention_ratio", 0.0, "layers allocated by ratio are not lifted: give hybrid_override_pattern "
+      "with --set / --config"),
+    R("hybrid_mlp_ratio", 0.0, "layers allocated by ratio are not lifted: give hybrid_override_pattern "
+      "with --set / --config"),
+    H("mamba_state_dim", 128, "mamba.state_dim", "mamba_state_dim"),
+    H("mamba_head_dim", 64, "mamba.head_dim", "mamba_head_dim"),
+    H("mamba_num_groups", 8, "mamba.num_groups", "mamba_num_groups"),
+    H("mamba_num_heads", None, "mamba.num_heads (unset: 2 x hidden / mamba_head_dim)", "mamba_num_heads"),
     R("mtp_num_layers", None, "multi-token-prediction heads are not lifted yet (their mtp.* tensors would "
       "have no "
       "mapping rule)"),
@@ -267,9 +277,7 @@ ROWS: tuple[Arg, ...] = (
         ("mup_embedding_mult", 1.0), ("mup_output_mult", 1.0), ("mup_width_mult", 1.0))),
     *(I(n, d, _ONLY.format("mtp_num_layers / hybrid / linear attention")) for n, d in (
         ("mtp_loss_scaling_factor", 0.1), ("mtp_standalone", False), ("mtp_use_repeated_layer", False),
-        ("mtp_detach_heads", False), ("mtp_hybrid_override_pattern", None), ("mamba_state_dim", 128),
-        ("mamba_head_dim", 64), ("mamba_num_groups", 8), ("mamba_num_heads", None),
-        ("linear_conv_kernel_dim", 4),
+        ("mtp_detach_heads", False), ("mtp_hybrid_override_pattern", None), ("linear_conv_kernel_dim", 4),
         ("linear_key_head_dim", 128), ("linear_value_head_dim", 128), ("linear_num_key_heads", 16),
         ("linear_num_value_heads", 32))),
 )

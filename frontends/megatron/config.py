@@ -58,6 +58,11 @@ class MegatronArch:
     dtype: DType = DType.f32
     family: str = "gpt"
     replicated: str = "check"             # TP copies of replicated tensors: check | rank0 | mean (replicated.py)
+    hybrid_pattern: str | None = None     # Megatron's hybrid_override_pattern (M * - E), pipes removed
+    mamba_state_dim: int = 128
+    mamba_head_dim: int = 64
+    mamba_num_groups: int = 8
+    mamba_num_heads: int = 0              # 0: Megatron's default, 2 x hidden / mamba_head_dim
 
 
 def _get(args: Any, field: str, default=None):
@@ -198,6 +203,9 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         first_stage_layers=_get(args, "first_stage_layers"), last_stage_layers=_get(args, "last_stage_layers"),
         dtype=dtype, family=family,
     )
+    fields.update(_hybrid(args, where, H))
+    if fields["hybrid_pattern"]:
+        fields["family"] = "nemotron_h"
     known = {f.name for f in dataclasses.fields(MegatronArch)}
     for k, v in overrides.items():
         if k not in known:
@@ -212,6 +220,31 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
     return arch
 
 
+def _hybrid(args: Any, where: str, hidden: int) -> dict[str, Any]:
+    """The hybrid Mamba fields (megatron/core/ssm/mamba_mixer.py: nheads = mamba_num_heads, else
+    expand * hidden / mamba_head_dim with expand = 2). The pattern's ``|`` (pipeline cuts) are dropped; an MTP
+    part (``/``) is refused."""
+    pattern = _get(args, "hybrid_pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        raise ConfigError(f"{where}: hybrid_override_pattern = {str(pattern)[:40]} is not a string",
+                          hint="give hybrid_pattern: M-M*- in --config FILE.yaml")
+    if pattern and "/" in pattern:
+        raise ConfigError(f"{where}: hybrid pattern {pattern!r} has multi-token-prediction layers (after '/'), "
+                          "which mexc does not lift", hint="convert the main model's layers: --set "
+                          f"hybrid_pattern={pattern.split('/')[0].replace('|', '')}")
+    out: dict[str, Any] = {"hybrid_pattern": pattern.replace("|", "") if pattern else None}
+    for f in ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads"):
+        v = _get(args, f)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 16):
+            raise ConfigError(f"{where}: args.{f} = {str(v)[:40]} is not a size (1..65536)",
+                              hint=f"the saved args are damaged; give {f} with --config FILE.yaml")
+        if v is not None:
+            out[f] = v
+    if not out.get("mamba_num_heads"):
+        out["mamba_num_heads"] = 2 * hidden // out.get("mamba_head_dim", 64)
+    return out
+
+
 def _validate(a: MegatronArch, where: str):
     problems = []
     if a.num_heads % a.num_kv_heads:
@@ -220,6 +253,17 @@ def _validate(a: MegatronArch, where: str):
         problems.append(f"padded_vocab_size={a.padded_vocab_size} does not split over tp={a.tp}")
     if a.num_layers % (a.pp * a.vp) and a.first_stage_layers is None and a.last_stage_layers is None:
         problems.append(f"num_layers={a.num_layers} does not split over pp={a.pp} x vp={a.vp}")
+    if a.hybrid_pattern is not None:
+        bad = sorted(set(a.hybrid_pattern) - set("M*-E"))
+        if bad:
+            problems.append(f"hybrid pattern {a.hybrid_pattern!r} has layer symbols {bad} mexc does not lift "
+                            "(M mamba, * attention, - MLP, E MoE)")
+        elif len(a.hybrid_pattern) != a.num_layers:
+            problems.append(f"hybrid pattern {a.hybrid_pattern!r} has {len(a.hybrid_pattern)} layers, "
+                            f"num_layers={a.num_layers}")
+        if a.mamba_num_heads % a.mamba_num_groups:
+            problems.append(f"mamba_num_heads={a.mamba_num_heads} is not a multiple of mamba_num_groups="
+                            f"{a.mamba_num_groups}")
     if a.replicated not in ("check", "rank0", "mean"):
         problems.append(f"replicated={a.replicated!r} (use check, rank0 or mean)")
     if problems:

@@ -153,6 +153,8 @@ def _merge(store, role, layer, shards, arch: MegatronArch, info, tp: int) -> Rec
     if merge == "gated?":
         merge = "gated" if arch.gated else "col"
     leaves = [load(store, shards[r][0], shards[r][1]) for r in ranks]
+    if merge in ("mamba_in", "mamba_conv") and len(leaves) > 1:
+        return _merge_mamba(leaves, merge, arch, f"{info.iter_dir}: {role} (layer {layer})")
     if merge == "rep" or len(leaves) == 1:
         for r in ranks[1:]:
             if shards[r][1] != shards[0][1]:
@@ -177,6 +179,23 @@ def _merge(store, role, layer, shards, arch: MegatronArch, info, tp: int) -> Rec
                            derive("slice", leaf, dim=0, start=n // 2, stop=n)))
         return derive("concat", *[h[0] for h in halves], *[h[1] for h in halves], dim=0)
     return derive("concat", *leaves, dim=dim)
+
+
+def _merge_mamba(leaves, merge, arch: MegatronArch, where: str) -> Recipe:
+    """Each rank's ``[z_r; x_r; B_r; C_r; dt_r]`` (in_proj) or ``[x_r; B_r; C_r]`` (conv1d) -> the global
+    ``[z; x; B; C; dt]`` / ``[x; B; C]`` (megatron/core/ssm/mamba_mixer.py: in_proj_partition_sizes)."""
+    tp = len(leaves)
+    I, GN = arch.mamba_num_heads * arch.mamba_head_dim, arch.mamba_num_groups * arch.mamba_state_dim
+    sizes = [I, I, GN, GN, arch.mamba_num_heads] if merge == "mamba_in" else [I, GN, GN]
+    if any(n % tp for n in sizes) or any(leaf.type.shape[0] != sum(sizes) // tp for leaf in leaves):
+        raise CheckpointError(f"{where}: shard rows {leaves[0].type.shape[0]} do not fit the mamba args split "
+                              f"{tp} ways ({'/'.join(map(str, sizes))})", hint="fix mamba_num_heads / "
+                              "mamba_head_dim / mamba_num_groups / mamba_state_dim with --config")
+    parts, at = [], 0
+    for n in sizes:
+        parts += [derive("slice", leaf, dim=0, start=at, stop=at + n // tp) for leaf in leaves]
+        at += n // tp
+    return derive("concat", *parts, dim=0)
 
 
 # ---------------------------------------------------------------------------------------- torch_dist
@@ -264,6 +283,14 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
     norm_kw = dict(kind=arch.normalization, eps=arch.norm_eps, zero_centered=arch.zero_centered_gamma)
     lay = QKVLayout("grouped", arch.num_heads, arch.num_kv_heads, arch.head_dim)
     for i in range(arch.num_layers):
+        sym = arch.hybrid_pattern[i] if arch.hybrid_pattern else None
+        if sym is not None and sym != "*":  # one mixer per layer: norm -> mamba | mlp | moe -> add
+            norm_role = "mamba_norm" if sym == "M" else "post_norm"
+            h = b.node("norm", x, layer=i, params={"weight": _get(roles, norm_role + ".weight", i, where=where),
+                                                   "bias": roles.get((norm_role + ".bias", i, None))}, **norm_kw)
+            mixer = _mamba(b, roles, arch, i, h, where) if sym == "M" else _mlp(b, roles, arch, i, h, where)
+            x = b.node("add", x, mixer, layer=i)
+            continue
         h = b.node("norm", x, layer=i, params={"weight": _get(roles, "input_norm.weight", i, where=where),
                                                "bias": roles.get(("input_norm.bias", i, None))}, **norm_kw)
         qkv = _get(roles, "qkv.weight", i, where=where)
@@ -292,6 +319,8 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
             x = b.node("add", x, attn, mlp, layer=i)
             continue
         x = b.node("add", x, attn, layer=i)
+        if sym == "*":
+            continue
         if post_w is None:
             raise CheckpointError(f"{where}: layer {i} has no pre-MLP norm", hint="is this a parallel-attention "
                                   "model? set parallel_block: true in --config")
@@ -328,6 +357,50 @@ def _mlp(b: Builder, roles, arch: MegatronArch, i: int, h, where):
     else:
         params["fc1"], params["fc1_bias"] = fc1, fc1_b
     return b.node("mlp", h, layer=i, params=params, activation=arch.activation, gated=arch.gated)
+
+
+_MAMBA_PARTS = {"in_proj": ("in_z", "in_x", "in_B", "in_C", "in_dt"), "conv": ("conv_x", "conv_B", "conv_C"),
+                "conv_bias": ("conv_x_bias", "conv_B_bias", "conv_C_bias")}
+
+
+def _mamba(b: Builder, roles, arch: MegatronArch, i: int, h, where):
+    """A Mamba-2 mixer node: the fused in_proj / conv of a legacy save split into their parts, or the parts a
+    torch_dist save holds; conv weights ``[C, 1, K]`` become ``[C, K]``."""
+    I, GN, nh = arch.mamba_num_heads * arch.mamba_head_dim, arch.mamba_num_groups * arch.mamba_state_dim, \
+        arch.mamba_num_heads
+    sizes = {"in_proj": [I, I, GN, GN, nh], "conv": [I, GN, GN], "conv_bias": [I, GN, GN]}
+    params: dict[str, Recipe | None] = {}
+    for fused, names in _MAMBA_PARTS.items():
+        w = roles.get((f"mamba.{fused}", i, None))
+        if w is None:
+            for n in names:
+                params[n] = roles.get((f"mamba.{n}", i, None))
+            continue
+        if w.type.shape[0] != sum(sizes[fused]):
+            raise CheckpointError(f"{where}: layer {i} mixer {fused} has {w.type.shape[0]} rows, the mamba args "
+                                  f"imply {sum(sizes[fused])} ({'+'.join(map(str, sizes[fused]))})",
+                                  hint="fix mamba_num_heads / mamba_head_dim / mamba_num_groups / mamba_state_dim "
+                                       "with --config")
+        at = 0
+        for n, rows in zip(names, sizes[fused]):
+            params[n] = derive("slice", w, dim=0, start=at, stop=at + rows)
+            at += rows
+    for n in (*_MAMBA_PARTS["conv"], *_MAMBA_PARTS["in_proj"]):
+        if params.get(n) is None:
+            raise CheckpointError(f"{where}: no tensor for the mixer's {n} of layer {i}",
+                                  hint="the checkpoint is incomplete, or its args describe another architecture")
+    for n in (*_MAMBA_PARTS["conv"], *_MAMBA_PARTS["conv_bias"]):
+        w = params.get(n)
+        if w is not None and len(w.type.shape) == 3:
+            if w.type.shape[1] != 1:
+                raise CheckpointError(f"{where}: layer {i} conv1d weight is {list(w.type.shape)}, expected a "
+                                      "depthwise [channels, 1, kernel]", hint="is this a Mamba-2 mixer?")
+            params[n] = derive("index", derive("transpose", w, d0=0, d1=1), i=0)
+    for n in ("A_log", "D", "dt_bias", "norm", "out"):
+        params[n] = _get(roles, f"mamba.{n}", i, where=where)
+    return b.node("mamba", h, layer=i, params=params, num_heads=nh, head_dim=arch.mamba_head_dim,
+                  num_groups=arch.mamba_num_groups, state_dim=arch.mamba_state_dim,
+                  conv_kernel=params["conv_x"].type.shape[-1])
 
 
 def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):

@@ -7,6 +7,8 @@ layer number (local to the stage in legacy files) and ``{E}`` a local expert num
 ``col``    column-parallel: concatenate on dim 0 (QKV keeps Megatron's group-interleaved rows)
 ``row``    row-parallel: concatenate on dim 1
 ``gated``  gated fc1: each rank holds ``[gate_r; up_r]``; halves are split per shard, then concatenated
+``mamba_in``    Mamba in_proj: each rank holds ``[z_r; x_r; B_r; C_r; dt_r]``; merged to ``[z; x; B; C; dt]``
+``mamba_conv``  Mamba conv1d weight / bias: each rank holds ``[x_r; B_r; C_r]``; merged to ``[x; B; C]``
 ``skip``   not a weight of the inference model
 """
 
@@ -48,6 +50,30 @@ RULES: list[tuple[str, str, str]] = [
     # torch_dist global (expert-stacked) keys; TP merge already applied on disk
     (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc1\.weight", "experts.fc1.weight", "rep"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc2\.weight", "experts.fc2.weight", "rep"),
+    # ---- MambaModel / HybridModel mixer (megatron/core/ssm/mamba_mixer.py); the layer's norm is the mixer's
+    # fused TE norm or the local spec's MambaLayer.norm. Legacy files hold each rank's [z|x|B|C|dt] / [x|B|C]
+    (r"decoder\.layers\.{L}\.mixer\.in_proj\.layer_norm_weight", "mamba_norm.weight", "rep"),
+    (r"decoder\.layers\.{L}\.norm\.weight", "mamba_norm.weight", "rep"),
+    (r"decoder\.layers\.{L}\.mixer\.in_proj\.weight", "mamba.in_proj", "mamba_in"),
+    (r"decoder\.layers\.{L}\.mixer\.conv1d[._]weight", "mamba.conv", "mamba_conv"),
+    (r"decoder\.layers\.{L}\.mixer\.conv1d[._]bias", "mamba.conv_bias", "mamba_conv"),
+    (r"decoder\.layers\.{L}\.mixer\.A_log", "mamba.A_log", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.D", "mamba.D", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.dt_bias", "mamba.dt_bias", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.norm\.weight", "mamba.norm", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.out_proj\.weight", "mamba.out", "row"),
+    # torch_dist: MambaMixer.sharded_state_dict saves the parts as separate global tensors
+    (r"decoder\.layers\.{L}\.mixer\.in_proj\.weight\.z", "mamba.in_z", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.in_proj\.weight\.x", "mamba.in_x", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.in_proj\.weight\.B", "mamba.in_B", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.in_proj\.weight\.C", "mamba.in_C", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.in_proj\.weight\.dt", "mamba.in_dt", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.conv1d\.weight\.x", "mamba.conv_x", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.conv1d\.weight\.B", "mamba.conv_B", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.conv1d\.weight\.C", "mamba.conv_C", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.conv1d\.bias\.x", "mamba.conv_x_bias", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.conv1d\.bias\.B", "mamba.conv_B_bias", "col"),
+    (r"decoder\.layers\.{L}\.mixer\.conv1d\.bias\.C", "mamba.conv_C_bias", "col"),
     # ---- pre-mcore (megatron/legacy/model): nested language_model dict
     (r"language_model\.embedding\.word_embeddings\.weight", "embedding.word", "col"),
     (r"language_model\.embedding\.position_embeddings\.weight", "embedding.position", "rep"),
