@@ -204,13 +204,13 @@ def _untie(m):
 def _check(target, kind, mutate=None, **kw) -> str:
     """What ``target``'s check says of fixture ``kind`` after ``mutate`` and the target's legalization."""
     from mexc.driver import get_backend
-    from mexc.passes import PassManager, parse_pipeline
+    from mexc.passes import PassManager
 
     model = lift(megatron_checkpoint(kind) / "ckpt")
     if mutate:
         mutate(model)
     backend, opts = get_backend(target), CompileOptions(target=target, build="never", **kw)
-    PassManager(parse_pipeline(backend.legalize_pipeline(opts, model)))(model)
+    PassManager(backend.legalize(opts, model))(model)
     return " ".join(backend.check(model, opts))
 
 

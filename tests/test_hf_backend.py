@@ -205,13 +205,13 @@ def test_quant_and_sharding_options_are_refused(tmp_path):
 
 
 def _legalized(kind, **fixture):
-    from mexc.passes import PassManager, parse_pipeline
+    from mexc.passes import PassManager
 
     d = megatron_checkpoint(kind, **fixture)
     model = lift(d / "ckpt")
     backend = get_backend("hf")
     opts = CompileOptions(target="hf")
-    PassManager(parse_pipeline(backend.legalize_pipeline(opts, model)))(model)
+    PassManager(backend.legalize(opts, model))(model)
     assert backend.check(model, opts) == []
     return model, backend, opts
 
@@ -301,3 +301,19 @@ def test_gpt2_untied_head(tmp_path):
     model = _load(out)
     assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
     assert (_logits(model, ref["tokens"]) - ref["logits"]).abs().max().item() < FP32_TOL
+
+
+def test_each_family_is_one_registered_class_in_declared_order():
+    """Every HF class is one file with its rows, rules and config; a class declared before= others is tried
+    first (Qwen3 before Qwen2 and Llama: a QK-norm model also has Llama's signature)."""
+    from mexc.backends.hf.families import REGISTRY
+
+    names = list(REGISTRY.classes)
+    assert set(names) == {"llama", "qwen2", "qwen3", "mixtral", "gpt2", "gpt_bigcode", "gemma", "nemotron",
+                          "stablelm", "falcon", "falcon2"}
+    for cls in REGISTRY:
+        assert cls.rows and cls.rules and callable(cls.config), cls.name
+        for later in cls.extra["before"]:
+            assert names.index(cls.name) < names.index(later), (cls.name, later)
+    text = REGISTRY["qwen3"].describe()
+    assert "cannot: a LayerNorm q/k norm" in text and "self_attn.q_norm.weight" in text
