@@ -11,10 +11,11 @@ embeddings on the first stage and ``ln_f``/``lm_head`` on the last. Weight-only 
 weights with ``quant_algo`` W8A16/W4A16: ``trtllm-build`` quantizes them into the GPU-specific packed layout
 its kernels need (a raw int8 matrix would be wrong on some GPUs).
 
-Classes: LlamaForCausalLM, GPTForCausalLM, GemmaForCausalLM (embedding x sqrt(hidden) left to the model, RMSNorm
-weights with the 1 folded in as TensorRT-LLM's converter stores them, shared embedding table) and
-FalconForCausalLM (parallel attention + MLP blocks; ``mlp_layernorm`` for the new decoder architecture), each
-following tensorrt_llm/models/<family>/{model,config,convert}.py.
+Classes, one file each in :mod:`.classes` (signature, legality rules, name rows, config builder and its inverse
+for the reader), each following tensorrt_llm/models/<family>/{model,config,convert}.py: LlamaForCausalLM,
+GPTForCausalLM, GemmaForCausalLM, FalconForCausalLM and QWenForCausalLM (qwen_type qwen3). This module lowers
+through them: :func:`lowering_plan` (the class and its refusal lines, once per model state), the legalization
+passes, config.json and the per-rank tensors from the class's rows.
 """
 
 from __future__ import annotations
