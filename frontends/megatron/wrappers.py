@@ -27,21 +27,18 @@ listed as ``unknown_args`` in the lifted model, as for Megatron-LM args. Config 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import tarfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ...errors import CheckpointError, ConfigError
 from . import arguments
 from .nemo_archive import TarDcpStore, TarTree
-from .reader import CheckpointInfo, DcpStore, inside, locate
+from .reader import CheckpointInfo, DcpStore, locate
+from .wrapper_files import (MAX_CONFIG_BYTES, DirTree, bridge_tokenizer, check_backend, load_yaml, nemo2_tokenizer,
+                            plain, read_file, ref)
 
-MAX_CONFIG_BYTES = 16 << 20      # a model.yaml / run_config.yaml is kilobytes
-MAX_CONFIG_NODES = 1 << 20      # YAML nodes visited, aliases followed (a real run_config.yaml has a few thousand)
 _EMBEDDING = "embedding.word_embeddings.weight"
 
 
@@ -62,7 +59,7 @@ def open_wrapped(path: Path, iteration: int | None = None) -> CheckpointInfo | N
                                                       (path.parent / "model_config.yaml").is_file()):
         path = path.parent  # the weights directory of a NeMo checkpoint: its config is one level up
     if (path / "context").is_dir() and (path / "weights").is_dir() or (path / "model_config.yaml").is_file():
-        return _open_tree(_DirTree(path), path, iteration)
+        return _open_tree(DirTree(path), path, iteration)
     if (path / "run_config.yaml").is_file() or any(
             (p / "run_config.yaml").is_file() for p in path.iterdir() if p.is_dir() and p.name.startswith("iter_")):
         root, d, it = locate(path, iteration)
@@ -86,7 +83,7 @@ def _open_tree(tree, root: Path, iteration: int | None) -> CheckpointInfo:
                               hint="NeMo 1 checkpoints whose weights are model_weights.ckpt files (no mcore "
                                    "torch_dist) are not read; re-save it with mcore_gpt=True and dist checkpoints")
     where = tree.label(cfg_name)
-    cfg = _load_yaml(tree.read(cfg_name, MAX_CONFIG_BYTES), where)
+    cfg = load_yaml(tree.read(cfg_name, MAX_CONFIG_BYTES), where)
     if iteration is not None:
         raise CheckpointError(f"{tree.label('')}: a NeMo checkpoint holds one step; --iteration does not apply",
                               hint="drop --iteration")
@@ -94,15 +91,15 @@ def _open_tree(tree, root: Path, iteration: int | None) -> CheckpointInfo:
         raise CheckpointError(f"{tree.label(weights)}: no torch_dist checkpoint (metadata.json, .metadata)",
                               hint="only megatron-core dist checkpoints (torch_dist) are read; zarr and "
                                    "model_weights.ckpt files are not")
-    _check_backend(tree.read(f"{weights}/metadata.json", 1 << 16), tree.label(f"{weights}/metadata.json"))
+    check_backend(tree.read(f"{weights}/metadata.json", 1 << 16), tree.label(f"{weights}/metadata.json"))
     if isinstance(tree, TarTree):
         store: DcpStore = TarDcpStore("ckpt", str(tree.path.resolve()), weights, prefix)
     else:
         store = DcpStore("ckpt", str((root / weights).resolve()), prefix)
     if prefix == "module.":
         args = nemo2_args(cfg, where, store)
-        if isinstance(tree, _DirTree):
-            vars(args).update(_nemo2_tokenizer(cfg.get("tokenizer"), root / "context"))
+        if isinstance(tree, DirTree):
+            vars(args).update(nemo2_tokenizer(cfg.get("tokenizer"), root / "context"))
         m = re.search(r"step=(\d+)", root.name)
         it = int(m.group(1)) if m else None
     else:
@@ -115,7 +112,7 @@ def _open_tree(tree, root: Path, iteration: int | None) -> CheckpointInfo:
 
 def _open_bridge(root: Path, d: Path, it: int | None) -> CheckpointInfo:
     where = str(d / "run_config.yaml")
-    cfg = _load_yaml(_read_file(d / "run_config.yaml", MAX_CONFIG_BYTES), where)
+    cfg = load_yaml(read_file(d / "run_config.yaml", MAX_CONFIG_BYTES), where)
     model = cfg.get("model") if isinstance(cfg, dict) else None
     if not isinstance(model, dict):
         raise ConfigError(f"{where}: no model: section (a Megatron-Bridge ConfigContainer has one)",
@@ -138,120 +135,10 @@ def _open_bridge(root: Path, d: Path, it: int | None) -> CheckpointInfo:
         model = {**{k: v for k, v in inner.items() if k != "_target_"},
                  **{k: v for k, v in model.items() if k != "transformer"}}
     args = transformer_config_args(model, where, store, _BRIDGE_CLASSES)
-    vars(args).update(_bridge_tokenizer(cfg.get("tokenizer"), d / "tokenizer"))
+    vars(args).update(bridge_tokenizer(cfg.get("tokenizer"), d / "tokenizer"))
     info = CheckpointInfo(root, d, "torch_dist", it, args, None)
     info.store = store
     return info
-
-
-def _bridge_tokenizer(tok: Any, assets: Path) -> dict:
-    """Megatron-LM tokenizer args (what :mod:`mexc.frontends.tokenizer` reads) from run_config.yaml's
-    ``tokenizer:`` section (Megatron-LM's names); a file it names that is not on this machine is taken from the
-    copy Megatron-Bridge saved beside the weights (``iter_N/tokenizer/``, its ``save_tokenizer_assets``)."""
-    if not isinstance(tok, dict):
-        return {}
-    out = {k: tok[k] for k in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
-           if isinstance(tok.get(k), str)}
-    for k in ("tokenizer_model", "vocab_file", "merge_file"):
-        if k in out and not Path(out[k]).exists():
-            hf = k == "tokenizer_model" and out.get("tokenizer_type") == "HuggingFaceTokenizer"
-            local = assets if hf else assets / PurePosixPath(out[k]).name
-            if local.exists():
-                out[k] = str(local)
-    return out
-
-
-def _nemo2_tokenizer(tok: Any, context: Path) -> dict:
-    """Megatron-LM tokenizer args from model.yaml's ``tokenizer:`` (NeMo's ``AutoTokenizer`` /
-    ``SentencePieceTokenizer``) when it names files NeMo saved inside ``context/`` (``nemo_tokenizer/``)."""
-    if not isinstance(tok, dict):
-        return {}
-    target = str(tok.get("_target_", ""))
-    name, ttype = ((tok.get("pretrained_model_name"), "HuggingFaceTokenizer") if target.endswith(".AutoTokenizer")
-                   else (tok.get("model_path"), "SentencePieceTokenizer")
-                   if target.endswith(".SentencePieceTokenizer") else (None, None))
-    if not isinstance(name, str) or not name or Path(name).is_absolute():
-        return {}
-    p = (context / name).resolve()
-    if os.path.commonpath([p, context.resolve()]) != str(context.resolve()) or not p.exists():
-        return {}
-    return {"tokenizer_type": ttype, "tokenizer_model": str(p)}
-
-
-# ------------------------------------------------------------------------------------------ config files
-
-
-def _load_yaml(text: bytes, where: str) -> Any:
-    """``yaml.safe_load`` (no tags, nothing imported), then a bound on the nodes reachable through aliases: an
-    alias bomb loads as shared references but would explode when walked or printed."""
-    try:
-        doc = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{where}: not valid YAML ({first[:120]})", hint="copy the checkpoint again") from None
-    todo, seen = [doc], 0
-    while todo:
-        v = todo.pop()
-        seen += 1
-        if seen > MAX_CONFIG_NODES:
-            raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES} YAML nodes (aliases expanded); not a config "
-                              "file a training run writes", hint="copy the checkpoint's config file again")
-        if isinstance(v, dict):
-            todo.extend(v.keys())
-            todo.extend(v.values())
-        elif isinstance(v, list):
-            todo.extend(v)
-    return doc
-
-
-def _read_file(path: Path, limit: int) -> bytes:
-    with open(inside(path.parent, path), "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise CheckpointError(f"{path}: larger than {limit} bytes; not a config file", hint="copy the right file")
-    return data
-
-
-def _check_backend(text: bytes, where: str) -> None:
-    import json
-
-    try:
-        backend = json.loads(text).get("sharded_backend")
-    except (ValueError, AttributeError):
-        raise CheckpointError(f"{where}: not a megatron-core metadata.json", hint="copy the checkpoint again") from None
-    if backend != "torch_dist":
-        raise CheckpointError(f"{where}: sharded_backend {backend!r}; mexc reads torch_dist",
-                              hint="convert it to torch_dist (megatron-core's dist_checkpointing) first")
-
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")        # YAML 1.1 reads 1e-5 as a string
-_INTERP = re.compile(r"\$\{(?:\.|model\.)?([A-Za-z_]\w*)\}")   # OmegaConf ${.key} / ${model.key} / ${key}
-
-
-def _plain(cfg: dict) -> dict:
-    """A config mapping as the training run saw it: OmegaConf references to a sibling key (NeMo 1 saves
-    ``max_position_embeddings: ${.encoder_seq_length}``) resolved, exponent-only floats (``1e-5``) as numbers. Other
-    interpolations stay strings (and are refused where they matter)."""
-    out = dict(cfg)
-    for k, v in cfg.items():
-        for _ in range(8):  # a chain of references, never a cycle
-            m = _INTERP.fullmatch(v) if isinstance(v, str) else None
-            if m is None or m.group(1) not in cfg:
-                break
-            v = cfg[m.group(1)]
-        out[k] = float(v) if isinstance(v, str) and _FLOAT.fullmatch(v) else v
-    return out
-
-
-def _ref(v: Any) -> Any:
-    """A saved ``{_target_: X, _call_: false}`` reference -> ``"X"``; an enum ``{_target_, _name_}`` -> its name;
-    anything else as is."""
-    if isinstance(v, dict) and "_target_" in v:
-        if "_name_" in v:
-            return str(v["_name_"])
-        if not v.get("_call_", True) or set(v) <= {"_target_", "_call_"}:
-            return str(v["_target_"])
-    return v
 
 
 # ------------------------------------------------------------------------------------------ translation
@@ -320,7 +207,7 @@ _ACTIVATIONS = {
 def transformer_config_args(cfg: dict, where: str, store: DcpStore, classes: re.Pattern) -> argparse.Namespace:
     """Megatron-LM args from a saved ``TransformerConfig`` / GPT provider (``cfg``: its fields, ``_target_`` the
     class). The padded vocab and the parameter dtype come from the saved word embedding."""
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     target = str(cfg.get("_target_", ""))
     if not classes.match(target):
         raise ConfigError(f"{where}: model class {target or '(none)'} is not one whose math mexc knows from its "
@@ -329,7 +216,7 @@ def transformer_config_args(cfg: dict, where: str, store: DcpStore, classes: re.
     ns: dict[str, Any] = {}
     problems: list[str] = []
     for name, raw in cfg.items():
-        v = _ref(raw)
+        v = ref(raw)
         if name.startswith("_") or name in IRRELEVANT or name in ("activation_func", "gated_linear_unit") or (
                 name in ("scale_factor", "low_freq_factor", "high_freq_factor", "old_context_len")
                 and re.search(r"\.Llama3[12]Config", target)):
@@ -374,7 +261,7 @@ def _nemo_llama31_rope(cfg: dict, where: str) -> dict:
 
 
 def _activation(cfg: dict, where: str) -> dict:
-    act = _ref(cfg.get("activation_func", "torch.nn.functional.gelu"))
+    act = ref(cfg.get("activation_func", "torch.nn.functional.gelu"))
     gated = bool(cfg.get("gated_linear_unit", False))
     name = str(act).rsplit(".", 1)[-1]
     flags = _ACTIVATIONS.get(name, (None, None))[0 if gated else 1]
@@ -421,7 +308,7 @@ def nemo1_args(cfg: Any, where: str, store: DcpStore) -> argparse.Namespace:
     if not isinstance(cfg, dict) or "num_layers" not in cfg:
         raise ConfigError(f"{where}: not a NeMo 1 GPT model config (no num_layers)",
                           hint="copy the checkpoint again; mexc reads NeMo 1 GPT (mcore) models")
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     problems = [f"{k}={str(cfg.get(k))[:40]} (NeMo 1 setting without a lifted form)"
                 for k, ok in _NEMO1_REFUSED.items() if cfg.get(k, ok) not in (ok, None)]
     if cfg.get("mcore_gpt") is not True:
@@ -464,25 +351,3 @@ def _finish(ns: dict, problems: list[str], where: str, store: DcpStore) -> argpa
         raise ConfigError(f"{where}: the config sets what mexc cannot express: " + "; ".join(problems),
                           hint="mexc never drops a setting that changes the model's math (docs/checkpoint-formats.md)")
     return args
-
-
-# ------------------------------------------------------------------------------------------ trees
-
-
-class _DirTree:
-    """A checkpoint directory, addressed by relative names."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def label(self, rel: str) -> str:
-        return str(self.root / rel) if rel else str(self.root)
-
-    def is_file(self, rel: str) -> bool:
-        return (self.root / rel).is_file()
-
-    def is_dir(self, rel: str) -> bool:
-        return (self.root / rel).is_dir()
-
-    def read(self, rel: str, limit: int) -> bytes:
-        return _read_file(self.root / rel, limit)
