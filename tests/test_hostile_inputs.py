@@ -272,6 +272,37 @@ def test_hostile_pickle_random(server, tmp_path, bases, references, data):
     assert not found, "\n".join(found)
 
 
+@H
+@given(data=st.data())
+def test_fuzzed_pickles_never_crash(server, tmp_path, bases, data):
+    """Random byte flips, insertions and truncations of a real pickle: refused or accepted, never a traceback,
+    a hang, a crash or anything left behind (a flip may land in a harmless constant, so acceptance is allowed)."""
+    carrier = carriers.CARRIER[data.draw(st.sampled_from(["rank0", "rank1-nonzip", "common.pt", ".metadata",
+                                                          "common_state"]), "carrier")]
+    edits = data.draw(st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255),
+                                         st.sampled_from(["flip", "insert", "delete"])), min_size=1, max_size=4),
+                      "edits")
+    cut = data.draw(st.one_of(st.none(), st.floats(0, 1)), "truncate at")
+
+    def patch(raw: bytes) -> bytes:
+        b = bytearray(raw)
+        for at, byte, how in edits:
+            k = int(at * len(b))
+            if how == "flip":
+                b[k] = byte
+            elif how == "insert":
+                b[k:k] = bytes([byte])
+            else:
+                del b[k]
+        return bytes(b[: int(cut * len(b))] if cut is not None else b)
+
+    case = _case_dir(tmp_path)
+    ckpt = carriers.copy_base(bases, carrier.base, case / "ckpt")
+    carriers.transform(ckpt, carrier, patch)
+    found = run_both(server, case, ckpt, names=(), refuse=False)  # an error may be about a consequence
+    assert not found, "\n".join(found)
+
+
 # ------------------------------------------------------------------------------------------ declared metadata
 
 

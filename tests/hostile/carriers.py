@@ -205,7 +205,6 @@ CARRIER = {c.id: c for c in CARRIERS}
 
 def put(ckpt: Path, carrier: Carrier, payload: pickles.Payload, where: str, key: str | None = None) -> None:
     """Put ``payload`` in ``carrier``'s pickle of the copied base ``ckpt`` (``where``: before/inside/after)."""
-    it = ckpt / ITER
 
     def patch(data: bytes) -> bytes:
         k = key if key in carrier.keys else carrier.keys[0]
@@ -213,6 +212,12 @@ def put(ckpt: Path, carrier: Carrier, payload: pickles.Payload, where: str, key:
             return pickles.inject(data, payload, "after")  # a chunk's pickle has no string keys to nest in
         return pickles.inject(data, payload, where, k)
 
+    transform(ckpt, carrier, patch)
+
+
+def transform(ckpt: Path, carrier: Carrier, patch) -> None:
+    """Replace ``carrier``'s pickle in the copied base ``ckpt`` by ``patch(pickle bytes)``."""
+    it = ckpt / ITER
     if carrier.id in ("rank0", "rank1"):
         f = it / f"mp_rank_0{carrier.id[-1]}" / "model_optim_rng.pt"
         rec = zip_records(f)
