@@ -234,9 +234,10 @@ def make_pass(name: str, **options):
 
 
 def model_fingerprint(model: Model) -> int:
-    """A cheap key of the model's state (nodes, attributes, params and their recipes by identity): a plan
-    computed for one state is not reused after a pass changed it."""
-    return hash(tuple((id(n), n.op, n.layer, n.stage, repr(sorted(n.attrs.items())),
+    """A cheap key of the model's state (nodes, their wiring, attributes, params and their recipes by identity):
+    a plan computed for one state is not reused after a pass changed it."""
+    return hash(tuple((id(n), n.op, n.layer, n.stage, tuple(id(v) for v in n.inputs),
+                       repr(sorted(n.attrs.items())),
                        tuple((k, id(p.source), str(p.type), str(p.sharding)) for k, p in n.params.items()))
                       for n in model.graph.nodes))
 
