@@ -59,7 +59,9 @@ def compiled(ckpt, tmp_path_factory, **kw):
 
 
 def prefill(out, ids: torch.Tensor) -> np.ndarray:
-    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")   # tensorrt profile: exact DQ+MatMul
+    sess = ort.InferenceSession(str(out / "model.onnx"), so, providers=["CPUExecutionProvider"])
     b, s = ids.shape
     np_dt = np.float16 if "float16" in sess.get_outputs()[0].type else np.float32
     feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((b, s), np.int64),
@@ -138,8 +140,9 @@ def test_int4_within_bound_of_fp32(ckpt, ids, truth, tmp_path_factory):
     assert np.abs(got - truth).max() > 1e-2 * np.ptp(truth)        # the weights really are int4
 
 
-def test_accuracy_level_0_is_exact_vs_quantized_ir(ckpt, ids, tmp_path_factory):
-    out, res = compiled(ckpt, tmp_path_factory, quant="int4-wo", accuracy_level=0)
+@pytest.mark.parametrize("quant", ["int4-wo", "int8-wo"])
+def test_accuracy_level_0_is_exact_vs_quantized_ir(ckpt, ids, tmp_path_factory, quant):
+    out, res = compiled(ckpt, tmp_path_factory, quant=quant, accuracy_level=0)
     assert {node_attr(n, "accuracy_level") for n in graph(out).graph.node if n.op_type == "MatMulNBits"} == {0}
     assert np.abs(prefill(out, ids) - reference(ckpt, ids, res.pipeline)).max() < EXACT
 
@@ -163,10 +166,11 @@ def test_no_quant_lm_head_keeps_a_float_lm_head(ckpt, ids, truth, tmp_path_facto
     assert within(got, reference(ckpt, ids, res.pipeline), ACT) and within(got, truth, INT4)
 
 
-def test_tensorrt_profile_keeps_lm_head_float_by_default(ckpt, tmp_path_factory):
-    out, res = compiled(ckpt, tmp_path_factory, quant="int4-wo", profile="tensorrt")
+def test_tensorrt_profile_keeps_lm_head_float_by_default(ckpt, ids, tmp_path_factory):
+    out, res = compiled(ckpt, tmp_path_factory, quant="int4-wo", profile="tensorrt", dtype="float32")
     assert "exclude=lm_head" in res.pipeline
     assert [n.op_type for n in graph(out).graph.node if n.name.startswith("/lm_head/")] == ["MatMul"]
+    assert np.abs(prefill(out, ids) - reference(ckpt, ids, res.pipeline)).max() < EXACT   # int4 DQ packing
 
 
 def test_fp16_int4_runs_on_cpu(ckpt, ids, truth, tmp_path_factory):

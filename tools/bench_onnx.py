@@ -5,9 +5,9 @@ is compiled by mexc to ONNX and to a Hugging Face directory; the builder (OGB,
 ``python -m onnxruntime_genai.models.builder -e cpu``) is fed that HF directory. Each pair (fp32, int4) is then run
 with raw ``onnxruntime`` on the CPU provider: batch 1, a prefill of ``--prefill`` tokens
 (empty past), then ``--decode`` greedy steps through past/present. Every cycle is a fresh process that creates
-both sessions and alternates which one is created first (the first session of a process runs slower); the two then run in lock
-step, call by call, the first caller alternating, so that load from other processes falls on both alike (idle
-thread pools sleep rather than spin, so neither session steals the other's cores).
+both sessions and alternates which one is created first (the first session of a process runs slower); the two
+then run in lock step, call by call, the first caller alternating, so that load from other processes falls on
+both alike (idle thread pools sleep rather than spin, so neither session steals the other's cores).
 
 Printed: the op histogram of each graph file and of the kernels ORT runs after its optimizer (mean over profiled
 decode steps), per-cycle times, and the ratios mexc / OGB of prefill milliseconds per token and of the median

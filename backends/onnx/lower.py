@@ -24,6 +24,7 @@ from ...errors import BackendError
 from ...ir import Model, Node
 from ...ir.analysis import node_roles
 from ...ir.semantics import rope_tables
+from ...ir.quant import quantize_tensor
 from ...ir.types import DType, Rope
 from .graph import GraphBuilder
 
@@ -139,13 +140,12 @@ class Lowering:
     def quant_linear(self, node: Node, x: str, wname: str, base: str) -> str:
         p = node.params[wname]
         bits = 4 if p.type.dtype == DType.i4 else 8
-        q = self.w(node, wname).to(torch.int16)            # [N, K] symmetric codes
-        scale = node.params[wname + "_scale"].source.materialize().float()  # [N, K/G]
+        q, scale = self.codes_and_scales(node, wname)      # int8 [N, K] symmetric codes, float [N, K/G]
         N, K = q.shape
         G = K // scale.shape[-1]
         if self.profile == "ort":
             zp = 1 << (bits - 1)
-            u = (q + zp).to(torch.uint8).reshape(N, K // G, G)
+            u = (q.view(torch.uint8) + zp).reshape(N, K // G, G)   # code + 2^(bits-1), modulo 256
             if bits == 4:
                 u = (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
             wq = self.g.weight(f"{base}.weight_q", u)
@@ -170,6 +170,18 @@ class Lowering:
             kw = dict(axis=0, block_size=G)
         w = self.g.op("DequantizeLinear", [wq, sc], f"{base}/DequantizeLinear", **kw)
         return self.g.op("MatMul", [x, w], f"{base}/MatMul")
+
+    def codes_and_scales(self, node: Node, wname: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 codes and float scales of a quantized weight. When both recipes quantize the same source
+        (what the quantize pass makes), the float weight is read once and :func:`mexc.ir.quant.quantize_tensor`
+        (the recipes' own numerics) gives both; otherwise each recipe is materialized."""
+        cs, ss = node.params[wname].source, node.params[wname + "_scale"].source
+        same = cs.attrs == ss.attrs and cs.inputs[0].key == ss.inputs[0].key if cs.inputs and ss.inputs else False
+        if (cs.op, ss.op) == ("quantize", "quant_scale") and same:
+            q, scale = quantize_tensor(cs.inputs[0].materialize(), cs.attrs["scheme"], cs.attrs["group_size"])
+        else:
+            q, scale = cs.materialize(), ss.materialize()
+        return q.to(torch.int8), scale.float()
 
     # ------------------------------------------------------------------------------------------ shared subgraphs
     def gqa_lengths(self) -> tuple[str, str]:
