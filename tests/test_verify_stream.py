@@ -140,13 +140,18 @@ def test_streaming_holds_about_one_layer_of_weights_whatever_the_depth():
 # --------------------------------------------------------------------------------------------- hf
 
 
-@pytest.mark.parametrize("kind,dtype", [("hf", torch.float32), ("hf-bf16", torch.bfloat16)])
-def test_hf_streamed_through_transformers_equals_its_whole_model_load(outs, kind, dtype):
-    streamed, how = hf_logits(outs[kind], TOKENS, dtype)
-    whole, how_whole = hf_logits(outs[kind], TOKENS, dtype, stream=False)
-    assert "one module's weights in memory at a time" in how and str(dtype)[6:] in how
-    assert "whole model in memory" in how_whole
-    assert torch.equal(streamed, whole)
+@pytest.mark.parametrize("kind,stored", [("hf", torch.float32), ("hf-bf16", torch.bfloat16)])
+def test_hf_streamed_through_transformers_equals_its_whole_model_load(outs, kind, stored):
+    from transformers import AutoModelForCausalLM
+
+    streamed, how = hf_logits(outs[kind], TOKENS, stored)
+    assert f"weights {str(stored)[6:]} as stored, upcast to float32 one module at a time" in how
+    whole = AutoModelForCausalLM.from_pretrained(outs[kind], dtype=torch.float32)  # transformers' own load
+    with torch.no_grad():
+        assert torch.equal(streamed, whole(TOKENS).logits)
+    in_stored, how_whole = hf_logits(outs[kind], TOKENS, stored, stream=False)
+    assert "whole model in memory" in how_whole and str(stored)[6:] in how_whole
+    assert (in_stored - streamed).abs().max() < (1e-6 if stored == torch.float32 else 0.05)
 
 
 def test_hf_streaming_holds_one_module_at_a_time(outs):

@@ -7,8 +7,8 @@ Steps, each printed as one line (``--json``: one object):
 2. ``artifact``: every file and tensor the manifest lists, checksums recomputed and NaN/Inf scanned, read
    tensor by tensor in bounded memory (:mod:`mexc.tools.integrity`); one ``FAIL file: tensor ...`` line per
    finding. A failed artifact stops here (its logits are not compared).
-3. ``runtime``: what runs the output, and its memory bound: transformers in the output's dtype, one module's
-   weights at a time where the family allows (hf); ONNX Runtime on CPU, whole graph (onnx, tensorrt: the
+3. ``runtime``: what runs the output, and its memory bound: transformers on the output's weights as stored,
+   upcast to float32 one module at a time where the family allows (hf); ONNX Runtime on CPU, whole graph (onnx, tensorrt: the
    engine is not run); for trtllm, mexc's own reader of the TensorRT-LLM checkpoint (every rank, TP merged) on
    mexc's reference interpreter, layer by layer: TensorRT-LLM itself is not involved. A trtllm output's
    replicated tensors must also be identical on every TP rank.
@@ -103,7 +103,7 @@ def runtime_line(target: str) -> str:
 def artifact_logits(out: Path, manifest: dict, tokens: torch.Tensor, lifted=None) -> tuple[torch.Tensor, str]:
     """Prefill logits ``[b, s, vocab]`` (float32) of the output run by its runtime, and the ``runtime:`` line.
 
-    hf: transformers in the output's own dtype, streamed module by module where the family allows
+    hf: transformers on the output's weights as stored, streamed module by module where the family allows
     (:func:`mexc.tools.verify_stream.hf_logits`); trtllm: streamed layer by layer through the reference
     interpreter (:func:`mexc.tools.verify_stream.stream_logits`); onnx: onnxruntime on the whole graph."""
     from .verify_stream import TORCH_DTYPES, hf_logits, stream_logits, unmapped

@@ -14,7 +14,8 @@ Two runners, each holding the weights of one node (one layer op) at a time inste
 * :func:`hf_logits`: an hf output through transformers' own modules. The model is instantiated on the
   ``meta`` device (no memory), and each module with parameters gets its tensors from the output's safetensors
   files just before its forward and gives them back just after (torch ``forward_pre_hook``/``forward_hook``),
-  in the output's own dtype. Peak memory: the largest module's weights (one Linear or the embedding). Where
+  read as stored (the output's own dtype) and upcast to float32 for that module only. Peak memory: the
+  largest module's weights (one Linear or the embedding). Where
   the model's parameters are not the files' tensors one to one (transformers renames or fuses them at load
   time for some families, e.g. MoE experts) or the config asks for a quantizer, the whole model is loaded
   instead, still in the output's dtype (peak: the output's weight bytes); the returned description says which.
@@ -233,24 +234,30 @@ def _streaming_model(out: Path, dtype: torch.dtype):
     return model
 
 
-def hf_logits(out: Path, tokens: torch.Tensor, dtype: torch.dtype, *, stream: bool = True):
-    """Prefill logits ``[b, s, vocab]`` (float32) of an hf output run by transformers in ``dtype``, and how it
-    ran (for the ``runtime:`` line). ``stream=False`` loads the whole model (the bound when streaming is not
-    possible)."""
+def hf_logits(out: Path, tokens: torch.Tensor, stored: torch.dtype, *, stream: bool = True):
+    """Prefill logits ``[b, s, vocab]`` (float32) of an hf output run by transformers, and how it ran (for the
+    ``runtime:`` line). ``stored``: the dtype the output's weights are written in.
+
+    Streamed (the default, where the family allows): the weights stay as stored on disk and are upcast to
+    float32 one module at a time, so the logits carry the output's own weights without bfloat16 arithmetic
+    noise (measured on a 7B output: computing in bfloat16 gave max |delta| 0.28 and 81 % top-1 against the
+    float32 reference for a correct output, beyond the bfloat16 tolerance). Whole model (``stream=False`` or
+    a family whose parameters are not the files' tensors): loaded in ``stored``, so memory stays at the
+    output's size, and computed in it."""
     import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    name = str(dtype).removeprefix("torch.")
-    model = _streaming_model(out, dtype) if stream else None
+    name = str(stored).removeprefix("torch.")
+    model = _streaming_model(out, torch.float32) if stream else None
     if model is not None:
-        how = (f"transformers {transformers.__version__} (AutoModelForCausalLM, {name}) on the output, "
-               "one module's weights in memory at a time")
+        how = (f"transformers {transformers.__version__} (AutoModelForCausalLM) on the output, weights {name} as "
+               "stored, upcast to float32 one module at a time (one module's weights in memory at a time)")
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=stored)
         how = (f"transformers {transformers.__version__} (AutoModelForCausalLM, {name}) on the output, whole "
                "model in memory" + (" (its parameters are not the files' tensors one to one)" if stream else ""))
     with torch.no_grad():
