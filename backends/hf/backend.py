@@ -133,6 +133,8 @@ def _apply(r: Rule, src: Recipe, node) -> list[tuple[str, Recipe]]:
         return [(name, derive("cast", unfolded, dtype=dt))]
     if r.transform == "conv1d":
         return [(name, derive("transpose", src, d0=0, d1=1))]
+    if r.transform == "depthwise":   # [C, K] -> nn.Conv1d(groups=C)'s [C, 1, K]
+        return [(name, derive("transpose", derive("stack", src), d0=0, d1=1))]
     return [(name.replace("{E}", str(e)), derive("index", src, i=e)) for e in range(src.type.shape[0])]
 
 

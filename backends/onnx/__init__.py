@@ -85,6 +85,9 @@ class OnnxBackend(Backend):
             gs = opts.group_size or 32
             if gs < 16 or gs & (gs - 1):
                 out.append(f"MatMulNBits needs a power-of-two group size >= 16, got {gs} (hint: --group-size 32)")
+        if any(True for _ in model.graph.find("mamba")):   # issue 18, docs/targets.md
+            out.append("Mamba-2 mixer layers (hybrid models, Nemotron-H) have no ONNX lowering yet: the decoder "
+                       "would need conv and SSM state inputs/outputs beside the KV cache (hint: --target hf)")
         for n in model.graph.nodes:
             if n.op == "attention" and n.attrs["position"] == "rope" and n.attrs["rope"].scaling == "yarn":
                 out.append(f"{n.location}: yarn RoPE scaling is not supported (hint: none/linear/llama3 are)")

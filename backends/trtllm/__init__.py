@@ -28,6 +28,7 @@ from pathlib import Path
 from ...errors import BackendError
 from ...ir import Model, Param, derive
 from ...ir.analysis import node_roles
+from ...ir.ops import layer_pattern
 from ...ir.tensors import Recipe, TensorCache
 from ...passes import format_pipeline
 from ...passes.fold_moe_scaling import has_topk_scale
@@ -88,6 +89,12 @@ class TRTLLMBackend(Backend):
         return format_pipeline(self.legalize(opts, model))
 
     def check(self, model: Model, opts: CompileOptions) -> list[str]:
+        pattern = layer_pattern(model.graph)
+        if any(True for _ in model.graph.find("mamba")):   # issue 18: one line, not the class search's
+            return [f"Mamba-2 mixer layers (hybrid pattern {pattern or 'M...'}) have no TensorRT-LLM checkpoint "
+                    "class: the checkpoint/engine flow mexc writes (tensorrt_llm.models, <= 1.2) has only the "
+                    "Mamba-only MambaForCausalLM, no hybrid Mamba + attention model; TensorRT-LLM 1.2's PyTorch "
+                    "flow has NemotronHForCausalLM: compile with --target hf and serve that with trtllm-serve"]
         problems = list(lowering_plan(model).problems)
         if opts.quant == "fp8":
             problems.append("fp8 for TensorRT-LLM needs activation scales from calibration data, which mexc does "
