@@ -38,6 +38,10 @@ class Outcome:
     stdout: str
     stderr: str
 
+    def as_failed(self) -> "Outcome":
+        """This outcome as a plain failure (for a death by a signal that is allowed; the rest is still checked)."""
+        return Outcome(self.argv, 1, None, False, self.stdout, "error: (killed by its signal)")
+
     def describe(self) -> str:
         how = ("hung (killed after the time bound)" if self.timed_out else
                f"killed by {signal.Signals(self.signal).name}" if self.signal else f"rc={self.rc}")

@@ -2,11 +2,14 @@
 
     python phase.py PHASE MARKER ACTION -- ARGV...
 
-An audit hook (PEP 578) watches ``open`` and ``os.rename``/``os.replace`` events, so the phase is found without
-knowing mexc's internals: ``lift`` is the first open of a checkpoint file (``model_optim_rng.pt``, ``.metadata``,
+An audit hook (PEP 578) watches ``import``, ``open`` and ``os.rename``/``os.replace`` events, so the phase is
+found without knowing mexc's internals: ``mexc`` is the first import of a mexc module (the interpreter's own
+start-up is over); ``startup`` is the import of torch (mexc's start-up is mostly that);
+``lift`` is the first open of a checkpoint file (``model_optim_rng.pt``, ``.metadata``,
 ``common.pt``); ``write`` the first open for writing below the output's parent directory (``-o``'s parent);
 ``rename`` the first rename whose source or target is the output. There it creates MARKER once, then:
 
+* ``mark``: only creates MARKER;
 * ``wait``: blocks (in that thread) until the test removes MARKER (the test sends its signal first), at most 60 s;
 * ``truncate``: truncates every ``model_optim_rng.pt`` / ``*.distcp`` file of the checkpoint to 0 bytes (another
   process cutting the files while mexc has them memory-mapped), then goes on;
@@ -52,7 +55,10 @@ def _writing(mode, flags) -> bool:
 def _hook(event, args):
     if fired:
         return
-    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+    if event == "import" and args and (phase == "startup" and args[0] == "torch" or
+                                       phase == "mexc" and str(args[0]).startswith("mexc")):
+        _fire()
+    elif event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
         path = os.fsdecode(args[0])
         if phase == "lift" and path.endswith(CKPT_FILES):
             _fire()
