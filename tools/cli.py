@@ -383,16 +383,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "completion":
         sys.stdout.write(completion_script(parser, a.shell))
         return 0
-    _install_signal_handlers()
     try:
+        _install_signal_handlers()  # imports torch: a Ctrl-C here is an interrupt like any other
         return {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "verify": cmd_verify,
                 "run": cmd_run, "tokenizer": cmd_tokenizer}[a.cmd](a)
     except MexcError as e:
         if a.debug:
             raise
-        sys.stderr.write(f"error: {e.message}\n")
+        sys.stderr.write(f"error: {_one_line(e.message)}\n")
         if e.hint:
-            sys.stderr.write(f"hint: {e.hint}\n")
+            sys.stderr.write(f"hint: {_one_line(e.hint)}\n")
         return e.exit_code
     except BrokenPipeError:
         os._exit(0)
@@ -408,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 130
+
+
+def _one_line(text: str) -> str:
+    """A message as one printable line: control characters from a checkpoint's strings (a newline that would
+    forge a `hint:` line, an ANSI escape) are shown escaped, never acted on."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _interrupted(e: BaseException) -> bool:

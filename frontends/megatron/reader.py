@@ -49,7 +49,18 @@ class CheckpointInfo:
 
 
 def locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, int | None]:
-    """Resolve a user path to (root, iteration dir, iteration)."""
+    """Resolve a user path to (root, iteration dir, iteration); the iteration dir lies inside the root (a symlink
+    that leaves it is refused, like any file of the checkpoint)."""
+    root, d, it = _locate(path, iteration)
+    if d != root:
+        real_root, real = os.path.realpath(root), os.path.realpath(d)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise CheckpointError(f"{d}: points outside the checkpoint ({real})",
+                                  hint="a checkpoint's files must lie inside its directory; copy the iteration in")
+    return root, d, it
+
+
+def _locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, int | None]:
     root = Path(path)
     if not root.exists():
         raise CheckpointError(f"{root}: no such directory", hint="give the Megatron save directory (--save)")
@@ -687,10 +698,12 @@ def validate_dcp(meta, root: Path, file_size=None) -> None:
             continue
         if not isinstance(md, TensorStorageMetadata):
             raise bad(f"item {str(key)[:80]} is a {type(md).__name__}")
-        shape = tuple(md.size)
-        if not all(isinstance(n, int) and n >= 0 for n in shape) or not isinstance(md.properties.dtype, torch.dtype):
-            raise bad(f"tensor {key} has shape {shape} / dtype {md.properties.dtype!r}")
-        itemsize = torch.empty((), dtype=md.properties.dtype).element_size()
+        shape = tuple(md.size) if isinstance(getattr(md, "size", None), (tuple, list)) else (None,)
+        dtype = getattr(getattr(md, "properties", None), "dtype", None)
+        if not all(isinstance(n, int) and n >= 0 for n in shape) or not isinstance(dtype, torch.dtype) or \
+                not isinstance(getattr(md, "chunks", None), list):
+            raise bad(f"tensor {key} has shape {str(shape)[:60]} / dtype {str(dtype)[:30]} / malformed chunks")
+        itemsize = torch.empty((), dtype=dtype).element_size()
         boxes = []
         for c in md.chunks:
             o, z = tuple(c.offsets), tuple(c.sizes)

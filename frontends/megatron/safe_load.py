@@ -150,8 +150,9 @@ def _load_zip(f, what: str, *, size: int, path: Path | None) -> Any:
     tail = f.read(4)
     f.seek(0)
     if head != b"PK\x03\x04" or tail != b"PK\x05\x06":
-        raise CheckpointError(f"{what}: not a whole torch.save zip (its bytes do not start and end where a zip does)",
-                              hint="the file or the DCP index is damaged; copy the checkpoint again")
+        raise CheckpointError(f"{what}: corrupt or truncated (not a whole torch.save zip: its bytes do not start "
+                              "and end where a zip does)", hint="the file or the DCP index is damaged; copy the "
+                              "checkpoint again")
     try:
         z = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
@@ -321,7 +322,7 @@ def torch_load(path: Path, *, mmap: bool = True) -> Any:
     path = Path(path)
     f, size = open_regular(path)
     with f:
-        if zipfile.is_zipfile(f):
+        if f.read(4) == b"PK\x03\x04":  # a zip (torch >= 1.6), whole or not: _load_zip says which
             f.seek(0)
             return _wrap(str(path), lambda: _load_zip(f, str(path), size=size, path=path if mmap else None))
         f.seek(0)
