@@ -188,6 +188,8 @@ def _materialize_buffers(model) -> bool:
     for name, mod in list(model.named_modules()):
         if not any(b.is_meta for b in mod.buffers(recurse=False)):
             continue
+        if any(True for _ in mod.parameters()):  # rebuilding it would allocate its weights: not bounded
+            return False
         try:
             new = type(mod)(config=model.config)
         except Exception:  # noqa: BLE001 - not a config-built module: the caller loads the whole model
