@@ -680,6 +680,7 @@ def validate_dcp(meta, root: Path, file_size=None) -> None:
     if not isinstance(sdm, dict) or not isinstance(storage, dict):
         raise bad("no state_dict_metadata / storage_data")
     sizes: dict[str, int] = {}
+    ranges: dict[str, list] = {}
     for idx, info in storage.items():
         name = getattr(info, "relative_path", None)
         off, length = getattr(info, "offset", None), getattr(info, "length", None)
@@ -693,6 +694,12 @@ def validate_dcp(meta, root: Path, file_size=None) -> None:
         if off + length > sizes[name]:
             raise CheckpointError(f"{root / name}: truncated (item {idx.fqn} needs bytes {off}..{off + length}, "
                                   f"the file has {sizes[name]})", hint="copy the checkpoint again")
+        ranges.setdefault(name, []).append((off, length, getattr(idx, "fqn", "?")))
+    for name, rs in ranges.items():  # DCP writes each item once: two items over the same bytes are a forgery
+        rs.sort()
+        for (o1, l1, a), (o2, _, b) in zip(rs, rs[1:]):
+            if o2 < o1 + l1:
+                raise bad(f"items {a} and {b} share bytes of {name} ({o2} < {o1 + l1})")
     for key, md in sdm.items():
         if isinstance(md, BytesStorageMetadata):
             continue
