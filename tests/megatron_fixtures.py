@@ -29,6 +29,7 @@ SCRIPT = REPO_ROOT / "tools" / "fixtures" / "megatron_core.py"
 CACHE_DIR = Path(os.environ.get("MEXC_FIXTURE_CACHE", REPO_ROOT / "tests" / ".fixture-cache"))
 
 FORMATS = ("torch", "torch_dist")
+FIXTURE_REV = "r2"  # bump when the fixture maker changes what it writes (r2: NullTokenizer vocab_size = 99 + eod)
 SEED = 1234
 
 
@@ -57,7 +58,7 @@ def megatron_checkpoint(kind: str, tp: int = 1, pp: int = 1, fmt: str = "torch")
         raise ValueError(f"unknown fixture kind {kind!r}; expected one of {KINDS}")
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
-    name = f"{kind}-tp{tp}-pp{pp}-{fmt}"
+    name = f"{kind}-tp{tp}-pp{pp}-{fmt}-{FIXTURE_REV}"
     final = CACHE_DIR / name
     if _complete(final):
         return final

@@ -148,6 +148,12 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
     bias = bool(_get(args, "add_bias_linear", not _get(args, "disable_bias_linear", False)))
     padded = int(need("padded_vocab_size"))
     vocab = int(overrides.get("vocab_size") or _get(args, "vocab_size") or padded)
+    if "vocab_size" not in overrides and _get(args, "vocab_size") and \
+            (args.get("tokenizer_type") if isinstance(args, dict) else getattr(args, "tokenizer_type", None)) \
+            == "NullTokenizer":
+        # Megatron-LM's NullTokenizer has --vocab-size ids plus its end-of-document id (= vocab_size): its
+        # vocab_size property is vocab_size + 1 (megatron/training/tokenizer/tokenizer.py, _NullTokenizer)
+        vocab = min(vocab + 1, padded)
     params_dtype = _get(args, "params_dtype")
     if _get(args, "bf16", False):
         dtype = DType.bf16
