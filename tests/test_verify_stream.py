@@ -154,6 +154,23 @@ def test_hf_streamed_through_transformers_equals_its_whole_model_load(outs, kind
     assert (in_stored - streamed).abs().max() < (1e-6 if stored == torch.float32 else 0.05)
 
 
+def test_hf_streams_a_family_with_computed_buffers_in_a_weighted_module(tmp_path):
+    """Gemma's embedding module holds a computed ``embed_scale`` buffer beside its weight: the buffer is
+    computed on the CPU while the weight stays on meta until its forward."""
+    from transformers import AutoModelForCausalLM
+
+    d = megatron_checkpoint("gemma", tp=1, pp=1, fmt="torch")
+    out = compile_(d / "ckpt", tmp_path / "gemma-hf", "--target", "hf")
+    streamed, how = hf_logits(out, TOKENS.clamp(max=127), torch.float32)
+    assert "one module's weights in memory at a time" in how
+    with torch.no_grad():
+        whole = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(TOKENS.clamp(max=127)).logits
+    assert torch.equal(streamed, whole)
+    ref = load_reference(d)
+    got, _ = hf_logits(out, ref["tokens"], torch.float32)
+    assert (got[..., :ref["logits"].shape[-1]] - ref["logits"].float()).abs().max() < 1e-3  # megatron-core
+
+
 def test_hf_streaming_holds_one_module_at_a_time(outs):
     model = _streaming_model(outs["hf"], torch.float32)
     sizes = {n: sum(p.numel() for p in m.parameters(recurse=False))

@@ -11,14 +11,14 @@ Two runners, each holding the weights of one node (one layer op) at a time inste
   materialized weight in one cache until the end. Peak memory: the hidden states ``[b, s, hidden]`` of the
   prompts plus one node's weights, as stored and once more in the compute dtype (float32: the interpreter's
   attention promotes rotary tables to float32, so it cannot compute in bfloat16/float16 itself).
-* :func:`hf_logits`: an hf output through transformers' own modules. The model is instantiated on the
-  ``meta`` device (no memory), and each module with parameters gets its tensors from the output's safetensors
-  files just before its forward and gives them back just after (torch ``forward_pre_hook``/``forward_hook``),
-  read as stored (the output's own dtype) and upcast to float32 for that module only. Peak memory: the
-  largest module's weights (one Linear or the embedding). Where
-  the model's parameters are not the files' tensors one to one (transformers renames or fuses them at load
-  time for some families, e.g. MoE experts) or the config asks for a quantizer, the whole model is loaded
-  instead, still in the output's dtype (peak: the output's weight bytes); the returned description says which.
+* :func:`hf_logits`: an hf output through transformers' own modules. The model is instantiated with its
+  parameters on the ``meta`` device (no memory; buffers computed as usual), and each module with parameters
+  gets its tensors from the output's safetensors files just before its forward and gives them back just
+  after (torch ``forward_pre_hook`` / ``forward_hook``), read as stored (the output's own dtype) and upcast to
+  float32 for that module only. Peak memory: the largest module's weights (one Linear or the embedding).
+  Where the model's parameters are not the files' tensors one to one (transformers renames or fuses them at
+  load time for some families, e.g. MoE experts) or the config asks for a quantizer, the whole model is
+  loaded instead, in the output's dtype (peak: the output's weight bytes); the description returned says so.
 
 Errors: a tensor a store cannot read raises the store's :class:`mexc.errors.IRError` (named file and key).
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -182,23 +183,24 @@ def _module_keys(model, where: Unmapped) -> dict[str, str] | None:
     return keys
 
 
-def _materialize_buffers(model) -> bool:
-    """Rebuild on the CPU each module whose buffers are on ``meta`` (rotary ``inv_freq`` tables are computed,
-    not stored); returns False for a module that cannot be rebuilt from the config alone."""
-    for name, mod in list(model.named_modules()):
-        if not any(b.is_meta for b in mod.buffers(recurse=False)):
-            continue
-        if any(True for _ in mod.parameters()):  # rebuilding it would allocate its weights: not bounded
-            return False
-        try:
-            new = type(mod)(config=model.config)
-        except Exception:  # noqa: BLE001 - not a config-built module: the caller loads the whole model
-            return False
-        if any(b.is_meta for b in new.buffers()):
-            return False
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, new)
-    return True
+@contextmanager
+def _parameters_on_meta():
+    """Every ``nn.Parameter`` registered inside is moved to the ``meta`` device as it is registered (its
+    ``torch.empty`` storage, never touched, is freed at once; initializers then run on meta), while buffers are
+    computed on the CPU as the module's ``__init__`` computes them (rotary ``inv_freq``, Gemma's
+    ``embed_scale``). The idea of accelerate's ``init_empty_weights(include_buffers=False)``."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def _streaming_model(out: Path, dtype: torch.dtype):
@@ -209,12 +211,12 @@ def _streaming_model(out: Path, dtype: torch.dtype):
     cfg = AutoConfig.from_pretrained(out)
     if getattr(cfg, "quantization_config", None):
         return None
-    with torch.device("meta"):
+    with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.eval()
     where = Unmapped(sorted(out.glob("*.safetensors")))
     keys = _module_keys(model, where)
-    if keys is None or not _materialize_buffers(model):
+    if keys is None or any(b.is_meta for b in model.buffers()):
         return None
 
     def load(mod, args):
