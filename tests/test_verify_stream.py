@@ -20,7 +20,7 @@ import xxhash
 
 from megatron_fixtures import load_reference, megatron_checkpoint
 from mexc import ir
-from mexc.backends.reference.executor import run
+from mexc.ir.interpreter import run
 from mexc.driver import lift
 from mexc.frontends.trtllm import lift_trtllm
 from mexc.tools.cli import main
@@ -68,7 +68,7 @@ def test_streamed_logits_equal_the_whole_model_path_on_a_megatron_core_fixture()
 
 
 class HeapStore(ir.Store):
-    """Seeded weights, each in its own ``bytearray`` (traced by tracemalloc) for as long as a tensor uses it."""
+    """Seeded weights, each in its own ``bytearray`` (traced by tracemalloc) while a tensor uses it."""
 
     kind = "heap-test"
 
@@ -88,13 +88,15 @@ def deep_model(layers=24, hidden=64, ffn=256, heads=4, kv=2, vocab=64):
     def w(key, *shape, layout=None):
         return ir.load(st, key, ir.TensorType(ir.f32, shape, layout))
 
-    cfg = ir.ModelConfig(family="llama", hidden_size=hidden, num_layers=layers, vocab_size=vocab, dtype=ir.f32)
+    cfg = ir.ModelConfig(family="llama", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+                         dtype=ir.f32)
     b = ir.Builder(cfg, stores={"heap": st})
     x = b.node("embedding", b.input_ids, params={"word": w("emb", vocab, hidden)})
     for i in range(layers):
         h = b.node("norm", x, layer=i, params={"weight": w(f"{i}.in.norm", hidden)}, kind="rmsnorm")
         a = b.node("attention", h, layer=i, num_heads=heads, num_kv_heads=kv, head_dim=d,
-                   params={"qkv": w(f"{i}.qkv", lay.rows, hidden, layout=lay), "proj": w(f"{i}.proj", hidden, hidden)})
+                   params={"qkv": w(f"{i}.qkv", lay.rows, hidden, layout=lay),
+                           "proj": w(f"{i}.proj", hidden, hidden)})
         x = b.node("add", x, a, layer=i)
         h = b.node("norm", x, layer=i, params={"weight": w(f"{i}.post.norm", hidden)}, kind="rmsnorm")
         m = b.node("mlp", h, layer=i, activation="silu", gated=True,
@@ -134,7 +136,9 @@ def test_streaming_holds_about_one_layer_of_weights_whatever_the_depth():
     assert torch.equal(streamed, whole)
     assert whole_peak > 20 * one  # the measurement sees weights: the whole-model path holds all 24 layers
     assert peak < 2 * one, (peak, one)
-    assert max(held) - min(held) < one / 4, held  # no growth from node to node
+    # nothing of a finished node stays: keeping even one q/k/v matrix per layer would add 24 x 32 KB; what
+    # does grow is metadata (recipe keys computed once, torch's dispatch caches): tens of KB in all
+    assert max(held) - min(held) < one, held
 
 
 # --------------------------------------------------------------------------------------------- hf

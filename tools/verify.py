@@ -8,10 +8,10 @@ Steps, each printed as one line (``--json``: one object):
    tensor by tensor in bounded memory (:mod:`mexc.tools.integrity`); one ``FAIL file: tensor ...`` line per
    finding. A failed artifact stops here (its logits are not compared).
 3. ``runtime``: what runs the output, and its memory bound: transformers on the output's weights as stored,
-   upcast to float32 one module at a time where the family allows (hf); ONNX Runtime on CPU, whole graph (onnx, tensorrt: the
-   engine is not run); for trtllm, mexc's own reader of the TensorRT-LLM checkpoint (every rank, TP merged) on
-   mexc's reference interpreter, layer by layer: TensorRT-LLM itself is not involved. A trtllm output's
-   replicated tensors must also be identical on every TP rank.
+   upcast to float32 one module at a time where the family allows (hf); ONNX Runtime on CPU, whole graph
+   (onnx, tensorrt: the engine is not run); for trtllm, mexc's own reader of the TensorRT-LLM checkpoint
+   (every rank, TP merged) on mexc's reference interpreter, layer by layer: TensorRT-LLM itself is not
+   involved. A trtllm output's replicated tensors must also be identical on every TP rank.
 4. ``logits``: prefill logits of ``PROMPTS`` [2, 8] against mexc's reference interpreter on ``--against``, run
    layer by layer (:mod:`mexc.tools.verify_stream`: one node's weights in memory, so a 7B model verifies on a
    24 GB machine); max |delta| within a tolerance chosen from the dtype written (and the quantization scheme),

@@ -1,4 +1,4 @@
-"""Prefill logits in bounded memory, one layer at a time, for `mexc verify` (issue 19 item 9, issue 21 item 3).
+"""Prefill logits in bounded memory, one layer at a time, for `mexc verify` (issues 19 item 9, 21 item 3).
 
 Two runners, each holding the weights of one node (one layer op) at a time instead of the whole model:
 
@@ -35,7 +35,7 @@ import torch
 from ..ir import SafetensorsStore
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_INTERPRETERS = ("mexc.ir.semantics", "mexc.backends.reference.executor")  # the interpreter is moving to ir/
+_INTERPRETERS = ("mexc.ir.interpreter", "mexc.backends.reference.executor")  # new home, then the old one
 
 
 def interpreter():
@@ -90,7 +90,8 @@ def stream_logits(model, input_ids: torch.Tensor, *, dtype: torch.dtype = torch.
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+              "I32": torch.int32,
               "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
@@ -186,8 +187,8 @@ def _module_keys(model, where: Unmapped) -> dict[str, str] | None:
 @contextmanager
 def _parameters_on_meta():
     """Every ``nn.Parameter`` registered inside is moved to the ``meta`` device as it is registered (its
-    ``torch.empty`` storage, never touched, is freed at once; initializers then run on meta), while buffers are
-    computed on the CPU as the module's ``__init__`` computes them (rotary ``inv_freq``, Gemma's
+    ``torch.empty`` storage, never touched, is freed at once; initializers then run on meta), while buffers
+    are computed on the CPU as the module's ``__init__`` computes them (rotary ``inv_freq``, Gemma's
     ``embed_scale``). The idea of accelerate's ``init_empty_weights(include_buffers=False)``."""
     register = torch.nn.Module.register_parameter
 
@@ -228,7 +229,8 @@ def _streaming_model(out: Path, dtype: torch.dtype):
     def drop(mod, args, output):
         for n, p in list(mod._parameters.items()):
             if p is not None:
-                mod._parameters[n] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                gone = torch.empty_like(p, device="meta")
+                mod._parameters[n] = torch.nn.Parameter(gone, requires_grad=False)
 
     for name, mod in model.named_modules():
         if any(p is not None for p in mod._parameters.values()):
@@ -256,13 +258,13 @@ def hf_logits(out: Path, tokens: torch.Tensor, stored: torch.dtype, *, stream: b
     name = str(stored).removeprefix("torch.")
     model = _streaming_model(out, torch.float32) if stream else None
     if model is not None:
-        how = (f"transformers {transformers.__version__} (AutoModelForCausalLM) on the output, weights {name} as "
-               "stored, upcast to float32 one module at a time (one module's weights in memory at a time)")
+        how = (f"transformers {transformers.__version__} (AutoModelForCausalLM) on the output, weights {name} "
+               "as stored, upcast to float32 one module at a time (one module's weights in memory at a time)")
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(out, dtype=stored)
         how = (f"transformers {transformers.__version__} (AutoModelForCausalLM, {name}) on the output, whole "
-               "model in memory" + (" (its parameters are not the files' tensors one to one)" if stream else ""))
+               "model in memory" + (" (its parameters are not the files' tensors one to one)" * stream))
     with torch.no_grad():
         return model(tokens, use_cache=False).logits.float(), how
