@@ -161,8 +161,12 @@ def _write_tracker(out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- legacy
 
 
-def legacy_rank_state(p: Preset, fill: Filler, *, tp: int, pp: int, pp_rank: int) -> OrderedDict:
-    """One rank's ``model`` state dict (mcore local spec): TP shards, stage-local layer numbers."""
+def legacy_rank_state(p: Preset, fill: Filler, *, tp: int, pp: int, pp_rank: int,
+                      replicated: Filler | None = None) -> OrderedDict:
+    """One rank's ``model`` state dict (mcore local spec): TP shards, stage-local layer numbers. Replicated
+    tensors (norms) come from ``replicated``, which the caller re-creates with one seed for every TP rank of a
+    stage, so that the copies are identical, as in a real save."""
+    rep = replicated or fill
     if p.num_layers % pp:
         raise ValueError(f"{p.num_layers} layers do not split evenly over pp={pp}")
     if p.num_query_groups % tp or p.num_attention_heads % tp or p.ffn_hidden_size % tp:
@@ -175,18 +179,18 @@ def legacy_rank_state(p: Preset, fill: Filler, *, tp: int, pp: int, pp_rank: int
         sd["embedding.word_embeddings.weight"] = fill.tensor((V // tp, H))
     for i in range(p.num_layers // pp):
         k = f"decoder.layers.{i}."
-        sd[k + "input_layernorm.weight"] = fill.tensor((H,), center=1.0)
+        sd[k + "input_layernorm.weight"] = rep.tensor((H,), center=1.0)
         sd[k + "self_attention.linear_proj.weight"] = fill.tensor((H, s["proj"][1] // tp))
         sd[k + "self_attention.linear_proj._extra_state"] = None
         sd[k + "self_attention.linear_qkv.weight"] = fill.tensor((s["qkv"][0] // tp, H))  # whole groups
         sd[k + "self_attention.linear_qkv._extra_state"] = None
-        sd[k + "pre_mlp_layernorm.weight"] = fill.tensor((H,), center=1.0)
+        sd[k + "pre_mlp_layernorm.weight"] = rep.tensor((H,), center=1.0)
         sd[k + "mlp.linear_fc1.weight"] = fill.tensor((2 * F // tp, H))                    # [gate_r; up_r]
         sd[k + "mlp.linear_fc1._extra_state"] = None
         sd[k + "mlp.linear_fc2.weight"] = fill.tensor((H, F // tp))
         sd[k + "mlp.linear_fc2._extra_state"] = None
     if pp_rank == pp - 1:
-        sd["decoder.final_layernorm.weight"] = fill.tensor((H,), center=1.0)
+        sd["decoder.final_layernorm.weight"] = rep.tensor((H,), center=1.0)
         sd["output_layer.weight"] = fill.tensor((V // tp, H))
         sd["output_layer._extra_state"] = None
     return sd
@@ -200,7 +204,8 @@ def write_legacy(p: Preset, out: Path, *, tp: int = 2, pp: int = 1, seed: int = 
         for tp_rank in range(tp):
             name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
             (d / name).mkdir(exist_ok=True)
-            model = legacy_rank_state(p, fill, tp=tp, pp=pp, pp_rank=pp_rank)
+            model = legacy_rank_state(p, fill, tp=tp, pp=pp, pp_rank=pp_rank,
+                                      replicated=Filler(seed + 7919 * (pp_rank + 1)))
             torch.save({"args": args, "checkpoint_version": 3.0, "iteration": ITERATION, "model": model},
                        d / name / "model_optim_rng.pt")
             del model
