@@ -124,6 +124,14 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     log(f"lifted {model.config.family} model: {model.config.num_layers} layers, "
         f"{model.param_count() / 1e6:.2f}M params ({model.meta.get('format')}, tp={model.meta.get('source_tp')} "
         f"pp={model.meta.get('source_pp')})")
+    saved_vocab = model.config.vocab_size  # the args' vocabulary; equal to the padded rows when they had none
+    emb = next(iter(model.graph.find(op="embedding")), None)
+    padded_rows = emb.params["word"].type.shape[0] if emb is not None and "word" in emb.params else saved_vocab
+    if opts.vocab_size is not None and opts.vocab_size < saved_vocab < padded_rows:
+        raise UsageError(f"--vocab-size {opts.vocab_size} is below the checkpoint's vocabulary of {saved_vocab} ids "
+                         f"(from its saved args): ids {opts.vocab_size}..{saved_vocab - 1} would be lost",
+                         hint=f"drop --vocab-size, or give at least {saved_vocab} (it only trims Megatron's padding "
+                              "rows)")
     vocab, vocab_note = tokenizers.default_vocab(model, tok) if opts.vocab_size is None else (None, None)
     if vocab is not None:
         opts.vocab_size = vocab

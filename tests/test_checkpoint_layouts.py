@@ -124,3 +124,15 @@ def test_rank_file_replaced_after_lift_is_an_error_not_a_crash(tmp_path):
         for _, _, p in model.graph.params():
             p.source.materialize()
     assert "changed while mexc was reading it" in e.value.message
+
+
+def test_vocab_size_below_the_saved_vocabulary_is_refused(tmp_path):
+    from mexc.backends.base import CompileOptions
+    from mexc.driver import compile_checkpoint
+    from mexc.errors import UsageError
+
+    d = megatron_checkpoint("llama", tp=2, pp=1, fmt="torch")  # NullTokenizer: 99 ids + eod = 100
+    with pytest.raises(UsageError) as e:
+        compile_checkpoint(d / "ckpt", tmp_path / "out", CompileOptions(target="hf", vocab_size=50))
+    assert "--vocab-size 50" in e.value.message and "100" in e.value.message
+    assert not (tmp_path / "out").exists()

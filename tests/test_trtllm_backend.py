@@ -99,7 +99,8 @@ def test_moe_config_and_layout(tmp_path):
 
 
 def test_vocab_trim_and_lm_head_padding(tmp_path):
-    d, out, _ = compile_to(tmp_path, "llama-tp2-legacy", tp=2, vocab_size=99)
+    # below the checkpoint's 100 ids --vocab-size is refused; an explicit trim-vocab pass may still cut
+    d, out, _ = compile_to(tmp_path, "llama-tp2-legacy", tp=2, pipeline="trim-vocab{size=99}")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vocab_size"] == 99
     with safe_open(out / "rank1.safetensors", "pt") as f:
@@ -187,7 +188,8 @@ def test_outputs_are_deterministic(tmp_path):
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_parallel_embedding_keeps_the_trimmed_vocab(tmp_path, dtype):
-    d, out, _ = compile_to(tmp_path, "llama-tp2-legacy", tp=2, vocab_size=99, parallel_embedding=True, dtype=dtype)
+    d, out, _ = compile_to(tmp_path, "llama-tp2-legacy", tp=2, pipeline="trim-vocab{size=99}",
+                        parallel_embedding=True, dtype=dtype)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vocab_size"] == 99 and cfg["use_parallel_embedding"]  # also when lower-dtype casts the padding
     with safe_open(out / "rank1.safetensors", "pt") as f:
