@@ -93,8 +93,8 @@ def runtime_line(target: str) -> str:
         import onnxruntime
 
         tail = "; the TensorRT engine itself is not run" if target == "tensorrt" else ""
-        return (f"onnxruntime {onnxruntime.__version__} (CPU) on model.onnx, whole graph in memory (about the "
-                f"output's weight bytes){tail}")
+        return (f"onnxruntime {onnxruntime.__version__} (CPU) on model.onnx, whole graph in memory (the output's "
+                f"weights, more where the CPU provider converts or prepacks them){tail}")
     return ("mexc's reader of TensorRT-LLM checkpoints (every rank, TP shards merged) on mexc's reference "
             "interpreter, one layer's weights in memory at a time: TensorRT-LLM itself is not involved and no "
             "engine is run")
