@@ -54,10 +54,10 @@ def test_help_shows_examples():
 def test_compile_inspect_and_verify_the_example(tmp_path):
     ex = ROOT / "examples" / "llama-tiny"
     out = tmp_path / "hf"
-    r = mexc("compile", ex, "--target", "hf", "--vocab-size", "100", "-o", out, "--json")
+    r = mexc("compile", ex, "--target", "hf", "--vocab-size", "101", "-o", out, "--json")  # NullTokenizer 100 + eod
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert summary["target"] == "hf" and summary["bytes"] > 0 and "trim-vocab{size=100}" in summary["pipeline"]
+    assert summary["target"] == "hf" and summary["bytes"] > 0 and "trim-vocab{size=101}" in summary["pipeline"]
     r = mexc("verify", out, "--against", ex)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
     r = mexc("inspect", ex, "--json")

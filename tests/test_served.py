@@ -57,9 +57,11 @@ def test_tokenizer_files_and_ids(served):
     gen = json.loads((served["hf"] / "generation_config.json").read_text())
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, None)
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2) and "pad_token_id" not in gen
-    assert cfg["vocab_size"] == 100   # the tokenizer's size: Megatron's 28 padding rows trimmed, as onnx does
+    # the example was saved with NullTokenizer --vocab-size 100, i.e. 101 ids (its eod is id 100): the larger of
+    # that and the tokenizer's 100; Megatron's 27 padding rows trimmed, as onnx does
+    assert cfg["vocab_size"] == 101
     genai = json.loads((served["onnx"] / "genai_config.json").read_text())["model"]
-    assert (genai["bos_token_id"], genai["eos_token_id"], genai["pad_token_id"], genai["vocab_size"]) == (1, 2, 2, 100)
+    assert (genai["bos_token_id"], genai["eos_token_id"], genai["pad_token_id"], genai["vocab_size"]) == (1, 2, 2, 101)
 
 
 def test_onnxruntime_genai_tokenizer_reads_the_output(served):
@@ -305,7 +307,7 @@ def test_inspect_options_on_outputs(served, capsys, args, want):
     assert rc == 2 and want in err
 
 
-@pytest.mark.parametrize("extra,saved,want", [(0, None, 100), (10, None, 110), (0, 128, 100), (0, 120, 120)])
+@pytest.mark.parametrize("extra,saved,want", [(0, None, 101), (10, None, 110), (0, 128, 100), (0, 120, 120)])
 def test_default_vocab_follows_the_tokenizer(tmp_path, capsys, extra, saved, want):
     """The tokenizer's size (or the saved unpadded vocab when larger) becomes the vocab of every target; a saved
     vocab equal to the padded rows (args without an unpadded size) does not hide the padding."""
