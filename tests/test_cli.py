@@ -91,7 +91,7 @@ def test_bad_input_corpus(case, tmp_path, llama):
     args = ["compile", llama, "--target", "trtllm", "-o", out]
     needles = []
     if case == "missing":
-        args[1], needles = tmp_path / "nope", ["no such directory"]
+        args[1], needles = tmp_path / "nope", ["no such file or directory"]
     elif case == "empty":
         (tmp_path / "empty").mkdir()
         args[1], needles = tmp_path / "empty", ["no Megatron checkpoint here"]

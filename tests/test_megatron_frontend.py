@@ -187,7 +187,7 @@ def test_config_override_fixes_wrong_args(tmp_path):
 
 
 def test_missing_dir_empty_dir_and_ambiguous_iterations(tmp_path):
-    with pytest.raises(CheckpointError, match="no such directory"):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
         lift(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no Megatron checkpoint here"):

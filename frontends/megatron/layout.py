@@ -52,7 +52,8 @@ def locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, 
 def _locate(path: str | Path, iteration: int | None = None) -> tuple[Path, Path, int | None]:
     root = Path(path)
     if not root.exists():
-        raise CheckpointError(f"{root}: no such directory", hint="give the Megatron save directory (--save)")
+        raise CheckpointError(f"{root}: no such file or directory", hint="give the Megatron save directory (--save), "
+                              "a NeMo checkpoint directory or a .nemo archive")
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory", hint="give the Megatron save directory, not a file")
     if _is_iter_dir(root):
