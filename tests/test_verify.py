@@ -373,3 +373,15 @@ def test_safetensors_header_parser_agrees_with_the_library(outputs):
             t = h.get_tensor(s.name)
             assert np.array_equal(np.frombuffer(raw[s.offset:s.offset + s.length], np.uint8),
                                   t.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def test_the_iteration_dir_and_its_save_dir_are_one_source(capsys, tmp_path):
+    """Compiled from ``iter_0000010`` and verified against the save dir (or a copy elsewhere): only the copy is
+    "not the recorded source"."""
+    out = tmp_path / "hf"
+    assert main(["compile", str(EXAMPLE / "iter_0000010"), "--target", "hf", "-o", str(out), "--quiet"]) == 0
+    rc, stdout, _ = mexc(capsys, "verify", out, "--against", EXAMPLE)
+    assert rc == 0 and "not the recorded source" not in stdout
+    shutil.copytree(EXAMPLE, tmp_path / "copy")
+    rc, stdout, _ = mexc(capsys, "verify", out, "--against", tmp_path / "copy")
+    assert rc == 0 and "not the recorded source" in stdout

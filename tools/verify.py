@@ -71,9 +71,26 @@ def describe_source(src: dict) -> str:
 def same_source(recorded: dict, against: Path, meta: dict) -> bool:
     """Is ``--against`` (lifted, ``meta``) the checkpoint the manifest records? Path (resolved) and iteration."""
     rec = recorded.get("checkpoint")
-    if not rec or Path(rec).resolve() != against.resolve():
+    if not rec:
         return False
+    if Path(rec).resolve() != against.resolve():
+        a, b = _iteration_dir(Path(rec), recorded.get("iteration")), _iteration_dir(against, meta.get("iteration"))
+        if a is None or a != b:
+            return False  # not the same path, nor two spellings of one iteration (the save dir and its iter_ dir)
     return recorded.get("iteration") is None or meta.get("iteration") in (None, recorded["iteration"])
+
+
+def _iteration_dir(path: Path, iteration) -> Path | None:
+    """The real path of the iteration directory ``path`` names (a save dir or an ``iter_*`` dir), or None."""
+    import os
+
+    from ..errors import MexcError
+    from ..frontends.megatron.reader import locate
+
+    try:
+        return Path(os.path.realpath(locate(path, iteration if isinstance(iteration, int) else None)[1]))
+    except (MexcError, OSError):
+        return None
 
 
 def unsupported(manifest: dict) -> str | None:
