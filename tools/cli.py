@@ -242,11 +242,15 @@ def _install_signal_handlers():
     INTERRUPTED.clear()
     if threading.current_thread() is not threading.main_thread():
         return
+    from .. import STARTUP_SIGNALS, _early_sigint
+
     signal.signal(signal.SIGTERM, _on_signal)
-    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _on_signal):
+    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _on_signal, _early_sigint):
         signal.signal(signal.SIGINT, _on_signal)
     if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, _on_signal):
         signal.signal(signal.SIGHUP, _on_signal)
+    if STARTUP_SIGNALS:  # a Ctrl-C during start-up: stop now, before any work
+        _on_signal(STARTUP_SIGNALS.pop(), None)
 
 
 def cmd_compile(a) -> int:

@@ -72,6 +72,7 @@ def _hook(event, args):
 
 
 sys.addaudithook(_hook)
+sys.argv[0] = str(Path(sys.executable).parent / "mexc")  # as the `mexc` console script runs (argv[0] .../bin/mexc)
 from mexc.tools.cli import main  # noqa: E402
 
 sys.exit(main(argv))
