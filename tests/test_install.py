@@ -28,3 +28,20 @@ def test_pip_install_non_editable(tmp_path):
     assert r.returncode == 0 and "reshard" in r.stdout
     eps = list((target).glob("mexc-*.dist-info/entry_points.txt"))
     assert eps and "mexc = mexc.tools.cli:main" in eps[0].read_text()
+
+
+def test_every_package_of_the_tree_is_listed():
+    """pyproject lists its packages by hand: a new package directory (a target-class folder) must be in it, or a
+    plain `pip install` ships a mexc that cannot import itself."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    skip = {"tests", "build", ".venv", ".git", "tools/fixtures", "examples", "docs", "out"}
+    found = set()
+    for init in root.rglob("__init__.py"):
+        rel = init.parent.relative_to(root).as_posix()
+        if any(rel == s or rel.startswith(s + "/") for s in skip):
+            continue
+        found.add("mexc" if rel == "." else "mexc." + rel.replace("/", "."))
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
