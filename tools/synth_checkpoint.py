@@ -131,7 +131,8 @@ def make_args(p: Preset, *, tp: int, pp: int, ckpt_format: str) -> argparse.Name
         apply_residual_connection_post_layernorm=False, position_embedding_type="rope",
         use_rotary_position_embeddings=True, rotary_base=p.rotary_base, rotary_percent=1.0, rotary_interleaved=False,
         rotary_seq_len_interpolation_factor=None, use_rope_scaling=False, rope_scaling_factor=8.0,
-        untie_embeddings_and_output_weights=True, vocab_size=p.vocab_size, padded_vocab_size=p.padded_vocab(tp),
+        untie_embeddings_and_output_weights=True, vocab_size=p.vocab_size - 1,  # NullTokenizer adds its eod id
+        padded_vocab_size=p.padded_vocab(tp),
         make_vocab_size_divisible_by=128, tokenizer_type="NullTokenizer",
         max_position_embeddings=p.max_position_embeddings, seq_length=p.max_position_embeddings,
         encoder_seq_length=p.max_position_embeddings,
