@@ -19,6 +19,7 @@ import torch
 import xxhash
 
 from megatron_fixtures import load_reference, megatron_checkpoint
+from tiny_models import random_llama
 from mexc import ir
 from mexc.ir.interpreter import run
 from mexc.driver import lift
@@ -81,30 +82,8 @@ class HeapStore(ir.Store):
 
 
 def deep_model(layers=24, hidden=64, ffn=256, heads=4, kv=2, vocab=64):
-    st = HeapStore("heap")
-    d = hidden // heads
-    lay = ir.QKVLayout("grouped", heads, kv, d)
-
-    def w(key, *shape, layout=None):
-        return ir.load(st, key, ir.TensorType(ir.f32, shape, layout))
-
-    cfg = ir.ModelConfig(family="llama", hidden_size=hidden, num_layers=layers, vocab_size=vocab,
-                         dtype=ir.f32)
-    b = ir.Builder(cfg, stores={"heap": st})
-    x = b.node("embedding", b.input_ids, params={"word": w("emb", vocab, hidden)})
-    for i in range(layers):
-        h = b.node("norm", x, layer=i, params={"weight": w(f"{i}.in.norm", hidden)}, kind="rmsnorm")
-        a = b.node("attention", h, layer=i, num_heads=heads, num_kv_heads=kv, head_dim=d,
-                   params={"qkv": w(f"{i}.qkv", lay.rows, hidden, layout=lay),
-                           "proj": w(f"{i}.proj", hidden, hidden)})
-        x = b.node("add", x, a, layer=i)
-        h = b.node("norm", x, layer=i, params={"weight": w(f"{i}.post.norm", hidden)}, kind="rmsnorm")
-        m = b.node("mlp", h, layer=i, activation="silu", gated=True,
-                   params={"gate": w(f"{i}.gate", ffn, hidden), "up": w(f"{i}.up", ffn, hidden),
-                           "fc2": w(f"{i}.fc2", hidden, ffn)})
-        x = b.node("add", x, m, layer=i)
-    x = b.node("norm", x, params={"weight": w("final.norm", hidden)}, kind="rmsnorm")
-    return b.output(b.node("lm_head", x, params={"weight": w("head", vocab, hidden)}))
+    return random_llama(hidden=hidden, layers=layers, vocab=vocab, ffn=ffn, heads=heads, kv=kv,
+                        store=HeapStore("heap"))
 
 
 def layer_bytes(model, layer):

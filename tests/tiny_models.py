@@ -123,9 +123,10 @@ def gpt2_ir(model, tmp: Path) -> ir.Model:
 TOKENS = torch.tensor([[1, 5, 9, 23, 42, 77, 3, 99], [0, 64, 31, 8, 15, 2, 50, 11]])
 
 
-def random_llama(hidden=1024, layers=8, vocab=32000, ffn=2816, heads=16, kv=4, dtype=ir.f32) -> ir.Model:
-    """A Llama-shaped IR model whose weights come from a seeded generator (nothing on disk)."""
-    st = ir.RandomStore("rnd", seed=1)
+def random_llama(hidden=1024, layers=8, vocab=32000, ffn=2816, heads=16, kv=4, dtype=ir.f32,
+                 store=None) -> ir.Model:
+    """A Llama-shaped IR model whose weights come from ``store`` (default: a seeded generator, nothing on disk)."""
+    st = store or ir.RandomStore("rnd", seed=1)
     d = hidden // heads
     lay = ir.QKVLayout("grouped", heads, kv, d)
 
@@ -133,7 +134,7 @@ def random_llama(hidden=1024, layers=8, vocab=32000, ffn=2816, heads=16, kv=4, d
         return ir.load(st, key, ir.TensorType(dtype, shape, layout))
 
     cfg = ir.ModelConfig(family="llama", hidden_size=hidden, num_layers=layers, vocab_size=vocab, dtype=dtype)
-    b = ir.Builder(cfg, stores={"rnd": st})
+    b = ir.Builder(cfg, stores={st.name: st})
     x = b.node("embedding", b.input_ids, params={"word": w("emb", vocab, hidden)})
     for i in range(layers):
         h = b.node("norm", x, layer=i, params={"weight": w(f"{i}.in.norm", hidden)}, kind="rmsnorm")
