@@ -446,16 +446,20 @@ _PHASES = [(phase, sig, base) for (phase, sig), base in zip(
     itertools.cycle(["legacy", "dist"]))]  # each phase and each signal meets both formats
 
 
-@pytest.mark.parametrize("phase,sig,base", _PHASES,
-                         ids=[f"{p}-{signal.Signals(s).name}-{b}" for p, s, b in _PHASES])
-def test_signal_during_phase(tmp_path, bases, phase, sig, base):
+def _compile_case(tmp_path, bases, base):
+    """A fresh copy of a base checkpoint, an empty output parent, the compile argv and the phase marker path."""
     case = _case_dir(tmp_path)
     ckpt = carriers.copy_base(bases, base, case / "ckpt")
     carriers.finish(ckpt)
     parent = case / "parent"
     parent.mkdir()
-    argv = ["compile", ckpt, "--target", "hf", "-o", parent / "out", "--quiet"]
-    marker = case / "MARK"
+    return case, parent, ["compile", ckpt, "--target", "hf", "-o", parent / "out", "--quiet"], case / "MARK"
+
+
+@pytest.mark.parametrize("phase,sig,base", _PHASES,
+                         ids=[f"{p}-{signal.Signals(s).name}-{b}" for p, s, b in _PHASES])
+def test_signal_during_phase(tmp_path, bases, phase, sig, base):
+    case, parent, argv, marker = _compile_case(tmp_path, bases, base)
     proc = spawn(argv, case, phase, marker)
     reached = wait_marker(proc, marker)
     proc.send_signal(sig)
@@ -486,13 +490,7 @@ def test_killed_run_leftovers_are_cleaned_by_the_next_run(tmp_path, server, lega
 def test_rank_file_truncated_while_read(tmp_path, bases, base):
     """The files are cut to nothing when writing starts (tensors are memory-mapped by then): SIGBUS on the
     mapping must become one error naming the file, with nothing left behind."""
-    case = _case_dir(tmp_path)
-    ckpt = carriers.copy_base(bases, base, case / "ckpt")
-    carriers.finish(ckpt)
-    parent = case / "parent"
-    parent.mkdir()
-    argv = ["compile", ckpt, "--target", "hf", "-o", parent / "out", "--quiet"]
-    marker = case / "MARK"
+    case, parent, argv, marker = _compile_case(tmp_path, bases, base)
     proc = spawn(argv, case, "write", marker, action="truncate")
     o = finish(proc, argv)
     assert marker.exists(), f"the write phase was never reached: {o.describe()}"
