@@ -59,6 +59,12 @@ class InterruptedAfterCommit(KeyboardInterrupt):
         self.out = out
 
 
+COMMITTED: list[Path] = []
+"""Outputs swapped in by this process, as the user named them (:func:`output_dir` appends): a signal that
+arrives later, while the command finishes (a summary, an engine build), must not be reported as "nothing was
+left behind"."""
+
+
 # ------------------------------------------------------------------------------------ files
 
 
@@ -351,6 +357,7 @@ def atomic_directory(out: Path, force: bool = False,
             os.chmod(tmp, 0o777 & ~_umask())   # outputs are shared with serving containers
             _swap_in(tmp, out, shown)
             committed = True
+            COMMITTED.append(Path(shown))
         shutil.rmtree(tmp, ignore_errors=True)   # after an exchange: the previous output
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

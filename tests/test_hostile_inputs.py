@@ -400,15 +400,23 @@ def wait_marker(proc, marker: Path, timeout: float = 120) -> bool:
 
 
 def _died_silently(o: Outcome, sig: int) -> bool:
-    """Killed by ``sig`` itself with nothing printed: a SIGTERM/SIGHUP before mexc installed its handlers (the
-    default action, like any program's); fine if nothing is left behind."""
+    """Killed by ``sig`` itself with nothing printed: the default action, like any program's, before mexc
+    installed its handlers or once Python's finalization restored the defaults (CPython's ``_PySignal_Fini``)."""
     return o.signal == sig and not o.stderr.strip()
 
 
+def _died_silently_problems(o: Outcome, parent: Path) -> list[str]:
+    """A death by the signal itself, before mexc's handlers are installed or after Python's finalization has put
+    the default actions back (the output is then already swapped in): nothing left, or the complete output."""
+    done = (parent / "out" / "mexc-manifest.json").is_file()
+    return problems(o.as_failed(), parent=parent, keep=("out",) if done else ())
+
+
 def _interrupted(o: Outcome, parent: Path, sig: int) -> list[str]:
-    """An interrupted compile: non-zero, one error line, nothing left (a run that finished first: complete)."""
-    if o.rc == 0:
-        return problems(o, parent=parent, refuse=False, keep=("out",)) + (
+    """An interrupted compile: non-zero, one error line, nothing left; a run that finished first (exit 0) or was
+    interrupted after its output was swapped in (the error says so): the output complete, nothing else left."""
+    if o.rc == 0 or "was written in full" in o.stderr:
+        return problems(o, parent=parent, refuse=o.rc != 0, keep=("out",)) + (
             [] if (parent / "out" / "config.json").is_file() else ["exit 0 but no complete output"])
     return problems(o, parent=parent, refuse=True)
 
@@ -437,7 +445,7 @@ def test_signal_at_startup(tmp_path, legacy, sig, delay):
     time.sleep(delay)
     proc.send_signal(sig)
     o = finish(proc, argv)
-    found = problems(o.as_failed(), parent=parent) if _died_silently(o, sig) else _interrupted(o, parent, sig)
+    found = _died_silently_problems(o, parent) if _died_silently(o, sig) else _interrupted(o, parent, sig)
     assert not found, f"{signal.Signals(sig).name} after {delay:.2f}s: " + "\n".join(found)
 
 
@@ -466,7 +474,7 @@ def test_signal_during_phase(tmp_path, bases, phase, sig, base):
     marker.unlink(missing_ok=True)  # lets the phase hook return
     o = finish(proc, argv)
     assert reached, f"{base}: the {phase} phase was never reached: {o.describe()}"
-    found = _interrupted(o, parent, sig) if not _died_silently(o, sig) else problems(o.as_failed(), parent=parent)
+    found = _died_silently_problems(o, parent) if _died_silently(o, sig) else _interrupted(o, parent, sig)
     assert not found, f"{base}: {signal.Signals(sig).name} during {phase}: " + "\n".join(found)
 
 

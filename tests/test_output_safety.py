@@ -271,6 +271,26 @@ def test_a_signal_during_the_swap_waits_for_it(tmp_path, earlier, monkeypatch, c
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
 
 
+def test_a_signal_after_the_swap_names_the_complete_output(tmp_path, monkeypatch, capsys):
+    """SIGINT while the command finishes (its summary), after the output was swapped in: the message must not
+    claim that nothing was left behind; the output stays, complete."""
+    from mexc.backends import serve
+
+    out = tmp_path / "o"
+
+    def interrupted(path):
+        os.kill(os.getpid(), signal.SIGINT)
+        return []
+
+    monkeypatch.setattr(serve, "serve_commands", interrupted)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    rc = main(["compile", str(CKPT), "--target", "onnx", "-o", str(out), "--quiet", "--json"])
+    assert rc == 130
+    _one_error(capsys.readouterr().err, f"interrupted after {out} was written in full")
+    assert json.loads((out / "mexc-manifest.json").read_text())["target"] == "onnx"
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
 # ------------------------------------------------------------------------------------ signals, leftovers
 
 # A compile whose weight writer stops after its first block and waits (so a signal surely lands mid-write);

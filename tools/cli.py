@@ -238,8 +238,10 @@ def _install_signal_handlers():
     """SIGTERM, and SIGINT / SIGHUP (terminal closed) unless inherited as ignored (a background job, nohup),
     cancel the command cleanly: writers stop, the temporary output is removed."""
     from ..backends.base import INTERRUPTED
+    from ..backends.output import COMMITTED
 
     INTERRUPTED.clear()
+    COMMITTED.clear()
     if threading.current_thread() is not threading.main_thread():
         return
     from .. import STARTUP_SIGNALS, _early_sigint
@@ -403,12 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         if a.debug or not _interrupted(e):
             raise
-        from ..backends.output import InterruptedAfterCommit
+        from ..backends.output import COMMITTED
 
-        done = isinstance(e, InterruptedAfterCommit)
         try:  # after SIGHUP the terminal may be gone
-            sys.stderr.write(f"error: {e.args[0]}; stopped before anything else\n" if done else
-                             "error: interrupted; nothing was left behind\n")
+            sys.stderr.write(f"error: interrupted after {COMMITTED[-1]} was written in full; stopped before "
+                             "anything else\n" if COMMITTED else "error: interrupted; nothing was left behind\n")
         except OSError:
             pass
         return 130

@@ -3,8 +3,9 @@
     python phase.py PHASE MARKER ACTION -- ARGV...
 
 An audit hook (PEP 578) watches ``import``, ``open`` and ``os.rename``/``os.replace`` events, so the phase is
-found without knowing mexc's internals: ``mexc`` is the first import of a mexc module (the interpreter's own
-start-up is over); ``startup`` is the import of torch (mexc's start-up is mostly that);
+found without knowing mexc's internals: ``mexc`` is the first import of a mexc submodule from inside
+the package (its ``__init__`` has begun: nothing earlier can be guarded by any Python program; the console
+script's own ``from mexc.tools.cli import main`` raises its event before the parent packages are imported); ``startup`` is the import of torch (mexc's start-up is mostly that);
 ``lift`` is the first open of a checkpoint file (``model_optim_rng.pt``, ``.metadata``,
 ``common.pt``); ``write`` the first open for writing below the output's parent directory (``-o``'s parent);
 ``rename`` the first rename whose source or target is the output. There it creates MARKER once, then:
@@ -56,7 +57,7 @@ def _hook(event, args):
     if fired:
         return
     if event == "import" and args and (phase == "startup" and args[0] == "torch" or
-                                       phase == "mexc" and str(args[0]).startswith("mexc")):
+                                       phase == "mexc" and str(args[0]).startswith("mexc.") and "mexc" in sys.modules):
         _fire()
     elif event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
         path = os.fsdecode(args[0])
