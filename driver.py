@@ -18,6 +18,7 @@ from .backends.layout import check_layout, check_print_ir_after, fit_sequence
 from .errors import BackendError, UsageError
 from .ir import Model
 from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file, parse_pipeline
+from .passes.pipeline import LEGALIZE
 
 TARGETS = ("trtllm", "hf", "onnx", "tensorrt")
 _BACKEND_MODULES = {"trtllm": "trtllm", "hf": "hf", "onnx": "onnx", "tensorrt": "onnx"}
@@ -53,16 +54,22 @@ def frontend_record(model: Model) -> dict:
 
 
 def build_pipeline(model: Model, opts: CompileOptions, backend: Backend) -> list:
-    """User passes first (after trim-vocab for --vocab-size), then the backend's legalization."""
+    """User passes (after trim-vocab for --vocab-size), with the backend's legalization where ``--pipeline``
+    says ``legalize``, else after them. Legalization passes carry ``origin = "legalize"`` (the
+    :class:`~mexc.passes.instruments.ChoiceGuard` tells the user's choices from the target's)."""
     text = opts.pipeline.strip()
     if opts.vocab_size is not None:
         text = ",".join(filter(None, [f"trim-vocab{{size={opts.vocab_size}}}", text]))
-    user = parse_pipeline(text)
+    user = parse_pipeline(text, markers=(LEGALIZE,))
     for p in user:
-        if p.name == "reshard" and (p.tp, p.pp, p.ep) != (opts.tp, opts.pp, opts.ep):
+        if p != LEGALIZE and p.name == "reshard" and (p.tp, p.pp, p.ep) != (opts.tp, opts.pp, opts.ep):
             raise UsageError(f"--pipeline has {p} but the target layout is --tp {opts.tp} --pp {opts.pp} "
                              f"--ep {opts.ep}", hint="set the layout with --tp/--pp/--ep; the backend adds reshard")
-    return user + backend.legalize(opts, model)
+    legal = backend.legalize(opts, model)
+    for p in legal:
+        p.origin = "legalize"
+    at = user.index(LEGALIZE) if LEGALIZE in user else len(user)
+    return user[:at] + legal + user[at + 1:]
 
 
 def check_apart(ckpt: str | Path, out: str | Path) -> None:
@@ -97,9 +104,10 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
                        load: list[str] | tuple = (),
                        print_ir_after: set[str] | None = None, dump_ir: Path | None = None,
                        log: Callable[[str], None] | None = None, progress=None,
-                       tokenizer: str | Path | None = None) -> CompileResult:
+                       tokenizer: str | Path | None = None, instruments: list | tuple = ()) -> CompileResult:
     """Compile the Megatron checkpoint ``ckpt`` to ``out`` (written atomically). ``tokenizer`` (a path) or the
-    one the checkpoint's args name is written beside the model (:mod:`mexc.frontends.tokenizer`)."""
+    one the checkpoint's args name is written beside the model (:mod:`mexc.frontends.tokenizer`).
+    ``instruments``: extra :mod:`pass instruments <mexc.passes.instruments>` (``SemanticCheck()``)."""
     from .frontends import tokenizer as tokenizers
 
     log = log or (lambda s: None)
@@ -139,7 +147,8 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     passes = build_pipeline(model, opts, backend)
     check_layout(model, passes)
     check_print_ir_after(print_ir_after or set(), passes)
-    pm = PassManager(passes, print_ir_after=print_ir_after or set(), dump_ir=dump_ir, log=log)
+    pm = PassManager(passes, print_ir_after=print_ir_after or set(), dump_ir=dump_ir, log=log,
+                     instruments=list(instruments))
     pm(model)
     pipeline_text = format_pipeline(passes)
     tokenizers.attach(model, tok, id_overrides)

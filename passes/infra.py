@@ -12,20 +12,24 @@ import dataclasses
 import importlib.util
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from ..errors import IRError, MexcError, PassError
-from ..ir import Model, print_model, verify
+from ..errors import MexcError, PassError
+from ..ir import Model
 
 
 @dataclass
 class PassResult:
-    """What a pass did: ``modified`` is False when there was nothing to do; ``stats`` counts its rewrites."""
+    """What a pass did: ``modified`` is False when there was nothing to do; ``stats`` counts its rewrites;
+    ``pinned``: ``(node, param name)`` pairs whose dtype the pass chose, changed or already right (a target's
+    legalization that changes one later is an error, :class:`~mexc.passes.instruments.ChoiceGuard`)."""
 
     modified: bool
     stats: dict[str, int] = field(default_factory=dict)
+    pinned: list = field(default_factory=list)
 
 
 class Pass:
@@ -36,6 +40,8 @@ class Pass:
     """
 
     name: ClassVar[str] = ""
+    runs_after: ClassVar[tuple[str, ...]] = ()   # passes that, when in the pipeline, must come before this one
+    origin: ClassVar[str] = "user"               # "legalize" on the passes a target adds (instance attribute)
 
     def requires(self, model: Model) -> list[str]:
         return []
@@ -71,6 +77,9 @@ _KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
     """Class decorator: register a pass under a kebab-case ``name`` (duplicates are an error)."""
 
+    if name == "legalize":
+        raise PassError("'legalize' is reserved: in a pipeline it stands for the target's legalization",
+                        hint="pick another name for your pass")
     if not _KEBAB.match(name):
         raise PassError(f"pass name {name!r} is not kebab-case", hint="use lowercase words joined by '-'")
 
@@ -87,11 +96,17 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
     return deco
 
 
+_LOADED: dict[Path, list[str]] = {}
+
+
 def load_pass_file(path: str | Path) -> list[str]:
-    """Import a user file that registers passes; returns the names it added."""
+    """Import a user file that registers passes; returns the names it added (a file already loaded in this
+    process is not run again: its passes are registered)."""
     path = Path(path)
     if not path.is_file():
         raise PassError(f"pass file {path} does not exist", hint="give --load the path of a .py file")
+    if path.resolve() in _LOADED and all(n in PASSES for n in _LOADED[path.resolve()]):
+        return list(_LOADED[path.resolve()])
     before = set(PASSES)
     spec = importlib.util.spec_from_file_location(f"mexc_user_pass_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
@@ -103,7 +118,8 @@ def load_pass_file(path: str | Path) -> list[str]:
     except Exception as e:
         raise PassError(f"loading pass file {path} failed: {type(e).__name__}: {e}",
                         hint="run the file with python to see the traceback") from e
-    return sorted(set(PASSES) - before)
+    _LOADED[path.resolve()] = sorted(set(PASSES) - before)
+    return list(_LOADED[path.resolve()])
 
 
 def load_entry_point_passes(group: str = "mexc.passes") -> list[str]:
@@ -122,28 +138,50 @@ def load_entry_point_passes(group: str = "mexc.passes") -> list[str]:
 
 @dataclass
 class PassManager:
-    """Runs passes in order, verifying after each (on by default)."""
+    """Runs passes in order. Around each pass its :mod:`instruments <mexc.passes.instruments>` run:
+    ``verify_each`` (on by default), ``print_ir_after``, ``dump_ir``, ``log`` and the :class:`ChoiceGuard` are
+    shorthands that add the built-in ones; ``instruments`` adds your own.
+
+    Before anything runs, each pass's declared ``runs_after`` is checked against the order (a pipeline that
+    places a pass before one it declares it must follow is refused)."""
 
     passes: list[Pass]
     verify_each: bool = True
     print_ir_after: set[str] = field(default_factory=set)  # pass names, or {"all"}
     dump_ir: Path | None = None
     log: Callable[[str], None] | None = None
+    instruments: list = field(default_factory=list)
     results: list[tuple[str, PassResult]] = field(default_factory=list)
 
-    def __call__(self, model: Model) -> Model:
-        if self.verify_each:
-            self._verify(model, None, [])
+    def __post_init__(self):
+        from . import instruments as ins
+
+        built = [ins.VerifyEach()] if self.verify_each else []
+        built.append(ins.ChoiceGuard())
+        if self.log:
+            built.append(ins.LogResults(self.log))
+        if self.print_ir_after:
+            built.append(ins.PrintIRAfter(set(self.print_ir_after)))
         if self.dump_ir is not None:
-            self.dump_ir.mkdir(parents=True, exist_ok=True)
-            (self.dump_ir / "00-input.mlir.txt").write_text(print_model(model))
+            built.append(ins.DumpIR(Path(self.dump_ir)))
+        self.instruments = built + list(self.instruments)
+
+    def __call__(self, model: Model) -> Model:
+        from .instruments import where
+
+        check_order(self.passes)
+        for ins in self.instruments:
+            ins.before_pipeline(model)
         done: list[str] = []
-        for i, p in enumerate(self.passes, 1):
-            ctx = f"pass '{p}'" + (f" (after {', '.join(done)})" if done else " (the first pass)")
+        for p in self.passes:
+            ctx = where(p, done)
+            for ins in self.instruments:
+                ins.before_pass(p, model, done)
             pre = p.requires(model)
             if pre:
                 raise PassError(f"{ctx}: precondition failed: " + "; ".join(pre),
                                 hint=_hint_for(p, pre))
+            t = time.perf_counter()
             try:
                 result = p.run(model)
             except MexcError as e:
@@ -151,34 +189,29 @@ class PassManager:
             except Exception as e:
                 raise PassError(f"{ctx} crashed: {type(e).__name__}: {e}",
                                 hint="this is a bug in the pass; --debug shows the traceback") from e
+            seconds = time.perf_counter() - t
             if not isinstance(result, PassResult):
                 raise PassError(f"{ctx} returned {type(result).__name__}, not PassResult")
             post = p.ensures(model)
             if post:
                 raise PassError(f"{ctx}: postcondition failed: " + "; ".join(post))
-            if self.verify_each:
-                self._verify(model, p, done)
+            for ins in self.instruments:
+                ins.after_pass(p, model, done, result, seconds)
             done.append(p.name)
             self.results.append((p.name, result))
-            if self.log:
-                stats = ", ".join(f"{k}={v}" for k, v in result.stats.items())
-                self.log(f"{p.name}: {'modified' if result.modified else 'no change'}{' (' + stats + ')' if stats else ''}")
-            if "all" in self.print_ir_after or p.name in self.print_ir_after:
-                sys.stderr.write(f"// ----- IR after {p} -----\n{print_model(model)}")
-            if self.dump_ir is not None:
-                (self.dump_ir / f"{i:02d}-{p.name}.mlir.txt").write_text(print_model(model))
+        for ins in self.instruments:
+            ins.after_pipeline(model)
         return model
 
-    def _verify(self, model: Model, p: Pass | None, done: list[str]):
-        try:
-            verify(model)
-        except IRError as e:
-            if p is None:
-                raise IRError("the input IR is invalid before any pass ran: " + e.message, hint=e.hint) from e
-            before = f" (after {', '.join(done)})" if done else ""
-            raise PassError(f"IR verification failed after pass '{p}'{before}: {e.message}",
-                            hint="the pass broke an IR invariant; fix the pass or run with --print-ir-after="
-                                 f"{p.name}") from e
+
+def check_order(passes: list[Pass]) -> None:
+    """Each pass's ``runs_after`` names must come earlier in ``passes`` when they are in it at all."""
+    for i, p in enumerate(passes):
+        later = {q.name for q in passes[i + 1:]}
+        for need in getattr(p, "runs_after", ()):
+            if need in later:
+                raise PassError(f"pass '{p.name}' must run after '{need}' (it declares runs_after), but the "
+                                "pipeline places it before", hint=f"move {need} before {p.name} in --pipeline")
 
 
 def _hint_for(p: Pass, problems: list[str]) -> str:
@@ -186,4 +219,4 @@ def _hint_for(p: Pass, problems: list[str]) -> str:
 
 
 __all__ = ["Pass", "PassResult", "PassManager", "PASSES", "register_pass", "load_pass_file",
-           "load_entry_point_passes"]
+           "load_entry_point_passes", "check_order"]

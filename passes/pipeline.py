@@ -49,8 +49,20 @@ def _coerce(cls: type, field: dataclasses.Field, raw: str):
     return raw.strip('"')
 
 
-def parse_pipeline(text: str) -> list[Pass]:
-    """Parse pipeline text into pass instances; errors name the item and list what is allowed."""
+LEGALIZE = "legalize"
+"""The reserved pipeline item that stands for the target's legalization passes (``mexc compile --pipeline
+'a,legalize,b'``: a before, b after them; without it the legalization comes last)."""
+
+
+class Marker(str):
+    """A reserved item in a parsed pipeline (:data:`LEGALIZE`), replaced by the driver."""
+
+
+def parse_pipeline(text: str, markers: tuple[str, ...] = ()) -> list[Pass]:
+    """Parse pipeline text into pass instances; errors name the item and list what is allowed.
+
+    ``markers``: reserved items this caller splices (``("legalize",)`` for compile); they come back as
+    :class:`Marker` strings in the list. Elsewhere ``legalize`` is refused with the reason."""
     passes: list[Pass] = []
     text = text.strip()
     if not text:
@@ -62,6 +74,21 @@ def parse_pipeline(text: str) -> list[Pass]:
             raise ParseError(f"malformed pipeline at column {pos + 1}: {text[pos:pos + 30]!r}",
                              hint="write NAME or NAME{key=value key=value}, items separated by commas")
         name = m["name"]
+        if name == LEGALIZE:
+            if name not in markers:
+                raise ParseError("`legalize` places the target's legalization in a pipeline; only "
+                                 "`mexc compile --pipeline` has a target", hint="drop `legalize` here")
+            if m["opts"] is not None or name in passes:
+                raise ParseError("`legalize` takes no options and appears at most once",
+                                 hint="write ...,legalize,...")
+            passes.append(Marker(name))
+            pos = m.end()
+            if pos < len(text):
+                if text[pos] != ",":
+                    raise ParseError(f"expected ',' at column {pos + 1} of pipeline {text!r}",
+                                     hint="separate passes with commas: a,legalize,b")
+                pos += 1
+            continue
         if name not in PASSES:
             raise ParseError(f"unknown pass {name!r} in pipeline",
                              hint=f"`mexc passes` lists them: {', '.join(sorted(PASSES))}")

@@ -122,6 +122,9 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=_positive_int, default=2, help="ranks written in parallel")
     c.add_argument("--print-ir-after", action="append", default=[], metavar="PASS|all")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR before and after every pass to DIR")
+    c.add_argument("--check-semantics", action="store_true",
+                   help="run the reference interpreter before and after every pass; stop at a pass that changes "
+                        "the logits (small models: it reads every weight)")
     c.add_argument("--quiet", action="store_true", help="print nothing but errors")
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
@@ -259,6 +262,7 @@ def cmd_compile(a) -> int:
     from ..backends.base import CompileOptions
     from ..backends.serve import serve_commands
     from ..driver import compile_checkpoint
+    from ..passes.instruments import SemanticCheck
     from .compile_flags import check_compile_flags
 
     check_compile_flags(a)
@@ -274,7 +278,8 @@ def cmd_compile(a) -> int:
                              overrides={**dict(a.set), **({"replicated": a.replicated} if a.replicated else {})},
                              load=a.load,
                              print_ir_after=set(a.print_ir_after), dump_ir=Path(a.dump_ir) if a.dump_ir else None,
-                             log=log, progress=progress, tokenizer=a.tokenizer)
+                             log=log, progress=progress, tokenizer=a.tokenizer,
+                             instruments=[SemanticCheck(log=log)] if a.check_semantics else [])
     if a.json:
         print(json.dumps({**res.summary(), "serve": serve_commands(res.out)}, indent=2))
     elif not quiet:

@@ -17,10 +17,11 @@ class KeepNormsFp32(Pass):
         return [] if any(model.graph.find(self.ops)) else [f"the model has no {self.ops} nodes"]
 
     def run(self, model: ir.Model) -> PassResult:
-        n = 0
+        n, pinned = 0, []
         for node in model.graph.find(self.ops):
-            for p in node.params.values():
+            for name, p in node.params.items():
                 if p.type.dtype != ir.f32:
                     p.source = ir.derive("cast", p.source, dtype="f32")
                     n += 1
-        return PassResult(modified=n > 0, stats={"cast": n})
+                pinned.append((node, name))   # a later target cast of these is an error, not silent
+        return PassResult(modified=n > 0, stats={"cast": n}, pinned=pinned)
