@@ -5,38 +5,22 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .backends.base import (BACKENDS, Backend, CompileOptions, EmitResult, atomic_directory, check_output,
+from .backends.base import (Backend, CompileOptions, EmitResult, atomic_directory, check_output,
                             tune_allocator, write_manifest)
 from .backends.layout import check_layout, check_print_ir_after, fit_sequence
+from .backends.registry import BUILTIN, get_backend  # noqa: F401  (get_backend: re-exported)
 from .errors import BackendError, UsageError
 from .ir import Model
 from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file, parse_pipeline
 from .passes.pipeline import LEGALIZE
 
-TARGETS = ("trtllm", "hf", "onnx", "tensorrt")
-_BACKEND_MODULES = {"trtllm": "trtllm", "hf": "hf", "onnx": "onnx", "tensorrt": "onnx"}
-
-
-def get_backend(target: str) -> Backend:
-    if target not in TARGETS:
-        raise UsageError(f"unknown target {target!r}", hint=f"use one of {', '.join(TARGETS)}")
-    if target not in BACKENDS:
-        try:
-            importlib.import_module(f"mexc.backends.{_BACKEND_MODULES[target]}")
-        except ImportError as e:
-            raise BackendError(f"the {target} backend cannot be loaded: {e}",
-                               hint="reinstall mexc with its dependencies (pip install .)") from e
-    if target not in BACKENDS:
-        raise BackendError(f"target {target!r} is not implemented in this version of mexc",
-                           hint=f"available now: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[target]
+TARGETS = tuple(BUILTIN)   # the built-in targets; plugins: mexc.backends.registry.target_names()
 
 
 def lift(ckpt: str | Path, *, iteration: int | None = None, config: str | Path | None = None,

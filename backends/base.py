@@ -106,6 +106,12 @@ class Backend:
         """Make engines where the tool is installed; returns notes. Default: nothing to build."""
         return []
 
+    def artifact_logits(self, out: Path, manifest: dict, tokens) -> tuple[torch.Tensor, str] | None:
+        """For ``mexc verify`` on a plugin target: prefill logits ``[b, s, V]`` (float32) of the output in ``out``
+        computed by the runtime that serves it, and one line naming that runtime; None: verify can only check
+        the checksums. The built-in targets' runtimes live in :mod:`mexc.tools.verify`."""
+        return None
+
 
 BACKENDS: dict[str, Backend] = {}
 

@@ -72,6 +72,8 @@ def _version() -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from ..backends.registry import target_names   # stdlib only: no backend is imported here
+
     p = _Parser(prog="mexc", description="Compile Megatron-LM / Megatron-Core checkpoints for inference engines.",
                 epilog="example:\n  mexc compile examples/llama-tiny --target trtllm -o out/trtllm",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,7 +84,8 @@ def make_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a checkpoint to a target", epilog=EXAMPLES["compile"],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("ckpt", help="Megatron save directory (or one iter_* directory)")
-    c.add_argument("--target", required=True, choices=["trtllm", "hf", "onnx", "tensorrt"])
+    c.add_argument("--target", required=True, choices=target_names(),
+                   help="built-in: trtllm, hf, onnx, tensorrt; more from packages (mexc.backends entry points)")
     c.add_argument("-o", "--out", required=True, help="output directory (must not exist unless --force)")
     c.add_argument("--tp", type=_positive_int, default=1, help="target tensor-parallel size")
     c.add_argument("--pp", type=_positive_int, default=1, help="target pipeline-parallel size")

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ..backends.base import Backend
+from ..backends.registry import BUILTIN, get_backend
 from ..errors import BackendError, MexcError, UsageError
 from .integrity import check_artifact, duplicated_kv_mismatches, replicated_mismatches
 
@@ -99,8 +101,13 @@ def unsupported(manifest: dict) -> str | None:
     if target in ("onnx", "tensorrt") and dtype == "bfloat16":
         return ("a bfloat16 ONNX model does not run on ONNX Runtime's CPU provider (no bfloat16 MatMul kernel); "
                 "its checksums and NaN/Inf checks above are all verify can do here")
-    if target not in ("hf", "onnx", "tensorrt", "trtllm"):
-        return f"verify does not know target {target!r}"
+    if target not in BUILTIN:
+        try:
+            backend = get_backend(target)
+        except MexcError as e:
+            return f"target {target!r} is not available here ({e.message})"
+        if type(backend).artifact_logits is Backend.artifact_logits:
+            return f"the {target} backend ({type(backend).__module__}) gives verify no runtime to compute logits"
     return None
 
 
@@ -137,7 +144,10 @@ def artifact_logits(out: Path, manifest: dict, tokens: torch.Tensor, lifted=None
 
         model = unmapped(lifted if lifted is not None else lift_trtllm(out))  # read, not mapped: bounded RSS
         return stream_logits(model, tokens), runtime_line(target)
-    raise UsageError(f"verify does not know target {target!r}")
+    got = get_backend(target).artifact_logits(out, manifest, tokens)   # a plugin target (unsupported() said so)
+    if got is None:
+        raise UsageError(f"verify does not know target {target!r}")
+    return got
 
 
 def tolerance(a, manifest: dict) -> float:
