@@ -25,10 +25,11 @@ TARGETS = tuple(BUILTIN)   # the built-in targets; plugins: mexc.backends.regist
 
 def lift(ckpt: str | Path, *, iteration: int | None = None, config: str | Path | None = None,
          overrides: dict | None = None) -> Model:
-    """Lift a Megatron checkpoint; ``config`` (YAML) and ``overrides`` (flags) fix what its args lack."""
-    from .frontends.megatron import lift as megatron_lift
+    """Lift a checkpoint (Megatron, or an installed frontend's format: :mod:`mexc.frontends.registry`);
+    ``config`` (YAML) and ``overrides`` (flags) fix what its args lack."""
+    from .frontends.registry import lift as registry_lift
 
-    return megatron_lift(ckpt, iteration=iteration, config=config, overrides=overrides)
+    return registry_lift(ckpt, iteration=iteration, config=config, overrides=overrides)
 
 
 def frontend_record(model: Model) -> dict:
@@ -106,7 +107,11 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     load_entry_point_passes()
     t0 = time.perf_counter()
     overrides, id_overrides = tokenizers.split_overrides(overrides)
-    tok = tokenizers.resolve(ckpt, tokenizer, iteration)
+    from .frontends.registry import frontend_for
+
+    fe_name, fe = frontend_for(ckpt)
+    tok = tokenizers.resolve(ckpt, tokenizer, iteration) if fe is None or tokenizer is not None else \
+        tokenizers.Resolved(why_missing=f"the {fe_name} frontend reads no tokenizer")
     model = lift(ckpt, iteration=iteration, config=config, overrides=overrides)
     t1 = time.perf_counter()
     if model.meta.get("unknown_args"):  # one line: the argument table does not know these (docs/arguments.md)

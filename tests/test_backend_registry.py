@@ -38,13 +38,13 @@ register_backend(EchoHF())
 '''
 
 
-def _site(tmp_path: Path, entries: dict[str, str], modules: dict[str, str]) -> Path:
+def _site(tmp_path: Path, entries: dict[str, str], modules: dict[str, str], group: str = "mexc.backends") -> Path:
     """A directory that importlib.metadata sees as an installed distribution declaring ``entries``."""
     site = tmp_path / "site"
     info = site / "mexc_echo_plugin-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mexc-echo-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[mexc.backends]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()))
+    (info / "entry_points.txt").write_text(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()))
     for name, code in modules.items():
         (site / f"{name}.py").write_text(textwrap.dedent(code))
     return site
