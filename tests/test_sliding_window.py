@@ -10,7 +10,8 @@ megatron/core/fusions/fused_softmax.py). Each fixture has 8 tokens, more than it
 
 * ``window``: ``window_size=(3, 0)`` on both layers (MistralForCausalLM, ``sliding_window=4``);
 * ``swa``: the same window with ``window_attn_skip_freq=2``: layer 1 windowed, layer 2 full (Ministral);
-* ``window-list``: ``window_size=(2, 0)``, ``window_attn_skip_freq=[0, 1]``: layer 1 full, layer 2 windowed.
+* ``window-list``: ``window_size=(2, 0)``, ``window_attn_skip_freq=[0, 1]``: layer 1 full, layer 2 windowed;
+* ``window-moe``: Mixtral-style MoE (4 experts, top-2) with ``window_size=(3, 0)`` on both layers (Mixtral).
 
 Decode steps: the fixture's logits are causal, so the logits of token t decoded through the KV cache must equal
 megatron-core's prefill logits at t; decoding from t=2 to 7 crosses every window (keys t-L..t)."""
@@ -35,7 +36,7 @@ from mexc.frontends.megatron.config import from_args, layer_window
 
 TOL = 1e-4
 KINDS = {"window": ("MistralForCausalLM", [3, 3]), "swa": ("MinistralForCausalLM", [3, None]),
-         "window-list": ("MinistralForCausalLM", [None, 2])}
+         "window-list": ("MinistralForCausalLM", [None, 2]), "window-moe": ("MixtralForCausalLM", [3, 3])}
 PREFIX = 2          # tokens prefilled before the one-token decode steps
 
 
@@ -178,6 +179,11 @@ def test_hf_refuses_what_mistral_and_ministral_cannot_say():
     assert family == "mistral" and any("different sliding windows [2, 3]" in p for p in problems)
     a0.attrs["window"] = a1.attrs["window"] = None
     assert families.classify(m)[0] == "llama"          # no window: Llama again
+    m = lift(megatron_checkpoint("window-moe") / "ckpt")
+    next(m.graph.find("attention")).attrs["window"] = None
+    family, problems = families.classify(m)
+    assert family == "mixtral" and any("different sliding windows (3, None)" in p and "MixtralForCausalLM" in p
+                                       for p in problems), problems
     m = lift(megatron_checkpoint("qwen3") / "ckpt")    # QK norm + window: no class in mexc has both
     next(m.graph.find("attention")).attrs["window"] = 3
     family, problems = families.classify(m)

@@ -144,7 +144,8 @@ def _window(f: Facts):
     if w and not f.cls.extra["windows"]:
         return (f"sliding-window attention ({w[0].location}: window {w[0].attrs['window']}) cannot be expressed by "
                 f"the {f.name}; mexc writes windowed RMSNorm + rotary + SwiGLU models without biases as "
-                "MistralForCausalLM (every layer windowed) or MinistralForCausalLM (windowed and full layers)")
+                "MistralForCausalLM (every layer windowed), MinistralForCausalLM (windowed and full layers) or, "
+                "with MoE layers, MixtralForCausalLM (every layer windowed)")
 
 
 def _zero_centered(f: Facts):
