@@ -97,8 +97,9 @@ def window_problem(v) -> str | None:
         v = [p.strip() for p in v.strip("()[] ").split(",")]
         v = [int(p) if p.lstrip("-").isdigit() else p for p in v]
     ok = isinstance(v, (tuple, list)) and len(v) == 2 and all(type(x) is int for x in v) and v[0] >= 0 and v[1] == 0
-    return None if ok else ("mexc honours (L, 0) with L >= 0: a causal window of L earlier tokens; a right window or "
-                            "-1 means different things to megatron-core's local and Transformer Engine attention")
+    return None if ok else ("mexc honours (L, 0) with L >= 0: keys i-L..i; a right window lets a query see later "
+                            "tokens, which no causal decoder target expresses, and -1 is unbounded to Transformer "
+                            "Engine but an empty window to megatron-core's local attention")
 
 
 def R(name, default, fix, aliases=(), ok=(), when=None):  # noqa: N802

@@ -10,7 +10,7 @@ from typing import Any
 
 from ...errors import ConfigError
 from ...ir.types import DType, Rope
-from .arguments import window_problem, arg_aliases, refuse
+from .arguments import arg_aliases, refuse, window_problem
 
 # field -> arg names to try, in order (newest first): derived from the argument table, which also says how
 # mexc treats every argument it does not read (docs/arguments.md)
@@ -234,8 +234,8 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
 def _window(args: Any, where: str, overrides: dict) -> dict[str, Any]:
     """``window_size`` / ``window_attn_skip_freq`` as megatron-core reads them (``TransformerConfig``;
     ``--window-size`` is a ``tuple_type``, NeMo saves a list). Honoured: ``(L, 0)`` with ``L >= 0`` (query i sees
-    keys i-L..i). Refused: a right window (a causal decoder would see later tokens with the local attention but
-    not with Transformer Engine's causal mask) and ``-1`` (Transformer Engine reads it as unbounded, the local
+    keys i-L..i). Refused by the argument table (:func:`.arguments.window_problem`), and here for an override: a
+    right window (a query would see later tokens) and ``-1`` (Transformer Engine reads it as unbounded, the local
     attention's ``get_sliding_window_causal_mask`` as an empty window: the two disagree)."""
     w = overrides["window_size"] if "window_size" in overrides else _get(args, "window_size")
     if w is None:
