@@ -5,7 +5,7 @@
 | embedding   | token ids      | scale (1.0; Gemma: sqrt(hidden))                               | word [V',H], position? [P,H]   |
 | norm        | x              | kind (layernorm/rmsnorm), eps, zero_centered                   | weight [D], bias? [D]          |
 | attention   | x              | num_heads, num_kv_heads, head_dim, position (rope/none), rope, | qkv (QKV-typed) or q,k,v;      |
-|             |                | qk_norm (none/layernorm/rmsnorm), softmax_scale                | qkv_bias / q_bias,k_bias,v_bias;|
+|             |                | qk_norm (none/layernorm/rmsnorm), softmax_scale, window        | qkv_bias / q_bias,k_bias,v_bias;|
 |             |                |                                                                | proj [H,nh*d], proj_bias?;     |
 |             |                |                                                                | q_norm, k_norm [d] (qk_norm)   |
 | mlp         | x              | activation, gated                                              | gate,up [F,H] (gated) or fc1;  |
@@ -172,7 +172,10 @@ def _check_norm(node, model):
                             "position": A(str, "rope", POSITIONS), "rope": A(Rope, Rope()),
                             "qk_norm": A(str, "none", QK_NORM_KINDS),
                             "qk_norm_eps": A((int, float), 1e-5),  # Megatron: layernorm_epsilon
-                            "softmax_scale": A((int, float, type(None)), None)},
+                            "softmax_scale": A((int, float, type(None)), None),
+                            # sliding window: query i sees keys i-window..i (Megatron window_size=(window, 0));
+                            # None = full causal attention
+                            "window": A((int, type(None)), None)},
            "causal self-attention, MHA/GQA/MQA",
            params=[P("qkv", "QKV H", COLUMN, linear=True, alt="fused"),
                    P("qkv_bias", "QKV", COLUMN, required=False, alt="fused"),
@@ -195,6 +198,8 @@ def _check_attention(node, model):
     nh, nkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
     if nh % nkv:
         p.append(f"num_heads={nh} is not a multiple of num_kv_heads={nkv}")
+    if a["window"] is not None and (isinstance(a["window"], bool) or a["window"] < 0):
+        p.append(f"window={a['window']} must be None or an int >= 0 (keys i-window..i)")
     rope = a["rope"]
     if isinstance(rope, Rope) and rope.scaling not in ROPE_SCALINGS:
         p.append(f"attribute rope has scaling={rope.scaling!r}, not one of {', '.join(ROPE_SCALINGS)}")

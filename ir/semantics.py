@@ -33,6 +33,18 @@ def rope_tables(rope: Rope, head_dim: int, positions: torch.Tensor):
     return emb.cos().float(), emb.sin().float()
 
 
+def visible(sq: int, sk: int, window: int | None) -> torch.Tensor:
+    """Bool [sq, sk]: query i (absolute position sk - sq + i) sees key j iff j <= its position and, with a
+    ``window``, j >= its position - window. That is megatron-core's ``get_sliding_window_causal_mask`` for
+    ``window_size=(window, 0)`` (megatron/core/transformer/utils.py: keys i-window..i, window + 1 of them);
+    transformers' ``sliding_window`` counts the query itself (``kv_idx > q_idx - sliding_window``,
+    masking_utils.py), so it is ``window + 1``."""
+    q = torch.arange(sk - sq, sk)[:, None]
+    k = torch.arange(sk)[None, :]
+    ok = k <= q
+    return ok & (k >= q - window) if window is not None else ok
+
+
 def llama3_inv_freq(inv: torch.Tensor, r: Rope) -> torch.Tensor:
     """Llama 3.1's rope scaling of inverse frequencies (megatron-core ``RotaryEmbedding._apply_scaling``,
     transformers ``_compute_llama3_parameters``): long wavelengths divided by ``factor``, short ones kept,

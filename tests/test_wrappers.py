@@ -187,7 +187,7 @@ def _nemo2_with(tmp_path, **changes):
 
 
 @pytest.mark.parametrize("change,words", [
-    ({"window_size": [16, 0]}, "window_size"),
+    ({"window_size": [16, 4]}, "window_size"),     # a right window ((L, 0) is honoured)
     ({"activation_func": {"_target_": "torch.nn.functional.relu", "_call_": False}}, "activation_func"),
     ({"transformer_layer_spec": {"_target_": "my.module.custom_spec", "_call_": False}}, "transformer_layer_spec"),
     ({"_target_": "nemo.collections.llm.gpt.model.gemma.GemmaConfig"}, "GemmaConfig"),
@@ -308,7 +308,7 @@ def test_zarr_weights_and_io_json_only_are_refused(tmp_path):
 
 
 def test_cli_prints_one_error_line(tmp_path):
-    root = _nemo2_with(tmp_path, window_size=[16, 0])
+    root = _nemo2_with(tmp_path, window_size=[16, 4])
     r = subprocess.run([sys.executable, "-m", "mexc.tools.cli", "compile", str(root), "--target", "hf", "-o",
                         str(tmp_path / "out")], capture_output=True, text=True,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})

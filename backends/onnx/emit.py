@@ -52,7 +52,7 @@ def emit_onnx(model: Model, out: Path, opts: CompileOptions, profile: str, progr
                            hint="this is a bug: weights should all be external")
     write_new(out / MODEL_FILE, raw)
     files = {MODEL_FILE: len(raw), DATA_FILE: (out / DATA_FILE).stat().st_size}
-    notes = list(model.meta.get("notes", ()))
+    notes = list(model.meta.get("notes", ())) + plan.notes
     if profile == "ort":
         cfg = genai_config(model, plan, opts)
         text = json.dumps(cfg, indent=4) + "\n"

@@ -90,6 +90,7 @@ class Lowering:
         self.rope_caches: dict[tuple, tuple[str, str]] = {}
         self._gqa_lens: tuple[str, str] | None = None
         self._mask: str | None = None
+        self._window_masks: dict[int, str] = {}
         self.plan = Plan(profile, self.io)
         self.roles = node_roles(model)
         self.attn_index = {id(n): i for i, n in enumerate(model.graph.find("attention"))}
@@ -213,7 +214,22 @@ class Lowering:
             pad = g.op("Cast", ["attention_mask"], f"{p}/Cast_pad", to=TensorProto.BOOL)
             pad = g.op("Unsqueeze", [pad, g.const([1, 2])], f"{p}/Unsqueeze_pad")   # [B, 1, 1, T]
             self._mask = g.op("And", [pad, causal], f"{p}/And")                    # [B, 1, S, T]
+            self._positions = (kpos, qpos)
         return self._mask
+
+    def window_mask(self, window: int | None) -> str:
+        """:meth:`causal_mask` and, with a sliding ``window``, key j >= query position - window (the IR's
+        window: keys i-window..i, :func:`mexc.ir.semantics.visible`); one mask per window size."""
+        causal = self.causal_mask()
+        if window is None:
+            return causal
+        if window not in self._window_masks:
+            g, p = self.g, f"/model/attn_mask_window{window}"
+            kpos, qpos = self._positions
+            lo = g.op("Sub", [qpos, g.const(window)], f"{p}/Sub")                    # [S, 1]
+            inside = g.op("GreaterOrEqual", [kpos, lo], f"{p}/GreaterOrEqual")     # [S, T]
+            self._window_masks[window] = g.op("And", [causal, inside], f"{p}/And")  # [B, 1, S, T]
+        return self._window_masks[window]
 
     def rope_cache(self, rope: Rope, head_dim: int) -> tuple[str, str]:
         """cos/sin caches [max_positions, rotary_dim/2] computed exactly as the reference executor does."""
@@ -479,6 +495,16 @@ class Lowering:
         past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         present = [f"present.{i}.key", f"present.{i}.value"]
         attrs = dict(num_heads=nh, kv_num_heads=nkv, scale=float(a["softmax_scale"]) if a["softmax_scale"] else None)
+        if a["window"] is not None:
+            # GQA's local_window_size counts the query too (as transformers' sliding_window): window + 1 since
+            # microsoft/onnxruntime#25927 (Sept. 2025, after 1.23.0); earlier releases attend to one key more
+            attrs["local_window_size"] = a["window"] + 1
+            note = ("sliding-window layers use GroupQueryAttention local_window_size = window + 1 (the query "
+                    "counted), onnxruntime's meaning since microsoft/onnxruntime#25927 (after 1.23.0): an older "
+                    "onnxruntime attends to one token more; the tensorrt profile's explicit mask has no such "
+                    "dependence")
+            if note not in self.plan.notes:
+                self.plan.notes.append(note)
         if a["position"] == "rope" and gqa_rope_fusable(node):
             cos, sin = self.rope_cache(a["rope"], d)
             self.plan.fused_rope = True
@@ -528,7 +554,7 @@ class Lowering:
         v = g.op("Concat", [f"past_key_values.{i}.value", v], f"{base}/Concat_v", outputs=[f"present.{i}.value"],
                  axis=2)
         scale = float(a["softmax_scale"]) if a["softmax_scale"] else 1.0 / math.sqrt(d)
-        o = g.op("Attention", [q, k, v, self.causal_mask()], f"{base}/Attention", scale=scale)
+        o = g.op("Attention", [q, k, v, self.window_mask(a["window"])], f"{base}/Attention", scale=scale)
         o = g.op("Transpose", [o], f"{base}/Transpose_out", perm=[0, 2, 1, 3])
         return g.op("Reshape", [o, g.const([0, 0, nh * d])], f"{base}/Reshape_out")
 

@@ -95,6 +95,14 @@ class TRTLLMBackend(Backend):
                     "class: the checkpoint/engine flow mexc writes (tensorrt_llm.models, <= 1.2) has only the "
                     "Mamba-only MambaForCausalLM, no hybrid Mamba + attention model; TensorRT-LLM 1.2's PyTorch "
                     "flow has NemotronHForCausalLM: compile with --target hf and serve that with trtllm-serve"]
+        attns = list(model.graph.find("attention"))
+        windows = sorted((a.layer, a.attrs["window"]) for a in attns if a.attrs["window"] is not None)
+        if windows:   # one line, not the class search's
+            return [f"sliding-window attention (layer {windows[0][0]}: keys i-{windows[0][1]}..i; {len(windows)} of "
+                    f"{len(attns)} layers windowed) is not written for TensorRT-LLM <= 1.2 engines: its checkpoint "
+                    "config.json has no window field (the window is the runtime's max_attention_window_size, which an "
+                    "engine does not record, so one run without it would attend to the whole context); compile with "
+                    "--target hf (MistralForCausalLM / MinistralForCausalLM keep the window in sliding_window)"]
         problems = list(lowering_plan(model).problems)
         if opts.quant == "fp8":
             problems.append("fp8 for TensorRT-LLM needs activation scales from calibration data, which mexc does "

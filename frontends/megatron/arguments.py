@@ -45,6 +45,7 @@ class Arg:
     values: tuple | None = None      # honoured: the values honoured (None: all)
     ok: tuple = ()                   # refused: values besides the default that are harmless
     when: str | None = None          # judged only when this other argument is set (not at its default)
+    judge: Any = None                # honoured: value -> why it is not honoured (str) or None, for open value sets
 
     def at_default(self, v: Any) -> bool:
         """True when ``v`` means the same as the default (None / False / 0 / empty count as unset when the
@@ -58,6 +59,8 @@ class Arg:
         """Why value ``v`` stops the lift, or None."""
         if self.verdict == REFUSED and not self.at_default(v):
             return f"{self.name}={_show(v)} ({self.fix})"
+        if self.verdict == HONOURED and self.judge is not None and not self.at_default(v) and self.judge(v):
+            return f"{self.name}={_show(v)} ({self.judge(v)})"
         if self.verdict == HONOURED and self.values is not None and not self.at_default(v) and \
                 not any(_eq(v, o) for o in self.values):
             return (f"{self.name}={_show(v)} (mexc honours {', '.join(_show(o) for o in self.values)}; "
@@ -84,8 +87,19 @@ def _show(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def H(name, default, by, field=None, aliases=(), values=None, fix=""):  # noqa: N802 - table row builders
-    return Arg(name, default, HONOURED, by, fix, field, tuple(aliases), values)
+def H(name, default, by, field=None, aliases=(), values=None, fix="", judge=None):  # noqa: N802 - row builders
+    return Arg(name, default, HONOURED, by, fix, field, tuple(aliases), values, judge=judge)
+
+
+def window_problem(v) -> str | None:
+    """megatron-core's window_size (left, right): mexc honours (L, 0), L >= 0 (see config._window)."""
+    if isinstance(v, str):
+        v = [p.strip() for p in v.strip("()[] ").split(",")]
+        v = [int(p) if p.lstrip("-").isdigit() else p for p in v]
+    ok = isinstance(v, (tuple, list)) and len(v) == 2 and all(type(x) is int for x in v) and v[0] >= 0 and v[1] == 0
+    return None if ok else ("mexc honours (L, 0) with L >= 0: keys i-L..i; a right window lets a query see later "
+                            "tokens, which no causal decoder target expresses, and -1 is unbounded to Transformer "
+                            "Engine but an empty window to megatron-core's local attention")
 
 
 def R(name, default, fix, aliases=(), ok=(), when=None):  # noqa: N802
@@ -153,11 +167,10 @@ ROWS: tuple[Arg, ...] = (
     H("qk_layernorm", False, "attention.qk_norm + q_norm/k_norm params", "qk_layernorm"),
     R("qk_l2_norm", False, "a weightless L2 q/k norm is not lifted yet"),
     I("qk_clip", False, "QK-clip rescales weights after optimizer steps (training only)"),
-    R("window_size", None, "sliding-window attention is not expressed by mexc yet: the model would attend "
-      "to the "
-      "whole context; convert with a tool that keeps the window, or retrain without --window-size"),
-    R("window_attn_skip_freq", None, "layers alternating between sliding-window and full attention are not "
-      "expressed by mexc yet", when="window_size"),
+    H("window_size", None, "attention.window = L on windowed layers: keys i-L..i (megatron-core "
+      "get_sliding_window_causal_mask)", "window_size", judge=window_problem),
+    H("window_attn_skip_freq", None, "which layers are windowed (megatron-core is_layer_window_attention: int N: "
+      "layer numbers n % N == 0 are full; list: 1 = windowed), read only with window_size", "window_skip"),
     R("multi_latent_attention", False, "multi-latent attention (DeepSeek MLA) is not lifted yet"),
     R("experimental_attention_variant", None, "experimental attention variants (DSA, gated delta net) are "
       "not "

@@ -10,7 +10,7 @@ from typing import Any
 
 from ...errors import ConfigError
 from ...ir.types import DType, Rope
-from .arguments import arg_aliases, refuse
+from .arguments import arg_aliases, refuse, window_problem
 
 # field -> arg names to try, in order (newest first): derived from the argument table, which also says how
 # mexc treats every argument it does not read (docs/arguments.md)
@@ -41,6 +41,8 @@ class MegatronArch:
     rope: Rope = Rope()
     tied: bool = True
     qk_layernorm: bool = False
+    window_size: tuple[int, int] | None = None   # Megatron's (left, right) sliding window; right is 0
+    window_skip: int | list | None = None  # window_attn_skip_freq: int N (every N-th layer full) or 0/1 list
     num_experts: int = 0
     moe_topk: int = 2
     moe_ffn_hidden_size: int = 0
@@ -199,6 +201,7 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         activation=activation, gated=gated, add_bias_linear=bias,
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
+        **_window(args, where, overrides),
         num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),
         moe_score=str(_get(args, "moe_score", "softmax")), moe_pre_softmax=bool(_get(args, "moe_pre_softmax", False)),
@@ -216,6 +219,8 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
     for k, v in overrides.items():
         if k not in known:
             raise ConfigError(f"unknown config override {k!r}", hint=f"known fields: {', '.join(sorted(known))}")
+        if k in ("window_size", "window_skip"):   # read (and checked) by _window
+            continue
         if k == "rope" and isinstance(v, dict):
             v = Rope(**v)
         if k == "dtype":
@@ -224,6 +229,48 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
     arch = MegatronArch(**fields)
     _validate(arch, where)
     return arch
+
+
+def _window(args: Any, where: str, overrides: dict) -> dict[str, Any]:
+    """``window_size`` / ``window_attn_skip_freq`` as megatron-core reads them (``TransformerConfig``;
+    ``--window-size`` is a ``tuple_type``, NeMo saves a list). Honoured: ``(L, 0)`` with ``L >= 0`` (query i sees
+    keys i-L..i). Refused by the argument table (:func:`.arguments.window_problem`), and here for an override: a
+    right window (a query would see later tokens) and ``-1`` (Transformer Engine reads it as unbounded, the local
+    attention's ``get_sliding_window_causal_mask`` as an empty window: the two disagree)."""
+    w = overrides["window_size"] if "window_size" in overrides else _get(args, "window_size")
+    if w is None:
+        return {}
+    if "window_size" in overrides and window_problem(w):   # saved values were judged by the argument table
+        raise ConfigError(f"config override window_size = {str(w)[:40]}: {window_problem(w)}",
+                          hint="give window_size: [L, 0] in --config FILE.yaml")
+    if isinstance(w, str):
+        w = [int(p) for p in w.strip("()[] ").split(",")]
+    left = int(w[0])
+    skip = overrides["window_skip"] if "window_skip" in overrides else _get(args, "window_skip")
+    if isinstance(skip, str):   # Megatron-LM's moe_freq_type keeps a list expression as text until parsed
+        skip = [int(v) for v in skip.strip("[] ").split(",") if v.strip()] if "[" in skip else int(skip)
+    if skip is not None and not (isinstance(skip, int) and not isinstance(skip, bool) and skip > 0) and not (
+            isinstance(skip, (list, tuple)) and all(v in (0, 1) for v in skip)):
+        raise ConfigError(f"{where}: window_attn_skip_freq = {str(skip)[:40]} is neither a positive int nor a 0/1 "
+                          "list", hint="give window_skip: N or [1, 0, ...] in --config FILE.yaml")
+    return {"window_size": (left, 0), "window_skip": list(skip) if isinstance(skip, (list, tuple)) else skip}
+
+
+def layer_window(arch: MegatronArch, layer: int) -> int | None:
+    """The left window of 0-based ``layer`` (None: full attention), as megatron-core's
+    ``is_layer_window_attention(window_size, window_attn_skip_freq, layer_number)`` decides with the 1-based
+    ``layer_number``: every layer without a skip setting; with an int N, layers whose number is not a multiple of
+    N; with a list, those whose entry is 1 (megatron/core/transformer/utils.py)."""
+    if arch.window_size is None:
+        return None
+    n, skip = layer + 1, arch.window_skip
+    if skip is None:
+        windowed = True
+    elif isinstance(skip, int):
+        windowed = n % skip != 0
+    else:
+        windowed = bool(skip[layer]) if layer < len(skip) else False
+    return arch.window_size[0] if windowed else None
 
 
 def _hybrid(args: Any, where: str, hidden: int) -> dict[str, Any]:
@@ -270,6 +317,8 @@ def _validate(a: MegatronArch, where: str):
         if a.mamba_num_heads % a.mamba_num_groups:
             problems.append(f"mamba_num_heads={a.mamba_num_heads} is not a multiple of mamba_num_groups="
                             f"{a.mamba_num_groups}")
+    if isinstance(a.window_skip, list) and a.window_size is not None and len(a.window_skip) != a.num_layers:
+        problems.append(f"window_attn_skip_freq lists {len(a.window_skip)} layers, num_layers={a.num_layers}")
     if a.replicated not in ("check", "rank0", "mean"):
         problems.append(f"replicated={a.replicated!r} (use check, rank0 or mean)")
     if problems:

@@ -15,6 +15,8 @@ nemotron    NemotronForCausalLM     LayerNorm1p (1 + w), rotary (partial allowed
 qwen3       Qwen3ForCausalLM        like llama with RMSNorm q/k norms (Megatron's qk_layernorm)
 qwen2       Qwen2ForCausalLM        like llama, with q/k/v biases only (no o_proj / MLP bias)
 llama       LlamaForCausalLM        RMSNorm, rotary, gated MLP; ``attention_bias`` / ``mlp_bias`` as needed
+mistral     MistralForCausalLM      like llama without biases, every layer one sliding window (Megatron window_size)
+ministral   MinistralForCausalLM    the same, windowed and full layers mixed (``layer_types``; window_attn_skip_freq)
 =========== ======================  =======================================================================
 
 The family is chosen from the IR's structure, not from the source's family label: the first class whose

@@ -57,12 +57,13 @@ def falcon_block(model, layer=None) -> str | None:
 def family(name: str, architecture: str, *, rows: str, signature: Callable[[Facts], bool], rules: list[Rule],
            config: Callable[[Facts, dict], dict], model_type: str | None = None, zero_centered: bool = False,
            fused_qkv: bool = False, moe: bool = False, before: tuple[str, ...] = (),
-           flags: Callable[[Facts, dict], dict] | None = None) -> TargetClass:
+           flags: Callable[[Facts, dict], dict] | None = None, windows: bool = False) -> TargetClass:
     """Register one HF family (one file per class): its rows, signature, rules (after :data:`COMMON`) and
     config builder. ``zero_centered``: the HF norm computes with (1 + w), so the gamma is not folded;
     ``fused_qkv``: the class keeps Megatron's grouped fused QKV; ``flags(facts, base)`` adjusts the row
     conditions; ``moe``: the class has experts (the others never take a model with them); ``before``: classes
-    whose signature also holds for this one's models and that must be tried after it."""
+    whose signature also holds for this one's models and that must be tried after it; ``windows``: the class
+    expresses sliding-window attention (its own rules say which patterns)."""
     def dense(f: Facts, structure=signature) -> bool:   # only the MoE class takes a model with experts
         return not f.moes and structure(f)
 
@@ -70,7 +71,8 @@ def family(name: str, architecture: str, *, rows: str, signature: Callable[[Fact
                       parse_rows(rows, transforms=TRANSFORMS, conditions=CONDITIONS, where=f"hf {name}",
                                  family=name),
                       config, {"architecture": architecture, "model_type": model_type or name, "before": before,
-                               "zero_centered": zero_centered, "fused_qkv": fused_qkv, "flags": flags})
+                               "zero_centered": zero_centered, "fused_qkv": fused_qkv, "flags": flags,
+                               "windows": windows})
     return REGISTRY.register(cls)
 
 
@@ -132,6 +134,20 @@ def _attention_forms(f: Facts):
             return f"a softmax scale of {at['softmax_scale']} (not 1/sqrt(head_dim)) cannot be expressed by the {f.name}"
 
 
+def windowed(f: Facts) -> list:
+    """The attention nodes with a sliding window (``attention.window`` set)."""
+    return [a for a in f.attns if a.attrs["window"] is not None]
+
+
+def _window(f: Facts):
+    w = windowed(f)
+    if w and not f.cls.extra["windows"]:
+        return (f"sliding-window attention ({w[0].location}: window {w[0].attrs['window']}) cannot be expressed by "
+                f"the {f.name}; mexc writes windowed RMSNorm + rotary + SwiGLU models without biases as "
+                "MistralForCausalLM (every layer windowed), MinistralForCausalLM (windowed and full layers) or, "
+                "with MoE layers, MixtralForCausalLM (every layer windowed)")
+
+
 def _zero_centered(f: Facts):
     if any(n.attrs["zero_centered"] for n in f.norms) and not f.cls.extra["zero_centered"]:
         return "zero-centered norm gamma must be folded (run canonicalize) before the hf target"
@@ -146,6 +162,7 @@ COMMON = [
         lambda f: None if not parallel_layers(f) or f.cls.extra["fused_qkv"] else
         f"parallel attention+MLP blocks (layer {parallel_layers(f)[0]}) cannot be expressed by the {f.name}"),
     rule("quantized weights (no loader-readable quantization config)")(_quantized),
+    rule("sliding-window attention (Mistral / Ministral only)")(_window),
     rule("an unfolded zero-centered gamma (families whose norm does not add 1)")(_zero_centered),
     rule("norms with different eps")(
         lambda f: None if len({n.attrs["eps"] for n in f.norms}) <= 1 else

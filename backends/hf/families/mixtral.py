@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import ATTN_BIAS, LLAMA_LIKE, decoder_rows, family, llama_config, no_qk_norm, rule
+from .common import ATTN_BIAS, LLAMA_LIKE, decoder_rows, family, llama_config, no_qk_norm, rule, windowed
 
 ROWS = decoder_rows(mlp="none") + """
 moe   router   model.layers.{L}.block_sparse_moe.gate.weight               copy    always
@@ -45,11 +45,26 @@ def config(f, flags) -> dict:
     cfg = llama_config(f, m)
     cfg.update({"num_local_experts": m.attrs["num_experts"], "num_experts_per_tok": m.attrs["top_k"],
                 "output_router_logits": False, "router_aux_loss_coef": 0.0, "router_jitter_noise": 0.0,
-                "sliding_window": None})
+                "sliding_window": _window(f)})
     return cfg
+
+
+def _window(f) -> int | None:
+    """MixtralModel's one ``sliding_window`` for every layer (the query counted: the IR's window + 1, see
+    :mod:`.mistral`), or None."""
+    w = windowed(f)
+    return w[0].attrs["window"] + 1 if w else None
+
+
+def _windows(f):
+    sizes = {a.attrs["window"] for a in f.attns}
+    if len(sizes) > 1:
+        return (f"layers with different sliding windows ({', '.join(sorted(map(str, sizes)))}) cannot be expressed "
+                "by the mixtral family (MixtralForCausalLM): its config has one sliding_window for every layer")
 
 
 family("mixtral", "MixtralForCausalLM", rows=ROWS, moe=True, signature=lambda f: bool(f.moes),
        rules=[rule("q/k normalization")(no_qk_norm), *LLAMA_LIKE,
               rule("dense layers, attention biases, routing other than softmax top-k renormalized, experts other "
-                   "than gated SiLU, differing MoE layers")(_moe)], config=config)
+                   "than gated SiLU, differing MoE layers")(_moe),
+              rule("windowed and full layers mixed, or different windows")(_windows)], config=config, windows=True)
