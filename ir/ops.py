@@ -44,7 +44,7 @@ ACTIVATIONS = ("gelu", "gelu-tanh", "relu", "squared-relu", "silu", "quick-gelu"
 NORM_KINDS = ("layernorm", "rmsnorm")
 QK_NORM_KINDS = ("none", *NORM_KINDS)
 POSITIONS = ("rope", "none")  # learned positions are a param of the embedding
-ROPE_SCALINGS = ("none", "linear", "llama3")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 MOE_SCORES = ("softmax", "sigmoid")
 QKV_LAYOUTS = QKVLayout.KINDS
 
