@@ -52,6 +52,16 @@ def test_reference_interpreter_matches_megatron(kind, tp, fmt):
     assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-4
 
 
+def test_mla_declarations():
+    from mexc.ir.ops import params_with, param_spec
+
+    assert {n for op, n in params_with(linear=True) if op == "mla"} == {"q", "q_down", "q_up", "kv_down", "kv_up",
+                                                                        "proj"}
+    assert {n for op, n in params_with(role="norm") if op == "mla"} == {"q_norm", "kv_norm"}
+    splits = {n: param_spec("mla", n).split_dim() for n in ("q", "q_down", "q_up", "kv_down", "kv_up", "proj")}
+    assert splits == {"q": 0, "q_down": None, "q_up": 0, "kv_down": None, "kv_up": 0, "proj": 1}
+
+
 def test_reshard_splits_heads_and_replicates_the_down_projections():
     from mexc.passes import PassManager, parse_pipeline
 
