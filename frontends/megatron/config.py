@@ -248,11 +248,13 @@ def _yarn_rope(args: Any, rope: Rope, **kw) -> Rope:
         v = _get(args, field)
         return default if v is None else v
 
+    # _yarn_get_concentration_factor: with either mscale unset, get_mscale(factor) alone (= mscale 1 over 0)
+    both = _get(args, "mscale") is not None and _get(args, "mscale_all_dim") is not None
     return dataclasses.replace(
         rope, scaling="yarn", factor=float(f("rotary_scaling_factor", 1.0)),
         original_max_positions=int(f("yarn_original_max", 4096)), beta_fast=float(f("yarn_beta_fast", 32.0)),
-        beta_slow=float(f("yarn_beta_slow", 1.0)), mscale=float(f("mscale", 1.0)),
-        mscale_all_dim=float(f("mscale_all_dim", 0.0)), truncate=bool(f("yarn_round", True)), **kw)
+        beta_slow=float(f("yarn_beta_slow", 1.0)), mscale=float(f("mscale", 1.0)) if both else 1.0,
+        mscale_all_dim=float(f("mscale_all_dim", 0.0)) if both else 0.0, truncate=bool(f("yarn_round", True)), **kw)
 
 
 def _yarn(args: Any, where: str, rope: Rope) -> Rope:
