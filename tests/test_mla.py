@@ -126,6 +126,16 @@ def test_trtllm_refuses_mla_in_one_line(tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+def test_onnx_refuses_quantized_mla_and_inspect_shows_its_sizes(tmp_path, capsys):
+    from mexc.tools.cli import main
+
+    with pytest.raises(BackendError, match="multi-latent attention weights are not quantized"):
+        compile_checkpoint(megatron_checkpoint("mla") / "ckpt", tmp_path / "o",
+                           CompileOptions(target="onnx", quant="int4-wo", group_size=16, build="never"))
+    assert main(["inspect", str(megatron_checkpoint("mla-q") / "ckpt")]) == 0
+    assert "heads 4 (kv 4, head_dim 24)" in capsys.readouterr().out
+
+
 def test_hf_refusals_name_the_class_and_reason():
     from mexc.backends.hf import families
 
