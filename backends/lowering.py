@@ -99,6 +99,7 @@ class Facts:
         self.target = target
         self.config = model.config
         self.attns = list(g.find("attention"))
+        self.mlas = list(g.find("mla"))       # multi-latent attention (DeepSeek)
         self.mlps = list(g.find("mlp"))
         self.moes = list(g.find("moe"))
         self.norms = list(g.find("norm"))

@@ -38,7 +38,7 @@ def node_roles(model: Model) -> dict[Node, str]:
             users = {u.op for u in n.output.uses}
             if n.layer is None:
                 roles[n] = "final_norm"
-            elif "attention" in users:
+            elif users & {"attention", "mla"}:
                 roles[n] = "input_norm"
             elif users & {"mlp", "moe"}:
                 roles[n] = "post_norm"
@@ -105,7 +105,7 @@ def _norm_of(n: Node, x: Value) -> Node | None:
 
 def _split(terms: list[Value], layer: int) -> tuple[list[Value], list[Node]]:
     """(residual terms, branch nodes) of a sum: branches are attention / mlp / moe outputs of this layer."""
-    res = [v for v in terms if _branch(v, ("attention", "mlp", "moe"), layer) is None]
+    res = [v for v in terms if _branch(v, ("attention", "mla", "mlp", "moe"), layer) is None]
     return res, [v.producer for v in terms if v not in res]
 
 
@@ -120,7 +120,7 @@ def _attn_half(model: Model, layer: int, h: Value):
     if add is None or add.op != "add" or add.layer != layer or len(add.inputs) != 2:
         return None
     res, br = _split(list(add.inputs), layer)
-    if len(res) != 1 or len(br) != 1 or br[0].op != "attention":
+    if len(res) != 1 or len(br) != 1 or br[0].op not in ("attention", "mla"):
         return None
     n1 = _norm_of(br[0], res[0])
     return None if n1 is None else (res[0], n1, br[0], add)

@@ -146,6 +146,43 @@ class ReferenceExecutor:
         bias = self.w.get(node, "proj_bias")
         return out + bias if bias is not None else out
 
+    def op_mla(self, node, x, pos):
+        """Multi-latent attention (ops.py ``mla``) per TP rank: the down projections and latent norms are
+        replicated, each rank up-projects its heads; the row-parallel proj's partial sums are reduced."""
+        a = node.attrs
+        nh, dn, dr, dv = a["num_heads"], a["qk_head_dim"], a["qk_rope_dim"], a["v_head_dim"]
+        b, s = x.shape[:2]
+        kind, eps = a["latent_norm"], a["latent_norm_eps"]
+        kv = _linear(x, self.w.get(node, "kv_down"))
+        c, k_pe = kv.split([a["kv_lora_rank"], dr], -1)
+        if kind != "none":
+            c = norm(c, self.w.get(node, "kv_norm"), None, kind, eps, False)
+        qc = None
+        if "q_down" in node.params:
+            qc = _linear(x, self.w.get(node, "q_down"))
+            if kind != "none":
+                qc = norm(qc, self.w.get(node, "q_norm"), None, kind, eps, False)
+        cos, sin = rope_tables(a["rope"], dr, pos)
+        k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, a["rope"].interleaved)
+        scale = a["softmax_scale"] or 1.0 / math.sqrt(dn + dr)
+        causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)
+        ranks = self._ranks(node, "q_up" if qc is not None else "q", "kv_up", "proj")
+        out = 0
+        for r in ranks:
+            q = _linear(qc, self.w.get(node, "q_up", r)) if qc is not None else _linear(x, self.w.get(node, "q", r))
+            q = q.view(b, s, -1, dn + dr)
+            lnh = q.shape[2]
+            q_nope, q_pe = q.split([dn, dr], -1)
+            q = torch.cat([q_nope, apply_rope(q_pe, cos, sin, a["rope"].interleaved)], -1)
+            k_nope, v = _linear(c, self.w.get(node, "kv_up", r)).view(b, s, lnh, dn + dv).split([dn, dv], -1)
+            k = torch.cat([k_nope, k_pe.expand(b, s, lnh, dr)], -1)
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+            p = scores.masked_fill(causal, float("-inf")).softmax(-1)
+            o = torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, s, lnh * dv)
+            out = out + o @ self.w.get(node, "proj", r).t()
+        bias = self.w.get(node, "proj_bias")
+        return out + bias if bias is not None else out
+
     def op_mlp(self, node, x, pos):
         a = node.attrs
         first = "gate" if a["gated"] else "fc1"

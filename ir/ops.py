@@ -8,6 +8,9 @@
 |             |                | qk_norm (none/layernorm/rmsnorm), softmax_scale, window        | qkv_bias / q_bias,k_bias,v_bias;|
 |             |                |                                                                | proj [H,nh*d], proj_bias?;     |
 |             |                |                                                                | q_norm, k_norm [d] (qk_norm)   |
+| mla         | x              | num_heads, kv_lora_rank, qk_head_dim, qk_rope_dim, v_head_dim, | q [Dq,H] or q_down [R,H],      |
+|             |                | rope (pairs), latent_norm, latent_norm_eps, softmax_scale      | q_norm [R], q_up [Dq,R];       |
+|             |                | (DeepSeek multi-latent attention, see its doc)                 | kv_down, kv_norm, kv_up; proj  |
 | mlp         | x              | activation, gated                                              | gate,up [F,H] (gated) or fc1;  |
 |             |                |                                                                | fc2 [H,F]; *_bias?             |
 | moe         | x              | num_experts, top_k, activation, gated, score, norm_topk,       | router [E,H]; gate,up [E,F,H]  |
@@ -44,7 +47,7 @@ ACTIVATIONS = ("gelu", "gelu-tanh", "relu", "squared-relu", "silu", "quick-gelu"
 NORM_KINDS = ("layernorm", "rmsnorm")
 QK_NORM_KINDS = ("none", *NORM_KINDS)
 POSITIONS = ("rope", "none")  # learned positions are a param of the embedding
-ROPE_SCALINGS = ("none", "linear", "llama3")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 MOE_SCORES = ("softmax", "sigmoid")
 QKV_LAYOUTS = QKVLayout.KINDS
 
@@ -215,6 +218,48 @@ def _check_attention(node, model):
     return p
 
 
+_MLA_DOC = ("multi-latent attention (DeepSeek-V2/V3; megatron-core MLASelfAttention, "
+            "megatron/core/transformer/multi_latent_attention.py): q = q(x) or q_up(norm(q_down(x))) per head "
+            "[qk_head_dim nope | qk_rope_dim rope]; kv_down(x) = [latent kv_lora_rank | shared k_rope qk_rope_dim]; "
+            "kv_up(norm(latent)) per head = [k_nope qk_head_dim | v v_head_dim]; rope (GPT-J pairs, Megatron's "
+            "de-interleave + rotate-half) on q_rope and the shared k_rope only; softmax scale softmax_scale (None: "
+            "1/sqrt(qk_head_dim + qk_rope_dim)); proj. latent_norm none: Megatron without qk_layernorm")
+_LATENT = ("latent_norm", NORM_KINDS)
+
+
+@op_schema("mla", 1, {"num_heads": A(int, None), "kv_lora_rank": A(int, None), "qk_head_dim": A(int, None),
+                      "qk_rope_dim": A(int, None), "v_head_dim": A(int, None),
+                      "rope": A(Rope, Rope(interleaved=True)), "latent_norm": A(str, "rmsnorm", QK_NORM_KINDS),
+                      "latent_norm_eps": A((int, float), 1e-5),  # Megatron: layernorm_epsilon
+                      "softmax_scale": A((int, float, type(None)), None)},
+           _MLA_DOC,
+           params=[P("q", "Dq H", COLUMN, linear=True, alt="direct"),
+                   P("q_down", "R H", REPLICATED, linear=True, alt="lora"),
+                   P("q_norm", "R", NORM, alt="lora", when=_LATENT),
+                   P("q_up", "Dq R", COLUMN, linear=True, alt="lora"),
+                   P("kv_down", "KVA H", REPLICATED, linear=True),
+                   P("kv_norm", "C", NORM, when=_LATENT),
+                   P("kv_up", "KVB C", COLUMN, linear=True),
+                   P("proj", "H O", ROW, linear=True),
+                   P("proj_bias", "H", REPLICATED, required=False)],
+           dims=lambda a, c: {"H": c.hidden_size, "C": a["kv_lora_rank"],
+                              "Dq": a["num_heads"] * (a["qk_head_dim"] + a["qk_rope_dim"]),
+                              "KVA": a["kv_lora_rank"] + a["qk_rope_dim"],
+                              "KVB": a["num_heads"] * (a["qk_head_dim"] + a["v_head_dim"]),
+                              "O": a["num_heads"] * a["v_head_dim"]})
+def _check_mla(node, model):
+    a, p = node.attrs, []
+    if isinstance(a["rope"], Rope) and a["rope"].scaling not in ROPE_SCALINGS:
+        p.append(f"attribute rope has scaling={a['rope'].scaling!r}, not one of {', '.join(ROPE_SCALINGS)}")
+    if a["qk_rope_dim"] % 2:
+        p.append(f"qk_rope_dim={a['qk_rope_dim']} is odd: rope rotates pairs")
+    parts = {prm.sharding.parts for prm in node.params.values() if not prm.sharding.replicated}
+    for n in sorted(parts):
+        if a["num_heads"] % n:  # the column splits (q / q_up / kv_up rows, proj columns) hold whole heads
+            p.append(f"split {n} ways, but num_heads={a['num_heads']} does not divide by {n}")
+    return p
+
+
 @op_schema("mlp", 1, {"activation": A(str, "gelu", ACTIVATIONS), "gated": A(bool, False)},
            "dense MLP: fc2(act(fc1 x)), or gated fc2(act(gate x) * up x)",
            params=[P("fc2", "H F", ROW, linear=True),
@@ -297,6 +342,7 @@ def _check_lm_head(node, model):
 
 # Megatron's hybrid layer symbols (megatron/core/models/hybrid/hybrid_layer_allocation.py, Symbols)
 HYBRID_SYMBOLS = {"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}
+ATTENTION_OPS = ("attention", "mla")  # the ops that mix tokens through a KV cache
 
 
 def layer_pattern(graph) -> str | None:

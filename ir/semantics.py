@@ -20,7 +20,8 @@ from .types import Rope
 def rope_tables(rope: Rope, head_dim: int, positions: torch.Tensor):
     """cos/sin of shape [b, s, rotary_dim] for ``positions`` [b, s] (Megatron's convention: freqs repeated for
     rotate-half, ``repeat_interleave`` for GPT-J pairs; ``linear`` scaling divides positions by ``factor``,
-    ``llama3`` rescales the inverse frequencies as :func:`llama3_inv_freq`)."""
+    ``llama3`` rescales the inverse frequencies as :func:`llama3_inv_freq`, ``yarn`` blends them as
+    :func:`yarn_inv_freq` and multiplies cos and sin by :func:`yarn_attention_factor`)."""
     rd = rope.rotary_dim(head_dim)
     inv = 1.0 / (rope.base ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
     pos = positions.to(torch.float64)
@@ -28,9 +29,49 @@ def rope_tables(rope: Rope, head_dim: int, positions: torch.Tensor):
         pos = pos / rope.factor
     elif rope.scaling == "llama3":
         inv = llama3_inv_freq(inv, rope)
+    elif rope.scaling == "yarn":
+        inv = yarn_inv_freq(inv, rope, rd)
     freqs = pos[..., None] * inv  # [b, s, rd/2]
     emb = freqs.repeat_interleave(2, -1) if rope.interleaved else torch.cat([freqs, freqs], -1)
-    return emb.cos().float(), emb.sin().float()
+    m = yarn_attention_factor(rope) if rope.scaling == "yarn" else 1.0
+    return (emb.cos() * m).float(), (emb.sin() * m).float()
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_attention_factor(r: Rope) -> float:
+    """YaRN's concentration factor on cos/sin: ``get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)``
+    with ``get_mscale(s, m) = 0.1 m ln(s) + 1`` (1 for s <= 1) (megatron-core
+    ``_yarn_get_concentration_factor``; transformers' yarn ``attention_factor``; TensorRT-LLM
+    ``create_sinusoidal_positions_yarn``)."""
+    return _yarn_mscale(r.factor, r.mscale) / _yarn_mscale(r.factor, r.mscale_all_dim)
+
+
+def yarn_softmax_mscale(r: Rope) -> float:
+    """``get_mscale(factor, mscale_all_dim)``: MLA's softmax scale is its square over sqrt(q head dim)
+    (megatron-core ``MultiLatentAttention.__init__``, transformers ``yarn_apply_mscale``)."""
+    return _yarn_mscale(r.factor, r.mscale_all_dim)
+
+
+def yarn_inv_freq(inv: torch.Tensor, r: Rope, dim: int) -> torch.Tensor:
+    """YaRN's blend of interpolated (``inv / factor``) and extrapolated (``inv``) inverse frequencies over the
+    correction range of ``beta_fast`` / ``beta_slow`` rotations at ``original_max_positions`` (floored / ceiled
+    when ``truncate``), a linear ramp between (megatron-core ``YarnRotaryEmbedding.get_emb``, transformers
+    ``_compute_yarn_parameters``). ``dim``: the rotary dim."""
+    def corr(rot):
+        return dim * math.log(r.original_max_positions / (rot * 2 * math.pi)) / (2 * math.log(r.base))
+
+    low, high = corr(r.beta_fast), corr(r.beta_slow)
+    if r.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extra = 1.0 - ramp  # weight of the extrapolated (unscaled) frequency
+    return inv / r.factor * (1 - extra) + inv * extra
 
 
 def visible(sq: int, sk: int, window: int | None) -> torch.Tensor:

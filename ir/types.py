@@ -230,6 +230,11 @@ class Rope:
     low_freq_factor: float = 1.0   # llama3
     high_freq_factor: float = 4.0  # llama3
     original_max_positions: int = 8192
+    beta_fast: float = 32.0        # yarn: correction-range rotations (megatron-core YarnRotaryEmbedding)
+    beta_slow: float = 1.0         # yarn
+    mscale: float = 1.0            # yarn: cos/sin x get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+    mscale_all_dim: float = 0.0    # yarn
+    truncate: bool = True          # yarn: correction range rounded to ints (correction_range_round_to_int)
 
     def rotary_dim(self, head_dim: int) -> int:
         return int(head_dim * self.percent)

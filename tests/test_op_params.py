@@ -50,14 +50,14 @@ def tiny_moe(E=4, F=32):
 
 def test_derived_rules_reproduce_the_tables_they_replace():
     # the tables reshard / quantize / lower-dtype held before the params were declared
-    # (the mamba op came later, issue 18: tests/test_mamba.py checks its declarations)
-    assert {w for w in LINEAR_WEIGHTS if w[0] != "mamba"} == {
+    # (the mamba op came later, issue 18: tests/test_mamba.py checks its declarations; mla, issue 17: test_mla.py)
+    assert {w for w in LINEAR_WEIGHTS if w[0] not in ("mamba", "mla")} == {
         ("attention", n) for n in ("qkv", "q", "k", "v", "proj")} | {
         (op, n) for op in ("mlp", "moe") for n in ("gate", "up", "fc1", "fc2")} | {("lm_head", "weight")}
     old_tp = {("attention", n): 0 for n in ("qkv", "qkv_bias", "q", "k", "v", "q_bias", "k_bias", "v_bias")}
     old_tp |= {("attention", "proj"): 1, ("mlp", "fc2"): 1, ("lm_head", "weight"): 0}
     old_tp |= {("mlp", n): 0 for n in ("gate", "up", "fc1", "gate_bias", "up_bias", "fc1_bias")}
-    declared = {(op, p.name) for op, s in ir.OPS.items() for p in s.params if op != "mamba"}
+    declared = {(op, p.name) for op, s in ir.OPS.items() for p in s.params if op not in ("mamba", "mla")}
     for op, name in declared - {("moe", n) for n in ("gate", "up", "fc1", "fc2")}:
         assert split_of(op, name) == (old_tp.get((op, name)), "tp"), (op, name)
     for name, tp_dim in {"gate": 1, "up": 1, "fc1": 1, "fc2": 2}.items():
@@ -66,8 +66,8 @@ def test_derived_rules_reproduce_the_tables_they_replace():
     assert split_of("moe", "router", ep=2) == (None, "tp")
     assert split_of("embedding", "word") == (None, "tp")
     assert split_of("embedding", "word", parallel_embedding=True) == (0, "tp")
-    assert params_with(role="norm") == {("norm", "weight"), ("norm", "bias"), ("attention", "q_norm"),
-                                        ("attention", "k_norm")}
+    assert {p for p in params_with(role="norm") if p[0] != "mla"} == {
+        ("norm", "weight"), ("norm", "bias"), ("attention", "q_norm"), ("attention", "k_norm")}
     assert params_with(role="router") == {("moe", "router")}
     assert param_spec("attention", "proj_scale") is None
 
@@ -158,8 +158,8 @@ def test_unknown_attribute_values_are_rejected(op, attr, bad):
 def test_unknown_rope_scaling_and_qkv_layout_are_rejected():
     m = small()
     a = m.node("attention", 0)
-    a.attrs["rope"] = ir.Rope(scaling="yarn")
-    want = "attribute rope has scaling='yarn', not one of none, linear, llama3"
+    a.attrs["rope"] = ir.Rope(scaling="dynamic")
+    want = "attribute rope has scaling='dynamic', not one of none, linear, llama3, yarn"
     assert any(want in p for p in ir.problems(m))
     text = str(small()).replace("qkv:grouped(", "qkv:bogus(", 1)
     with pytest.raises((ParseError, IRError)) as e:

@@ -192,10 +192,10 @@ def _nemo2_with(tmp_path, **changes):
     ({"transformer_layer_spec": {"_target_": "my.module.custom_spec", "_call_": False}}, "transformer_layer_spec"),
     ({"_target_": "nemo.collections.llm.gpt.model.gemma.GemmaConfig"}, "GemmaConfig"),
     ({"_model_target_": "nemo.collections.llm.t5.model.t5.T5Model"}, "T5Model"),
-    ({"multi_latent_attention": True}, "multi_latent_attention"),
+    ({"qk_l2_norm": True}, "qk_l2_norm"),
     ({"heterogeneous_block_specs": True}, "heterogeneous_block_specs"),
     ({"hidden_size": None}, "no hidden_size"),
-    ({"position_embedding_type": "yarn"}, "position_embedding_type"),
+    ({"position_embedding_type": "mrope"}, "position_embedding_type"),
     ({"_target_": "nemo.collections.llm.gpt.model.llama.Llama31Config", "high_freq_factor": 2.0}, "high_freq_factor"),
 ])
 def test_nemo2_settings_without_a_lifted_form_are_refused(tmp_path, change, words):

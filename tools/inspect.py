@@ -72,6 +72,7 @@ def inspect_path(a) -> int:
         "embedding_rows": next(model.graph.find("embedding")).params["word"].type.shape[0],
         "heads": attn.attrs["num_heads"] if attn else None, "kv_heads": attn.attrs["num_kv_heads"] if attn else None,
         "head_dim": attn.attrs["head_dim"] if attn else None,
+        **_mla_summary(model),
         "experts": next((n.attrs["num_experts"] for n in model.graph.find("moe")), 0),
         "parallel": {"tp": meta.get("source_tp"), "pp": meta.get("source_pp"), "ep": meta.get("source_ep"),
                      "vp": meta.get("source_vp")},
@@ -130,6 +131,19 @@ def print_args(path: Path, iteration: int | None, as_json: bool) -> int:
     print(f"\n{len(v.rows)} saved arguments: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
           + (f"\nrefused: {'; '.join(v.problems)}" if v.problems else "; nothing refused"))
     return 0
+
+
+def _mla_summary(model) -> dict:
+    """Heads and sizes of a multi-latent attention model (its KV heads are its heads; the head dim is q/k's)."""
+    n = next(model.graph.find("mla"), None)
+    if n is None:
+        return {}
+    a = n.attrs
+    q_down = n.params.get("q_down")
+    return {"heads": a["num_heads"], "kv_heads": a["num_heads"], "head_dim": a["qk_head_dim"] + a["qk_rope_dim"],
+            "mla": {"q_lora_rank": q_down.type.shape[0] if q_down is not None else None,
+                    "kv_lora_rank": a["kv_lora_rank"], "qk_head_dim": a["qk_head_dim"],
+                    "qk_rope_dim": a["qk_rope_dim"], "v_head_dim": a["v_head_dim"]}}
 
 
 def draw(model, path: Path) -> None:

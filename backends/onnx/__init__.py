@@ -88,9 +88,9 @@ class OnnxBackend(Backend):
         if any(True for _ in model.graph.find("mamba")):   # issue 18, docs/targets.md
             out.append("Mamba-2 mixer layers (hybrid models, Nemotron-H) have no ONNX lowering yet: the decoder "
                        "would need conv and SSM state inputs/outputs beside the KV cache (hint: --target hf)")
+        if opts.quant and any(True for _ in model.graph.find("mla")):
+            out.append("multi-latent attention weights are not quantized by the onnx lowering (hint: drop --quant)")
         for n in model.graph.nodes:
-            if n.op == "attention" and n.attrs["position"] == "rope" and n.attrs["rope"].scaling == "yarn":
-                out.append(f"{n.location}: yarn RoPE scaling is not supported (hint: none/linear/llama3 are)")
             if n.op == "moe" and any(p.type.dtype in (DType.i4, DType.i8) for p in n.params.values()):
                 out.append(f"{n.location}: quantized MoE experts are not supported (hint: exclude moe from quantize)")
         return out

@@ -93,7 +93,8 @@ class Lowering:
         self._window_masks: dict[int, str] = {}
         self.plan = Plan(profile, self.io)
         self.roles = node_roles(model)
-        self.attn_index = {id(n): i for i, n in enumerate(model.graph.find("attention"))}
+        self.attn_index = {id(n): i for i, n in enumerate(n for n in model.graph.nodes
+                                                          if n.op in ("attention", "mla"))}
 
     # ------------------------------------------------------------------------------------------ helpers
     def w(self, node: Node, name: str) -> torch.Tensor | None:
@@ -257,9 +258,10 @@ class Lowering:
         g.input("input_ids", TensorProto.INT64, [B, S])
         g.input("attention_mask", TensorProto.INT64, [B, T])
         g.input("position_ids", TensorProto.INT64, [B, S])
-        for n in self.m.graph.find("attention"):
+        for n in (n for n in self.m.graph.nodes if id(n) in self.attn_index):
             i = self.attn_index[id(n)]
-            d, kv = n.attrs["head_dim"], n.attrs["num_kv_heads"]
+            d, kv = (n.attrs["head_dim"], n.attrs["num_kv_heads"]) if n.op == "attention" else \
+                mla_layer_shape(n)
             self.plan.layers.append(LayerInfo(i, kv, d))
             self.plan.num_heads = n.attrs["num_heads"]
             for kind in ("key", "value"):
@@ -450,6 +452,10 @@ class Lowering:
         return out
 
     # ------------------------------------------------------------------------------------------ attention
+    def op_mla(self, node, x):
+        """Multi-latent attention as plain attention after up-projection (:mod:`.mla`)."""
+        return lower_mla(self, node, x, self.attn_index[id(node)])
+
     def op_attention(self, node, x):
         if "qkv" not in node.params:
             raise BackendError(f"{node.location}: separate q/k/v params", hint="run fuse-qkv before the onnx backend")
@@ -557,6 +563,9 @@ class Lowering:
         o = g.op("Attention", [q, k, v, self.window_mask(a["window"])], f"{base}/Attention", scale=scale)
         o = g.op("Transpose", [o], f"{base}/Transpose_out", perm=[0, 2, 1, 3])
         return g.op("Reshape", [o, g.const([0, 0, nh * d])], f"{base}/Reshape_out")
+
+
+from .mla import lower_mla, mla_layer_shape  # noqa: E402 - mla.py imports this module's names
 
 
 def _rename_output(g: GraphBuilder, name: str, new: str):

@@ -46,7 +46,19 @@ _WO_ALGO = {"int8-wo": "W8A16", "int4-wo": "W4A16"}
 def lowering_plan(model: Model) -> Plan:
     """The TensorRT-LLM class of this model state and its refusal lines, computed once and shared by legalize,
     check, config and emit."""
-    return cached_plan("trtllm", model, lambda m: Plan(*REGISTRY.classify(m, Facts(m, "trtllm"))))
+    return cached_plan("trtllm", model, _plan)
+
+
+# issue 17: TensorRT-LLM's TensorRT-path DeepseekV2ForCausalLM checkpoint format (<= 1.2) is not written yet
+MLA_REFUSAL = ("multi-latent attention (DeepSeek MLA) is not written for TensorRT-LLM: mexc has no "
+               "DeepseekV2ForCausalLM checkpoint writer (hint: --target hf writes DeepseekV3ForCausalLM, which "
+               "TensorRT-LLM's PyTorch backend loads)")
+
+
+def _plan(m: Model) -> Plan:
+    if next(m.graph.find("mla"), None) is not None:
+        return Plan(None, [MLA_REFUSAL])
+    return Plan(*REGISTRY.classify(m, Facts(m, "trtllm")))
 
 
 def _arch(model: Model) -> tuple[str | None, list[str]]:

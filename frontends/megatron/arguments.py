@@ -171,7 +171,16 @@ ROWS: tuple[Arg, ...] = (
       "get_sliding_window_causal_mask)", "window_size", judge=window_problem),
     H("window_attn_skip_freq", None, "which layers are windowed (megatron-core is_layer_window_attention: int N: "
       "layer numbers n % N == 0 are full; list: 1 = windowed), read only with window_size", "window_skip"),
-    R("multi_latent_attention", False, "multi-latent attention (DeepSeek MLA) is not lifted yet"),
+    H("multi_latent_attention", False, "an mla node per layer (DeepSeek multi-latent attention)", "mla"),
+    H("q_lora_rank", None, "mla q_down / q_norm / q_up params (None: one q projection)", "q_lora_rank"),
+    H("kv_lora_rank", 32, "mla.kv_lora_rank", "kv_lora_rank"),
+    H("qk_head_dim", 128, "mla.qk_head_dim", "qk_head_dim"),
+    H("qk_pos_emb_head_dim", 64, "mla.qk_rope_dim", "qk_pos_emb_head_dim"),
+    H("v_head_dim", 128, "mla.v_head_dim", "v_head_dim"),
+    H("rope_type", None, "mla.rope.scaling (MLA: None = yarn, MLATransformerConfig's default)", "rope_type",
+      values=("rope", "yarn")),
+    R("mla_down_proj_fusion", False, "fused MLA down projections are not lifted yet"),
+    I("cache_mla_latents", False, _IMPL),
     R("experimental_attention_variant", None, "experimental attention variants (DSA, gated delta net) are "
       "not "
       "lifted"),
@@ -179,8 +188,18 @@ ROWS: tuple[Arg, ...] = (
     R("no_rope_freq", None, "layers without rope (NoPE) are not lifted yet"),
     # ---- positions
     H("position_embedding_type", "learned_absolute", "attention.position / embedding.position",
-      "position_embedding_type", values=("learned_absolute", "rope", "none"),
-      fix="yarn, mrope and relative positions are not lifted yet"),
+      "position_embedding_type", values=("learned_absolute", "rope", "yarn", "none"),
+      fix="mrope and relative positions are not lifted yet"),
+    H("rotary_scaling_factor", 1.0, "rope.factor (yarn; MLA's softmax mscale)", "rotary_scaling_factor",
+      ("yarn_rotary_scaling_factor",)),
+    H("mscale", 1.0, "rope.mscale (yarn)", "mscale", ("yarn_mscale",)),
+    H("mscale_all_dim", 0.0, "rope.mscale_all_dim (yarn; MLA's softmax mscale)", "mscale_all_dim",
+      ("yarn_mscale_all_dim",)),
+    H("yarn_original_max_position_embeddings", None, "rope.original_max_positions (yarn; None: 4096)",
+      "yarn_original_max", ("original_max_position_embeddings",)),
+    H("yarn_beta_fast", None, "rope.beta_fast (yarn; None: 32)", "yarn_beta_fast", ("beta_fast",)),
+    H("yarn_beta_slow", None, "rope.beta_slow (yarn; None: 1)", "yarn_beta_slow", ("beta_slow",)),
+    H("yarn_correction_range_round_to_int", None, "rope.truncate (yarn; None: True)", "yarn_round"),
     H("use_rotary_position_embeddings", False, "attention.position=rope (pre-mcore name)", "use_rotary"),
     I("add_position_embedding", True, "legacy-model switch; position_embedding_type and the saved "
       "position_embeddings tensor decide"),
@@ -275,13 +294,6 @@ ROWS: tuple[Arg, ...] = (
     I("account_for_loss_in_pipeline_split", False, _LAYOUT),
     I("make_vocab_size_divisible_by", 128, "the padded vocab is read from the embedding tensor"),
     # ---- only read together with a refused argument
-    *(I(n, d, _ONLY.format("multi_latent_attention")) for n, d in (
-        ("q_lora_rank", None), ("kv_lora_rank", 32), ("qk_head_dim", 128), ("qk_pos_emb_head_dim", 64),
-        ("v_head_dim", 128), ("rope_type", None), ("rotary_scaling_factor", 1.0), ("mscale", 1.0),
-        ("mscale_all_dim", 0.0), ("cache_mla_latents", False), ("mla_down_proj_fusion", False))),
-    *(I(n, None, _ONLY.format("position_embedding_type=yarn")) for n in (
-        "yarn_beta_fast", "yarn_beta_slow", "yarn_correction_range_round_to_int",
-        "yarn_original_max_position_embeddings")),
     I("mrope_section", None, _ONLY.format("position_embedding_type=mrope")),
     I("relative_attention_num_buckets", 32, _ONLY.format("position_embedding_type=relative")),
     I("relative_attention_max_distance", 128, _ONLY.format("position_embedding_type=relative")),

@@ -65,6 +65,13 @@ class MegatronArch:
     mamba_head_dim: int = 64
     mamba_num_groups: int = 8
     mamba_num_heads: int = 0              # 0: Megatron's default, 2 x hidden / mamba_head_dim
+    mla: bool = False                     # multi_latent_attention: rope is the decoupled rope's (GPT-J pairs)
+    q_lora_rank: int = 0                  # 0: one q projection (q_lora_rank None)
+    kv_lora_rank: int = 0
+    qk_head_dim: int = 0
+    qk_rope_dim: int = 0                  # qk_pos_emb_head_dim
+    v_head_dim: int = 0
+    mla_softmax_scale: float | None = None
 
 
 def _get(args: Any, field: str, default=None):
@@ -137,9 +144,9 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
     pos = _get(args, "position_embedding_type")
     if pos is None:
         pos = "rope" if _get(args, "use_rotary", False) else "learned_absolute"
-    if pos not in ("rope", "learned_absolute", "none"):
+    if pos not in ("rope", "learned_absolute", "none", "yarn"):
         raise ConfigError(f"{where}: position_embedding_type {pos!r} is not supported yet",
-                          hint="mexc lifts rope, learned_absolute and none")
+                          hint="mexc lifts rope, yarn, learned_absolute and none")
     scaling, factor = "none", 1.0
     if _get(args, "use_rope_scaling", False):
         scaling, factor = "llama3", float(_get(args, "rope_scaling_factor", 8.0))
@@ -147,6 +154,11 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         scaling, factor = "linear", float(_get(args, "rope_interpolation"))
     rope = Rope(base=float(_get(args, "rotary_base", 10000)), percent=float(_get(args, "rotary_percent", 1.0)),
                 interleaved=bool(_get(args, "rotary_interleaved", False)), scaling=scaling, factor=factor)
+    mla_fields = _mla(args, where, rope) if _get(args, "mla", False) else {}
+    if mla_fields:
+        rope, pos = mla_fields["rope"], "rope"
+    elif pos == "yarn":
+        rope, pos = _yarn(args, where, rope), "rope"
     bias = bool(_get(args, "add_bias_linear", not _get(args, "disable_bias_linear", False)))
     padded = int(need("padded_vocab_size"))
     vocab = int(overrides.get("vocab_size") or _get(args, "vocab_size") or padded)
@@ -213,6 +225,9 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         dtype=dtype, family=family,
     )
     fields.update(_hybrid(args, where, H))
+    fields.update(mla_fields)
+    if mla_fields:
+        fields["family"] = "deepseek"
     if fields["hybrid_pattern"]:
         fields["family"] = "nemotron_h"
     known = {f.name for f in dataclasses.fields(MegatronArch)}
@@ -271,6 +286,67 @@ def layer_window(arch: MegatronArch, layer: int) -> int | None:
     else:
         windowed = bool(skip[layer]) if layer < len(skip) else False
     return arch.window_size[0] if windowed else None
+def _yarn_rope(args: Any, rope: Rope, **kw) -> Rope:
+    """YaRN knobs as megatron-core's YarnRotaryEmbedding takes them (None = its defaults: 4096 original
+    positions, beta 32 / 1, mscale 1 / 0, rounded correction range)."""
+    def f(field, default):
+        v = _get(args, field)
+        return default if v is None else v
+
+    # _yarn_get_concentration_factor: with either mscale unset, get_mscale(factor) alone (= mscale 1 over 0)
+    both = _get(args, "mscale") is not None and _get(args, "mscale_all_dim") is not None
+    return dataclasses.replace(
+        rope, scaling="yarn", factor=float(f("rotary_scaling_factor", 1.0)),
+        original_max_positions=int(f("yarn_original_max", 4096)), beta_fast=float(f("yarn_beta_fast", 32.0)),
+        beta_slow=float(f("yarn_beta_slow", 1.0)), mscale=float(f("mscale", 1.0)) if both else 1.0,
+        mscale_all_dim=float(f("mscale_all_dim", 0.0)) if both else 0.0, truncate=bool(f("yarn_round", True)), **kw)
+
+
+def _yarn(args: Any, where: str, rope: Rope) -> Rope:
+    """position_embedding_type yarn on a GPTModel (Megatron-LM 0.19 ``_apply_yarn_config_from_args``: factor
+    from rotary_scaling_factor, mscale / mscale_all_dim, yarn_*): megatron-core's YarnRotaryEmbedding rotates
+    the whole head (it ignores rotary_percent) and asserts rotate-half."""
+    if rope.interleaved:
+        raise ConfigError(f"{where}: position_embedding_type yarn with rotary_interleaved: megatron-core's "
+                          "YarnRotaryEmbedding does not support interleaved rotary", hint="the checkpoint's "
+                          "args are inconsistent; set rotary_interleaved: false in --config if it was trained so")
+    if rope.percent != 1.0:
+        raise ConfigError(f"{where}: position_embedding_type yarn with rotary_percent={rope.percent:g}: "
+                          "megatron-core's YarnRotaryEmbedding ignores rotary_percent (it rotates the whole head)",
+                          hint="set rotary_percent: 1.0 in --config (what megatron-core computed)")
+    return _yarn_rope(args, rope)
+
+
+def _mla(args: Any, where: str, rope: Rope) -> dict[str, Any]:
+    """Multi-latent attention sizes and its decoupled rope (megatron-core MultiLatentAttention: RotaryEmbedding
+    or YarnRotaryEmbedding over qk_pos_emb_head_dim, applied to GPT-J pairs; softmax scale
+    get_mscale(rotary_scaling_factor, mscale_all_dim)^2 / sqrt(qk_head_dim + qk_pos_emb_head_dim), whatever
+    the rope type). rope_type None is MLATransformerConfig's default, yarn."""
+    from ...ir.semantics import yarn_softmax_mscale
+
+    sizes = {}
+    for f, default in (("kv_lora_rank", 32), ("qk_head_dim", 128), ("qk_pos_emb_head_dim", 64),
+                       ("v_head_dim", 128)):
+        v = _get(args, f, default)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 16:
+            raise ConfigError(f"{where}: args.{f} = {str(v)[:40]} is not a size (1..65536)",
+                              hint=f"the saved args are damaged; give {f} with --config FILE.yaml")
+        sizes[f] = v
+    q_lora = _get(args, "q_lora_rank")
+    if q_lora is not None and (not isinstance(q_lora, int) or isinstance(q_lora, bool) or not 1 <= q_lora <= 1 << 16):
+        raise ConfigError(f"{where}: args.q_lora_rank = {str(q_lora)[:40]} is not a size (1..65536) or None",
+                          hint="give q_lora_rank with --config FILE.yaml")
+    kind = _get(args, "rope_type") or "yarn"
+    base = Rope(base=rope.base, interleaved=True)
+    if kind == "yarn":
+        mrope = _yarn_rope(args, base)
+    else:
+        mrope = dataclasses.replace(base, percent=rope.percent)
+    scaled = _yarn_rope(args, base)   # the softmax mscale reads rotary_scaling_factor for either rope type
+    scale = yarn_softmax_mscale(scaled) ** 2 / math.sqrt(sizes["qk_head_dim"] + sizes["qk_pos_emb_head_dim"])
+    return {"mla": True, "rope": mrope, "q_lora_rank": q_lora or 0, "kv_lora_rank": sizes["kv_lora_rank"],
+            "qk_head_dim": sizes["qk_head_dim"], "qk_rope_dim": sizes["qk_pos_emb_head_dim"],
+            "v_head_dim": sizes["v_head_dim"], "mla_softmax_scale": scale}
 
 
 def _hybrid(args: Any, where: str, hidden: int) -> dict[str, Any]:

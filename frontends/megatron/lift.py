@@ -293,6 +293,12 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
             continue
         h = b.node("norm", x, layer=i, params={"weight": _get(roles, "input_norm.weight", i, where=where),
                                                "bias": roles.get(("input_norm.bias", i, None))}, **norm_kw)
+        if arch.mla:
+            x = b.node("add", x, _mla(b, roles, arch, i, h, where), layer=i)
+            h2 = b.node("norm", x, layer=i, params={"weight": _get(roles, "post_norm.weight", i, where=where),
+                                                    "bias": roles.get(("post_norm.bias", i, None))}, **norm_kw)
+            x = b.node("add", x, _mlp(b, roles, arch, i, h2, where), layer=i)
+            continue
         qkv = _get(roles, "qkv.weight", i, where=where)
         if qkv.type.shape != (lay.rows, H):
             raise CheckpointError(f"{where}: layer {i} linear_qkv is {list(qkv.type.shape)}, the args imply "
@@ -357,6 +363,25 @@ def _mlp(b: Builder, roles, arch: MegatronArch, i: int, h, where):
     else:
         params["fc1"], params["fc1_bias"] = fc1, fc1_b
     return b.node("mlp", h, layer=i, params=params, activation=arch.activation, gated=arch.gated)
+
+
+def _mla(b: Builder, roles, arch: MegatronArch, i: int, h, where):
+    """A multi-latent attention node (ops.py ``mla``): the latent norms are the checkpoint's q_layernorm /
+    kv_layernorm (absent without qk_layernorm: Megatron then uses IdentityOp)."""
+    params = {n: roles.get((f"mla.{n}", i, None)) for n in ("q", "q_down", "q_up", "kv_down", "kv_up", "kv_norm")}
+    params.update(q_norm=roles.get(("q_norm.weight", i, None)), proj=_get(roles, "proj.weight", i, where=where),
+                  proj_bias=roles.get(("proj.bias", i, None)))
+    need = ("q_down", "q_up") if arch.q_lora_rank else ("q",)
+    for n in (*need, "kv_down", "kv_up"):
+        if params[n] is None:
+            raise CheckpointError(f"{where}: no tensor for the multi-latent attention's {n} of layer {i}",
+                                  hint="the checkpoint is incomplete, or its args (q_lora_rank) describe another "
+                                       "architecture")
+    latent = arch.normalization if params["kv_norm"] is not None else "none"
+    return b.node("mla", h, layer=i, params=params, num_heads=arch.num_heads, kv_lora_rank=arch.kv_lora_rank,
+                  qk_head_dim=arch.qk_head_dim, qk_rope_dim=arch.qk_rope_dim, v_head_dim=arch.v_head_dim,
+                  rope=arch.rope, latent_norm=latent, latent_norm_eps=arch.norm_eps,
+                  softmax_scale=arch.mla_softmax_scale)
 
 
 _MAMBA_PARTS = {"in_proj": ("in_z", "in_x", "in_B", "in_C", "in_dt"), "conv": ("conv_x", "conv_B", "conv_C"),

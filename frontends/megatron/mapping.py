@@ -50,6 +50,16 @@ RULES: list[tuple[str, str, str]] = [
     # torch_dist global (expert-stacked) keys; TP merge already applied on disk
     (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc1\.weight", "experts.fc1.weight", "rep"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc2\.weight", "experts.fc2.weight", "rep"),
+    # ---- multi-latent attention (megatron/core/transformer/multi_latent_attention.py); the TE spec fuses the
+    # latent norms into the up projections (layer_norm_weight). Legacy files hold column shards of every linear
+    (r"decoder\.layers\.{L}\.self_attention\.linear_q_proj\.weight", "mla.q", "col"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_q_down_proj\.weight", "mla.q_down", "col"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_q_up_proj\.weight", "mla.q_up", "col"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_q_up_proj\.layer_norm_weight", "q_norm.weight", "rep"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_kv_down_proj\.weight", "mla.kv_down", "col"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_kv_up_proj\.weight", "mla.kv_up", "col"),
+    (r"decoder\.layers\.{L}\.self_attention\.linear_kv_up_proj\.layer_norm_weight", "mla.kv_norm", "rep"),
+    (r"decoder\.layers\.{L}\.self_attention\.kv_layernorm\.weight", "mla.kv_norm", "rep"),
     # ---- MambaModel / HybridModel mixer (megatron/core/ssm/mamba_mixer.py); the layer's norm is the mixer's
     # fused TE norm or the local spec's MambaLayer.norm. Legacy files hold each rank's [z|x|B|C|dt] / [x|B|C]
     (r"decoder\.layers\.{L}\.mixer\.in_proj\.layer_norm_weight", "mamba_norm.weight", "rep"),

@@ -4,6 +4,7 @@ class, registered in classification order (:mod:`.common` holds what they share;
 =========== ======================  =======================================================================
 family      HF class                IR shape
 =========== ======================  =======================================================================
+deepseek_v3 DeepseekV3ForCausalLM   multi-latent attention (mla), RMSNorm, dense SwiGLU layers (first_k_dense_replace)
 mixtral     MixtralForCausalLM      like llama, every layer a softmax top-k MoE of gated experts, no biases
 falcon      FalconForCausalLM       parallel attention + MLP off one LayerNorm, rotary, fused grouped QKV
 falcon2     FalconForCausalLM       the same with ln_attn + ln_mlp (Falcon's new decoder architecture)
@@ -42,7 +43,7 @@ FUSED_QKV = tuple(c.name for c in REGISTRY if c.extra["fused_qkv"])
 def classify_class(model: Model) -> tuple[TargetClass | None, list[str], Facts | None]:
     """(class, refusal lines, facts)."""
     facts = Facts(model, "hf")
-    if facts.emb is None or len(facts.heads) != 1 or not facts.attns:
+    if facts.emb is None or len(facts.heads) != 1 or not (facts.attns or facts.mlas):
         return None, ["the hf target needs one embedding, attention layers and one lm_head"], None
     cls, problems = REGISTRY.classify(model, facts)
     return cls, problems, facts

@@ -20,7 +20,7 @@ from ...lowering import Facts, Registry, Rule, TargetClass, parse_rows
 TRANSFORMS = ("copy", "zc", "conv1d", "expert", "depthwise")
 # always: the class always has the tensor (zeros when the IR has none); attn_bias / mlp_bias: exists when the
 # config turns the bias on; untied: written only when the head is not tied to the embedding
-CONDITIONS = ("always", "attn_bias", "mlp_bias", "untied")
+CONDITIONS = ("always", "attn_bias", "mlp_bias", "untied", "q_lora", "q_direct")  # q_*: MLA's q form
 HIDDEN_ACT = {"silu": "silu", "gelu": "gelu", "gelu-tanh": "gelu_pytorch_tanh", "relu": "relu",
               "squared-relu": "relu2", "quick-gelu": "quick_gelu"}
 DTYPE = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
@@ -172,6 +172,10 @@ COMMON = [
         lambda f: None if len({(a.attrs["num_heads"], a.attrs["num_kv_heads"], a.attrs["head_dim"], a.attrs["rope"])
                                for a in f.attns}) <= 1 else
         f"layers differ in attention shape or rotary settings; the {f.name} has one per model"),
+    rule("multi-latent attention (DeepseekV3 only)")(
+        lambda f: None if not f.mlas or f.cls.name == "deepseek_v3" else
+        f"multi-latent attention (DeepSeek MLA) cannot be expressed by the {f.name} (MLA models become "
+        "DeepseekV3ForCausalLM)"),
     rule("an embedding and head of different vocab sizes")(
         lambda f: None if f.emb.params["word"].type.shape[0] == f.heads[0].params["weight"].type.shape[0] else
         f"embedding has {f.emb.params['word'].type.shape[0]} rows but lm_head "
@@ -187,12 +191,13 @@ def no_qk_norm(f: Facts):
 
 
 # ------------------------------------------------------------------------------- shared rule sets
-def _rotation(f: Facts) -> list[str]:
+def _rotation(f: Facts, yarn: bool = False) -> list[str]:
     rope, p = f.a0["rope"], []
     if rope.interleaved:
         p.append(f"interleaved (GPT-J style) rotary cannot be expressed by the {f.name}: HF rotates halves")
-    if rope.scaling not in ("none", "linear", "llama3"):
-        p.append(f"rope scaling {rope.scaling!r} is not written by mexc's hf target (none, linear, llama3)")
+    if rope.scaling not in ("none", "linear", "llama3", *(("yarn",) if yarn else ())):
+        ok = "none, linear, llama3" + (", yarn" if yarn else "")
+        p.append(f"rope scaling {rope.scaling!r} is not written by mexc's hf target for the {f.name} ({ok})")
     return p
 
 
@@ -204,7 +209,7 @@ def _rope_llama(f: Facts):
         p.append(f"partial rotary (rotary_percent={rope.percent:g}) cannot be expressed by the {f.name} in the hf "
                  f"target: transformers' {f.cls.extra['architecture']} rotates the whole head (no "
                  "partial_rotary_factor); a model with q/k/v bias and partial rotary has no exact HF class")
-    return p + _rotation(f)
+    return p + _rotation(f, yarn=True)
 
 
 def _gated_mlps(f: Facts):
@@ -275,6 +280,14 @@ def rope_fields(rope, out: dict) -> None:
         params.update(rope_type="llama3", factor=float(rope.factor), low_freq_factor=float(rope.low_freq_factor),
                       high_freq_factor=float(rope.high_freq_factor),
                       original_max_position_embeddings=int(rope.original_max_positions))
+    elif rope.scaling == "yarn":   # transformers _compute_yarn_parameters; the cos/sin factor written as computed
+        from ....ir.semantics import yarn_attention_factor
+
+        params.update(rope_type="yarn", factor=float(rope.factor),
+                      original_max_position_embeddings=int(rope.original_max_positions),
+                      beta_fast=float(rope.beta_fast), beta_slow=float(rope.beta_slow), truncate=bool(rope.truncate),
+                      attention_factor=float(yarn_attention_factor(rope)), mscale=float(rope.mscale),
+                      mscale_all_dim=float(rope.mscale_all_dim))
     out["rope_parameters"] = params                  # transformers >= 5
     out["rope_theta"] = float(rope.base)            # transformers 4.x, vLLM
     if params["rope_type"] != "default":

@@ -1,0 +1,113 @@
+"""YaRN RoPE scaling on a Llama-style GPTModel (issue 17) from a real megatron-core checkpoint (fixture kind
+``yarn``: position_embedding_type yarn, factor 4 over 256 original positions, beta_fast 16, mscale 1 /
+mscale_all_dim 0.5, as Megatron-LM 0.19 saves it). The reference interpreter, transformers' LlamaForCausalLM
+with ``rope_type: yarn`` (the cos/sin factor written as computed: ``attention_factor``) and onnxruntime (both
+profiles, prefill and decode) reproduce megatron-core's logits within 1e-4 in fp32; trtllm refuses it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not have_megatron_core(), reason="megatron-core not installed")
+
+from mexc.backends.base import CompileOptions
+from mexc.backends.reference.executor import run
+from mexc.driver import compile_checkpoint, lift
+from mexc.errors import BackendError, ConfigError
+from mexc.frontends.megatron.config import from_args
+from mexc.frontends.megatron.reader import open_checkpoint
+
+TOL = 1e-4
+FACTOR = (0.1 * math.log(4.0) + 1) / (0.05 * math.log(4.0) + 1)   # get_mscale(4, 1) / get_mscale(4, 0.5)
+
+
+def err(a, b) -> float:
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    V = min(a.shape[-1], b.shape[-1])
+    return (a[..., :V] - b[..., :V]).abs().max().item()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_reference_interpreter_matches_megatron(tp):
+    d = megatron_checkpoint("yarn", tp=tp)
+    ref = load_reference(d)
+    m = lift(d / "ckpt")
+    rope = next(m.graph.find("attention")).attrs["rope"]
+    assert (rope.scaling, rope.factor, rope.original_max_positions, rope.beta_fast, rope.beta_slow, rope.mscale,
+            rope.mscale_all_dim, rope.truncate) == ("yarn", 4.0, 256, 16.0, 1.0, 1.0, 0.5, True)
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+    for knob in (dict(scaling="none"), dict(mscale_all_dim=0.0), dict(beta_slow=2.0)):  # each knob matters
+        for a in m.graph.find("attention"):
+            a.attrs["rope"] = dataclasses.replace(rope, **knob)
+        assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-4, knob
+
+
+def test_hf_llama_yarn_matches_megatron(tmp_path):
+    d = megatron_checkpoint("yarn")
+    ref = load_reference(d)
+    out = tmp_path / "hf"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="hf"))
+    cfg = json.loads((out / "config.json").read_text())
+    rp = cfg["rope_parameters"]
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and rp["rope_type"] == "yarn"
+    assert (rp["factor"], rp["original_max_position_embeddings"], rp["beta_fast"], rp["truncate"]) == \
+        (4.0, 256, 16.0, True)
+    assert math.isclose(rp["attention_factor"], FACTOR, rel_tol=1e-12)
+    transformers.logging.set_verbosity_error()
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                   output_loading_info=True)
+    assert not {k: v for k, v in info.items() if v}, info
+    assert math.isclose(model.model.rotary_emb.attention_scaling, FACTOR, rel_tol=1e-9)
+    with torch.no_grad():
+        assert err(model(ref["tokens"]).logits, ref["logits"]) < TOL
+
+
+@pytest.mark.parametrize("profile", ["ort", "tensorrt"])
+def test_onnx_prefill_and_decode_match_megatron(tmp_path, profile):
+    from test_onnx_backend import Decoder
+
+    d = megatron_checkpoint("yarn")
+    ref = load_reference(d)
+    out = tmp_path / "onnx"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
+    dec = Decoder(out / "model.onnx")
+    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
+    logits, past = dec.step(tokens[:, :5], None, 0)
+    assert err(logits, want[:, :5]) < TOL
+    for t in range(5, tokens.shape[1]):
+        logits, past = dec.step(tokens[:, t:t + 1], past, t)
+        assert err(logits, want[:, t:t + 1]) < TOL
+    assert np.isfinite(logits).all()
+
+
+def test_trtllm_refuses_yarn_in_one_line(tmp_path):
+    with pytest.raises(BackendError, match="yarn"):
+        compile_checkpoint(megatron_checkpoint("yarn") / "ckpt", tmp_path / "t",
+                           CompileOptions(target="trtllm", build="never"))
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("name,value,words", [
+    ("rotary_percent", 0.5, ["rotary_percent=0.5", "ignores"]),
+    ("rotary_interleaved", True, ["interleaved"]),
+])
+def test_lift_refuses_what_megatron_yarn_does_not_compute(name, value, words):
+    args = {**vars(open_checkpoint(megatron_checkpoint("yarn") / "ckpt").args), name: value}
+    with pytest.raises(ConfigError) as e:
+        from_args(args, "CKPT")
+    assert all(w in str(e.value) for w in words) and e.value.hint
+
+
+def test_yarn_defaults_are_megatron_cores():
+    args = {**vars(open_checkpoint(megatron_checkpoint("yarn") / "ckpt").args), "yarn_beta_fast": None,
+            "yarn_original_max_position_embeddings": None, "mscale_all_dim": None}
+    rope = from_args(args, "CKPT").rope      # YarnRotaryEmbedding's defaults: 4096 positions, beta 32, all_dim 0
+    assert (rope.original_max_positions, rope.beta_fast, rope.mscale_all_dim) == (4096, 32.0, 0.0)
