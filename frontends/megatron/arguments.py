@@ -147,7 +147,7 @@ ROWS: tuple[Arg, ...] = (
       "back in "
       "the softmax: the same math"),
     I("attention_softmax_in_fp32", False, _NUMERICS),
-    R("softmax_scale", None, "a softmax scale other than 1/sqrt(kv_channels) is not lifted yet"),
+    H("softmax_scale", None, "attention.softmax_scale (None: 1/sqrt(kv_channels))", "softmax_scale"),
     R("softmax_type", "vanilla", "attention sinks (off-by-one / learnable softmax) are not lifted yet"),
     R("attention_output_gate", False, "the gated attention output (Qwen3-Next) is not lifted yet"),
     H("qk_layernorm", False, "attention.qk_norm + q_norm/k_norm params", "qk_layernorm"),

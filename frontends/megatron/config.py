@@ -41,6 +41,7 @@ class MegatronArch:
     rope: Rope = Rope()
     tied: bool = True
     qk_layernorm: bool = False
+    softmax_scale: float | None = None   # None: 1/sqrt(head_dim) (megatron-core DotProductAttention)
     num_experts: int = 0
     moe_topk: int = 2
     moe_ffn_hidden_size: int = 0
@@ -199,6 +200,7 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         activation=activation, gated=gated, add_bias_linear=bias,
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
+        softmax_scale=_softmax_scale(args, where),
         num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),
         moe_score=str(_get(args, "moe_score", "softmax")), moe_pre_softmax=bool(_get(args, "moe_pre_softmax", False)),
@@ -224,6 +226,18 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
     arch = MegatronArch(**fields)
     _validate(arch, where)
     return arch
+
+
+def _softmax_scale(args: Any, where: str) -> float | None:
+    """Megatron's ``softmax_scale`` (the attention logits' multiplier; None: 1/sqrt(kv_channels)), refused
+    unless a positive finite number."""
+    v = _get(args, "softmax_scale")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        raise ConfigError(f"{where}: args.softmax_scale = {str(v)[:40]} is not a positive number",
+                          hint="the saved args are damaged; give softmax_scale with --config FILE.yaml")
+    return float(v)
 
 
 def _hybrid(args: Any, where: str, hidden: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ gpt2        GPT2LMHeadModel         LayerNorm, learned (or no) positions, plain 
 stablelm    StableLmForCausalLM     LayerNorm, rotary (partial allowed), SwiGLU, q/k/v bias only (NeMo GPT-Next)
 nemotron    NemotronForCausalLM     LayerNorm1p (1 + w), rotary (partial allowed), plain MLP (squared-relu)
 qwen3       Qwen3ForCausalLM        like llama with RMSNorm q/k norms (Megatron's qk_layernorm)
+granite     GraniteForCausalLM      like llama with a softmax scale (attention_multiplier), other multipliers 1
 qwen2       Qwen2ForCausalLM        like llama, with q/k/v biases only (no o_proj / MLP bias)
 llama       LlamaForCausalLM        RMSNorm, rotary, gated MLP; ``attention_bias`` / ``mlp_bias`` as needed
 =========== ======================  =======================================================================
