@@ -6,6 +6,8 @@ with one line where none does.
 
 * ``softmax-scale``: Megatron's ``softmax_scale`` (1.0, not 1/sqrt(16)): hf GraniteForCausalLM
   (``attention_multiplier``), trtllm LLaMA class ``attention_multiplier`` = scale * sqrt(head_size).
+* ``nope``: ``no_rope_freq=2`` (megatron-core: layers [rope, NoPE]): ``attention.position=none`` per layer, hf
+  SmolLM3ForCausalLM (``no_rope_layers`` [1, 0]); trtllm refused (one position_embedding_type per model).
 """
 
 from __future__ import annotations
@@ -139,3 +141,56 @@ def test_softmax_scale_argument_is_honoured_and_checked():
     assert from_args(dict(base, softmax_scale=0.2), "x").softmax_scale == 0.2
     with pytest.raises(ConfigError, match="softmax_scale = -1 is not a positive number"):
         from_args(dict(base, softmax_scale=-1), "args.pt")
+
+
+# ------------------------------------------------------------------------------------------ NoPE layers
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_nope_layers_lifted_and_run(fmt):
+    d = megatron_checkpoint("nope", fmt=fmt)
+    ref = load_reference(d)
+    m = lift(d / "ckpt")
+    attns = list(m.graph.find("attention"))
+    assert [a.attrs["position"] for a in attns] == ["rope", "none"]
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+    attns[1].attrs["position"] = "rope"              # rotary on the NoPE layer is clearly wrong
+    assert err(run(m, ref["tokens"]), ref["logits"]) > 10 * TOL
+
+
+def test_no_rope_freq_forms():
+    from mexc.frontends.megatron.arguments import BY_NAME, HONOURED
+    from mexc.frontends.megatron.config import from_args
+
+    assert BY_NAME["no_rope_freq"].verdict == HONOURED
+    base = dict(num_layers=4, hidden_size=64, num_attention_heads=4, padded_vocab_size=128,
+                position_embedding_type="rope")
+    assert from_args(dict(base, no_rope_freq=2), "x").no_rope == (0, 1, 0, 1)   # megatron-core's expansion
+    assert from_args(dict(base, no_rope_freq=4), "x").no_rope == (0, 0, 0, 1)
+    assert from_args(dict(base, no_rope_freq=[1, 0, 0, 1]), "x").no_rope == (1, 0, 0, 1)
+    assert from_args(dict(base, no_rope_freq=[1, 0, 0, 1]), "x", {"no_rope": [0, 0, 0, 0]}).no_rope == (0,) * 4
+    with pytest.raises(ConfigError, match="no_rope_freq=3 does not divide num_layers=4"):
+        from_args(dict(base, no_rope_freq=3), "args.pt")
+    with pytest.raises(ConfigError, match="neither an int nor a 0/1 list"):
+        from_args(dict(base, no_rope_freq=[1, 0]), "args.pt")
+
+
+def test_hf_smollm3_matches_megatron(tmp_path):
+    d = megatron_checkpoint("nope")
+    ref = load_reference(d)
+    out = tmp_path / "hf"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="hf"))
+    cfg, model, logits = hf_logits(out, ref["tokens"], "SmolLM3ForCausalLM")
+    assert cfg["no_rope_layers"] == [1, 0] and cfg["use_sliding_window"] is False
+    assert [layer.self_attn.use_rope for layer in model.model.layers] == [1, 0]
+    assert err(logits, ref["logits"]) < TOL
+
+
+@pytest.mark.parametrize("profile", ["ort", "tensorrt"])
+def test_onnx_nope_matches_megatron(tmp_path, profile):
+    assert onnx_matches(tmp_path, megatron_checkpoint("nope"), profile) < TOL
+
+
+def test_trtllm_refuses_nope_layers(tmp_path):
+    d = megatron_checkpoint("nope")
+    with pytest.raises(BackendError, match="NoPE layers.*LlamaForCausalLM|LlamaForCausalLM.*NoPE"):
+        compile_checkpoint(d / "ckpt", tmp_path / "trt", CompileOptions(target="trtllm", build="never"))
+    assert not (tmp_path / "trt").exists()

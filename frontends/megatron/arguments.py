@@ -163,7 +163,8 @@ ROWS: tuple[Arg, ...] = (
       "not "
       "lifted"),
     R("linear_attention_freq", None, "linear-attention (gated delta net) layers are not lifted"),
-    R("no_rope_freq", None, "layers without rope (NoPE) are not lifted yet"),
+    H("no_rope_freq", None, "attention.position=none on the NoPE layers (int N: every N-th; list: 1 = no rope)",
+      "no_rope"),
     # ---- positions
     H("position_embedding_type", "learned_absolute", "attention.position / embedding.position",
       "position_embedding_type", values=("learned_absolute", "rope", "none"),

@@ -42,6 +42,7 @@ class MegatronArch:
     tied: bool = True
     qk_layernorm: bool = False
     softmax_scale: float | None = None   # None: 1/sqrt(head_dim) (megatron-core DotProductAttention)
+    no_rope: tuple[int, ...] | None = None  # per layer, 1 = no rotary on that layer (Megatron's no_rope_freq)
     num_experts: int = 0
     moe_topk: int = 2
     moe_ffn_hidden_size: int = 0
@@ -200,7 +201,7 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         activation=activation, gated=gated, add_bias_linear=bias,
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
-        softmax_scale=_softmax_scale(args, where),
+        softmax_scale=_softmax_scale(args, where), no_rope=_no_rope(args, where, L),
         num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),
         moe_score=str(_get(args, "moe_score", "softmax")), moe_pre_softmax=bool(_get(args, "moe_pre_softmax", False)),
@@ -222,6 +223,8 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
             v = Rope(**v)
         if k == "dtype":
             v = DType.parse(v)
+        if k == "no_rope" and v is not None:
+            v = tuple(v)
         fields[k] = v
     arch = MegatronArch(**fields)
     _validate(arch, where)
@@ -238,6 +241,25 @@ def _softmax_scale(args: Any, where: str) -> float | None:
         raise ConfigError(f"{where}: args.softmax_scale = {str(v)[:40]} is not a positive number",
                           hint="the saved args are damaged; give softmax_scale with --config FILE.yaml")
     return float(v)
+
+
+def _no_rope(args: Any, where: str, num_layers: int) -> tuple[int, ...] | None:
+    """Megatron's ``no_rope_freq`` as one 0/1 per layer (1: that layer's attention gets no rotary), as megatron-core
+    0.16.1 expands it (``TransformerConfig.__post_init__``): an int N is ``[0] * (N - 1) + [1]`` repeated, num_layers
+    divisible by N; a list has one entry per layer (``attention.py``: ``no_rope_freq[layer_number - 1]``)."""
+    v = _get(args, "no_rope")
+    if v is None or v == 0 or v == []:
+        return None
+    fix = "give no_rope with --config FILE.yaml as a list of 0/1, one per layer"
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v < 1 or num_layers % v:
+            raise ConfigError(f"{where}: no_rope_freq={v} does not divide num_layers={num_layers}", hint=fix)
+        return tuple(([0] * (v - 1) + [1]) * (num_layers // v))
+    if isinstance(v, (list, tuple)) and len(v) == num_layers and all(x in (0, 1) and not isinstance(x, float)
+                                                                     for x in v):
+        return tuple(int(x) for x in v)
+    raise ConfigError(f"{where}: no_rope_freq = {str(v)[:40]} is neither an int nor a 0/1 list of num_layers="
+                      f"{num_layers} entries", hint=fix)
 
 
 def _hybrid(args: Any, where: str, hidden: int) -> dict[str, Any]:

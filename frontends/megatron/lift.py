@@ -309,7 +309,8 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
                               "q_norm": roles.get(("q_norm.weight", i, None)),
                               "k_norm": roles.get(("k_norm.weight", i, None))},
                       num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
-                      position="rope" if arch.position == "rope" else "none", rope=arch.rope, qk_norm=qk_norm,
+                      position="rope" if arch.position == "rope" and not (arch.no_rope and arch.no_rope[i])
+                      else "none", rope=arch.rope, qk_norm=qk_norm,
                       qk_norm_eps=arch.norm_eps if qk_norm != "none" else 1e-5,
                       softmax_scale=arch.softmax_scale)
         post_w = roles.get(("post_norm.weight", i, None))
