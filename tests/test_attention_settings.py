@@ -8,6 +8,9 @@ with one line where none does.
   (``attention_multiplier``), trtllm LLaMA class ``attention_multiplier`` = scale * sqrt(head_size).
 * ``nope``: ``no_rope_freq=2`` (megatron-core: layers [rope, NoPE]): ``attention.position=none`` per layer, hf
   SmolLM3ForCausalLM (``no_rope_layers`` [1, 0]); trtllm refused (one position_embedding_type per model).
+* ``mtp``: one multi-token-prediction layer (``mtp_num_layers=1``): its ``mtp.*`` tensors are left out with a
+  compile note on every target; the main head's logits (megatron-core's, computed with the MTP layer present)
+  are unchanged.
 """
 
 from __future__ import annotations
@@ -194,3 +197,37 @@ def test_trtllm_refuses_nope_layers(tmp_path):
     with pytest.raises(BackendError, match="NoPE layers.*LlamaForCausalLM|LlamaForCausalLM.*NoPE"):
         compile_checkpoint(d / "ckpt", tmp_path / "trt", CompileOptions(target="trtllm", build="never"))
     assert not (tmp_path / "trt").exists()
+
+
+# ------------------------------------------------------------------------------------------ MTP heads
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_mtp_tensors_left_out_main_logits_unchanged(fmt):
+    d = megatron_checkpoint("mtp", fmt=fmt)
+    ref = load_reference(d)
+    m = lift(d / "ckpt")
+    keys = [str(p.source) for _, _, p in m.graph.params()]
+    assert keys and not any("mtp." in k for k in keys)
+    assert "left out the 1 multi-token-prediction layer(s) (10 mtp.* tensors" in m.meta["lift_note"]
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+
+
+@pytest.mark.parametrize("target", ["hf", "onnx", "trtllm"])
+def test_mtp_every_target_notes_and_matches(tmp_path, target):
+    d = megatron_checkpoint("mtp")
+    ref = load_reference(d)
+    out = tmp_path / target
+    res = compile_checkpoint(d / "ckpt", out, CompileOptions(target=target, build="never"))
+    assert any("multi-token-prediction" in n for n in res.notes), res.notes
+    if target == "hf":
+        logits = hf_logits(out, ref["tokens"], "LlamaForCausalLM")[2]
+        assert err(logits, ref["logits"]) < TOL
+    elif target == "trtllm":
+        assert err(trtllm_reader.logits(str(out), ref["tokens"]), ref["logits"]) < TOL
+    else:
+        assert onnx_matches(tmp_path, d, "ort") < TOL
+
+
+def test_mtp_tensors_without_mtp_args_are_refused():
+    d = megatron_checkpoint("mtp")
+    with pytest.raises(Exception, match="multi-token-prediction tensor.*no mtp_num_layers"):
+        lift(d / "ckpt", overrides={"mtp_num_layers": 0})

@@ -201,9 +201,8 @@ ROWS: tuple[Arg, ...] = (
     H("mamba_head_dim", 64, "mamba.head_dim", "mamba_head_dim"),
     H("mamba_num_groups", 8, "mamba.num_groups", "mamba_num_groups"),
     H("mamba_num_heads", None, "mamba.num_heads (unset: 2 x hidden / mamba_head_dim)", "mamba_num_heads"),
-    R("mtp_num_layers", None, "multi-token-prediction heads are not lifted yet (their mtp.* tensors would "
-      "have no "
-      "mapping rule)"),
+    H("mtp_num_layers", None, "the mtp.* tensors (multi-token-prediction heads) are dropped with a compile "
+      "note: the main head's logits do not read them", "mtp_num_layers"),
     R("retro_add_retriever", False, "RETRO models are not lifted"),
     # ---- MoE
     H("num_experts", None, "moe.num_experts", "num_experts", ("num_moe_experts",)),
@@ -276,9 +275,10 @@ ROWS: tuple[Arg, ...] = (
     *(I(n, d, _ONLY.format("use_mup")) for n, d in (
         ("mup_attn_scale_power", 1.0), ("mup_base_head_dim", None), ("mup_base_hidden_size", None),
         ("mup_embedding_mult", 1.0), ("mup_output_mult", 1.0), ("mup_width_mult", 1.0))),
-    *(I(n, d, _ONLY.format("mtp_num_layers / hybrid / linear attention")) for n, d in (
+    *(I(n, d, "a multi-token-prediction training setting: the mtp.* heads are dropped") for n, d in (
         ("mtp_loss_scaling_factor", 0.1), ("mtp_standalone", False), ("mtp_use_repeated_layer", False),
-        ("mtp_detach_heads", False), ("mtp_hybrid_override_pattern", None), ("linear_conv_kernel_dim", 4),
+        ("mtp_detach_heads", False), ("mtp_hybrid_override_pattern", None))),
+    *(I(n, d, _ONLY.format("hybrid / linear attention")) for n, d in (("linear_conv_kernel_dim", 4),
         ("linear_key_head_dim", 128), ("linear_value_head_dim", 128), ("linear_num_key_heads", 16),
         ("linear_num_value_heads", 32))),
 )

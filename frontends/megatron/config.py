@@ -43,6 +43,7 @@ class MegatronArch:
     qk_layernorm: bool = False
     softmax_scale: float | None = None   # None: 1/sqrt(head_dim) (megatron-core DotProductAttention)
     no_rope: tuple[int, ...] | None = None  # per layer, 1 = no rotary on that layer (Megatron's no_rope_freq)
+    mtp_num_layers: int = 0               # multi-token-prediction layers: their mtp.* tensors are dropped
     num_experts: int = 0
     moe_topk: int = 2
     moe_ffn_hidden_size: int = 0
@@ -81,7 +82,7 @@ _SIZE_BOUNDS = {
     "num_layers": 1 << 14, "hidden_size": 1 << 18, "ffn_hidden_size": 1 << 21, "num_attention_heads": 1 << 12,
     "num_query_groups": 1 << 12, "kv_channels": 1 << 14, "padded_vocab_size": 1 << 24, "vocab_size": 1 << 24,
     "seq_length": 1 << 26, "max_position_embeddings": 1 << 26, "num_experts": 1 << 16, "moe_router_topk": 1 << 16,
-    "moe_ffn_hidden_size": 1 << 21,
+    "moe_ffn_hidden_size": 1 << 21, "mtp_num_layers": 1 << 10,
 }
 
 
@@ -202,6 +203,7 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
         softmax_scale=_softmax_scale(args, where), no_rope=_no_rope(args, where, L),
+        mtp_num_layers=int(_get(args, "mtp_num_layers") or 0),
         num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),
         moe_score=str(_get(args, "moe_score", "softmax")), moe_pre_softmax=bool(_get(args, "moe_pre_softmax", False)),

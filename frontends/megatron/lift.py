@@ -51,7 +51,10 @@ def lift(path: str | Path, *, iteration: int | None = None, config: str | Path |
         roles, store = _roles_legacy(info, arch)
     else:
         roles, store = _roles_dist(info, arch)
+    note = roles.pop(_DROPPED, None)
     model = _build(arch, roles, store, info)
+    if note:
+        model.meta["lift_note"] = note
     unknown = apply_arguments(info.args).unknown
     if unknown:
         model.meta["unknown_args"] = ",".join(unknown)
@@ -72,6 +75,7 @@ def _roles_legacy(info: CheckpointInfo, arch: MegatronArch):
     found: dict[tuple, dict[int, tuple[str, TensorType, str]]] = defaultdict(dict)
     local_layers: dict[tuple[int, int], set[int]] = defaultdict(set)  # (pp, chunk) -> local layer ids
     unmapped: list[str] = []
+    dropped: set[str] = set()
     per_file: list[tuple] = []
     for (t, p, e), f in sorted(info.rank_files.items()):
         rank_dir = f.parent.name
@@ -87,7 +91,9 @@ def _roles_legacy(info: CheckpointInfo, arch: MegatronArch):
                     unmapped.append(f"{rank_dir}: {m.group(2)}")
                 continue
             role, merge, layer, expert = r
-            if merge == "skip" or not hasattr(val, "shape"):
+            if merge == "mtp" and hasattr(val, "shape"):
+                dropped.add(m.group(2))
+            if merge in ("skip", "mtp") or not hasattr(val, "shape"):
                 continue
             if layer is not None:
                 local_layers[(p, chunk)].add(layer)
@@ -140,7 +146,25 @@ def _roles_legacy(info: CheckpointInfo, arch: MegatronArch):
     for (role, layer, expert), shards in found.items():
         tp = 1 if expert is not None and whole_experts else arch.tp
         roles[(role, layer, expert)] = _merge(store, role, layer, shards, arch, info, tp)
+    roles[_DROPPED] = _drop_mtp(dropped, arch, info)
     return roles, store
+
+
+_DROPPED = ("mtp", None, None)  # roles' entry for the note on dropped mtp.* tensors (not a weight)
+
+
+def _drop_mtp(keys: set[str], arch: MegatronArch, info: CheckpointInfo) -> str | None:
+    """The compile note for the multi-token-prediction tensors left out, or None when there are none; refused
+    when the args do not say the model has MTP layers (a weight is never dropped unexplained)."""
+    if not keys:
+        return None
+    if not arch.mtp_num_layers:
+        raise CheckpointError(f"{info.iter_dir}: {len(keys)} multi-token-prediction tensor(s) (mtp.*) but the saved "
+                              "args have no mtp_num_layers", hint="set mtp_num_layers with --set / --config if the "
+                              "model was trained with MTP heads (they are then left out of the output)")
+    return (f"left out the {arch.mtp_num_layers} multi-token-prediction layer(s) ({len(keys)} mtp.* tensors; "
+            "mtp_num_layers): the main head's logits do not read them, speculative decoding with them is not "
+            "written")
 
 
 def _merge(store, role, layer, shards, arch: MegatronArch, info, tp: int) -> Recipe:
@@ -206,7 +230,7 @@ _STACKED = re.compile(r"^decoder\.layers\.(?!\d+\.)(.*)$")
 def _roles_dist(info: CheckpointInfo, arch: MegatronArch):
     store = info.store if info.store is not None else DcpStore("ckpt", str(info.iter_dir.resolve()))
     roles: dict[tuple, Recipe] = {}
-    unmapped = []
+    unmapped, dropped = [], set()
     for key, (dt, shape) in sorted(store.tensors().items()):
         m = _STACKED.match(key)
         items = []
@@ -224,7 +248,9 @@ def _roles_dist(info: CheckpointInfo, arch: MegatronArch):
                 unmapped.append(key)
                 break
             role, merge, layer, expert = r
-            if merge == "skip":
+            if merge == "mtp":
+                dropped.add(norm_key)
+            if merge in ("skip", "mtp"):
                 continue
             roles[(role, layer, expert)] = _dist_load(store, skey, tensor_type((dt, sh)))
     if unmapped:
@@ -232,6 +258,7 @@ def _roles_dist(info: CheckpointInfo, arch: MegatronArch):
                               + ", ".join(unmapped[:8]), hint="this architecture is not supported yet; mexc never "
                               "drops weights silently (see `mexc inspect --rules`)")
     # torch_dist gated fc1 is already [all gate; all up] (TP-invariant); _build splits it into gate and up
+    roles[_DROPPED] = _drop_mtp(dropped, arch, info)
     return roles, store
 
 

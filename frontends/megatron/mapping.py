@@ -10,6 +10,8 @@ layer number (local to the stage in legacy files) and ``{E}`` a local expert num
 ``mamba_in``    Mamba in_proj: each rank holds ``[z_r; x_r; B_r; C_r; dt_r]``; merged to ``[z; x; B; C; dt]``
 ``mamba_conv``  Mamba conv1d weight / bias: each rank holds ``[x_r; B_r; C_r]``; merged to ``[x; B; C]``
 ``skip``   not a weight of the inference model
+``mtp``    a multi-token-prediction head's tensor (megatron-core ``MultiTokenPredictionBlock``, ``mtp.layers.N.*``):
+           dropped with a note when the args set ``mtp_num_layers`` (the main head's logits do not read it)
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ RULES: list[tuple[str, str, str]] = [
     (r".*\._extra_state(?:/.*)?", "", "skip"),
     (r".*\.rotary_pos_emb\.inv_freq", "", "skip"),
     (r"decoder\.layers\.{L}\.mlp\.router\.expert_bias", "router.expert_bias", "rep"),
+    (r"mtp\.layers\.\d+\..*", "", "mtp"),
 ]
 
 _COMPILED = [(re.compile("^" + p.replace("{L}", r"(?P<L>\d+)").replace("{E}", r"(?P<E>\d+)") + "$"), role, merge)
