@@ -11,6 +11,9 @@ with one line where none does.
 * ``mtp``: one multi-token-prediction layer (``mtp_num_layers=1``): its ``mtp.*`` tensors are left out with a
   compile note on every target; the main head's logits (megatron-core's, computed with the MTP layer present)
   are unchanged.
+* ``moe-grouped``: the ``moe`` kind's weights saved by megatron-core's legacy GroupedMLP (``weight1`` / ``weight2``,
+  loaded into it by megatron-core's own dist_checkpointing from the SequentialMLP model): each expert is a
+  reshape / index / transpose of the rank's tensor, equal to the SequentialMLP save's, then Mixtral on every target.
 """
 
 from __future__ import annotations
@@ -231,3 +234,46 @@ def test_mtp_tensors_without_mtp_args_are_refused():
     d = megatron_checkpoint("mtp")
     with pytest.raises(Exception, match="multi-token-prediction tensor.*no mtp_num_layers"):
         lift(d / "ckpt", overrides={"mtp_num_layers": 0})
+
+
+# ------------------------------------------------------------------------------------------ legacy grouped GEMM
+@pytest.mark.parametrize("tp", [1, 2])
+def test_legacy_grouped_gemm_experts_are_views_of_sequential_ones(tp):
+    d = megatron_checkpoint("moe-grouped", tp=tp)
+    ref = load_reference(d)
+    m = lift(d / "ckpt")
+    seq = lift(megatron_checkpoint("moe") / "ckpt")      # the same weights saved by SequentialMLP
+    for a, b in zip(m.graph.find("moe"), seq.graph.find("moe")):
+        for k in ("router", "gate", "up", "fc2"):
+            assert torch.equal(a.params[k].source.materialize(), b.params[k].source.materialize()), k
+        leaf_ops = {r.op for r in _recipe_ops(a.params["gate"].source)}
+        assert leaf_ops <= {"load", "reshape", "index", "transpose", "slice", "concat", "stack"}, leaf_ops
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+    from mexc.ir import parse
+    assert str(parse(str(m))) == str(m)      # the reshape recipe prints and parses back
+
+
+def _recipe_ops(r):
+    yield r
+    for i in r.inputs:
+        yield from _recipe_ops(i)
+
+
+@pytest.mark.parametrize("target", ["hf", "onnx", "trtllm"])
+def test_legacy_grouped_gemm_every_target(tmp_path, target):
+    d = megatron_checkpoint("moe-grouped", tp=2)
+    ref = load_reference(d)
+    out = tmp_path / target
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target=target, build="never"))
+    if target == "hf":
+        assert err(hf_logits(out, ref["tokens"], "MixtralForCausalLM")[2], ref["logits"]) < TOL
+    elif target == "trtllm":
+        assert err(trtllm_reader.logits(str(out), ref["tokens"]), ref["logits"]) < TOL
+    else:
+        assert onnx_matches(tmp_path, d, "ort") < TOL
+
+
+def test_legacy_grouped_gemm_wrong_expert_count_is_one_error():
+    d = megatron_checkpoint("moe-grouped")
+    with pytest.raises(Exception, match="not a GroupedMLP weight1 of 3 local experts"):
+        lift(d / "ckpt", overrides={"num_experts": 3})

@@ -238,9 +238,10 @@ ROWS: tuple[Arg, ...] = (
     I("moe_pad_expert_input_to_capacity", False, "token dropping is a training-time capacity limit"),
     I("moe_token_drop_policy", "probs", "token dropping is a training-time capacity limit"),
     I("moe_input_jitter_eps", None, "router input jitter is applied in training mode only"),
-    I("moe_grouped_gemm", False, _LAYOUT + " (local_experts.* or TE grouped linear_fc1.weightE keys)"),
-    I("moe_use_legacy_grouped_gemm", False, _LAYOUT + " (weight1/weight2 keys have no mapping rule and stop "
-      "the lift)"),
+    I("moe_grouped_gemm", False, _LAYOUT + " (local_experts.*, TE grouped linear_fc1.weightE or legacy "
+      "GroupedMLP weight1/weight2 keys)"),
+    I("moe_use_legacy_grouped_gemm", False, _LAYOUT + " (legacy GroupedMLP weight1/weight2: each expert lifted "
+      "as a view)"),
     # ---- precision, parallelism, layout
     H("bf16", False, "ModelConfig.dtype", "bf16"),
     H("fp16", False, "ModelConfig.dtype", "fp16"),

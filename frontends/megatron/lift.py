@@ -97,6 +97,12 @@ def _roles_legacy(info: CheckpointInfo, arch: MegatronArch):
                 continue
             if layer is not None:
                 local_layers[(p, chunk)].add(layer)
+            if merge in ("grouped1", "grouped2"):   # one entry per local expert: (which, expert, experts)
+                n = max(arch.num_experts // max(arch.ep, 1), 1)
+                for j in range(n):
+                    per_file.append((t, p, e, chunk, role, (merge, j, n, None), layer, j, f"{rank_dir}:{key}",
+                                     tensor_type(val), f))
+                continue
             per_file.append((t, p, e, chunk, role, merge, layer, expert, f"{rank_dir}:{key}", tensor_type(val), f))
     if unmapped:
         raise CheckpointError(f"{info.iter_dir}: {len(unmapped)} tensor(s) no mapping rule knows: "
@@ -135,7 +141,7 @@ def _roles_legacy(info: CheckpointInfo, arch: MegatronArch):
                                            "inconsistent")
             continue
         if expert is not None and whole_experts:
-            merge = "rep"
+            merge = (*merge[:3], "rep") if isinstance(merge, tuple) else "rep"
         if t in found[slot] and expert is None:
             prev_key = found[slot][t][0]
             if role != "lm_head.tied_copy":
@@ -174,9 +180,14 @@ def _merge(store, role, layer, shards, arch: MegatronArch, info, tp: int) -> Rec
         raise CheckpointError(f"{info.iter_dir}: {role} (layer {layer}) is missing on tp rank(s) {missing}",
                               hint="copy every mp_rank_* directory of the checkpoint")
     merge = shards[0][3]
+    leaves = [load(store, shards[r][0], shards[r][1]) for r in ranks]
+    if isinstance(merge, tuple):                 # legacy GroupedMLP: this expert's view of each rank's tensor
+        which, j, n, then = merge
+        leaves = [_grouped_expert(leaf, which, j, n, arch, f"{info.iter_dir}: {shards[r][0]}")
+                  for r, leaf in zip(ranks, leaves)]
+        merge = then or ("gated?" if which == "grouped1" else "row")
     if merge == "gated?":
         merge = "gated" if arch.gated else "col"
-    leaves = [load(store, shards[r][0], shards[r][1]) for r in ranks]
     if merge in ("mamba_in", "mamba_conv") and len(leaves) > 1:
         return _merge_mamba(leaves, merge, arch, f"{info.iter_dir}: {role} (layer {layer})")
     if merge == "rep" or len(leaves) == 1:
@@ -203,6 +214,22 @@ def _merge(store, role, layer, shards, arch: MegatronArch, info, tp: int) -> Rec
                            derive("slice", leaf, dim=0, start=n // 2, stop=n)))
         return derive("concat", *[h[0] for h in halves], *[h[1] for h in halves], dim=0)
     return derive("concat", *leaves, dim=dim)
+
+
+def _grouped_expert(leaf: Recipe, which: str, j: int, n: int, arch: MegatronArch, where: str) -> Recipe:
+    """Expert ``j`` of a legacy GroupedMLP rank tensor as the SequentialMLP layout, a pure view and transpose:
+    ``weight1`` [H, n*X] holds the experts' [n, H, X] (megatron-core GroupedMLP.forward:
+    ``weight1.view(n, H, -1)``; X = this rank's [gate_r | up_r] columns with GLU) -> [X, H]; ``weight2``
+    [n*F_r, H] holds [n, F_r, H] -> [H, F_r] (``sharded_state_dict`` transposes them alike)."""
+    H, shape = arch.hidden_size, leaf.type.shape
+    rows, cols = (shape[1], shape[0]) if which == "grouped1" else (shape[0], shape[1])
+    if len(shape) != 2 or (shape[0] if which == "grouped1" else shape[1]) != H or rows % n:
+        raise CheckpointError(f"{where} is {list(shape)}, not a GroupedMLP {'weight1' if which == 'grouped1' else 'weight2'}"
+                              f" of {n} local experts with hidden {H}", hint="fix num_experts / hidden_size / "
+                              "expert_model_parallel_size with --config")
+    inner = (n, H, rows // n) if which == "grouped1" else (n, rows // n, H)
+    one = derive("index", derive("reshape", leaf, shape=inner), i=j)
+    return derive("transpose", one, d0=0, d1=1)
 
 
 def _merge_mamba(leaves, merge, arch: MegatronArch, where: str) -> Recipe:
