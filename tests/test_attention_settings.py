@@ -14,6 +14,8 @@ with one line where none does.
 * ``moe-grouped``: the ``moe`` kind's weights saved by megatron-core's legacy GroupedMLP (``weight1`` / ``weight2``,
   loaded into it by megatron-core's own dist_checkpointing from the SequentialMLP model): each expert is a
   reshape / index / transpose of the rank's tensor, equal to the SequentialMLP save's, then Mixtral on every target.
+* ``geglu-erf``: Gemma with GeGLU of the exact (erf) GELU: hf GemmaForCausalLM with ``hidden_act: gelu_python``
+  (``hidden_activation: gelu``); trtllm refused (TensorRT-LLM's ``gelu`` is the tanh approximation).
 """
 
 from __future__ import annotations
@@ -277,3 +279,44 @@ def test_legacy_grouped_gemm_wrong_expert_count_is_one_error():
     d = megatron_checkpoint("moe-grouped")
     with pytest.raises(Exception, match="not a GroupedMLP weight1 of 3 local experts"):
         lift(d / "ckpt", overrides={"num_experts": 3})
+
+
+# ------------------------------------------------------------------------------------------ exact-erf GeGLU
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_geglu_erf_lifted_and_run(fmt):
+    d = megatron_checkpoint("geglu-erf", fmt=fmt)
+    ref = load_reference(d)
+    m = lift(d / "ckpt")
+    assert {(n.attrs["activation"], n.attrs["gated"]) for n in m.graph.find("mlp")} == {("gelu", True)}
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+
+
+def test_hf_gemma_exact_gelu_matches_megatron(tmp_path):
+    d = megatron_checkpoint("geglu-erf")
+    ref = load_reference(d)
+    out = tmp_path / "hf"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="hf"))
+    cfg, model, logits = hf_logits(out, ref["tokens"], "GemmaForCausalLM")
+    assert (cfg["hidden_act"], cfg["hidden_activation"]) == ("gelu_python", "gelu")
+    assert model.config.hidden_act == "gelu_python"            # not rewritten to the tanh GELU
+    x = torch.linspace(-4, 4, 401)
+    act = model.model.layers[0].mlp.act_fn
+    assert torch.allclose(act(x), torch.nn.functional.gelu(x), atol=1e-6)
+    assert (act(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs().max() > 1e-4
+    assert err(logits, ref["logits"]) < TOL
+    m = lift(d / "ckpt")        # the fixture's MLP gains make the tanh GELU measurably off on this model
+    for n in m.graph.find("mlp"):
+        n.attrs["activation"] = "gelu-tanh"
+    assert err(run(m, ref["tokens"]), ref["logits"]) > 1.5 * TOL
+
+
+@pytest.mark.parametrize("profile", ["ort", "tensorrt"])
+def test_onnx_exact_geglu_matches_megatron(tmp_path, profile):
+    assert onnx_matches(tmp_path, megatron_checkpoint("geglu-erf"), profile) < TOL
+
+
+def test_trtllm_refuses_exact_geglu(tmp_path):
+    d = megatron_checkpoint("geglu-erf")
+    with pytest.raises(BackendError, match="GemmaForCausalLM.*tanh GELU"):
+        compile_checkpoint(d / "ckpt", tmp_path / "trt", CompileOptions(target="trtllm", build="never"))
+    assert not (tmp_path / "trt").exists()
