@@ -239,9 +239,9 @@ def test_mtp_tensors_without_mtp_args_are_refused():
 
 
 # ------------------------------------------------------------------------------------------ legacy grouped GEMM
-@pytest.mark.parametrize("tp", [1, 2])
-def test_legacy_grouped_gemm_experts_are_views_of_sequential_ones(tp):
-    d = megatron_checkpoint("moe-grouped", tp=tp)
+@pytest.mark.parametrize("tp,fmt", [(1, "torch"), (2, "torch"), (1, "torch_dist")])
+def test_legacy_grouped_gemm_experts_are_views_of_sequential_ones(tp, fmt):
+    d = megatron_checkpoint("moe-grouped", tp=tp, fmt=fmt)
     ref = load_reference(d)
     m = lift(d / "ckpt")
     seq = lift(megatron_checkpoint("moe") / "ckpt")      # the same weights saved by SequentialMLP
