@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(not have_megatron_core(), reason="megatron-core 
 from mexc.backends.base import CompileOptions
 from mexc.backends.reference.executor import run
 from mexc.driver import compile_checkpoint, get_backend, lift
-from mexc.errors import BackendError, ConfigError
+from mexc.errors import BackendError, CheckpointError, ConfigError
 from mexc.tools.cli import main
 
 TOL = 1e-4
@@ -197,11 +197,15 @@ def test_onnx_nope_matches_megatron(tmp_path, profile):
     assert onnx_matches(tmp_path, megatron_checkpoint("nope"), profile) < TOL
 
 
-def test_trtllm_refuses_nope_layers(tmp_path):
+def test_trtllm_refuses_nope_layers(tmp_path, capsys):
     d = megatron_checkpoint("nope")
     with pytest.raises(BackendError, match="NoPE layers.*LlamaForCausalLM|LlamaForCausalLM.*NoPE"):
         compile_checkpoint(d / "ckpt", tmp_path / "trt", CompileOptions(target="trtllm", build="never"))
     assert not (tmp_path / "trt").exists()
+    capsys.readouterr()
+    rc = main(["compile", str(d / "ckpt"), "--target", "trtllm", "--build", "never", "-o", str(tmp_path / "t")])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert rc != 0 and len(lines) == 1 and "NoPE layers" in lines[0] and "Traceback" not in lines[0]
 
 
 # ------------------------------------------------------------------------------------------ MTP heads
@@ -234,7 +238,7 @@ def test_mtp_every_target_notes_and_matches(tmp_path, target):
 
 def test_mtp_tensors_without_mtp_args_are_refused():
     d = megatron_checkpoint("mtp")
-    with pytest.raises(Exception, match="multi-token-prediction tensor.*no mtp_num_layers"):
+    with pytest.raises(CheckpointError, match="multi-token-prediction tensor.*no mtp_num_layers"):
         lift(d / "ckpt", overrides={"mtp_num_layers": 0})
 
 
@@ -277,7 +281,7 @@ def test_legacy_grouped_gemm_every_target(tmp_path, target):
 
 def test_legacy_grouped_gemm_wrong_expert_count_is_one_error():
     d = megatron_checkpoint("moe-grouped")
-    with pytest.raises(Exception, match="not a GroupedMLP weight1 of 3 local experts"):
+    with pytest.raises(CheckpointError, match="not a GroupedMLP weight1 of 3 local experts"):
         lift(d / "ckpt", overrides={"num_experts": 3})
 
 
