@@ -155,7 +155,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
                        extra={**tok.manifest(), "frontend": frontend_record(model)})
     res.out = out
     t3 = time.perf_counter()
-    notes = list(res.notes) + [n for n in (vocab_note, seq_note) if n]
+    notes = list(res.notes) + [n for n in (model.meta.get("lift_note"), vocab_note, seq_note) if n]
     if tok.tok is None:
         notes.append(tokenizers.missing_note(tok.why_missing))
     if opts.build != "never":

@@ -155,6 +155,7 @@ def lift_trtllm(path: str | Path):
         h = norm("input_norm", x)
         a = b.node("attention", h, layer=i, num_heads=nh, num_kv_heads=nkv, head_dim=d,
                    position="rope" if pos.startswith("rope") else "none", rope=rope, **qk,
+                   softmax_scale=info.get("softmax_scale"),
                    params={"qkv": qkv(s, "qkv", i), "qkv_bias": qkv(s, "qkv_bias", i),
                            "proj": merged(s, "attention", "proj", i),
                            "proj_bias": merged(s, "attention", "proj_bias", i),

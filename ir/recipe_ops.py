@@ -137,6 +137,20 @@ def _transpose():
     return infer, lambda xs, d0, d1: xs[0].transpose(d0, d1).contiguous()
 
 
+@recipe_op("reshape", "the same elements in another shape, row-major (a view: Megatron's legacy GroupedMLP keeps "
+           "its experts' [E, H, X] in a [H, E*X] parameter)")
+def _reshape():
+    def infer(types, shape):
+        (t,) = types
+        shape = tuple(shape)
+        if not shape or any(not isinstance(n, int) or n < 1 for n in shape) or \
+                torch.Size(shape).numel() != torch.Size(t.shape).numel():
+            raise IRError(f"reshape of {t} to {list(shape)}: the element counts differ")
+        return TensorType(t.dtype, shape)
+
+    return infer, lambda xs, shape: xs[0].reshape(tuple(shape))
+
+
 @recipe_op("regroup_qkv", "re-layout fused QKV rows between Megatron's grouped and [Q;K;V] concat")
 def _regroup():
     def infer(types, to):

@@ -891,8 +891,7 @@ def _to_hf_llama(cfg: dict, t: Dict[str, torch.Tensor]):
     pet = cfg.get("position_embedding_type", "rope_gpt_neox")
     if pet != "rope_gpt_neox":
         raise NotImplementedError(f"LLaMA class with position_embedding_type {pet}")
-    for k in ("embedding_multiplier", "attention_multiplier", "residual_multiplier",
-              "output_multiplier_scale"):
+    for k in ("embedding_multiplier", "residual_multiplier", "output_multiplier_scale"):
         if float(cfg.get(k, 1.0)) != 1.0:
             raise NotImplementedError(f"LLaMA class with {k} != 1")
     if cfg.get("residual_mlp") or cfg.get("qk_layernorm"):
@@ -926,6 +925,16 @@ def _to_hf_llama(cfg: dict, t: Dict[str, torch.Tensor]):
         kind = "qwen2"
     else:
         hf_cfg = tr.LlamaConfig(attention_bias=attn_bias, mlp_bias=mlp_bias, head_dim=d, **common)
+        kind = "llama"
+    mult = float(cfg.get("attention_multiplier", 1.0))
+    if mult != 1.0:
+        # LLaMADecoderLayer: Attention(q_scaling=1 / attention_multiplier); Attention divides the logits by
+        # q_scaling * sqrt(head_size) (tensorrt_llm/models/llama/model.py, layers/attention.py): a softmax scale
+        # of attention_multiplier / sqrt(head_size), which transformers' Granite (Llama otherwise) applies
+        if kind == "mixtral":
+            raise NotImplementedError("MoE with attention_multiplier != 1")
+        hf_cfg = tr.GraniteConfig(attention_bias=attn_bias, mlp_bias=mlp_bias, head_dim=d,
+                                  attention_multiplier=mult / math.sqrt(d), **common)
         kind = "llama"
     sd = {"model.embed_tokens.weight": t["transformer.vocab_embedding.weight"],
           "model.norm.weight": t["transformer.ln_f.weight"]}

@@ -161,7 +161,7 @@ ROWS: tuple[Arg, ...] = (
       "back in "
       "the softmax: the same math"),
     I("attention_softmax_in_fp32", False, _NUMERICS),
-    R("softmax_scale", None, "a softmax scale other than 1/sqrt(kv_channels) is not lifted yet"),
+    H("softmax_scale", None, "attention.softmax_scale (None: 1/sqrt(kv_channels))", "softmax_scale"),
     R("softmax_type", "vanilla", "attention sinks (off-by-one / learnable softmax) are not lifted yet"),
     R("attention_output_gate", False, "the gated attention output (Qwen3-Next) is not lifted yet"),
     H("qk_layernorm", False, "attention.qk_norm + q_norm/k_norm params", "qk_layernorm"),
@@ -185,7 +185,8 @@ ROWS: tuple[Arg, ...] = (
       "not "
       "lifted"),
     R("linear_attention_freq", None, "linear-attention (gated delta net) layers are not lifted"),
-    R("no_rope_freq", None, "layers without rope (NoPE) are not lifted yet"),
+    H("no_rope_freq", None, "attention.position=none on the NoPE layers (int N: every N-th; list: 1 = no rope)",
+      "no_rope"),
     # ---- positions
     H("position_embedding_type", "learned_absolute", "attention.position / embedding.position",
       "position_embedding_type", values=("learned_absolute", "rope", "yarn", "none"),
@@ -232,9 +233,8 @@ ROWS: tuple[Arg, ...] = (
     H("mamba_head_dim", 64, "mamba.head_dim", "mamba_head_dim"),
     H("mamba_num_groups", 8, "mamba.num_groups", "mamba_num_groups"),
     H("mamba_num_heads", None, "mamba.num_heads (unset: 2 x hidden / mamba_head_dim)", "mamba_num_heads"),
-    R("mtp_num_layers", None, "multi-token-prediction heads are not lifted yet (their mtp.* tensors would "
-      "have no "
-      "mapping rule)"),
+    H("mtp_num_layers", None, "the mtp.* tensors (multi-token-prediction heads) are dropped with a compile "
+      "note: the main head's logits do not read them", "mtp_num_layers"),
     R("retro_add_retriever", False, "RETRO models are not lifted"),
     # ---- MoE
     H("num_experts", None, "moe.num_experts", "num_experts", ("num_moe_experts",)),
@@ -270,9 +270,10 @@ ROWS: tuple[Arg, ...] = (
     I("moe_pad_expert_input_to_capacity", False, "token dropping is a training-time capacity limit"),
     I("moe_token_drop_policy", "probs", "token dropping is a training-time capacity limit"),
     I("moe_input_jitter_eps", None, "router input jitter is applied in training mode only"),
-    I("moe_grouped_gemm", False, _LAYOUT + " (local_experts.* or TE grouped linear_fc1.weightE keys)"),
-    I("moe_use_legacy_grouped_gemm", False, _LAYOUT + " (weight1/weight2 keys have no mapping rule and stop "
-      "the lift)"),
+    I("moe_grouped_gemm", False, _LAYOUT + " (local_experts.*, TE grouped linear_fc1.weightE or legacy "
+      "GroupedMLP weight1/weight2 keys)"),
+    I("moe_use_legacy_grouped_gemm", False, _LAYOUT + " (legacy GroupedMLP weight1/weight2: each expert lifted "
+      "as a view)"),
     # ---- precision, parallelism, layout
     H("bf16", False, "ModelConfig.dtype", "bf16"),
     H("fp16", False, "ModelConfig.dtype", "fp16"),
@@ -300,9 +301,10 @@ ROWS: tuple[Arg, ...] = (
     *(I(n, d, _ONLY.format("use_mup")) for n, d in (
         ("mup_attn_scale_power", 1.0), ("mup_base_head_dim", None), ("mup_base_hidden_size", None),
         ("mup_embedding_mult", 1.0), ("mup_output_mult", 1.0), ("mup_width_mult", 1.0))),
-    *(I(n, d, _ONLY.format("mtp_num_layers / hybrid / linear attention")) for n, d in (
+    *(I(n, d, "a multi-token-prediction training setting: the mtp.* heads are dropped") for n, d in (
         ("mtp_loss_scaling_factor", 0.1), ("mtp_standalone", False), ("mtp_use_repeated_layer", False),
-        ("mtp_detach_heads", False), ("mtp_hybrid_override_pattern", None), ("linear_conv_kernel_dim", 4),
+        ("mtp_detach_heads", False), ("mtp_hybrid_override_pattern", None))),
+    *(I(n, d, _ONLY.format("hybrid / linear attention")) for n, d in (("linear_conv_kernel_dim", 4),
         ("linear_key_head_dim", 128), ("linear_value_head_dim", 128), ("linear_num_key_heads", 16),
         ("linear_num_value_heads", 32))),
 )

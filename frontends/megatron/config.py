@@ -43,6 +43,9 @@ class MegatronArch:
     qk_layernorm: bool = False
     window_size: tuple[int, int] | None = None   # Megatron's (left, right) sliding window; right is 0
     window_skip: int | list | None = None  # window_attn_skip_freq: int N (every N-th layer full) or 0/1 list
+    softmax_scale: float | None = None   # None: 1/sqrt(head_dim) (megatron-core DotProductAttention)
+    no_rope: tuple[int, ...] | None = None  # per layer, 1 = no rotary on that layer (Megatron's no_rope_freq)
+    mtp_num_layers: int = 0               # multi-token-prediction layers: their mtp.* tensors are dropped
     num_experts: int = 0
     moe_topk: int = 2
     moe_ffn_hidden_size: int = 0
@@ -88,7 +91,7 @@ _SIZE_BOUNDS = {
     "num_layers": 1 << 14, "hidden_size": 1 << 18, "ffn_hidden_size": 1 << 21, "num_attention_heads": 1 << 12,
     "num_query_groups": 1 << 12, "kv_channels": 1 << 14, "padded_vocab_size": 1 << 24, "vocab_size": 1 << 24,
     "seq_length": 1 << 26, "max_position_embeddings": 1 << 26, "num_experts": 1 << 16, "moe_router_topk": 1 << 16,
-    "moe_ffn_hidden_size": 1 << 21,
+    "moe_ffn_hidden_size": 1 << 21, "mtp_num_layers": 1 << 10,
 }
 
 
@@ -214,6 +217,8 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
         **_window(args, where, overrides),
+        softmax_scale=_softmax_scale(args, where), no_rope=_no_rope(args, where, L),
+        mtp_num_layers=int(_get(args, "mtp_num_layers") or 0),
         num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),
         moe_score=str(_get(args, "moe_score", "softmax")), moe_pre_softmax=bool(_get(args, "moe_pre_softmax", False)),
@@ -240,6 +245,8 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
             v = Rope(**v)
         if k == "dtype":
             v = DType.parse(v)
+        if k == "no_rope" and v is not None:
+            v = tuple(v)
         fields[k] = v
     arch = MegatronArch(**fields)
     _validate(arch, where)
@@ -347,6 +354,35 @@ def _mla(args: Any, where: str, rope: Rope) -> dict[str, Any]:
     return {"mla": True, "rope": mrope, "q_lora_rank": q_lora or 0, "kv_lora_rank": sizes["kv_lora_rank"],
             "qk_head_dim": sizes["qk_head_dim"], "qk_rope_dim": sizes["qk_pos_emb_head_dim"],
             "v_head_dim": sizes["v_head_dim"], "mla_softmax_scale": scale}
+def _softmax_scale(args: Any, where: str) -> float | None:
+    """Megatron's ``softmax_scale`` (the attention logits' multiplier; None: 1/sqrt(kv_channels)), refused
+    unless a positive finite number."""
+    v = _get(args, "softmax_scale")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        raise ConfigError(f"{where}: args.softmax_scale = {str(v)[:40]} is not a positive number",
+                          hint="the saved args are damaged; give softmax_scale with --config FILE.yaml")
+    return float(v)
+
+
+def _no_rope(args: Any, where: str, num_layers: int) -> tuple[int, ...] | None:
+    """Megatron's ``no_rope_freq`` as one 0/1 per layer (1: that layer's attention gets no rotary), as megatron-core
+    0.16.1 expands it (``TransformerConfig.__post_init__``): an int N is ``[0] * (N - 1) + [1]`` repeated, num_layers
+    divisible by N; a list has one entry per layer (``attention.py``: ``no_rope_freq[layer_number - 1]``)."""
+    v = _get(args, "no_rope")
+    if v is None or v == 0 or v == []:
+        return None
+    fix = "give no_rope with --config FILE.yaml as a list of 0/1, one per layer"
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v < 1 or num_layers % v:
+            raise ConfigError(f"{where}: no_rope_freq={v} does not divide num_layers={num_layers}", hint=fix)
+        return tuple(([0] * (v - 1) + [1]) * (num_layers // v))
+    if isinstance(v, (list, tuple)) and len(v) == num_layers and all(x in (0, 1) and not isinstance(x, float)
+                                                                     for x in v):
+        return tuple(int(x) for x in v)
+    raise ConfigError(f"{where}: no_rope_freq = {str(v)[:40]} is neither an int nor a 0/1 list of num_layers="
+                      f"{num_layers} entries", hint=fix)
 
 
 def _hybrid(args: Any, where: str, hidden: int) -> dict[str, Any]:

@@ -51,7 +51,10 @@ def lift(path: str | Path, *, iteration: int | None = None, config: str | Path |
         roles, store = _roles_legacy(info, arch)
     else:
         roles, store = _roles_dist(info, arch)
+    note = roles.pop(_DROPPED, None)
     model = _build(arch, roles, store, info)
+    if note:
+        model.meta["lift_note"] = note
     unknown = apply_arguments(info.args).unknown
     if unknown:
         model.meta["unknown_args"] = ",".join(unknown)
@@ -72,6 +75,7 @@ def _roles_legacy(info: CheckpointInfo, arch: MegatronArch):
     found: dict[tuple, dict[int, tuple[str, TensorType, str]]] = defaultdict(dict)
     local_layers: dict[tuple[int, int], set[int]] = defaultdict(set)  # (pp, chunk) -> local layer ids
     unmapped: list[str] = []
+    dropped: set[str] = set()
     per_file: list[tuple] = []
     for (t, p, e), f in sorted(info.rank_files.items()):
         rank_dir = f.parent.name
@@ -87,10 +91,18 @@ def _roles_legacy(info: CheckpointInfo, arch: MegatronArch):
                     unmapped.append(f"{rank_dir}: {m.group(2)}")
                 continue
             role, merge, layer, expert = r
-            if merge == "skip" or not hasattr(val, "shape"):
+            if merge == "mtp" and hasattr(val, "shape"):
+                dropped.add(m.group(2))
+            if merge in ("skip", "mtp") or not hasattr(val, "shape"):
                 continue
             if layer is not None:
                 local_layers[(p, chunk)].add(layer)
+            if merge in ("grouped1", "grouped2"):   # one entry per local expert: (which, expert, experts)
+                n = max(arch.num_experts // max(arch.ep, 1), 1)
+                for j in range(n):
+                    per_file.append((t, p, e, chunk, role, (merge, j, n, None), layer, j, f"{rank_dir}:{key}",
+                                     tensor_type(val), f))
+                continue
             per_file.append((t, p, e, chunk, role, merge, layer, expert, f"{rank_dir}:{key}", tensor_type(val), f))
     if unmapped:
         raise CheckpointError(f"{info.iter_dir}: {len(unmapped)} tensor(s) no mapping rule knows: "
@@ -129,7 +141,7 @@ def _roles_legacy(info: CheckpointInfo, arch: MegatronArch):
                                            "inconsistent")
             continue
         if expert is not None and whole_experts:
-            merge = "rep"
+            merge = (*merge[:3], "rep") if isinstance(merge, tuple) else "rep"
         if t in found[slot] and expert is None:
             prev_key = found[slot][t][0]
             if role != "lm_head.tied_copy":
@@ -140,7 +152,25 @@ def _roles_legacy(info: CheckpointInfo, arch: MegatronArch):
     for (role, layer, expert), shards in found.items():
         tp = 1 if expert is not None and whole_experts else arch.tp
         roles[(role, layer, expert)] = _merge(store, role, layer, shards, arch, info, tp)
+    roles[_DROPPED] = _drop_mtp(dropped, arch, info)
     return roles, store
+
+
+_DROPPED = ("mtp", None, None)  # roles' entry for the note on dropped mtp.* tensors (not a weight)
+
+
+def _drop_mtp(keys: set[str], arch: MegatronArch, info: CheckpointInfo) -> str | None:
+    """The compile note for the multi-token-prediction tensors left out, or None when there are none; refused
+    when the args do not say the model has MTP layers (a weight is never dropped unexplained)."""
+    if not keys:
+        return None
+    if not arch.mtp_num_layers:
+        raise CheckpointError(f"{info.iter_dir}: {len(keys)} multi-token-prediction tensor(s) (mtp.*) but the saved "
+                              "args have no mtp_num_layers", hint="set mtp_num_layers with --set / --config if the "
+                              "model was trained with MTP heads (they are then left out of the output)")
+    return (f"left out the {arch.mtp_num_layers} multi-token-prediction layer(s) ({len(keys)} mtp.* tensors; "
+            "mtp_num_layers): the main head's logits do not read them, speculative decoding with them is not "
+            "written")
 
 
 def _merge(store, role, layer, shards, arch: MegatronArch, info, tp: int) -> Recipe:
@@ -150,9 +180,14 @@ def _merge(store, role, layer, shards, arch: MegatronArch, info, tp: int) -> Rec
         raise CheckpointError(f"{info.iter_dir}: {role} (layer {layer}) is missing on tp rank(s) {missing}",
                               hint="copy every mp_rank_* directory of the checkpoint")
     merge = shards[0][3]
+    leaves = [load(store, shards[r][0], shards[r][1]) for r in ranks]
+    if isinstance(merge, tuple):                 # legacy GroupedMLP: this expert's view of each rank's tensor
+        which, j, n, then = merge
+        leaves = [_grouped_expert(leaf, which, j, n, arch, f"{info.iter_dir}: {shards[r][0]}")
+                  for r, leaf in zip(ranks, leaves)]
+        merge = then or ("gated?" if which == "grouped1" else "row")
     if merge == "gated?":
         merge = "gated" if arch.gated else "col"
-    leaves = [load(store, shards[r][0], shards[r][1]) for r in ranks]
     if merge in ("mamba_in", "mamba_conv") and len(leaves) > 1:
         return _merge_mamba(leaves, merge, arch, f"{info.iter_dir}: {role} (layer {layer})")
     if merge == "rep" or len(leaves) == 1:
@@ -181,6 +216,22 @@ def _merge(store, role, layer, shards, arch: MegatronArch, info, tp: int) -> Rec
     return derive("concat", *leaves, dim=dim)
 
 
+def _grouped_expert(leaf: Recipe, which: str, j: int, n: int, arch: MegatronArch, where: str) -> Recipe:
+    """Expert ``j`` of a legacy GroupedMLP rank tensor as the SequentialMLP layout, a pure view and transpose:
+    ``weight1`` [H, n*X] holds the experts' [n, H, X] (megatron-core GroupedMLP.forward:
+    ``weight1.view(n, H, -1)``; X = this rank's [gate_r | up_r] columns with GLU) -> [X, H]; ``weight2``
+    [n*F_r, H] holds [n, F_r, H] -> [H, F_r] (``sharded_state_dict`` transposes them alike)."""
+    H, shape = arch.hidden_size, leaf.type.shape
+    rows, cols = (shape[1], shape[0]) if which == "grouped1" else (shape[0], shape[1])
+    if len(shape) != 2 or (shape[0] if which == "grouped1" else shape[1]) != H or rows % n:
+        raise CheckpointError(f"{where} is {list(shape)}, not a GroupedMLP {'weight1' if which == 'grouped1' else 'weight2'}"
+                              f" of {n} local experts with hidden {H}", hint="fix num_experts / hidden_size / "
+                              "expert_model_parallel_size with --config")
+    inner = (n, H, rows // n) if which == "grouped1" else (n, rows // n, H)
+    one = derive("index", derive("reshape", leaf, shape=inner), i=j)
+    return derive("transpose", one, d0=0, d1=1)
+
+
 def _merge_mamba(leaves, merge, arch: MegatronArch, where: str) -> Recipe:
     """Each rank's ``[z_r; x_r; B_r; C_r; dt_r]`` (in_proj) or ``[x_r; B_r; C_r]`` (conv1d) -> the global
     ``[z; x; B; C; dt]`` / ``[x; B; C]`` (megatron/core/ssm/mamba_mixer.py: in_proj_partition_sizes)."""
@@ -206,7 +257,7 @@ _STACKED = re.compile(r"^decoder\.layers\.(?!\d+\.)(.*)$")
 def _roles_dist(info: CheckpointInfo, arch: MegatronArch):
     store = info.store if info.store is not None else DcpStore("ckpt", str(info.iter_dir.resolve()))
     roles: dict[tuple, Recipe] = {}
-    unmapped = []
+    unmapped, dropped = [], set()
     for key, (dt, shape) in sorted(store.tensors().items()):
         m = _STACKED.match(key)
         items = []
@@ -224,7 +275,9 @@ def _roles_dist(info: CheckpointInfo, arch: MegatronArch):
                 unmapped.append(key)
                 break
             role, merge, layer, expert = r
-            if merge == "skip":
+            if merge == "mtp":
+                dropped.add(norm_key)
+            if merge in ("skip", "mtp"):
                 continue
             roles[(role, layer, expert)] = _dist_load(store, skey, tensor_type((dt, sh)))
     if unmapped:
@@ -232,6 +285,7 @@ def _roles_dist(info: CheckpointInfo, arch: MegatronArch):
                               + ", ".join(unmapped[:8]), hint="this architecture is not supported yet; mexc never "
                               "drops weights silently (see `mexc inspect --rules`)")
     # torch_dist gated fc1 is already [all gate; all up] (TP-invariant); _build splits it into gate and up
+    roles[_DROPPED] = _drop_mtp(dropped, arch, info)
     return roles, store
 
 
@@ -315,8 +369,10 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
                               "q_norm": roles.get(("q_norm.weight", i, None)),
                               "k_norm": roles.get(("k_norm.weight", i, None))},
                       num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
-                      position="rope" if arch.position == "rope" else "none", rope=arch.rope, qk_norm=qk_norm,
-                      qk_norm_eps=arch.norm_eps if qk_norm != "none" else 1e-5, window=layer_window(arch, i))
+                      position="rope" if arch.position == "rope" and not (arch.no_rope and arch.no_rope[i])
+                      else "none", rope=arch.rope, qk_norm=qk_norm,
+                      qk_norm_eps=arch.norm_eps if qk_norm != "none" else 1e-5,
+                      softmax_scale=arch.softmax_scale, window=layer_window(arch, i))
         post_w = roles.get(("post_norm.weight", i, None))
         if arch.parallel_block:
             m_in = h if post_w is None else b.node("norm", x, layer=i, params={

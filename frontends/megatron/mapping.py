@@ -10,6 +10,11 @@ layer number (local to the stage in legacy files) and ``{E}`` a local expert num
 ``mamba_in``    Mamba in_proj: each rank holds ``[z_r; x_r; B_r; C_r; dt_r]``; merged to ``[z; x; B; C; dt]``
 ``mamba_conv``  Mamba conv1d weight / bias: each rank holds ``[x_r; B_r; C_r]``; merged to ``[x; B; C]``
 ``skip``   not a weight of the inference model
+``grouped1`` / ``grouped2``  legacy GroupedMLP ``weight1`` [H, E_local * F_r * (2 if GLU)] / ``weight2``
+           [E_local * F_r, H] (``moe_grouped_gemm`` saved without TE): each local expert is a view of the rank's
+           tensor (``view(E_local, H, -1)[e].T`` / ``view(E_local, -1, H)[e].T``), then merged as ``gated?`` / ``row``
+``mtp``    a multi-token-prediction head's tensor (megatron-core ``MultiTokenPredictionBlock``, ``mtp.layers.N.*``):
+           dropped with a note when the args set ``mtp_num_layers`` (the main head's logits do not read it)
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ RULES: list[tuple[str, str, str]] = [
     (r"decoder\.layers\.{L}\.mlp\.experts\.local_experts\.{E}\.linear_fc2\.weight", "expert.fc2.weight", "row"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.linear_fc1\.weight{E}", "expert.fc1.weight", "gated?"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.linear_fc2\.weight{E}", "expert.fc2.weight", "row"),
+    (r"decoder\.layers\.{L}\.mlp\.experts\.weight1", "expert.fc1.weight", "grouped1"),
+    (r"decoder\.layers\.{L}\.mlp\.experts\.weight2", "expert.fc2.weight", "grouped2"),
     # torch_dist global (expert-stacked) keys; TP merge already applied on disk
     (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc1\.weight", "experts.fc1.weight", "rep"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc2\.weight", "experts.fc2.weight", "rep"),
@@ -107,6 +114,7 @@ RULES: list[tuple[str, str, str]] = [
     (r".*\._extra_state(?:/.*)?", "", "skip"),
     (r".*\.rotary_pos_emb\.inv_freq", "", "skip"),
     (r"decoder\.layers\.{L}\.mlp\.router\.expert_bias", "router.expert_bias", "rep"),
+    (r"mtp\.layers\.\d+\..*", "", "mtp"),
 ]
 
 _COMPILED = [(re.compile("^" + p.replace("{L}", r"(?P<L>\d+)").replace("{E}", r"(?P<E>\d+)") + "$"), role, merge)

@@ -14,6 +14,8 @@ gpt2        GPT2LMHeadModel         LayerNorm, learned (or no) positions, plain 
 stablelm    StableLmForCausalLM     LayerNorm, rotary (partial allowed), SwiGLU, q/k/v bias only (NeMo GPT-Next)
 nemotron    NemotronForCausalLM     LayerNorm1p (1 + w), rotary (partial allowed), plain MLP (squared-relu)
 qwen3       Qwen3ForCausalLM        like llama with RMSNorm q/k norms (Megatron's qk_layernorm)
+granite     GraniteForCausalLM      like llama with a softmax scale (attention_multiplier), other multipliers 1
+smollm3     SmolLM3ForCausalLM      like llama with NoPE layers (``no_rope_layers``: 1 = rotary, 0 = none)
 qwen2       Qwen2ForCausalLM        like llama, with q/k/v biases only (no o_proj / MLP bias)
 llama       LlamaForCausalLM        RMSNorm, rotary, gated MLP; ``attention_bias`` / ``mlp_bias`` as needed
 mistral     MistralForCausalLM      like llama without biases, every layer one sliding window (Megatron window_size)

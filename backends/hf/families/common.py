@@ -130,7 +130,8 @@ def _attention_forms(f: Facts):
                     if "qkv" in a.params else f"{a.location}: the {f.name} needs a fused QKV (run fuse-qkv)")
         if "qkv" in a.params and a.params["qkv"].type.layout.kind != "grouped":
             return f"{a.location}: the {f.name} needs the grouped QKV layout (run relayout-qkv{{to=grouped}})"
-        if at["softmax_scale"] is not None and not math.isclose(at["softmax_scale"], at["head_dim"] ** -0.5):
+        if at["softmax_scale"] is not None and not math.isclose(at["softmax_scale"], at["head_dim"] ** -0.5) \
+                and not f.cls.extra.get("any_softmax_scale"):
             return f"a softmax scale of {at['softmax_scale']} (not 1/sqrt(head_dim)) cannot be expressed by the {f.name}"
 
 

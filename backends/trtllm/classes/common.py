@@ -76,7 +76,8 @@ def trt_class(name: str, *, signature: Callable[[Facts], bool], rules: list[Rule
     """Register one TensorRT-LLM class: ``config(facts, cfg)`` fills its config.json fields on the shared base;
     ``read(cfg)`` is the inverse (config.json -> the IR attributes the reader builds: see
     :mod:`mexc.frontends.trtllm`)."""
-    cls = TargetClass(name, name, signature, rules, rows(extra_rows, name), config, {"read": read, **extra})
+    cls = TargetClass(name, name, signature, [PER_MODEL_ATTENTION, *rules], rows(extra_rows, name), config,
+                      {"read": read, **extra})
     return REGISTRY.register(cls)
 
 
@@ -126,6 +127,23 @@ def decoder_attention(scaling_ok: tuple[str, ...], qk_norm: bool = False) -> Rul
                 "MoE" + ("" if qk_norm else "; QK norm"), check)
 
 
+def _per_model_attention(f: Facts) -> list[str]:
+    """TensorRT-LLM's decoder classes build every layer's Attention from one config: one
+    ``position_embedding_type`` and one ``q_scaling`` / ``attention_multiplier`` for all layers."""
+    p = []
+    nope = [a.layer for a in f.attns if a.attrs["position"] != f.a0["position"]]
+    if nope:
+        p.append(f"layers with and without rotary positions (layer {nope[0]} differs from layer {f.attns[0].layer}: "
+                 f"NoPE layers) are not expressible with {f.name}: its layers share one position_embedding_type")
+    if len({a.attrs["softmax_scale"] for a in f.attns}) > 1:
+        p.append(f"softmax scales that differ across layers are not expressible with {f.name}")
+    return p
+
+
+PER_MODEL_ATTENTION = Rule("positions (rotary / none) or softmax scales that differ across layers",
+                           _per_model_attention)
+
+
 def falcon_layout(model) -> tuple[int | None, list[str]]:
     """(norms per parallel block: 1 or 2, problems). Every layer must be x + attn(ln(x)) + mlp(ln'(x))."""
     counts, problems = set(), []
@@ -167,9 +185,13 @@ def read_rope(cfg: dict, percent: float | None = None) -> dict:
     return out
 
 
-def qk_norm_and_scaling(f: Facts) -> list[str]:
-    """The Llama / GPT classes: no q/k norm; rope scaling none, linear or llama3."""
+def qk_norm_and_scaling(f: Facts, softmax_scale: bool = False) -> list[str]:
+    """The Llama / GPT classes: no q/k norm; rope scaling none, linear or llama3; a softmax scale only where
+    the class has a field for it (``softmax_scale``)."""
     p = []
+    if f.a0["softmax_scale"] is not None and not softmax_scale:
+        p.append(f"a softmax scale other than 1/sqrt(head_dim) is not expressible with {f.name} (TensorRT-LLM's "
+                 "LLaMA class has attention_multiplier; this class has none mexc writes)")
     if f.a0["qk_norm"] != "none":
         p.append("QK layernorm is not supported by the Llama/GPT checkpoint classes")
     rope = f.a0["rope"]

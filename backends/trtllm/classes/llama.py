@@ -3,6 +3,8 @@ scaling), optional q/k/v/o and MLP biases; MoE of SwiGLU experts with softmax to
 
 from __future__ import annotations
 
+import math
+
 from ....ir.analysis import MOE_SHARED_EXPERT, block_kinds
 from .common import PLAIN_DECODER, UNREWRITTEN, qk_norm_and_scaling, read_rope, rule, trt_class
 
@@ -14,7 +16,7 @@ def _llama_like(f) -> bool:
 
 
 def _rules(f):
-    p, rope = qk_norm_and_scaling(f), f.a0["rope"]
+    p, rope = qk_norm_and_scaling(f, softmax_scale=True), f.a0["rope"]
     if f.moes:
         shared = [layer for layer, kind in block_kinds(f.model).items() if kind == MOE_SHARED_EXPERT]
         if shared:
@@ -35,6 +37,11 @@ def config(f, cfg: dict) -> dict:
     cfg.update(hidden_act="swiglu" if f.moes else "silu",
                attn_bias="qkv_bias" in attn.params or "proj_bias" in attn.params,
                mlp_bias=any("fc2_bias" in n.params for n in f.mlps))
+    scale = f.a0["softmax_scale"]
+    if scale is not None:
+        # LLaMADecoderLayer builds Attention(q_scaling=1 / attention_multiplier), whose logits are divided by
+        # q_scaling * sqrt(head_size) (tensorrt_llm/models/llama/model.py, layers/attention.py)
+        cfg["attention_multiplier"] = float(scale) * math.sqrt(f.a0["head_dim"])
     if f.moes:
         m = f.moes[0].attrs
         cfg["moe"] = {"num_experts": m["num_experts"], "top_k": m["top_k"],
@@ -44,7 +51,11 @@ def config(f, cfg: dict) -> dict:
 
 def read(cfg: dict) -> dict:
     moe = cfg.get("moe") or {}
+    mult = float(cfg.get("attention_multiplier", 1.0))
+    scale = None if mult == 1.0 else mult / math.sqrt(cfg.get("head_size") or
+                                                        cfg["hidden_size"] // cfg["num_attention_heads"])
     return {"norm": "rmsnorm", "gated": True, "activation": "silu", "rope": read_rope(cfg, percent=1.0),
+            "softmax_scale": scale,
             "experts": moe.get("num_experts", 0) or cfg.get("moe_num_experts", 0), "top_k": moe.get("top_k", 2),
             "pre_softmax": moe.get("normalization_mode", 1) == 0}
 
