@@ -99,8 +99,9 @@ def unrewritten(f: Facts) -> list[str]:
 UNREWRITTEN = Rule("interleaved rotary or a MoE top-k scale left unrewritten", unrewritten)
 
 
-def decoder_attention(scaling_ok: tuple[str, ...], qk_norm: bool = False) -> Rule:
-    """Attention features a rotary decoder class (Gemma, Falcon, QWen) cannot express."""
+def decoder_attention(scaling_ok: tuple[str, ...], qk_norm: bool = False, moe: bool = False) -> Rule:
+    """Attention features a rotary decoder class (Gemma, Falcon, QWen) cannot express (``moe``: the class
+    checks its MoE itself)."""
     def check(f: Facts) -> list[str]:
         a, cls, p = f.a0, f.name, []
         rope = a["rope"]
@@ -119,11 +120,11 @@ def decoder_attention(scaling_ok: tuple[str, ...], qk_norm: bool = False) -> Rul
             p.append(f"a softmax scale other than 1/sqrt(head_dim) is not expressible with {cls}")
         if f.learned:
             p.append(f"learned position embeddings are not expressible with {cls}")
-        if f.moes:
+        if f.moes and not moe:
             p.append(f"MoE is not expressible with {cls}")
         return p
-    return Rule(f"positions other than full rotary ({'/'.join(scaling_ok)}); a softmax scale; learned positions; "
-                "MoE" + ("" if qk_norm else "; QK norm"), check)
+    return Rule(f"positions other than full rotary ({'/'.join(scaling_ok)}); a softmax scale; learned positions"
+                + ("" if moe else "; MoE") + ("" if qk_norm else "; QK norm"), check)
 
 
 def falcon_layout(model) -> tuple[int | None, list[str]]:
