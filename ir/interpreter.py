@@ -193,6 +193,22 @@ class ReferenceExecutor:
                 if gated:
                     h = h * (x @ up[j].t())
                 out = out + weight * (h @ fc2[j].t())
+        return out + self._shared_expert(node, x) if a["shared_expert"] != "none" else out
+
+    def _shared_expert(self, node, x):
+        """Megatron's SharedExpertMLP: a TP-split MLP (its row-parallel partial sums reduced), times
+        sigmoid(x . shared_expert_gate) when sigmoid-gated."""
+        a = node.attrs
+        out = 0
+        for r in self._ranks(node, "shared_fc2"):
+            if a["gated"]:
+                h = activation(a["activation"], x @ self.w.get(node, "shared_gate", r).t())
+                h = h * (x @ self.w.get(node, "shared_up", r).t())
+            else:
+                h = activation(a["activation"], x @ self.w.get(node, "shared_fc1", r).t())
+            out = out + h @ self.w.get(node, "shared_fc2", r).t()
+        if a["shared_expert"] == "sigmoid-gated":
+            out = out * torch.sigmoid(x @ self.w.get(node, "shared_expert_gate").t())
         return out
 
     def op_mamba(self, node, x, pos):

@@ -7,6 +7,11 @@ from TensorRT-LLM's qwen/{model,config,convert}.py) and by mexc's own reader.
 * ``qwen3-moe``: QK layernorm (eps 1e-6) + softmax top-2 of 4 SwiGLU experts, renormalized (Megatron's default
   router: softmax over the top-k logits) -> Qwen3MoeForCausalLM (``norm_topk_prob``), QWenForCausalLM
   ``qwen_type: qwen3_moe`` (``moe.normalization_mode`` 1, RENORMALIZE).
+* ``qwen2-moe``: q/k/v bias, pre-softmax top-2 of 4 (not renormalized) and a shared expert (96) times
+  sigmoid(x . gate_weight) (``moe_shared_expert_intermediate_size``, ``moe_shared_expert_gate``) ->
+  Qwen2MoeForCausalLM, QWenForCausalLM ``qwen_type: qwen2_moe`` (SharedMoE, ``normalization_mode`` 0).
+* ``moe-shared``: the shared expert without a gate: lifted, interpreted, lowered to onnx; no hf / TensorRT-LLM
+  class has it, so both refuse with one line.
 """
 
 from __future__ import annotations
@@ -161,3 +166,112 @@ def test_qwen3_moe_refusals_name_the_class_and_reason():
     assert family == "qwen3_moe" and any("score='sigmoid'" in p and "Qwen3MoeForCausalLM" in p for p in problems)
     trt = get_backend("trtllm").check(m, CompileOptions(target="trtllm"))
     assert any("score='sigmoid'" in p and "QWenForCausalLM" in p for p in trt), trt
+
+
+# ----------------------------------------------------------------------------------------------- shared experts
+@pytest.mark.parametrize("kind,tp,fmt", [("qwen2-moe", 1, "torch"), ("qwen2-moe", 2, "torch"),
+                                         ("qwen2-moe", 2, "torch_dist"), ("moe-shared", 1, "torch")])
+def test_shared_expert_lifted_and_interpreted(kind, tp, fmt):
+    d = megatron_checkpoint(kind, tp=tp, fmt=fmt)
+    ref = load_reference(d)
+    m = lift(d / "ckpt")
+    gated = kind == "qwen2-moe"
+    for n in m.graph.find("moe"):
+        assert n.attrs["shared_expert"] == ("sigmoid-gated" if gated else "ungated")
+        assert n.attrs["pre_softmax"] is gated
+        assert n.params["shared_fc2"].type.shape == (64, 96) and n.params["shared_up"].type.shape == (96, 64)
+        assert ("shared_expert_gate" in n.params) is gated
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+    if gated:   # the gate is what runs: without it (sigmoid = 1 everywhere) the logits move
+        for n in m.graph.find("moe"):
+            n.attrs["shared_expert"] = "ungated"
+            del n.params["shared_expert_gate"]
+        assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-3
+
+
+def test_shared_expert_params_are_declared_and_resharded_by_role():
+    from mexc.backends.lowering import make_pass
+    from mexc.passes.infra import PassManager
+
+    m = PassManager([make_pass("relayout-qkv", to="concat"), make_pass("reshard", tp=2, pp=1, ep=2)])(
+        lift(megatron_checkpoint("qwen2-moe") / "ckpt"))
+    n = next(m.graph.find("moe"))
+    got = {k: (p.sharding.dim, p.sharding.parts, p.sharding.axis) for k, p in n.params.items()
+           if not p.sharding.replicated}
+    assert got == {"gate": (0, 2, "ep"), "up": (0, 2, "ep"), "fc2": (0, 2, "ep"), "shared_gate": (0, 2, "tp"),
+                   "shared_up": (0, 2, "tp"), "shared_fc2": (1, 2, "tp")}          # router, shared_expert_gate whole
+    ref = load_reference(megatron_checkpoint("qwen2-moe"))
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5                   # each simulated rank its shards
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_hf_qwen2_moe_matches_megatron(tmp_path, tp):
+    d = megatron_checkpoint("qwen2-moe", tp=tp)
+    ref = load_reference(d)
+    out = tmp_path / "hf"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="hf"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["architectures"], cfg["model_type"]) == (["Qwen2MoeForCausalLM"], "qwen2_moe")
+    assert (cfg["shared_expert_intermediate_size"], cfg["moe_intermediate_size"], cfg["norm_topk_prob"],
+            cfg["qkv_bias"]) == (96, 64, False, True)
+    model, logits = hf_logits(out, ref["tokens"])
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert err(logits, ref["logits"]) < TOL
+
+
+@pytest.mark.parametrize("kind,profile", [("qwen2-moe", "ort"), ("qwen2-moe", "tensorrt"), ("moe-shared", "ort"),
+                                          ("moe-shared", "tensorrt")])
+def test_onnx_shared_expert_prefill_and_decode_match_megatron(tmp_path, kind, profile):
+    assert onnx_errors(megatron_checkpoint(kind), tmp_path, profile) < TOL
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 1), (2, 1), (2, 2)])
+def test_trtllm_qwen2_moe_read_back(tmp_path, tp, ep):
+    d = megatron_checkpoint("qwen2-moe")
+    ref = load_reference(d)
+    out = tmp_path / "trt"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="trtllm", tp=tp, ep=ep, build="never"))
+    cfg, t = trtllm_reader.read_checkpoint(str(out))
+    assert (cfg["architecture"], cfg["qwen_type"], cfg["hidden_act"], cfg["attn_bias"]) == \
+        ("QWenForCausalLM", "qwen2_moe", "swiglu", True)
+    assert (cfg["moe_intermediate_size"], cfg["moe_shared_expert_intermediate_size"]) == (64, 96)
+    assert cfg["moe"]["normalization_mode"] == 0 and cfg["moe"]["shared_expert_intermediate_size"] == 96
+    assert not any("layernorm" in k and "attention" in k for k in t)       # qwen2_moe: no q/k norm
+    n = next(lift(d / "ckpt").graph.find("moe"))
+    sfc = t["transformer.layers.0.mlp.shared_expert.fc.weight"]            # [up; gate], merged over TP
+    assert torch.equal(sfc[:96], n.params["shared_up"].source.materialize())
+    assert torch.equal(sfc[96:], n.params["shared_gate"].source.materialize())
+    assert torch.equal(t["transformer.layers.0.mlp.shared_expert_gate.weight"],
+                       n.params["shared_expert_gate"].source.materialize())
+    theirs = trtllm_reader.logits(str(out), ref["tokens"])
+    assert err(theirs, ref["logits"]) < TOL
+    from mexc.frontends.trtllm import lift_trtllm
+
+    ours = lift_trtllm(out)
+    assert {m.attrs["shared_expert"] for m in ours.graph.find("moe")} == {"sigmoid-gated"}
+    assert err(run(ours, ref["tokens"]), theirs) < 1e-5
+
+
+def test_verify_qwen2_moe_trtllm_and_fails_when_the_shared_gate_is_corrupted(tmp_path, capsys):
+    from test_trtllm_backend import corrupt_scale
+
+    d = megatron_checkpoint("qwen2-moe")
+    out = tmp_path / "trt"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="trtllm", tp=2, build="never"))
+    assert main(["verify", str(out), "--against", str(d / "ckpt")]) == 0
+    assert "OK" in capsys.readouterr().out
+    for r in (0, 1):   # replicated: the same change on both ranks, so only the logits can see it
+        corrupt_scale(out, f"rank{r}.safetensors", "transformer.layers.1.mlp.shared_expert_gate.weight", -20.0)
+    assert main(["verify", str(out), "--against", str(d / "ckpt")]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_ungated_shared_expert_is_refused_by_hf_and_trtllm_with_one_line(tmp_path, capsys):
+    d = megatron_checkpoint("moe-shared")
+    for target in ("hf", "trtllm"):
+        assert main(["compile", str(d / "ckpt"), "--target", target, "--build", "never", "-o",
+                     str(tmp_path / target)]) != 0
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and ("ungated shared expert" in lines[0] or "without a gate" in lines[0]), lines
+        assert ("Qwen2MoeForCausalLM" if target == "hf" else "QWenForCausalLM") in lines[0]
+        assert not (tmp_path / target).exists()

@@ -431,6 +431,21 @@ class Lowering:
             y = g.op("Mul", [we, y], f"{eb}/Mul_weight")
             out = y if out is None else g.op("Add", [out, y], f"{eb}/Add")
         del wg, wfc2, wup
+        if a["shared_expert"] != "none":   # Megatron's SharedExpertMLP (x sigmoid(x . gate) when gated)
+            sb, act = f"{base}/shared_expert", a["activation"]
+            if gated:
+                h = self.activation(act, self.linear(node, x, "shared_gate", None, "moe/shared_expert/gate_proj"),
+                                    f"{sb}/act_fn")
+                h = g.op("Mul", [h, self.linear(node, x, "shared_up", None, "moe/shared_expert/up_proj")], f"{sb}/Mul")
+            else:
+                h = self.activation(act, self.linear(node, x, "shared_fc1", None, "moe/shared_expert/fc1"),
+                                    f"{sb}/act_fn")
+            y = self.linear(node, h, "shared_fc2", None, "moe/shared_expert/down_proj")
+            if a["shared_expert"] == "sigmoid-gated":
+                s = g.op("Sigmoid", [self.linear(node, x, "shared_expert_gate", None, "moe/shared_expert_gate")],
+                         f"{sb}/Sigmoid")
+                y = g.op("Mul", [s, y], f"{sb}/Mul_gate")
+            out = g.op("Add", [out, y], f"{sb}/Add")
         return out
 
     # ------------------------------------------------------------------------------------------ attention

@@ -17,7 +17,8 @@ from ....passes.fold_moe_scaling import has_topk_scale
 from ....passes.rope_to_half import has_interleaved_rope
 from ...lowering import Facts, Registry, Rule, TargetClass, parse_rows
 
-# copy: the param's rank shard; moe_fc: up+gate concatenated per rank on dim 1
+# copy: the param's rank shard; moe_fc: up+gate concatenated per rank on their rows (dim 1 of [E, F, H] experts,
+# dim 0 of a [S, H] shared expert)
 TRANSFORMS = ("copy", "moe_fc")
 # present: written when the IR has the param; attn_bias: also written, as zeros, when the IR lacks it and the
 # config's attn_bias is on (TensorRT-LLM's Attention then has the bias)

@@ -16,7 +16,8 @@ def _llama_like(f) -> bool:
 def _rules(f):
     p, rope = qk_norm_and_scaling(f), f.a0["rope"]
     if f.moes:
-        shared = [layer for layer, kind in block_kinds(f.model).items() if kind == MOE_SHARED_EXPERT]
+        shared = [layer for layer, kind in block_kinds(f.model).items() if kind == MOE_SHARED_EXPERT] + \
+            [m.layer for m in f.moes if m.attrs["shared_expert"] != "none"]
         if shared:
             p.append(f"layer {shared[0]}: a MoE with a shared expert (x + moe(h) + mlp(h)) is not "
                      "expressible with TensorRT-LLM's Llama class (no shared expert)")
