@@ -11,7 +11,10 @@ from TensorRT-LLM's qwen/{model,config,convert}.py) and by mexc's own reader.
   sigmoid(x . gate_weight) (``moe_shared_expert_intermediate_size``, ``moe_shared_expert_gate``) ->
   Qwen2MoeForCausalLM, QWenForCausalLM ``qwen_type: qwen2_moe`` (SharedMoE, ``normalization_mode`` 0).
 * ``moe-shared``: the shared expert without a gate: lifted, interpreted, lowered to onnx; no hf / TensorRT-LLM
-  class has it, so both refuse with one line.
+  class has it with softmax routing, so both refuse with one line.
+* ``glm4-moe``: sigmoid router with the saved ``expert_bias`` (``moe_router_enable_expert_bias``), 2 expert groups
+  of which 1 is chosen (``moe_router_num_groups`` / ``moe_router_group_topk``), top-2 renormalized, an ungated
+  shared expert, rotary over half of each head -> Glm4MoeForCausalLM; TensorRT-LLM has no class (refused).
 """
 
 from __future__ import annotations
@@ -275,3 +278,69 @@ def test_ungated_shared_expert_is_refused_by_hf_and_trtllm_with_one_line(tmp_pat
         assert len(lines) == 1 and ("ungated shared expert" in lines[0] or "without a gate" in lines[0]), lines
         assert ("Qwen2MoeForCausalLM" if target == "hf" else "QWenForCausalLM") in lines[0]
         assert not (tmp_path / target).exists()
+
+
+# ----------------------------------------------------------------------------------------------- GLM-4-MoE
+@pytest.mark.parametrize("tp,fmt", [(1, "torch"), (2, "torch"), (2, "torch_dist")])
+def test_sigmoid_expert_bias_and_groups_lifted_and_interpreted(tp, fmt):
+    from mexc import ir
+
+    d = megatron_checkpoint("glm4-moe", tp=tp, fmt=fmt)
+    ref = load_reference(d)
+    m = lift(d / "ckpt")
+    for n in m.graph.find("moe"):
+        a = n.attrs
+        assert (a["score"], a["norm_topk"], a["num_groups"], a["group_topk"], a["shared_expert"]) == \
+            ("sigmoid", True, 2, 1, "ungated")
+        assert n.params["expert_bias"].type.shape == (4,) and n.params["expert_bias"].source.materialize().abs().min() > 0
+    assert str(ir.parse(str(m))) == str(m)                       # the new attributes print and parse back
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+    for n in m.graph.find("moe"):   # each routing feature is what runs: without groups, then without the bias
+        n.attrs["num_groups"] = n.attrs["group_topk"] = 0
+    assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-3
+    m = lift(d / "ckpt")
+    for n in m.graph.find("moe"):
+        del n.params["expert_bias"]
+    assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-3
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_hf_glm4_moe_matches_megatron(tmp_path, tp):
+    d = megatron_checkpoint("glm4-moe", tp=tp)
+    ref = load_reference(d)
+    out = tmp_path / "hf"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="hf"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["architectures"], cfg["model_type"]) == (["Glm4MoeForCausalLM"], "glm4_moe")
+    assert (cfg["n_routed_experts"], cfg["n_shared_experts"], cfg["n_group"], cfg["topk_group"]) == (4, 1, 2, 1)
+    assert cfg["norm_topk_prob"] is True and cfg["first_k_dense_replace"] == 0
+    assert cfg["partial_rotary_factor"] == cfg["rope_parameters"]["partial_rotary_factor"] == 0.5
+    model, logits = hf_logits(out, ref["tokens"])
+    assert type(model).__name__ == "Glm4MoeForCausalLM"
+    bias = next(lift(d / "ckpt").graph.find("moe")).params["expert_bias"].source.materialize()
+    assert torch.equal(model.model.layers[0].mlp.gate.e_score_correction_bias, bias)
+    assert err(logits, ref["logits"]) < TOL
+
+
+@pytest.mark.parametrize("profile", ["ort", "tensorrt"])
+def test_onnx_glm4_moe_prefill_and_decode_match_megatron(tmp_path, profile):
+    assert onnx_errors(megatron_checkpoint("glm4-moe"), tmp_path, profile) < TOL
+
+
+def test_sigmoid_routing_refused_by_trtllm_and_groups_by_softmax_classes(tmp_path, capsys):
+    from mexc.backends.hf import families
+    from mexc.driver import get_backend
+
+    d = megatron_checkpoint("glm4-moe")
+    assert main(["compile", str(d / "ckpt"), "--target", "trtllm", "--build", "never", "-o",
+                 str(tmp_path / "trt")]) != 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "score='sigmoid'" in lines[0] and "no TensorRT-LLM checkpoint class" in lines[0]
+    assert not (tmp_path / "trt").exists()
+    for kind, cls in (("qwen3-moe", "Qwen3MoeForCausalLM"), ("qwen2-moe", "Qwen2MoeForCausalLM"),
+                      ("moe", "MixtralForCausalLM")):
+        m = lift(megatron_checkpoint(kind) / "ckpt")
+        for n in m.graph.find("moe"):    # group-limited softmax routing: only GLM-4-MoE has groups (sigmoid)
+            n.attrs["num_groups"], n.attrs["group_topk"] = 2, 1
+        assert any("group-limited" in p and cls in p for p in families.classify(m)[1]), kind
+        assert any("group-limited" in p for p in get_backend("trtllm").check(m, CompileOptions(target="trtllm")))

@@ -422,11 +422,17 @@ def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
         params["gate"], params["up"] = _split_gated(fc1)
     else:
         params["fc1"] = fc1
-    if ("router.expert_bias", i, None) in roles:
-        raise CheckpointError(f"{where}: layer {i} uses expert-bias routing, which mexc does not lower yet",
-                              hint="no target of mexc expresses expert-bias routing today")
+    bias = roles.get(("router.expert_bias", i, None))
+    if (bias is not None) != arch.moe_expert_bias or (bias is not None and arch.moe_score != "sigmoid"):
+        raise CheckpointError(f"{where}: layer {i} {'has' if bias is not None else 'has no'} router.expert_bias "
+                              f"but the args say moe_router_enable_expert_bias={arch.moe_expert_bias}, "
+                              f"moe_router_score_function={arch.moe_score!r} (Megatron: expert bias with sigmoid only)",
+                              hint="fix the args with --config")
+    if bias is not None:
+        params["expert_bias"] = bias
     shared = _shared_expert(roles, arch, i, params, where)
     return b.node("moe", h, layer=i, params=params, num_experts=E, top_k=arch.moe_topk, shared_expert=shared,
+                  num_groups=arch.moe_num_groups if arch.moe_group_topk else 0, group_topk=arch.moe_group_topk,
                   activation=arch.activation, gated=arch.gated, score=arch.moe_score,
                   pre_softmax=arch.moe_pre_softmax, topk_scale=arch.moe_topk_scale,
                   norm_topk=arch.moe_score == "sigmoid" and arch.moe_topk > 1)  # Megatron renormalizes sigmoid top-k

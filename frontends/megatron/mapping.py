@@ -43,6 +43,7 @@ RULES: list[tuple[str, str, str]] = [
     (r"decoder\.layers\.{L}\.mlp\.linear_fc2\.weight", "fc2.weight", "row"),
     (r"decoder\.layers\.{L}\.mlp\.linear_fc2\.bias", "fc2.bias", "rep"),
     (r"decoder\.layers\.{L}\.mlp\.router\.weight", "router.weight", "rep"),
+    (r"decoder\.layers\.{L}\.mlp\.router\.expert_bias", "router.expert_bias", "rep"),  # fp32 buffer [E]
     (r"decoder\.layers\.{L}\.mlp\.experts\.local_experts\.{E}\.linear_fc1\.weight", "expert.fc1.weight", "gated?"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.local_experts\.{E}\.linear_fc2\.weight", "expert.fc2.weight", "row"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.linear_fc1\.weight{E}", "expert.fc1.weight", "gated?"),

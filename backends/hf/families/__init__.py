@@ -6,6 +6,7 @@ family      HF class                IR shape
 =========== ======================  =======================================================================
 qwen3_moe   Qwen3MoeForCausalLM     like qwen3, every layer a softmax top-k MoE (renormalized or not)
 qwen2_moe   Qwen2MoeForCausalLM     like qwen2, every layer a softmax top-k MoE + a sigmoid-gated shared expert
+glm4_moe    Glm4MoeForCausalLM      sigmoid routing (expert bias, groups) + ungated shared experts, partial rotary
 mixtral     MixtralForCausalLM      like llama, every layer a softmax top-k MoE of gated experts, no biases
 falcon      FalconForCausalLM       parallel attention + MLP off one LayerNorm, rotary, fused grouped QKV
 falcon2     FalconForCausalLM       the same with ln_attn + ln_mlp (Falcon's new decoder architecture)

@@ -23,16 +23,20 @@ moe   fc2      {L}mlp.experts.{{E}}.down_proj.weight    expert  always
 MOE_PARAMS = {"router", "gate", "up", "fc2"}
 
 
-def moe_rules(f, name: str, params: set[str] = MOE_PARAMS) -> list[str]:
-    """Every layer one softmax top-k MoE of bias-free gated SiLU experts, all alike (Qwen2/3-MoE)."""
+def moe_rules(f, name: str, params: set[str] = MOE_PARAMS, sigmoid: bool = False) -> list[str]:
+    """Every layer one softmax (``sigmoid``: sigmoid, groups allowed) top-k MoE of bias-free gated SiLU experts,
+    all alike (Qwen2/3-MoE, GLM-4-MoE)."""
     p = []
     if f.mlps:
         p.append(f"dense (non-MoE) layers cannot be expressed by the {name} as written by mexc: every layer is "
                  "an MoE (mlp_only_layers is not emitted)")
     for m in f.moes:
         a = m.attrs
-        if a["score"] != "softmax":
+        if a["score"] != "softmax" and not sigmoid:
             p.append(f"MoE routing with score={a['score']!r} cannot be expressed by the {name}: it routes by softmax")
+        if a["group_topk"] and not sigmoid:
+            p.append(f"group-limited top-k routing (num_groups={a['num_groups']}, group_topk={a['group_topk']}) "
+                     f"cannot be expressed by the {name} (Glm4MoeForCausalLM has it, with sigmoid routing)")
         if not a["gated"] or a["activation"] != "silu":
             p.append(f"the {name} needs gated SiLU experts, got activation={a['activation']!r} gated={a['gated']}")
         if set(m.params) - params:

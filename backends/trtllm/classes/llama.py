@@ -25,6 +25,9 @@ def _rules(f):
             p.append("MoE is emitted with TensorRT-LLM's Llama class (RMSNorm, SwiGLU experts) only")
         if any(n.attrs["score"] != "softmax" for n in f.moes):
             p.append("MoE routing other than softmax top-k is not expressible")
+        if any(n.attrs["group_topk"] for n in f.moes):
+            p.append("group-limited top-k routing (moe_router_num_groups / group_topk) is not expressible with "
+                     "TensorRT-LLM's Llama class")
     elif f.a0["position"] == "rope" and rope.percent != 1.0:
         p.append("partial rotary (rotary_percent < 1) on a Llama-style model: TensorRT-LLM's Llama "
                  "class rotates the whole head; use --target hf")

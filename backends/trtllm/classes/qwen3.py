@@ -44,7 +44,12 @@ def _moe_rules(f) -> list[str]:
     for m in f.moes:
         a = m.attrs
         if a["score"] != "softmax":
-            p.append(f"MoE routing with score={a['score']!r} is not expressible with {CLS}: its MOE routes by softmax")
+            p.append(f"MoE routing with score={a['score']!r} (expert bias, group-limited top-k and all) has no "
+                     f"TensorRT-LLM checkpoint class: {CLS} and LlamaForCausalLM route by softmax; use --target hf "
+                     "(Glm4MoeForCausalLM)")
+            return p
+        if a["group_topk"]:
+            p.append(f"group-limited top-k routing is not expressible with {CLS}")
         if not a["gated"] or a["activation"] != "silu":
             p.append(f"{CLS} ({_qwen_type(f)}) is emitted for SwiGLU experts only")
         if a["shared_expert"] == "ungated":
