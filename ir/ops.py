@@ -258,9 +258,10 @@ def _check_moe(node, model):
     E, k = node.attrs["num_experts"], node.attrs["top_k"]
     p = [] if 1 <= k <= E else [f"top_k={k} outside [1, {E}]"]
     G, gk = node.attrs["num_groups"], node.attrs["group_topk"]
-    if (G or gk) and not (G >= 1 and 1 <= gk <= G and E % G == 0 and k % gk == 0 and k // gk <= E // G):
+    if (G or gk) and not (G >= 1 and 1 <= gk <= G and E % G == 0 and 1 <= k // gk <= E // G and gk * E // G >= k):
         p.append(f"group-limited routing num_groups={G} group_topk={gk} does not fit {E} experts, top_k={k} "
-                 "(num_groups divides the experts, 1 <= group_topk <= num_groups, group_topk divides top_k)")
+                 "(num_groups divides the experts, 1 <= group_topk <= min(num_groups, top_k), the chosen groups "
+                 "hold top_k experts)")
     if node.attrs["shared_expert"] != "none":   # the shared expert is gated (GLU) exactly when the experts are
         want = ("shared_gate", "shared_up") if node.attrs["gated"] else ("shared_fc1",)
         unwanted = ("shared_fc1",) if node.attrs["gated"] else ("shared_gate", "shared_up")

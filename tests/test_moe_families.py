@@ -294,6 +294,9 @@ def test_sigmoid_expert_bias_and_groups_lifted_and_interpreted(tp, fmt):
             ("sigmoid", True, 2, 1, "ungated")
         assert n.params["expert_bias"].type.shape == (4,) and n.params["expert_bias"].source.materialize().abs().min() > 0
     assert str(ir.parse(str(m))) == str(m)                       # the new attributes print and parse back
+    bad = ir.parse(str(m))
+    next(bad.graph.find("moe")).attrs["num_groups"] = 3           # 4 experts do not split into 3 groups
+    assert any("group-limited routing num_groups=3" in p for p in ir.problems(bad))
     assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
     for n in m.graph.find("moe"):   # each routing feature is what runs: without groups, then without the bias
         n.attrs["num_groups"] = n.attrs["group_topk"] = 0

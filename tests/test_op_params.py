@@ -70,7 +70,7 @@ def test_derived_rules_reproduce_the_tables_they_replace():
     assert split_of("embedding", "word", parallel_embedding=True) == (0, "tp")
     assert params_with(role="norm") == {("norm", "weight"), ("norm", "bias"), ("attention", "q_norm"),
                                         ("attention", "k_norm")}
-    assert params_with(role="router") == {("moe", "router")}
+    assert params_with(role="router") == {("moe", "router"), ("moe", "expert_bias")}   # both fp32 (Megatron)
     assert param_spec("attention", "proj_scale") is None
 
 

@@ -81,7 +81,8 @@ def _flags(f, base: dict) -> dict:
 
 family("glm4_moe", "Glm4MoeForCausalLM", rows=ROWS, moe=True,
        signature=lambda f: (bool(f.moes) and f.kinds == {"rmsnorm"} and f.positions == {"rope"}
-                            and any(m.attrs["score"] == "sigmoid" for m in f.moes)),
+                            and any(m.attrs["score"] == "sigmoid" and m.attrs["shared_expert"] != "none"
+                                    for m in f.moes)),
        rules=[rule("q/k normalization")(no_qk_norm), ROTARY_ONLY,
               rule("dense layers, experts other than bias-free gated SiLU, differing MoE layers")(
                   lambda f: moe_rules(f, f.name, PARAMS, sigmoid=True)),
