@@ -28,9 +28,9 @@ def _shared(f):
     p = []
     for m in f.moes:
         if m.attrs["shared_expert"] != "sigmoid-gated":
-            p.append(f"{m.location}: a MoE {'without a shared expert' if m.attrs['shared_expert'] == 'none' else 'with an ungated shared expert'} "
-                     f"cannot be expressed by the {f.name}: its shared expert is always there and always "
-                     "sigmoid-gated (Megatron's moe_shared_expert_gate)")
+            what = "without a shared expert" if m.attrs["shared_expert"] == "none" else "with an ungated shared expert"
+            p.append(f"{m.location}: a MoE {what} cannot be expressed by the {f.name}: its shared expert is always "
+                     "there and always sigmoid-gated (Megatron's moe_shared_expert_gate)")
             break
     if f.has(f.attns, ("proj_bias",)):
         p.append(f"an attention output bias cannot be expressed by the {f.name} (o_proj has none)")

@@ -141,5 +141,6 @@ trt_class(CLS, signature=lambda f: (any(a.attrs["qk_norm"] != "none" for a in f.
           rules=[decoder_attention(("none", "linear", "llama3"), qk_norm=True, moe=True), PLAIN_DECODER, UNREWRITTEN,
                  rule("a LayerNorm q/k norm, norms other than RmsNorm, an MLP other than SwiGLU, an attention output "
                       "bias, MLP biases; (qwen3_moe) dense layers, routing other than softmax top-k, experts other "
-                      "than SwiGLU, differing MoE layers; (qwen2_moe) a shared expert without a sigmoid gate, a q/k norm")(_rules)],
+                      "than SwiGLU, differing MoE layers; (qwen2_moe) a shared expert without a sigmoid gate, a q/k "
+                      "norm")(_rules)],
           config=config, read=read, extra_rows=ROWS, notes=notes, before=("LlamaForCausalLM", "GPTForCausalLM"))
