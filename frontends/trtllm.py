@@ -210,7 +210,16 @@ def _moe(b, h, i, s, cfg, info, leaf, ranks, name, tp, ep, merged):
             blocks.append(cols[0] if moe_tp == 1 else derive("concat", *cols, dim=ffn_dim))
         return blocks[0] if ep == 1 else derive("concat", *blocks, dim=0)
 
+    params = {"router": leaf(ranks(s)[0], name("moe", "router", i)), "gate": join(gates, 1),
+              "up": join(ups, 1), "fc2": join(proj, 2)}
+    shared = info.get("shared_expert", "none")
+    if shared != "none":   # QWen qwen2_moe: shared_expert.fc = [up_r; gate_r] per TP rank, proj split on dim 1
+        sfc = [leaf(r, name("moe", ("shared_up", "shared_gate"), i)) for r in ranks(s)]
+        s_l = sfc[0].type.shape[0] // 2
+        params["shared_up"] = derive("concat", *[derive("slice", t, dim=0, start=0, stop=s_l) for t in sfc], dim=0)
+        params["shared_gate"] = derive("concat", *[derive("slice", t, dim=0, start=s_l, stop=2 * s_l) for t in sfc],
+                                       dim=0)
+        params["shared_fc2"] = merged(s, "moe", "shared_fc2", i)
+        params["shared_expert_gate"] = merged(s, "moe", "shared_expert_gate", i)
     return b.node("moe", h, layer=i, num_experts=info["experts"], top_k=info["top_k"], activation="silu",
-                  gated=True, pre_softmax=info["pre_softmax"],
-                  params={"router": leaf(ranks(s)[0], name("moe", "router", i)), "gate": join(gates, 1),
-                          "up": join(ups, 1), "fc2": join(proj, 2)})
+                  gated=True, pre_softmax=info["pre_softmax"], shared_expert=shared, params=params)

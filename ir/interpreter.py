@@ -201,14 +201,18 @@ class ReferenceExecutor:
         a = node.attrs
         k = a["top_k"]
         logits = x.float() @ self.w.get(node, "router").float().t()
+        topk = _group_topk(k, a["num_groups"], a["group_topk"])
         if a["score"] == "softmax":
             if a.get("pre_softmax", False):
-                probs, idx = logits.softmax(-1).topk(k, -1)
+                probs, idx = topk(logits.softmax(-1))
             else:
-                top, idx = logits.topk(k, -1)
+                top, idx = topk(logits)
                 probs = top.softmax(-1)
-        else:  # sigmoid
-            probs, idx = torch.sigmoid(logits).topk(k, -1)
+        else:  # sigmoid; an expert bias only chooses the experts (Megatron's aux-loss-free routing)
+            scores = torch.sigmoid(logits)
+            bias = self.w.get(node, "expert_bias")
+            _, idx = topk(scores + bias.float() if bias is not None else scores)
+            probs = scores.gather(-1, idx)
             if a["norm_topk"]:
                 probs = probs / probs.sum(-1, keepdim=True)
         probs = probs * a.get("topk_scale", 1.0)  # Megatron's moe_router_topk_scaling_factor
@@ -229,6 +233,22 @@ class ReferenceExecutor:
                 if gated:
                     h = h * (x @ up[j].t())
                 out = out + weight * (h @ fc2[j].t())
+        return out + self._shared_expert(node, x) if a["shared_expert"] != "none" else out
+
+    def _shared_expert(self, node, x):
+        """Megatron's SharedExpertMLP: a TP-split MLP (its row-parallel partial sums reduced), times
+        sigmoid(x . shared_expert_gate) when sigmoid-gated."""
+        a = node.attrs
+        out = 0
+        for r in self._ranks(node, "shared_fc2"):
+            if a["gated"]:
+                h = activation(a["activation"], x @ self.w.get(node, "shared_gate", r).t())
+                h = h * (x @ self.w.get(node, "shared_up", r).t())
+            else:
+                h = activation(a["activation"], x @ self.w.get(node, "shared_fc1", r).t())
+            out = out + h @ self.w.get(node, "shared_fc2", r).t()
+        if a["shared_expert"] == "sigmoid-gated":
+            out = out * torch.sigmoid(x @ self.w.get(node, "shared_expert_gate").t())
         return out
 
     def op_mamba(self, node, x, pos):
@@ -263,6 +283,21 @@ class ReferenceExecutor:
     def op_lm_head(self, node, x, pos):
         ranks = self._ranks(node, "weight")
         return torch.cat([x @ self.w.get(node, "weight", r).t() for r in ranks], -1)
+
+
+def _group_topk(k: int, groups: int, group_topk: int):
+    """``scores -> (values, indices)`` of the top ``k``; group-limited as Megatron's ``group_limited_topk``
+    (megatron/core/transformer/moe/moe_utils.py): the ``group_topk`` groups whose best ``k // group_topk``
+    scores sum highest, the top ``k`` inside them."""
+    if not group_topk:
+        return lambda s: s.topk(k, -1)
+
+    def topk(s):
+        g = s.unflatten(-1, (groups, -1))
+        chosen = g.topk(k // group_topk, -1)[0].sum(-1).topk(group_topk, -1)[1]
+        mask = torch.zeros_like(g[..., 0]).scatter(-1, chosen, 1.0).bool()[..., None].expand_as(g)
+        return g.masked_fill(~mask, float("-inf")).flatten(-2).topk(k, -1)
+    return topk
 
 
 def run(model: Model, input_ids: torch.Tensor, *, dtype: torch.dtype = torch.float32,

@@ -14,7 +14,9 @@
 | mlp         | x              | activation, gated                                              | gate,up [F,H] (gated) or fc1;  |
 |             |                |                                                                | fc2 [H,F]; *_bias?             |
 | moe         | x              | num_experts, top_k, activation, gated, score, norm_topk,       | router [E,H]; gate,up [E,F,H]  |
-|             |                | pre_softmax, topk_scale                                        | or fc1; fc2 [E,H,F]            |
+|             |                | pre_softmax, topk_scale, shared_expert (none / ungated /       | or fc1; fc2 [E,H,F]; shared_*  |
+|             |                | sigmoid-gated), num_groups, group_topk (0: not group-limited)  | [S,H] / [H,S]; shared_expert_  |
+|             |                |                                                                | gate [1,H]; expert_bias [E]    |
 | mamba       | x              | num_heads, head_dim, num_groups, state_dim, conv_kernel,       | in_z,in_x [I,H]; in_B,in_C     |
 |             |                | norm_eps, norm_before_gate (Mamba-2 mixer, see its doc)        | [GN,H]; in_dt [NH,H]; conv_*   |
 |             |                |                                                                | [.,K] (+bias); dt_bias, A_log, |
@@ -49,6 +51,7 @@ QK_NORM_KINDS = ("none", *NORM_KINDS)
 POSITIONS = ("rope", "none")  # learned positions are a param of the embedding
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 MOE_SCORES = ("softmax", "sigmoid")
+SHARED_EXPERTS = ("none", "ungated", "sigmoid-gated")  # Megatron: moe_shared_expert_intermediate_size, _gate
 QKV_LAYOUTS = QKVLayout.KINDS
 
 # ---------------------------------------------------------------------------------------- param roles
@@ -150,6 +153,7 @@ def _checker(extra, dims):
 # ---------------------------------------------------------------------------------------- the op set
 
 _GATED, _PLAIN = ("gated", (True,)), ("gated", (False,))
+_SHARED = ("shared_expert", SHARED_EXPERTS[1:])
 _QK = ("qk_norm", NORM_KINDS)
 
 
@@ -278,18 +282,43 @@ def _check_mlp(node, model):
 @op_schema("moe", 1, {"num_experts": A(int, None), "top_k": A(int, 2),
                       "activation": A(str, "silu", ACTIVATIONS), "gated": A(bool, True),
                       "score": A(str, "softmax", MOE_SCORES), "pre_softmax": A(bool, False),
-                      "norm_topk": A(bool, False), "topk_scale": A((int, float), 1.0)},
+                      "norm_topk": A(bool, False), "topk_scale": A((int, float), 1.0),
+                      "shared_expert": A(str, "none", SHARED_EXPERTS),
+                      "num_groups": A(int, 0), "group_topk": A(int, 0)},
            "mixture of experts: router, top-k, expert MLPs (Mixtral: softmax over top-k logits); the top-k "
-           "routing weights are multiplied by topk_scale (Megatron's moe_router_topk_scaling_factor)",
+           "routing weights are multiplied by topk_scale (Megatron's moe_router_topk_scaling_factor); plus, with "
+           "shared_expert, an always-on MLP of the same activation/gating (Megatron's SharedExpertMLP, "
+           "megatron/core/transformer/moe/shared_experts.py), its output times sigmoid(x . shared_expert_gate) "
+           "when sigmoid-gated (moe_shared_expert_gate); expert_bias (sigmoid only) is added to the scores that "
+           "choose the experts, not to their weights; num_groups / group_topk: the experts are chosen within the "
+           "group_topk groups whose best top_k/group_topk scores sum highest (Megatron's group_limited_topk)",
            params=[P("router", "E H", ROUTER),
                    P("fc2", "E H F", EXPERT, linear=True, within=ROW),
                    P("gate", "E F H", EXPERT, linear=True, within=COLUMN, when=_GATED),
                    P("up", "E F H", EXPERT, linear=True, within=COLUMN, when=_GATED),
-                   P("fc1", "E F H", EXPERT, linear=True, within=COLUMN, when=_PLAIN)],
-           dims=lambda a, c: {"H": c.hidden_size, "E": a["num_experts"]})
+                   P("fc1", "E F H", EXPERT, linear=True, within=COLUMN, when=_PLAIN),
+                   P("shared_fc2", "H S", ROW, linear=True, when=_SHARED),
+                   P("shared_gate", "S H", COLUMN, linear=True, required=False, when=_SHARED),
+                   P("shared_up", "S H", COLUMN, linear=True, required=False, when=_SHARED),
+                   P("shared_fc1", "S H", COLUMN, linear=True, required=False, when=_SHARED),
+                   P("shared_expert_gate", "U H", REPLICATED, when=("shared_expert", ("sigmoid-gated",))),
+                   P("expert_bias", "E", ROUTER, required=False, when=("score", ("sigmoid",)))],
+           dims=lambda a, c: {"H": c.hidden_size, "E": a["num_experts"], "U": 1})
 def _check_moe(node, model):
     E, k = node.attrs["num_experts"], node.attrs["top_k"]
-    return [] if 1 <= k <= E else [f"top_k={k} outside [1, {E}]"]
+    p = [] if 1 <= k <= E else [f"top_k={k} outside [1, {E}]"]
+    G, gk = node.attrs["num_groups"], node.attrs["group_topk"]
+    if (G or gk) and not (G >= 1 and 1 <= gk <= G and E % G == 0 and 1 <= k // gk <= E // G and gk * E // G >= k):
+        p.append(f"group-limited routing num_groups={G} group_topk={gk} does not fit {E} experts, top_k={k} "
+                 "(num_groups divides the experts, 1 <= group_topk <= min(num_groups, top_k), the chosen groups "
+                 "hold top_k experts)")
+    if node.attrs["shared_expert"] != "none":   # the shared expert is gated (GLU) exactly when the experts are
+        want = ("shared_gate", "shared_up") if node.attrs["gated"] else ("shared_fc1",)
+        unwanted = ("shared_fc1",) if node.attrs["gated"] else ("shared_gate", "shared_up")
+        p += [f"missing param {n!r} (the shared expert of gated={node.attrs['gated']} experts)"
+              for n in want if n not in node.params]
+        p += [f"param {n!r} does not fit gated={node.attrs['gated']} experts" for n in unwanted if n in node.params]
+    return p
 
 
 _MAMBA_DOC = ("Mamba-2 mixer (Megatron's MambaMixer, megatron/core/ssm/mamba_mixer.py): in_proj split into z, x, B, "

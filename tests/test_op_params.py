@@ -53,9 +53,11 @@ def test_derived_rules_reproduce_the_tables_they_replace():
     # (the mamba op came later, issue 18: tests/test_mamba.py checks its declarations; mla, issue 17: test_mla.py)
     assert {w for w in LINEAR_WEIGHTS if w[0] not in ("mamba", "mla")} == {
         ("attention", n) for n in ("qkv", "q", "k", "v", "proj")} | {
-        (op, n) for op in ("mlp", "moe") for n in ("gate", "up", "fc1", "fc2")} | {("lm_head", "weight")}
+        (op, n) for op in ("mlp", "moe") for n in ("gate", "up", "fc1", "fc2")} | {("lm_head", "weight")} | {
+        ("moe", "shared_" + n) for n in ("gate", "up", "fc1", "fc2")}   # issue 17: the shared expert, an MLP
     old_tp = {("attention", n): 0 for n in ("qkv", "qkv_bias", "q", "k", "v", "q_bias", "k_bias", "v_bias")}
     old_tp |= {("attention", "proj"): 1, ("mlp", "fc2"): 1, ("lm_head", "weight"): 0}
+    old_tp |= {("moe", "shared_gate"): 0, ("moe", "shared_up"): 0, ("moe", "shared_fc1"): 0, ("moe", "shared_fc2"): 1}
     old_tp |= {("mlp", n): 0 for n in ("gate", "up", "fc1", "gate_bias", "up_bias", "fc1_bias")}
     declared = {(op, p.name) for op, s in ir.OPS.items() for p in s.params if op not in ("mamba", "mla")}
     for op, name in declared - {("moe", n) for n in ("gate", "up", "fc1", "fc2")}:
@@ -68,7 +70,7 @@ def test_derived_rules_reproduce_the_tables_they_replace():
     assert split_of("embedding", "word", parallel_embedding=True) == (0, "tp")
     assert {p for p in params_with(role="norm") if p[0] != "mla"} == {
         ("norm", "weight"), ("norm", "bias"), ("attention", "q_norm"), ("attention", "k_norm")}
-    assert params_with(role="router") == {("moe", "router")}
+    assert params_with(role="router") == {("moe", "router"), ("moe", "expert_bias")}   # both fp32 (Megatron)
     assert param_spec("attention", "proj_scale") is None
 
 

@@ -63,13 +63,15 @@ _GEMMA = "GemmaForCausalLM"
 _FALCON = "FalconForCausalLM"
 _QWEN = "QWenForCausalLM"
 # qwen/config.py QWenConfig.from_hugging_face: the qwen_type values TensorRT-LLM accepts; this reader reads qwen3
+# qwen3_moe and qwen2_moe
 QWEN_TYPES = {"qwen", "qwen2", "qwen2_moe", "qwen2_llava_onevision", "qwen2_vl", "qwen2_audio", "qwen3",
               "qwen3_moe"}
 # layers/attention.py Attention(eps=1e-05): QWenDecoderLayer builds its q/k RmsNorm without passing an eps
 QWEN_QK_NORM_EPS = 1e-5
 
 # architecture string -> TRT-LLM model class (tensorrt_llm/models/__init__.py MODEL_MAP,
-# union over the 0.x/1.x versions).  The GPT, LLaMA, Gemma, Falcon and QWen (qwen3) classes can be read here.
+# union over the 0.x/1.x versions).  The GPT, LLaMA, Gemma, Falcon and QWen (qwen3, qwen3_moe, qwen2_moe) classes
+# can be read here.
 MODEL_MAP: Dict[str, str] = {
     **{a: _GPT for a in (
         "GPTForCausalLM", "GPT2LMHeadModel", "GPT2LMHeadCustomModel", "GPTBigCodeForCausalLM",
@@ -184,6 +186,8 @@ def _nkv(cfg: dict) -> int:
 
 
 def _inter(cfg: dict) -> int:
+    if MODEL_MAP.get(cfg.get("architecture")) == _QWEN and cfg.get("qwen_type") in ("qwen2_moe", "qwen3_moe"):
+        return int(cfg["moe_intermediate_size"])   # qwen/model.py: MOE(ffn_hidden_size=moe_intermediate_size)
     i = cfg.get("intermediate_size")
     return int(4 * cfg["hidden_size"] if i is None else i)
 
@@ -302,8 +306,8 @@ def check_config(cfg: dict) -> List[str]:
     if moe["num_experts"] > 1:
         if m["moe_ep"] >= 1 and moe["num_experts"] % m["moe_ep"]:
             p.append(f"num_experts {moe['num_experts']} not divisible by moe_ep_size {m['moe_ep']}")
-        if MODEL_MAP.get(arch) == _LLAMA and act not in GATED_ACTS:
-            p.append(f"MoE on the LLaMA class needs a gated hidden_act (swiglu), got '{act}'")
+        if MODEL_MAP.get(arch) in (_LLAMA, _QWEN) and act not in GATED_ACTS:
+            p.append(f"MoE on the {MODEL_MAP[arch]} class needs a gated hidden_act (swiglu), got '{act}'")
         if moe["top_k"] > moe["num_experts"]:
             p.append("moe.top_k > moe.num_experts")
     if cfg.get("use_parallel_embedding"):
@@ -551,6 +555,10 @@ def _expected_layer_shapes(cfg: dict, sub: str, tp_rank: int):
         "attention.dense.weight": (H, nh * d // tp), "attention.dense.bias": (H,),
         "attention.q_layernorm.weight": (d,), "attention.k_layernorm.weight": (d,),
     }
+    S = int(cfg.get("moe_shared_expert_intermediate_size") or 0)   # qwen2_moe shared expert: MLP over tp
+    if S:
+        table.update({"mlp.shared_expert.fc.weight": (2 * S // tp, H), "mlp.shared_expert.proj.weight": (H, S // tp),
+                      "mlp.shared_expert_gate.weight": (1, H)})
     if is_moe:
         table.update({
             "mlp.router.weight": (E, H),
@@ -590,10 +598,19 @@ def _allowed_layer_names(cfg: dict) -> Tuple[set, set]:
     if cls == _QWEN:
         # qwen/model.py: RmsNorm layers, GatedMLP, Attention(bias=attn_bias (QWenConfig default True),
         # dense_bias=False, qk_layernorm for qwen3 / qwen3_moe), GatedMLP(bias=mlp_bias)
-        if cfg.get("qwen_type") != "qwen3":
-            _fail(f"QWenForCausalLM with qwen_type {cfg.get('qwen_type')!r} cannot be read by this reader")
-        req |= {"mlp.fc.weight", "mlp.gate.weight", "mlp.proj.weight", "attention.q_layernorm.weight",
-                "attention.k_layernorm.weight"}
+        qt = cfg.get("qwen_type")
+        if qt not in ("qwen3", "qwen3_moe", "qwen2_moe"):
+            _fail(f"QWenForCausalLM with qwen_type {qt!r} cannot be read by this reader")
+        if qt != "qwen2_moe":   # qk_layernorm = qwen_type in (qwen3, qwen3_moe)
+            req |= {"attention.q_layernorm.weight", "attention.k_layernorm.weight"}
+        if qt == "qwen2_moe":   # SharedMoE(use_shared_gate=True): shared_expert MLP + shared_expert_gate [1, H]
+            req |= {"mlp.shared_expert.fc.weight", "mlp.shared_expert.proj.weight", "mlp.shared_expert_gate.weight"}
+        if qt != "qwen3":       # MOE on every layer: router (fp32), fc = [w3; w1] per expert, proj
+            if moe["num_experts"] <= 1:
+                _fail(f"QWenForCausalLM {qt} without moe.num_experts")
+            req |= {"mlp.router.weight", "mlp.fc.weight", "mlp.proj.weight"}
+        else:
+            req |= {"mlp.fc.weight", "mlp.gate.weight", "mlp.proj.weight"}
         if cfg.get("attn_bias", True):
             req.add("attention.qkv.bias")
         if cfg.get("mlp_bias", False):
@@ -681,8 +698,12 @@ def _merge_layer_tensor(cfg, sub, name, shards):
         # (layers/linear.py collect_and_bias) adds each rank's bias before the block's one allreduce:
         # the engine's bias is the sum over TP ranks.
         return torch.stack(shards).sum(0)
-    if sub == "attention.dense.weight" or (sub == "mlp.proj.weight" and moe["num_experts"] <= 1):
+    if sub == "attention.dense.weight" or (sub == "mlp.proj.weight" and moe["num_experts"] <= 1) \
+            or sub == "mlp.shared_expert.proj.weight":
         return torch.cat(shards, dim=1)
+    if sub == "mlp.shared_expert.fc.weight":   # convert.py: each rank [up_r; gate_r] -> [up; gate]
+        half = shards[0].shape[0] // 2
+        return torch.cat([torch.cat([t[:half] for t in shards]), torch.cat([t[half:] for t in shards])])
     if sub in ("mlp.fc.weight", "mlp.gate.weight", "mlp.fc.bias", "mlp.gate.bias") \
             and moe["num_experts"] <= 1:
         return torch.cat(shards, dim=0)
@@ -968,6 +989,53 @@ def _to_hf_llama(cfg: dict, t: Dict[str, torch.Tensor]):
     return hf_cfg, sd
 
 
+def _to_hf_qwen2_moe(cfg: dict, t: Dict[str, torch.Tensor]):
+    """QWenForCausalLM qwen2_moe (qwen/model.py QWenDecoderLayer with SharedMoE(use_shared_gate=True), layers/moe.py):
+    RmsNorm, Attention with qkv bias per attn_bias and no dense bias, no q/k norm; MOE (softmax over all
+    experts, top-k, RENORMALIZE or not) + sigmoid(shared_expert_gate(x)) * shared_expert(x), the shared MLP's fc
+    = [up; gate] (swiglu) -> Qwen2MoeForCausalLM."""
+    import transformers as tr
+    H, L, nh, nkv, d, I, V = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+                              _nkv(cfg), _head_size(cfg), _inter(cfg), cfg["vocab_size"])
+    moe, S = _moe(cfg), int(cfg["moe_shared_expert_intermediate_size"])
+    if cfg.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox" or cfg.get("use_logn_attn"):
+        raise NotImplementedError("QWen qwen2_moe with other positions or logn attention")
+    if cfg.get("hidden_act") != "swiglu" or cfg.get("mlp_bias") or moe["normalization_mode"] not in (0, 1):
+        raise NotImplementedError("QWen qwen2_moe with experts other than bias-free SwiGLU or normalization_mode > 1")
+    lm, tied = _lm_head(cfg, t)
+    attn_bias = bool(cfg.get("attn_bias", True))
+    hf_cfg = tr.Qwen2MoeConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                               num_attention_heads=nh, num_key_value_heads=nkv, head_dim=d, hidden_act="silu",
+                               rms_norm_eps=float(cfg.get("norm_epsilon", 1e-6)), qkv_bias=attn_bias,
+                               max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+                               tie_word_embeddings=tied, rope_parameters=_rope_parameters(cfg),
+                               use_sliding_window=False, attention_dropout=0.0, num_experts=moe["num_experts"],
+                               num_experts_per_tok=moe["top_k"], moe_intermediate_size=I,
+                               shared_expert_intermediate_size=S, norm_topk_prob=moe["normalization_mode"] == 1,
+                               decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.0)
+    sd = {"model.embed_tokens.weight": t["transformer.vocab_embedding.weight"],
+          "model.norm.weight": t["transformer.ln_f.weight"], "lm_head.weight": lm}
+    for i in range(L):
+        s, o = f"transformer.layers.{i}.", f"model.layers.{i}."
+        sd[o + "input_layernorm.weight"] = t[s + "input_layernorm.weight"]
+        sd[o + "post_attention_layernorm.weight"] = t[s + "post_layernorm.weight"]
+        q, k, v = torch.split(t[s + "attention.qkv.weight"], [nh * d, nkv * d, nkv * d], 0)
+        sd[o + "self_attn.q_proj.weight"], sd[o + "self_attn.k_proj.weight"], sd[o + "self_attn.v_proj.weight"] = q, k, v
+        sd[o + "self_attn.o_proj.weight"] = t[s + "attention.dense.weight"]
+        if attn_bias:
+            qb, kb, vb = torch.split(t[s + "attention.qkv.bias"], [nh * d, nkv * d, nkv * d], 0)
+            sd[o + "self_attn.q_proj.bias"], sd[o + "self_attn.k_proj.bias"], sd[o + "self_attn.v_proj.bias"] = qb, kb, vb
+        fc = t[s + "mlp.fc.weight"]  # [E, 2I, H] = [w3 (up); w1 (gate)] per expert
+        sd[o + "mlp.gate.weight"] = t[s + "mlp.router.weight"]
+        sd[o + "mlp.experts.gate_up_proj"] = torch.cat([fc[:, I:], fc[:, :I]], dim=1)
+        sd[o + "mlp.experts.down_proj"] = t[s + "mlp.proj.weight"]
+        sfc = t[s + "mlp.shared_expert.fc.weight"]   # [2S, H] = [up; gate]
+        sd[o + "mlp.shared_expert.up_proj.weight"], sd[o + "mlp.shared_expert.gate_proj.weight"] = sfc[:S], sfc[S:]
+        sd[o + "mlp.shared_expert.down_proj.weight"] = t[s + "mlp.shared_expert.proj.weight"]
+        sd[o + "mlp.shared_expert_gate.weight"] = t[s + "mlp.shared_expert_gate.weight"]
+    return hf_cfg, sd
+
+
 def _to_hf_qwen3(cfg: dict, t: Dict[str, torch.Tensor]):
     """QWenForCausalLM qwen3 (qwen/model.py QWenDecoderLayer): RmsNorm at norm_epsilon, Attention with qkv bias
     per attn_bias, no dense bias, per-head RmsNorm of q and k (attention.q_layernorm / k_layernorm) applied
@@ -977,7 +1045,7 @@ def _to_hf_qwen3(cfg: dict, t: Dict[str, torch.Tensor]):
                               _nkv(cfg), _head_size(cfg), _inter(cfg), cfg["vocab_size"])
     if cfg.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox" or cfg.get("use_logn_attn"):
         raise NotImplementedError("QWen qwen3 with other positions or logn attention")
-    if cfg.get("hidden_act") != "silu" or cfg.get("mlp_bias"):
+    if cfg.get("hidden_act") != ("swiglu" if cfg.get("qwen_type") == "qwen3_moe" else "silu") or cfg.get("mlp_bias"):
         raise NotImplementedError("QWen qwen3 with an MLP other than bias-free SwiGLU")
     lm, tied = _lm_head(cfg, t)
     attn_bias = bool(cfg.get("attn_bias", True))
@@ -987,6 +1055,20 @@ def _to_hf_qwen3(cfg: dict, t: Dict[str, torch.Tensor]):
                             max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
                             tie_word_embeddings=tied, rope_parameters=_rope_parameters(cfg),
                             use_sliding_window=False, attention_dropout=0.0)
+    moe = _moe(cfg)
+    if cfg.get("qwen_type") == "qwen3_moe":
+        # layers/moe.py: softmax over all experts, top-k; RENORMALIZE (1) divides the k weights by their sum
+        # (= Qwen3Moe norm_topk_prob), NONE (0) keeps them; the other modes have no transformers class here
+        if moe["normalization_mode"] not in (0, 1) or moe["shared_expert_intermediate_size"]:
+            raise NotImplementedError("QWen qwen3_moe with normalization_mode > 1 or shared experts")
+        hf_cfg = tr.Qwen3MoeConfig(num_experts=moe["num_experts"], num_experts_per_tok=moe["top_k"],
+                                   moe_intermediate_size=I, norm_topk_prob=moe["normalization_mode"] == 1,
+                                   decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.0,
+                                   **{k: getattr(hf_cfg, k) for k in (
+                                       "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                       "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+                                       "attention_bias", "max_position_embeddings", "tie_word_embeddings",
+                                       "rope_parameters", "use_sliding_window", "attention_dropout")})
     hf_cfg.trtllm_qk_norm_eps = QWEN_QK_NORM_EPS
     sd = {"model.embed_tokens.weight": t["transformer.vocab_embedding.weight"],
           "model.norm.weight": t["transformer.ln_f.weight"], "lm_head.weight": lm}
@@ -1003,6 +1085,12 @@ def _to_hf_qwen3(cfg: dict, t: Dict[str, torch.Tensor]):
             sd[o + "self_attn.o_proj.bias"] = torch.zeros(H, dtype=qb.dtype)
         sd[o + "self_attn.q_norm.weight"] = t[s + "attention.q_layernorm.weight"]
         sd[o + "self_attn.k_norm.weight"] = t[s + "attention.k_layernorm.weight"]
+        if moe["num_experts"] > 1:
+            fc = t[s + "mlp.fc.weight"]  # [E, 2I, H] = [w3 (up); w1 (gate)] per expert
+            sd[o + "mlp.gate.weight"] = t[s + "mlp.router.weight"]
+            sd[o + "mlp.experts.gate_up_proj"] = torch.cat([fc[:, I:], fc[:, :I]], dim=1)
+            sd[o + "mlp.experts.down_proj"] = t[s + "mlp.proj.weight"]
+            continue
         sd[o + "mlp.gate_proj.weight"] = t[s + "mlp.fc.weight"]
         sd[o + "mlp.up_proj.weight"] = t[s + "mlp.gate.weight"]
         sd[o + "mlp.down_proj.weight"] = t[s + "mlp.proj.weight"]
@@ -1223,7 +1311,7 @@ def to_hf(cfg: dict, tensors: Dict[str, torch.Tensor]):
     if cls == _LLAMA:
         return _to_hf_llama(cfg, tensors)
     if cls == _QWEN:
-        return _to_hf_qwen3(cfg, tensors)
+        return (_to_hf_qwen2_moe if cfg.get("qwen_type") == "qwen2_moe" else _to_hf_qwen3)(cfg, tensors)
     if cls == _GPT:
         return _to_hf_gpt(cfg, tensors)
     raise NotImplementedError(f"to_hf for {cfg['architecture']}")

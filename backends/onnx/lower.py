@@ -415,16 +415,25 @@ class Lowering:
         xf = x if self.io == DType.f32 else g.op("Cast", [x], f"{base}/Cast_x", to=TensorProto.FLOAT)
         logits = g.op("MatMul", [xf, router], f"{base}/router/MatMul")
         K = g.const([k])
+
+        def topk(t):
+            return g.op("TopK", [self._group_mask(node, t, base), K], f"{base}/TopK", outputs=2, axis=-1)
+
         if a["score"] == "softmax":
             if a.get("pre_softmax", False):
                 sm = g.op("Softmax", [logits], f"{base}/Softmax", axis=-1)
-                probs, idx = g.op("TopK", [sm, K], f"{base}/TopK", outputs=2, axis=-1)
+                probs, idx = topk(sm)
             else:
-                top, idx = g.op("TopK", [logits, K], f"{base}/TopK", outputs=2, axis=-1)
+                top, idx = topk(logits)
                 probs = g.op("Softmax", [top], f"{base}/Softmax", axis=-1)
         else:
             sg = g.op("Sigmoid", [logits], f"{base}/Sigmoid")
-            probs, idx = g.op("TopK", [sg, K], f"{base}/TopK", outputs=2, axis=-1)
+            if "expert_bias" in node.params:   # chooses the experts only; their weights are the plain scores
+                bias = g.weight(f"{base}/expert_bias", self.w(node, "expert_bias").float())
+                _, idx = topk(g.op("Add", [sg, bias], f"{base}/Add_bias"))
+                probs = g.op("GatherElements", [sg, idx], f"{base}/GatherElements", axis=-1)
+            else:
+                probs, idx = topk(sg)
             if a["norm_topk"]:
                 tot = g.op("ReduceSum", [probs, g.const([-1])], f"{base}/ReduceSum_norm", keepdims=1)
                 probs = g.op("Div", [probs, tot], f"{base}/Div_norm")
@@ -449,7 +458,43 @@ class Lowering:
             y = g.op("Mul", [we, y], f"{eb}/Mul_weight")
             out = y if out is None else g.op("Add", [out, y], f"{eb}/Add")
         del wg, wfc2, wup
+        if a["shared_expert"] != "none":   # Megatron's SharedExpertMLP (x sigmoid(x . gate) when gated)
+            sb, act = f"{base}/shared_expert", a["activation"]
+            if gated:
+                h = self.activation(act, self.linear(node, x, "shared_gate", None, "moe/shared_expert/gate_proj"),
+                                    f"{sb}/act_fn")
+                h = g.op("Mul", [h, self.linear(node, x, "shared_up", None, "moe/shared_expert/up_proj")], f"{sb}/Mul")
+            else:
+                h = self.activation(act, self.linear(node, x, "shared_fc1", None, "moe/shared_expert/fc1"),
+                                    f"{sb}/act_fn")
+            y = self.linear(node, h, "shared_fc2", None, "moe/shared_expert/down_proj")
+            if a["shared_expert"] == "sigmoid-gated":
+                s = g.op("Sigmoid", [self.linear(node, x, "shared_expert_gate", None, "moe/shared_expert_gate")],
+                         f"{sb}/Sigmoid")
+                y = g.op("Mul", [s, y], f"{sb}/Mul_gate")
+            out = g.op("Add", [out, y], f"{sb}/Add")
         return out
+
+    def _group_mask(self, node, t, base):
+        """Megatron's group_limited_topk: scores outside the group_topk groups whose best top_k/group_topk
+        scores sum highest become -inf (``t`` unchanged without groups). Equal + ReduceMax, no OneHot."""
+        g, a = self.g, node.attrs
+        G, gk, k = a["num_groups"], a["group_topk"], a["top_k"]
+        if not gk:
+            return t
+        gb = f"{base}/groups"
+        t4 = g.op("Reshape", [t, g.const([0, 0, G, -1])], f"{gb}/Reshape")
+        best = g.op("TopK", [t4, g.const([k // gk])], f"{gb}/TopK_in_group", outputs=2, axis=-1)[0]
+        score = g.op("ReduceSum", [best, g.const([-1])], f"{gb}/ReduceSum", keepdims=0)
+        chosen = g.op("TopK", [score, g.const([gk])], f"{gb}/TopK_groups", outputs=2, axis=-1)[1]
+        hit = g.op("Equal", [g.op("Unsqueeze", [chosen, g.const([-1])], f"{gb}/Unsqueeze"), g.const(np.arange(G))],
+                   f"{gb}/Equal")
+        keep = g.op("ReduceMax", [g.op("Cast", [hit], f"{gb}/Cast", to=TensorProto.FLOAT), g.const([-2])],
+                    f"{gb}/ReduceMax", keepdims=0)
+        keep = g.op("Cast", [g.op("Unsqueeze", [keep, g.const([-1])], f"{gb}/Unsqueeze_keep")], f"{gb}/Cast_keep",
+                    to=TensorProto.BOOL)
+        masked = g.op("Where", [keep, t4, g.const(-np.inf, np.float32)], f"{gb}/Where")
+        return g.op("Reshape", [masked, g.const([0, 0, -1])], f"{gb}/Reshape_back")
 
     # ------------------------------------------------------------------------------------------ attention
     def op_mla(self, node, x):

@@ -199,7 +199,7 @@ class TRTLLMBackend(Backend):
                     node_param = None
                 if r.transform == "moe_fc":
                     up, gate = (_shard(node.params[p], tp_rank) for p in r.params)
-                    rec = derive("concat", up, gate, dim=1)
+                    rec = derive("concat", up, gate, dim=len(up.type.shape) - 2)  # experts [E, F, H]; shared [S, H]
                 else:
                     rec = _shard(node_param or node.params[r.params[0]], tp_rank)
                 entries.append(recipe_entry(r.name.format(**loc), rec, cache))

@@ -52,6 +52,11 @@ class MegatronArch:
     moe_score: str = "softmax"
     moe_pre_softmax: bool = False
     moe_topk_scale: float = 1.0           # moe_router_topk_scaling_factor (None in the args = 1)
+    moe_shared_size: int = 0              # moe_shared_expert_intermediate_size (0: no shared expert)
+    moe_shared_gate: bool = False         # moe_shared_expert_gate
+    moe_num_groups: int = 0               # moe_router_num_groups (0: not group-limited)
+    moe_group_topk: int = 0               # moe_router_group_topk
+    moe_expert_bias: bool = False         # moe_router_enable_expert_bias
     parallel_block: bool = False
     embedding_scale: float = 1.0
     tp: int = 1
@@ -223,6 +228,10 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),
         moe_score=str(_get(args, "moe_score", "softmax")), moe_pre_softmax=bool(_get(args, "moe_pre_softmax", False)),
         moe_topk_scale=float(_get(args, "moe_topk_scale") or 1.0),
+        moe_shared_size=int(_get(args, "moe_shared_size") or 0),
+        moe_shared_gate=bool(_get(args, "moe_shared_gate", False)),
+        moe_num_groups=int(_get(args, "moe_num_groups") or 0), moe_group_topk=int(_get(args, "moe_group_topk") or 0),
+        moe_expert_bias=bool(_get(args, "moe_expert_bias", False)),
         parallel_block=parallel,
         embedding_scale=emb_scale,
         tp=int(_get(args, "tp", 1) or 1), pp=int(_get(args, "pp", 1) or 1), vp=int(vp), ep=int(_get(args, "ep", 1) or 1),

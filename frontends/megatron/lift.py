@@ -503,13 +503,48 @@ def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
         params["gate"], params["up"] = _split_gated(fc1)
     else:
         params["fc1"] = fc1
-    if ("router.expert_bias", i, None) in roles:
-        raise CheckpointError(f"{where}: layer {i} uses expert-bias routing, which mexc does not lower yet",
-                              hint="no target of mexc expresses expert-bias routing today")
-    return b.node("moe", h, layer=i, params=params, num_experts=E, top_k=arch.moe_topk,
+    bias = roles.get(("router.expert_bias", i, None))
+    if (bias is not None) != arch.moe_expert_bias or (bias is not None and arch.moe_score != "sigmoid"):
+        raise CheckpointError(f"{where}: layer {i} {'has' if bias is not None else 'has no'} router.expert_bias "
+                              f"but the args say moe_router_enable_expert_bias={arch.moe_expert_bias}, "
+                              f"moe_router_score_function={arch.moe_score!r} (Megatron: expert bias with sigmoid only)",
+                              hint="fix the args with --config")
+    if bias is not None:
+        params["expert_bias"] = bias
+    shared = _shared_expert(roles, arch, i, params, where)
+    return b.node("moe", h, layer=i, params=params, num_experts=E, top_k=arch.moe_topk, shared_expert=shared,
+                  num_groups=arch.moe_num_groups if arch.moe_group_topk else 0, group_topk=arch.moe_group_topk,
                   activation=arch.activation, gated=arch.gated, score=arch.moe_score,
                   pre_softmax=arch.moe_pre_softmax, topk_scale=arch.moe_topk_scale,
                   norm_topk=arch.moe_score == "sigmoid" and arch.moe_topk > 1)  # Megatron renormalizes sigmoid top-k
+
+
+def _shared_expert(roles, arch: MegatronArch, i, params, where) -> str:
+    """Megatron's SharedExpertMLP of layer ``i`` into ``params`` (shared_gate/up or shared_fc1, shared_fc2,
+    shared_expert_gate); returns the moe node's ``shared_expert`` attribute. The args and tensors must agree."""
+    fc1 = roles.get(("shared.fc1.weight", i, None))
+    gate = roles.get(("shared.gate_weight", i, None))
+    if fc1 is None:
+        if arch.moe_shared_size or gate is not None:
+            raise CheckpointError(f"{where}: layer {i} has no shared_experts.linear_fc1.weight but the args set "
+                                  f"moe_shared_expert_intermediate_size={arch.moe_shared_size}",
+                                  hint="the checkpoint is incomplete, or fix the args with --config")
+        return "none"
+    S = arch.moe_shared_size
+    if fc1.type.shape[0] != (2 if arch.gated else 1) * S or (gate is not None) != arch.moe_shared_gate:
+        raise CheckpointError(f"{where}: layer {i} shared expert fc1 has {fc1.type.shape[0]} rows and "
+                              f"{'a' if gate is not None else 'no'} gate_weight; the args say "
+                              f"moe_shared_expert_intermediate_size={S or None}, moe_shared_expert_gate="
+                              f"{arch.moe_shared_gate}", hint="fix the args with --config")
+    if arch.gated:
+        params["shared_gate"], params["shared_up"] = _split_gated(fc1)
+    else:
+        params["shared_fc1"] = fc1
+    params["shared_fc2"] = _get(roles, "shared.fc2.weight", i, where=where)
+    if gate is None:
+        return "ungated"
+    params["shared_expert_gate"] = gate
+    return "sigmoid-gated"
 
 
 __all__ = ["lift"]

@@ -48,12 +48,17 @@ RULES: list[tuple[str, str, str]] = [
     (r"decoder\.layers\.{L}\.mlp\.linear_fc2\.weight", "fc2.weight", "row"),
     (r"decoder\.layers\.{L}\.mlp\.linear_fc2\.bias", "fc2.bias", "rep"),
     (r"decoder\.layers\.{L}\.mlp\.router\.weight", "router.weight", "rep"),
+    (r"decoder\.layers\.{L}\.mlp\.router\.expert_bias", "router.expert_bias", "rep"),  # fp32 buffer [E]
     (r"decoder\.layers\.{L}\.mlp\.experts\.local_experts\.{E}\.linear_fc1\.weight", "expert.fc1.weight", "gated?"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.local_experts\.{E}\.linear_fc2\.weight", "expert.fc2.weight", "row"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.linear_fc1\.weight{E}", "expert.fc1.weight", "gated?"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.linear_fc2\.weight{E}", "expert.fc2.weight", "row"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.weight1", "expert.fc1.weight", "grouped1"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.weight2", "expert.fc2.weight", "grouped2"),
+    # SharedExpertMLP (megatron/core/transformer/moe/shared_experts.py): a TP-split MLP + its sigmoid gate [1, H]
+    (r"decoder\.layers\.{L}\.mlp\.shared_experts\.linear_fc1\.weight", "shared.fc1.weight", "gated?"),
+    (r"decoder\.layers\.{L}\.mlp\.shared_experts\.linear_fc2\.weight", "shared.fc2.weight", "row"),
+    (r"decoder\.layers\.{L}\.mlp\.shared_experts\.gate_weight", "shared.gate_weight", "rep"),
     # torch_dist global (expert-stacked) keys; TP merge already applied on disk
     (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc1\.weight", "experts.fc1.weight", "rep"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc2\.weight", "experts.fc2.weight", "rep"),

@@ -28,6 +28,8 @@ def _moe(f):
         elif a["pre_softmax"] and a["top_k"] != a["num_experts"]:
             p.append("MoE pre-softmax routing (softmax over all experts, top-k weights not renormalized) "
                      "cannot be expressed by the mixtral family: MixtralForCausalLM renormalizes the top-k")
+        if a["group_topk"]:
+            p.append("group-limited top-k routing cannot be expressed by the mixtral family (MixtralForCausalLM)")
         if not a["gated"] or a["activation"] != "silu":
             p.append("the mixtral family (MixtralForCausalLM) needs gated SiLU experts, got "
                      f"activation={a['activation']!r} gated={a['gated']}")

@@ -17,7 +17,8 @@ from ....passes.fold_moe_scaling import has_topk_scale
 from ....passes.rope_to_half import has_interleaved_rope
 from ...lowering import Facts, Registry, Rule, TargetClass, parse_rows
 
-# copy: the param's rank shard; moe_fc: up+gate concatenated per rank on dim 1
+# copy: the param's rank shard; moe_fc: up+gate concatenated per rank on their rows (dim 1 of [E, F, H] experts,
+# dim 0 of a [S, H] shared expert)
 TRANSFORMS = ("copy", "moe_fc")
 # present: written when the IR has the param; attn_bias: also written, as zeros, when the IR lacks it and the
 # config's attn_bias is on (TensorRT-LLM's Attention then has the bias)
@@ -100,8 +101,9 @@ def unrewritten(f: Facts) -> list[str]:
 UNREWRITTEN = Rule("interleaved rotary or a MoE top-k scale left unrewritten", unrewritten)
 
 
-def decoder_attention(scaling_ok: tuple[str, ...], qk_norm: bool = False) -> Rule:
-    """Attention features a rotary decoder class (Gemma, Falcon, QWen) cannot express."""
+def decoder_attention(scaling_ok: tuple[str, ...], qk_norm: bool = False, moe: bool = False) -> Rule:
+    """Attention features a rotary decoder class (Gemma, Falcon, QWen) cannot express (``moe``: the class
+    checks its MoE itself)."""
     def check(f: Facts) -> list[str]:
         a, cls, p = f.a0, f.name, []
         rope = a["rope"]
@@ -120,11 +122,11 @@ def decoder_attention(scaling_ok: tuple[str, ...], qk_norm: bool = False) -> Rul
             p.append(f"a softmax scale other than 1/sqrt(head_dim) is not expressible with {cls}")
         if f.learned:
             p.append(f"learned position embeddings are not expressible with {cls}")
-        if f.moes:
+        if f.moes and not moe:
             p.append(f"MoE is not expressible with {cls}")
         return p
-    return Rule(f"positions other than full rotary ({'/'.join(scaling_ok)}); a softmax scale; learned positions; "
-                "MoE" + ("" if qk_norm else "; QK norm"), check)
+    return Rule(f"positions other than full rotary ({'/'.join(scaling_ok)}); a softmax scale; learned positions"
+                + ("" if moe else "; MoE") + ("" if qk_norm else "; QK norm"), check)
 
 
 def _per_model_attention(f: Facts) -> list[str]:

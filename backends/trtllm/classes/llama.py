@@ -18,7 +18,8 @@ def _llama_like(f) -> bool:
 def _rules(f):
     p, rope = qk_norm_and_scaling(f, softmax_scale=True), f.a0["rope"]
     if f.moes:
-        shared = [layer for layer, kind in block_kinds(f.model).items() if kind == MOE_SHARED_EXPERT]
+        shared = [layer for layer, kind in block_kinds(f.model).items() if kind == MOE_SHARED_EXPERT] + \
+            [m.layer for m in f.moes if m.attrs["shared_expert"] != "none"]
         if shared:
             p.append(f"layer {shared[0]}: a MoE with a shared expert (x + moe(h) + mlp(h)) is not "
                      "expressible with TensorRT-LLM's Llama class (no shared expert)")
@@ -26,6 +27,9 @@ def _rules(f):
             p.append("MoE is emitted with TensorRT-LLM's Llama class (RMSNorm, SwiGLU experts) only")
         if any(n.attrs["score"] != "softmax" for n in f.moes):
             p.append("MoE routing other than softmax top-k is not expressible")
+        if any(n.attrs["group_topk"] for n in f.moes):
+            p.append("group-limited top-k routing (moe_router_num_groups / group_topk) is not expressible with "
+                     "TensorRT-LLM's Llama class")
     elif f.a0["position"] == "rope" and rope.percent != 1.0:
         p.append("partial rotary (rotary_percent < 1) on a Llama-style model: TensorRT-LLM's Llama "
                  "class rotates the whole head; use --target hf")
