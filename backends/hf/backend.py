@@ -137,6 +137,8 @@ def _apply(r: Rule, src: Recipe, node) -> list[tuple[str, Recipe]]:
         return [(name, derive("concat", *(derive("slice", src, dim=0, start=p * rows + h * d,
                                                   stop=p * rows + (h + 1) * d)
                                            for h in range(rows // d) for p in range(n)), dim=0))]
+    if r.transform == "pairs":   # recipe op registered by families/llama4.py
+        return [(name, derive("rope_to_pairs", src, head_dim=node.attrs["head_dim"]))]
     if r.transform == "conv1d":
         return [(name, derive("transpose", src, d0=0, d1=1))]
     if r.transform == "depthwise":   # [C, K] -> nn.Conv1d(groups=C)'s [C, 1, K]
