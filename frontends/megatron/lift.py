@@ -297,8 +297,9 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
         gate_rows = arch.num_heads * arch.head_dim if arch.output_gate else 0
         if qkv.type.shape != (lay.rows + gate_rows, H):
             raise CheckpointError(f"{where}: layer {i} linear_qkv is {list(qkv.type.shape)}, the args imply "
-                                  f"[{lay.rows + gate_rows}, {H}] (heads={arch.num_heads}, groups={arch.num_kv_heads}, "
-                                  f"kv_channels={arch.head_dim}, attention_output_gate={arch.output_gate})",
+                                  f"[{lay.rows + gate_rows}, {H}] (heads={arch.num_heads}, "
+                                  f"groups={arch.num_kv_heads}, kv_channels={arch.head_dim}, "
+                                  f"attention_output_gate={arch.output_gate})",
                                   hint="fix the head counts with --config")
         qb = roles.get(("qkv.bias", i, None))
         gate = gate_b = None
