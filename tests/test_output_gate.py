@@ -10,7 +10,9 @@ output is multiplied by ``sigmoid(gate)`` per head and channel before ``linear_p
   transformers' Qwen3NextForCausalLM computes with every layer full attention (its q_proj emits ``[q_h; gate_h]``
   per head; its norms compute with ``1 + w``);
 * ``output-gate-plain``: the gate without q/k norms: Qwen3NextAttention always normalizes q and k, so the hf
-  target refuses it in one line; the interpreter and onnx honour it.
+  target refuses it in one line; the interpreter and onnx honour it;
+* ``output-gate-bias``: ``output-gate`` with ``add_qkv_bias`` (the gate rows' biases split off with them), saved
+  at tp 2 (legacy): Qwen3NextForCausalLM with ``attention_bias``.
 
 Decode steps: the fixture's logits are causal, so the logits of token t decoded through the KV cache equal
 megatron-core's prefill logits at t."""
@@ -45,7 +47,7 @@ def err(a, b) -> float:
 
 
 @pytest.mark.parametrize("kind,tp,fmt", [("output-gate", 1, "torch"), ("output-gate", 2, "torch_dist"),
-                                         ("output-gate-plain", 1, "torch")])
+                                         ("output-gate-plain", 1, "torch"), ("output-gate-bias", 2, "torch")])
 def test_lift_and_interpreter_follow_megatron_core(kind, tp, fmt):
     d = megatron_checkpoint(kind, tp=tp, fmt=fmt)
     ref = load_reference(d)
@@ -54,10 +56,12 @@ def test_lift_and_interpreter_follow_megatron_core(kind, tp, fmt):
     assert all(a.attrs["output_gate"] for a in attns)
     assert {tuple(a.params["gate"].type.shape) for a in attns} == {(4 * 16, 64)}   # heads x head_dim, hidden
     assert {tuple(a.params["qkv"].type.shape) for a in attns} == {((4 + 2 * 2) * 16, 64)}
+    assert all(("gate_bias" in a.params) == (kind == "output-gate-bias") for a in attns)
     assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
     for a in attns:              # the fixture exercises the gate: without it, other logits
         a.attrs["output_gate"] = False
         del a.params["gate"]
+        a.params.pop("gate_bias", None)
     assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-2
 
 
@@ -79,16 +83,19 @@ def test_attention_output_gate_argument_is_read():
     assert not from_args(args, "CKPT").output_gate
 
 
-@pytest.mark.parametrize("tp,fmt", [(1, "torch"), (2, "torch_dist")])
-def test_hf_qwen3_next_reproduces_megatron_prefill_and_cached_decode(tmp_path, tp, fmt):
-    d = megatron_checkpoint("output-gate", tp=tp, fmt=fmt)
+@pytest.mark.parametrize("kind,tp,fmt", [("output-gate", 1, "torch"), ("output-gate", 2, "torch_dist"),
+                                         ("output-gate-bias", 2, "torch")])
+def test_hf_qwen3_next_reproduces_megatron_prefill_and_cached_decode(tmp_path, kind, tp, fmt):
+    """bias: Megatron's add_qkv_bias gives q, gate, k and v biases (no o_proj bias: written as zeros)."""
+    d = megatron_checkpoint(kind, tp=tp, fmt=fmt)
     ref = load_reference(d)
     out = tmp_path / "hf"
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="hf"))
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["architectures"], cfg["model_type"]) == (["Qwen3NextForCausalLM"], "qwen3_next")
     assert cfg["layer_types"] == ["full_attention"] * 2 and cfg["num_experts"] == 0
-    assert cfg["rope_parameters"]["partial_rotary_factor"] == 1.0 and cfg["rms_norm_eps"] == 1e-6
+    assert cfg["rope_parameters"]["partial_rotary_factor"] == 1.0
+    assert cfg["attention_bias"] == (kind == "output-gate-bias")
     transformers.logging.set_verbosity_error()
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
                                                                    output_loading_info=True)
@@ -105,11 +112,11 @@ def test_hf_qwen3_next_reproduces_megatron_prefill_and_cached_decode(tmp_path, t
 
 
 @pytest.mark.parametrize("profile", ["ort", "tensorrt"])
-@pytest.mark.parametrize("kind", ["output-gate", "output-gate-plain"])
-def test_onnx_prefill_and_decode_match_megatron(tmp_path, kind, profile):
+@pytest.mark.parametrize("kind,tp", [("output-gate", 1), ("output-gate-plain", 1), ("output-gate-bias", 2)])
+def test_onnx_prefill_and_decode_match_megatron(tmp_path, kind, tp, profile):
     from test_onnx_backend import Decoder
 
-    d = megatron_checkpoint(kind)
+    d = megatron_checkpoint(kind, tp=tp)
     ref = load_reference(d)
     out = tmp_path / "onnx"
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
