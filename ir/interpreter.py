@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from ..errors import BackendError
 from .graph import Model, Node
-from .semantics import activation, apply_rope, causal_conv1d, gated_rmsnorm, norm, rope_tables, ssm_scan, visible
+from .semantics import (activation, apply_rope, causal_conv1d, gated_rmsnorm, l2_norm, norm, rope_tables, ssm_scan,
+                        visible)
 from .tensors import derive
 from .types import DType
 
@@ -127,7 +128,9 @@ class ReferenceExecutor:
             lnh = nh if r is None else nh // self.tp
             lkv = nkv if r is None else max(1, nkv // self.tp)
             q, k, v = self._qkv(node, x, r, lnh, lkv, d)
-            if a["qk_norm"] != "none":
+            if a["qk_norm"] == "l2":
+                q, k = l2_norm(q, a["qk_norm_eps"]), l2_norm(k, a["qk_norm_eps"])
+            elif a["qk_norm"] != "none":
                 kind = a["qk_norm"]
                 q = norm(q, self.w.get(node, "q_norm"), None, kind, a["qk_norm_eps"], False)
                 k = norm(k, self.w.get(node, "k_norm"), None, kind, a["qk_norm_eps"], False)
@@ -142,6 +145,8 @@ class ReferenceExecutor:
             s = x.shape[1]
             p = scores.masked_fill(~visible(s, s, a["window"]), float("-inf")).softmax(-1)
             o = torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(*x.shape[:2], lnh * d)
+            if a["output_gate"]:
+                o = o * torch.sigmoid(_linear(x, self.w.get(node, "gate", r), self.w.get(node, "gate_bias", r)))
             out = out + o @ self.w.get(node, "proj", r).t()
         bias = self.w.get(node, "proj_bias")
         return out + bias if bias is not None else out

@@ -6,8 +6,9 @@
 | norm        | x              | kind (layernorm/rmsnorm), eps, zero_centered                   | weight [D], bias? [D]          |
 | attention   | x              | num_heads, num_kv_heads, head_dim, position (rope/none), rope, | qkv (QKV-typed) or q,k,v;      |
 |             |                | qk_norm (none/layernorm/rmsnorm), softmax_scale, window        | qkv_bias / q_bias,k_bias,v_bias;|
-|             |                |                                                                | proj [H,nh*d], proj_bias?;     |
+|             |                | qk_norm l2 (weightless), output_gate                           | proj [H,nh*d], proj_bias?;     |
 |             |                |                                                                | q_norm, k_norm [d] (qk_norm)   |
+|             |                |                                                                | gate [nh*d,H], gate_bias?      |
 | mla         | x              | num_heads, kv_lora_rank, qk_head_dim, qk_rope_dim, v_head_dim, | q [Dq,H] or q_down [R,H],      |
 |             |                | rope (pairs), latent_norm, latent_norm_eps, softmax_scale      | q_norm [R], q_up [Dq,R];       |
 |             |                | (DeepSeek multi-latent attention, see its doc)                 | kv_down, kv_norm, kv_up; proj  |
@@ -47,7 +48,7 @@ from .types import QKVLayout, Rope
 
 ACTIVATIONS = ("gelu", "gelu-tanh", "relu", "squared-relu", "silu", "quick-gelu")
 NORM_KINDS = ("layernorm", "rmsnorm")
-QK_NORM_KINDS = ("none", *NORM_KINDS)
+QK_NORM_KINDS = ("none", *NORM_KINDS, "l2")   # l2: weightless x * rsqrt(mean(x^2) + eps) (Llama 4)
 POSITIONS = ("rope", "none")  # learned positions are a param of the embedding
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 MOE_SCORES = ("softmax", "sigmoid")
@@ -182,7 +183,10 @@ def _check_norm(node, model):
                             "softmax_scale": A((int, float, type(None)), None),
                             # sliding window: query i sees keys i-window..i (Megatron window_size=(window, 0));
                             # None = full causal attention
-                            "window": A((int, type(None)), None)},
+                            "window": A((int, type(None)), None),
+                            # sigmoid(gate x (+ gate_bias)) times the attention output, per head and channel,
+                            # before proj (megatron-core attention_output_gate; Qwen3-Next)
+                            "output_gate": A(bool, False)},
            "causal self-attention, MHA/GQA/MQA",
            params=[P("qkv", "QKV H", COLUMN, linear=True, alt="fused"),
                    P("qkv_bias", "QKV", COLUMN, required=False, alt="fused"),
@@ -195,7 +199,9 @@ def _check_norm(node, model):
                    P("proj", "H Q", ROW, linear=True),
                    P("proj_bias", "H", REPLICATED, required=False),  # added once, after the row reduction
                    P("q_norm", "d", NORM, when=_QK),
-                   P("k_norm", "d", NORM, when=_QK)],
+                   P("k_norm", "d", NORM, when=_QK),
+                   P("gate", "Q H", COLUMN, linear=True, when=("output_gate", (True,))),
+                   P("gate_bias", "Q", COLUMN, required=False, when=("output_gate", (True,)))],
            dims=lambda a, c: {"H": c.hidden_size, "d": a["head_dim"], "Q": a["num_heads"] * a["head_dim"],
                               "KV": a["num_kv_heads"] * a["head_dim"],
                               "QKV": (a["num_heads"] + 2 * a["num_kv_heads"]) * a["head_dim"]})

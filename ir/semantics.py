@@ -114,6 +114,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([xr * c + rot * s, xp], -1)
 
 
+def l2_norm(x, eps):
+    """Weightless normalization over the last dim, in fp32: x * rsqrt(mean(x^2) + eps) (megatron-core
+    ``L2Norm`` in megatron/core/transformer/torch_norm.py, despite its name a mean; transformers'
+    ``Llama4TextL2Norm``). megatron-core applies it to q and k per head before rotary, Llama 4 after; a rotation
+    keeps the mean of squares, so both orders agree."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def norm(x, weight, bias, kind, eps, zero_centered):
     """LayerNorm or RMSNorm over the last dim; ``zero_centered``: the stored gamma is (weight - 1) (Gemma,
     Megatron's LayerNorm1p). RMSNorm: x * rsqrt(mean(x^2) + eps) * w (+ bias when given)."""

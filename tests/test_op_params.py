@@ -51,14 +51,16 @@ def tiny_moe(E=4, F=32):
 def test_derived_rules_reproduce_the_tables_they_replace():
     # the tables reshard / quantize / lower-dtype held before the params were declared
     # (the mamba op came later, issue 18: tests/test_mamba.py checks its declarations; mla, issue 17: test_mla.py)
+    # (the attention output gate came later, issue 17: column-parallel like q, tests/test_output_gate.py)
     assert {w for w in LINEAR_WEIGHTS if w[0] not in ("mamba", "mla")} == {
-        ("attention", n) for n in ("qkv", "q", "k", "v", "proj")} | {
+        ("attention", n) for n in ("qkv", "q", "k", "v", "proj", "gate")} | {
         (op, n) for op in ("mlp", "moe") for n in ("gate", "up", "fc1", "fc2")} | {("lm_head", "weight")} | {
         ("moe", "shared_" + n) for n in ("gate", "up", "fc1", "fc2")}   # issue 17: the shared expert, an MLP
     old_tp = {("attention", n): 0 for n in ("qkv", "qkv_bias", "q", "k", "v", "q_bias", "k_bias", "v_bias")}
     old_tp |= {("attention", "proj"): 1, ("mlp", "fc2"): 1, ("lm_head", "weight"): 0}
     old_tp |= {("moe", "shared_gate"): 0, ("moe", "shared_up"): 0, ("moe", "shared_fc1"): 0, ("moe", "shared_fc2"): 1}
     old_tp |= {("mlp", n): 0 for n in ("gate", "up", "fc1", "gate_bias", "up_bias", "fc1_bias")}
+    old_tp |= {("attention", n): 0 for n in ("gate", "gate_bias")}
     declared = {(op, p.name) for op, s in ir.OPS.items() for p in s.params if op not in ("mamba", "mla")}
     for op, name in declared - {("moe", n) for n in ("gate", "up", "fc1", "fc2")}:
         assert split_of(op, name) == (old_tp.get((op, name)), "tp"), (op, name)
@@ -173,10 +175,10 @@ def test_mixed_fused_and_separate_qkv_and_stray_params_are_rejected():
     m = small()
     a = m.node("attention", 0)
     a.params["q"] = ir.Param(ir.load(m.stores["rnd"], "q", ir.TensorType(ir.f32, (HEADS * D, H))))
-    a.params["gate"] = ir.Param(ir.load(m.stores["rnd"], "g", ir.TensorType(ir.f32, (H,))))
+    a.params["up"] = ir.Param(ir.load(m.stores["rnd"], "g", ir.TensorType(ir.f32, (H,))))
     msg = "\n".join(ir.problems(m))
     assert "param 'q' (separate) mixed with fused params: keep one form" in msg
-    assert "unexpected params ['gate']" in msg
+    assert "unexpected params ['up']" in msg
     m = small()
     mlp = m.node("mlp", 0)
     mlp.params["fc1"] = mlp.params.pop("gate")

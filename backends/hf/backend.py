@@ -124,13 +124,21 @@ def _apply(r: Rule, src: Recipe, node) -> list[tuple[str, Recipe]]:
     if r.transform == "copy":
         return [(name, src)]
     if r.transform == "zc":   # the HF module computes with (1 + w)
-        if node.attrs["zero_centered"]:
+        if node.attrs.get("zero_centered", False):   # an attention's q/k norm weights never are
             return [(name, src)]
         # un-fold a folded gamma in fp32: (1 + w) - 1 in bf16 would lose most of w's bits
         dt = src.type.dtype.value
         base = src.inputs[0] if src.op == "cast" else src
         unfolded = derive("add_scalar", derive("cast", base, dtype="f32"), value=-1.0)
         return [(name, derive("cast", unfolded, dtype=dt))]
+    if r.transform == "heads":   # [p1 head 0; p2 head 0; p1 head 1; ...] from [p1; p2] (each heads x head_dim)
+        d, n = node.attrs["head_dim"], len(r.params)
+        rows = src.type.shape[0] // n
+        return [(name, derive("concat", *(derive("slice", src, dim=0, start=p * rows + h * d,
+                                                  stop=p * rows + (h + 1) * d)
+                                           for h in range(rows // d) for p in range(n)), dim=0))]
+    if r.transform == "pairs":   # recipe op registered by families/llama4.py
+        return [(name, derive("rope_to_pairs", src, head_dim=node.attrs["head_dim"]))]
     if r.transform == "conv1d":
         return [(name, derive("transpose", src, d0=0, d1=1))]
     if r.transform == "depthwise":   # [C, K] -> nn.Conv1d(groups=C)'s [C, 1, K]

@@ -514,6 +514,9 @@ class Lowering:
             o = self.attention_ort(node, qkv, i, base)
         else:
             o = self.attention_tensorrt(node, qkv, i, base)
+        if node.attrs["output_gate"]:   # o * sigmoid(gate x + gate_bias), per head and channel (both profiles)
+            gate = self.linear(node, x, "gate", "gate_bias", "attn/gate_proj")
+            o = self.g.op("Mul", [o, self.g.op("Sigmoid", [gate], f"{base}/gate/Sigmoid")], f"{base}/gate/Mul")
         return self.linear(node, o, "proj", "proj_bias", "attn/o_proj")
 
     def _split_qkv(self, node, qkv, base):
@@ -523,13 +526,14 @@ class Lowering:
                          outputs=3, axis=-1)
 
     def _qk_norm(self, node, t, heads, name, base, four_d):
-        """RMS/Layer norm over head_dim at the attention's qk_norm_eps, no bias."""
+        """RMS/Layer norm over head_dim at the attention's qk_norm_eps, no bias; l2 (weightless): RMSNormalization
+        with a scale of ones."""
         g, a = self.g, node.attrs
         d = a["head_dim"]
-        w = self.float_weight(f"{base}/{name}.weight", self.w(node, name))
+        w = self.float_weight(f"{base}/{name}.weight", torch.ones(d) if a["qk_norm"] == "l2" else self.w(node, name))
         if not four_d:
             t = g.op("Reshape", [t, g.const([0, 0, heads, d])], f"{base}/{name}/Reshape_in")
-        if a["qk_norm"] == "rmsnorm":
+        if a["qk_norm"] in ("rmsnorm", "l2"):
             t = g.op("RMSNormalization", [t, w], f"{base}/{name}/RMSNormalization", axis=-1,
                      epsilon=a["qk_norm_eps"], stash_type=1)
         else:

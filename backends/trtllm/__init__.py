@@ -115,6 +115,14 @@ class TRTLLMBackend(Backend):
                     "config.json has no window field (the window is the runtime's max_attention_window_size, which an "
                     "engine does not record, so one run without it would attend to the whole context); compile with "
                     "--target hf (MistralForCausalLM / MinistralForCausalLM keep the window in sliding_window)"]
+        gated = [a for a in attns if a.attrs["output_gate"]]
+        l2 = [a for a in attns if a.attrs["qk_norm"] == "l2"]
+        if gated or l2:   # one line each, not the class search's
+            return ([f"an attention output gate ({gated[0].location}: Megatron's attention_output_gate) has no "
+                     "TensorRT-LLM <= 1.2 checkpoint class (Qwen3-Next is only in its PyTorch flow): compile with "
+                     "--target hf (Qwen3NextForCausalLM) or onnx"] if gated else []) + \
+                ([f"a weightless L2 q/k norm ({l2[0].location}: Megatron's qk_l2_norm) has no TensorRT-LLM <= 1.2 "
+                  "checkpoint class: compile with --target hf or onnx"] if l2 else [])
         problems = list(lowering_plan(model).problems)
         if opts.quant == "fp8":
             problems.append("fp8 for TensorRT-LLM needs activation scales from calibration data, which mexc does "

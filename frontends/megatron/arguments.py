@@ -163,9 +163,11 @@ ROWS: tuple[Arg, ...] = (
     I("attention_softmax_in_fp32", False, _NUMERICS),
     H("softmax_scale", None, "attention.softmax_scale (None: 1/sqrt(kv_channels))", "softmax_scale"),
     R("softmax_type", "vanilla", "attention sinks (off-by-one / learnable softmax) are not lifted yet"),
-    R("attention_output_gate", False, "the gated attention output (Qwen3-Next) is not lifted yet"),
+    H("attention_output_gate", False, "attention.output_gate + gate (+ gate_bias) params: sigmoid(gate x) times "
+      "the attention output before linear_proj (megatron-core SelfAttention._apply_output_gate)", "output_gate"),
     H("qk_layernorm", False, "attention.qk_norm + q_norm/k_norm params", "qk_layernorm"),
-    R("qk_l2_norm", False, "a weightless L2 q/k norm is not lifted yet"),
+    H("qk_l2_norm", False, "attention.qk_norm = l2: weightless RMS normalization of q and k per head at "
+      "layernorm_epsilon, before rotary (megatron-core L2Norm)", "qk_l2_norm"),
     I("qk_clip", False, "QK-clip rescales weights after optimizer steps (training only)"),
     H("window_size", None, "attention.window = L on windowed layers: keys i-L..i (megatron-core "
       "get_sliding_window_causal_mask)", "window_size", judge=window_problem),

@@ -41,6 +41,8 @@ class MegatronArch:
     rope: Rope = Rope()
     tied: bool = True
     qk_layernorm: bool = False
+    qk_l2_norm: bool = False              # Llama 4's weightless q/k norm (megatron-core L2Norm)
+    output_gate: bool = False             # attention_output_gate: linear_qkv also emits a gate per query head
     window_size: tuple[int, int] | None = None   # Megatron's (left, right) sliding window; right is 0
     window_skip: int | list | None = None  # window_attn_skip_freq: int N (every N-th layer full) or 0/1 list
     softmax_scale: float | None = None   # None: 1/sqrt(head_dim) (megatron-core DotProductAttention)
@@ -221,6 +223,7 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         activation=activation, gated=gated, add_bias_linear=bias,
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
+        qk_l2_norm=bool(_get(args, "qk_l2_norm", False)), output_gate=bool(_get(args, "output_gate", False)),
         **_window(args, where, overrides),
         softmax_scale=_softmax_scale(args, where), no_rope=_no_rope(args, where, L),
         mtp_num_layers=int(_get(args, "mtp_num_layers") or 0),

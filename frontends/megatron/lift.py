@@ -354,25 +354,36 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
             x = b.node("add", x, _mlp(b, roles, arch, i, h2, where), layer=i)
             continue
         qkv = _get(roles, "qkv.weight", i, where=where)
-        if qkv.type.shape != (lay.rows, H):
+        gate_rows = arch.num_heads * arch.head_dim if arch.output_gate else 0
+        if qkv.type.shape != (lay.rows + gate_rows, H):
             raise CheckpointError(f"{where}: layer {i} linear_qkv is {list(qkv.type.shape)}, the args imply "
-                                  f"[{lay.rows}, {H}] (heads={arch.num_heads}, groups={arch.num_kv_heads}, "
-                                  f"kv_channels={arch.head_dim})", hint="fix the head counts with --config")
-        qkv = derive("tag_qkv", qkv, kind="grouped", q=lay.q_heads, kv=lay.kv_heads, d=lay.head_dim)
+                                  f"[{lay.rows + gate_rows}, {H}] (heads={arch.num_heads}, "
+                                  f"groups={arch.num_kv_heads}, kv_channels={arch.head_dim}, "
+                                  f"attention_output_gate={arch.output_gate})",
+                                  hint="fix the head counts with --config")
         qb = roles.get(("qkv.bias", i, None))
+        gate = gate_b = None
+        if arch.output_gate:
+            qkv, gate = mapping.ungate_qkv(qkv, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+            if qb is not None:
+                qb, gate_b = mapping.ungate_qkv(qb, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+        qkv = derive("tag_qkv", qkv, kind="grouped", q=lay.q_heads, kv=lay.kv_heads, d=lay.head_dim)
         if qb is not None:
             qb = derive("tag_qkv", qb, kind="grouped", q=lay.q_heads, kv=lay.kv_heads, d=lay.head_dim)
         qk_norm = arch.normalization if roles.get(("q_norm.weight", i, None)) is not None else "none"
+        qk_norm = "l2" if arch.qk_l2_norm else qk_norm   # megatron-core's spec: L2Norm wins over qk_layernorm
         attn = b.node("attention", h, layer=i,
                       params={"qkv": qkv, "qkv_bias": qb, "proj": _get(roles, "proj.weight", i, where=where),
                               "proj_bias": roles.get(("proj.bias", i, None)),
-                              "q_norm": roles.get(("q_norm.weight", i, None)),
-                              "k_norm": roles.get(("k_norm.weight", i, None))},
+                              "q_norm": roles.get(("q_norm.weight", i, None)) if qk_norm != "l2" else None,
+                              "k_norm": roles.get(("k_norm.weight", i, None)) if qk_norm != "l2" else None,
+                              "gate": gate, "gate_bias": gate_b},
                       num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
                       position="rope" if arch.position == "rope" and not (arch.no_rope and arch.no_rope[i])
                       else "none", rope=arch.rope, qk_norm=qk_norm,
                       qk_norm_eps=arch.norm_eps if qk_norm != "none" else 1e-5,
-                      softmax_scale=arch.softmax_scale, window=layer_window(arch, i))
+                      softmax_scale=arch.softmax_scale, window=layer_window(arch, i),
+                      **({"output_gate": True} if arch.output_gate else {}))
         post_w = roles.get(("post_norm.weight", i, None))
         if arch.parallel_block:
             m_in = h if post_w is None else b.node("norm", x, layer=i, params={

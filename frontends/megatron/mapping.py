@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import re
 
+from ...ir import Recipe, derive
+
 RULES: list[tuple[str, str, str]] = [
     # ---- megatron-core GPTModel, local spec and TransformerEngine spec
     (r"embedding\.word_embeddings\.weight", "embedding.word", "col"),
@@ -139,3 +141,19 @@ def match(key: str) -> tuple[str, str, int | None, int | None] | None:
 def describe() -> str:
     """The table, one rule per line (for `mexc inspect --rules` and docs)."""
     return "\n".join(f"{merge:7s} {pattern:90s} -> {role or '(skipped)'}" for pattern, role, merge in RULES)
+
+
+def ungate_qkv(w: Recipe, nh: int, ng: int, d: int) -> tuple[Recipe, Recipe]:
+    """Split megatron-core's gated ``linear_qkv`` rows (weight or bias) into the grouped QKV rows and the gate
+    rows. With ``attention_output_gate`` each query group holds ``[q (nh/ng heads), gate (nh/ng heads), k, v]``,
+    ``d`` rows per head (``SelfAttention.get_query_key_value_tensors``, megatron/core/transformer/attention.py);
+    the gate comes out in query-head order ``[nh * d, ...]``. Lazy: slices and concats only."""
+    qd = nh // ng * d
+    size = 2 * qd + 2 * d
+    qkv, gate = [], []
+    for g in range(ng):
+        o = g * size
+        qkv += [derive("slice", w, dim=0, start=o, stop=o + qd),
+                derive("slice", w, dim=0, start=o + 2 * qd, stop=o + size)]
+        gate.append(derive("slice", w, dim=0, start=o + qd, stop=o + 2 * qd))
+    return derive("concat", *qkv, dim=0), (gate[0] if ng == 1 else derive("concat", *gate, dim=0))

@@ -16,6 +16,8 @@ gpt_bigcode GPTBigCodeForCausalLM   like gpt2 with multi-query attention (StarCo
 gpt2        GPT2LMHeadModel         LayerNorm, learned (or no) positions, plain MLP, MHA, head tied or not
 stablelm    StableLmForCausalLM     LayerNorm, rotary (partial allowed), SwiGLU, q/k/v bias only (NeMo GPT-Next)
 nemotron    NemotronForCausalLM     LayerNorm1p (1 + w), rotary (partial allowed), plain MLP (squared-relu)
+qwen3_next  Qwen3NextForCausalLM    qwen3 with the attention output gate (attention_output_gate), all layers full
+llama4      Llama4ForCausalLM       dense llama with the weightless L2 q/k norm (qk_l2_norm), interleaved-pair rope
 qwen3       Qwen3ForCausalLM        like llama with RMSNorm q/k norms (Megatron's qk_layernorm)
 granite     GraniteForCausalLM      like llama with a softmax scale (attention_multiplier), other multipliers 1
 smollm3     SmolLM3ForCausalLM      like llama with NoPE layers (``no_rope_layers``: 1 = rotary, 0 = none)

@@ -16,8 +16,10 @@ from ...lowering import Facts, Registry, Rule, TargetClass, parse_rows
 
 # hf transforms: copy; zc (a norm weight the HF module uses as 1 + w: the IR's zero-centered weight as is, or
 # w - 1 for a norm that is not zero-centered); conv1d (GPT-2 Conv1D stores [in, out]); expert (one tensor per
-# expert: row {E} of the IR's [E, ...] stack); depthwise (nn.Conv1d's [C, 1, K] from the IR's depthwise [C, K])
-TRANSFORMS = ("copy", "zc", "conv1d", "expert", "depthwise")
+# expert: row {E} of the IR's [E, ...] stack); depthwise (nn.Conv1d's [C, 1, K] from the IR's depthwise [C, K]);
+# heads (the row's params interleaved head by head, head_dim rows each: Qwen3-Next's q_proj [q_h; gate_h]);
+# pairs (q/k rows per head from rotate-half to interleaved-pair rotary order: Llama 4)
+TRANSFORMS = ("copy", "zc", "conv1d", "expert", "depthwise", "heads", "pairs")
 # always: the class always has the tensor (zeros when the IR has none); attn_bias / mlp_bias: exists when the
 # config turns the bias on; untied: written only when the head is not tied to the embedding
 CONDITIONS = ("always", "attn_bias", "mlp_bias", "untied", "q_lora", "q_direct")  # q_*: MLA's q form
@@ -149,6 +151,20 @@ def _window(f: Facts):
                 "with MoE layers, MixtralForCausalLM (every layer windowed)")
 
 
+def _attention_variants(f: Facts):
+    """The output gate and the weightless L2 q/k norm exist only in the classes that declare them
+    (``extra['output_gate']`` / ``extra['qk_l2_norm']``, set by their family files)."""
+    gated = [a for a in f.attns if a.attrs.get("output_gate")]
+    if gated and not f.cls.extra.get("output_gate"):
+        return (f"an attention output gate ({gated[0].location}: sigmoid(gate) * attention output, Megatron's "
+                f"attention_output_gate) cannot be expressed by the {f.name}; mexc writes it as "
+                "Qwen3NextForCausalLM (RMSNorm q/k norms, rotary, SwiGLU, no biases)")
+    l2 = [a for a in f.attns if a.attrs["qk_norm"] == "l2"]
+    if l2 and not f.cls.extra.get("qk_l2_norm"):
+        return (f"a weightless L2 q/k norm ({l2[0].location}, Megatron's qk_l2_norm) cannot be expressed by the "
+                f"{f.name}")
+
+
 def _zero_centered(f: Facts):
     if any(n.attrs["zero_centered"] for n in f.norms) and not f.cls.extra["zero_centered"]:
         return "zero-centered norm gamma must be folded (run canonicalize) before the hf target"
@@ -164,6 +180,8 @@ COMMON = [
         f"parallel attention+MLP blocks (layer {parallel_layers(f)[0]}) cannot be expressed by the {f.name}"),
     rule("quantized weights (no loader-readable quantization config)")(_quantized),
     rule("sliding-window attention (Mistral / Ministral only)")(_window),
+    rule("an attention output gate or a weightless L2 q/k norm (the classes declaring them only)")(
+        _attention_variants),
     rule("an unfolded zero-centered gamma (families whose norm does not add 1)")(_zero_centered),
     rule("norms with different eps")(
         lambda f: None if len({n.attrs["eps"] for n in f.norms}) <= 1 else

@@ -11,7 +11,7 @@ ROWS = decoder_rows(qkv_bias="attn_bias", proj_bias="attn_bias", qk_norm=True)
 
 def _qk_norm(f):
     p = []
-    if any(a.attrs["qk_norm"] != "rmsnorm" for a in f.attns):
+    if any(a.attrs["qk_norm"] not in ("rmsnorm", "l2") for a in f.attns):   # l2: the common rule's line
         p.append(f"a LayerNorm q/k norm cannot be expressed by the {f.name}: its q_norm / k_norm are RMSNorm")
     eps = {a.attrs["qk_norm_eps"] for a in f.attns} | {n.attrs["eps"] for n in f.norms}
     if len(eps) > 1:
