@@ -89,7 +89,7 @@ def _example_args() -> dict:
     ("apply_residual_connection_post_layernorm", True, ["apply_residual_connection_post_layernorm=True"]),
     ("normalization", "LayerNorm1p", ["normalization=LayerNorm1p", "RMSNorm"]),
     ("moe_router_load_balancing_type", "sinkhorn", ["sinkhorn", "Sinkhorn"]),
-    ("qk_l2_norm", True, ["qk_l2_norm=True"]),
+    ("moe_apply_probs_on_input", True, ["moe_apply_probs_on_input=True"]),
 ])
 def test_lift_refuses_by_name_value_and_fix(name, value, words):
     args = {**_example_args(), name: value}

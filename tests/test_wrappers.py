@@ -192,7 +192,7 @@ def _nemo2_with(tmp_path, **changes):
     ({"transformer_layer_spec": {"_target_": "my.module.custom_spec", "_call_": False}}, "transformer_layer_spec"),
     ({"_target_": "nemo.collections.llm.gpt.model.gemma.GemmaConfig"}, "GemmaConfig"),
     ({"_model_target_": "nemo.collections.llm.t5.model.t5.T5Model"}, "T5Model"),
-    ({"qk_l2_norm": True}, "qk_l2_norm"),
+    ({"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm"),
     ({"heterogeneous_block_specs": True}, "heterogeneous_block_specs"),
     ({"hidden_size": None}, "no hidden_size"),
     ({"position_embedding_type": "mrope"}, "position_embedding_type"),
@@ -222,11 +222,11 @@ def test_bridge_setting_and_format_refusals(tmp_path):
     root, d = W.bridge_save("llama", tmp_path / "b")
     cfgp = root / "iter_0000010" / "run_config.yaml"
     cfg = yaml.safe_load(cfgp.read_text())
-    cfg["model"]["qk_l2_norm"] = True
+    cfg["model"]["apply_residual_connection_post_layernorm"] = True
     cfgp.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ConfigError, match="qk_l2_norm"):
+    with pytest.raises(ConfigError, match="apply_residual_connection_post_layernorm"):
         lift(root)
-    cfg["model"]["qk_l2_norm"] = False
+    cfg["model"]["apply_residual_connection_post_layernorm"] = False
     cfg["checkpoint"]["ckpt_format"] = "fsdp_dtensor"
     cfgp.write_text(yaml.safe_dump(cfg))
     with pytest.raises(CheckpointError, match="fsdp_dtensor"):
