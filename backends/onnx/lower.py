@@ -13,7 +13,6 @@ Every numeric convention follows :mod:`mexc.ir.semantics` (what the reference in
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,20 +22,14 @@ from onnx import TensorProto
 from ...errors import BackendError
 from ...ir import Model, Node
 from ...ir.analysis import node_roles
-from ...ir.semantics import rope_tables
 from ...ir.quant import quantize_tensor
-from ...ir.types import DType, Rope
+from ...ir.types import DType
 from .graph import GraphBuilder
+from .mla import mla_layer_shape
 
-OPSET = 23
-MS = "com.microsoft"
-
-IO_TYPES = {DType.f32: TensorProto.FLOAT, DType.f16: TensorProto.FLOAT16, DType.bf16: TensorProto.BFLOAT16}
-IO_TORCH = {DType.f32: torch.float32, DType.f16: torch.float16, DType.bf16: torch.bfloat16}
-IO_NUMPY = {DType.f32: np.float32, DType.f16: np.float16}
-
-# dimension names (the onnxruntime-genai / Optimum convention)
-B, S, T, P = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
+from .attention import AttentionLowering
+from .consts import B, IO_NUMPY, IO_TORCH, IO_TYPES, MS, OPSET, P, S, T  # noqa: F401 - re-exported
+from .ffn import FFNLowering
 
 
 @dataclass
@@ -66,14 +59,10 @@ def io_dtype_of(model: Model) -> DType:
     return dt if dt in IO_TYPES else DType.f32
 
 
-def gqa_rope_fusable(node: Node) -> bool:
-    """GroupQueryAttention (CPU) can apply this node's RoPE itself (cos/sin caches, do_rotary=1)."""
-    a = node.attrs
-    return (a["position"] == "rope" and a["qk_norm"] == "none" and a["head_dim"] % 16 == 0
-            and a["rope"].rotary_dim(a["head_dim"]) == a["head_dim"])
+class Lowering(AttentionLowering, FFNLowering):
+    """The core: weights, linears (plain or weight-only quantized), the layer walk, embedding, norms, residual
+    adds and the head; attention and MLP/MoE come from the mixins (:mod:`.attention`, :mod:`.ffn`)."""
 
-
-class Lowering:
     def __init__(self, model: Model, g: GraphBuilder, profile: str, *, max_positions: int, progress=None,
                  accuracy_level: int = 4):
         self.m = model
@@ -186,72 +175,6 @@ class Lowering:
         return q.to(torch.int8), scale.float()
 
     # ------------------------------------------------------------------------------------------ shared subgraphs
-    def gqa_lengths(self) -> tuple[str, str]:
-        """seqlens_k [B] int32 (= valid total length - 1) and total_sequence_length (int32 scalar)."""
-        if self._gqa_lens is None:
-            g = self.g
-            s = g.op("ReduceSum", ["attention_mask", g.const([1])], "/model/attn_mask_reformat/ReduceSum", keepdims=0)
-            s = g.op("Sub", [s, g.const(1)], "/model/attn_mask_reformat/Sub")
-            seqlens = g.op("Cast", [s], "/model/attn_mask_reformat/Cast_seqlens", to=TensorProto.INT32)
-            shp = g.op("Shape", ["attention_mask"], "/model/attn_mask_reformat/Shape")
-            tot = g.op("Gather", [shp, g.const(1)], "/model/attn_mask_reformat/Gather", axis=0)
-            tot = g.op("Cast", [tot], "/model/attn_mask_reformat/Cast_total", to=TensorProto.INT32)
-            self._gqa_lens = (seqlens, tot)
-        return self._gqa_lens
-
-    def causal_mask(self) -> str:
-        """Boolean [B, 1, S, T]: query i (absolute position T-S+i) sees key j iff j <= T-S+i and mask[b, j]."""
-        if self._mask is None:
-            g, p = self.g, "/model/attn_mask"
-            T_ = g.op("Gather", [g.op("Shape", ["attention_mask"], f"{p}/Shape_T"), g.const(1)], f"{p}/Gather_T",
-                      axis=0)
-            S_ = g.op("Gather", [g.op("Shape", ["input_ids"], f"{p}/Shape_S"), g.const(1)], f"{p}/Gather_S", axis=0)
-            past = g.op("Sub", [T_, S_], f"{p}/Sub_past")
-            kpos = g.op("Range", [g.const(0), T_, g.const(1)], f"{p}/Range_k")
-            qpos = g.op("Range", [past, T_, g.const(1)], f"{p}/Range_q")
-            kpos = g.op("Unsqueeze", [kpos, g.const([0])], f"{p}/Unsqueeze_k")      # [1, T]
-            qpos = g.op("Unsqueeze", [qpos, g.const([1])], f"{p}/Unsqueeze_q")      # [S, 1]
-            causal = g.op("LessOrEqual", [kpos, qpos], f"{p}/LessOrEqual")          # [S, T]
-            pad = g.op("Cast", ["attention_mask"], f"{p}/Cast_pad", to=TensorProto.BOOL)
-            pad = g.op("Unsqueeze", [pad, g.const([1, 2])], f"{p}/Unsqueeze_pad")   # [B, 1, 1, T]
-            self._mask = g.op("And", [pad, causal], f"{p}/And")                    # [B, 1, S, T]
-            self._positions = (kpos, qpos)
-        return self._mask
-
-    def window_mask(self, window: int | None) -> str:
-        """:meth:`causal_mask` and, with a sliding ``window``, key j >= query position - window (the IR's
-        window: keys i-window..i, :func:`mexc.ir.semantics.visible`); one mask per window size."""
-        causal = self.causal_mask()
-        if window is None:
-            return causal
-        if window not in self._window_masks:
-            g, p = self.g, f"/model/attn_mask_window{window}"
-            kpos, qpos = self._positions
-            lo = g.op("Sub", [qpos, g.const(window)], f"{p}/Sub")                    # [S, 1]
-            inside = g.op("GreaterOrEqual", [kpos, lo], f"{p}/GreaterOrEqual")     # [S, T]
-            self._window_masks[window] = g.op("And", [causal, inside], f"{p}/And")  # [B, 1, S, T]
-        return self._window_masks[window]
-
-    def rope_cache(self, rope: Rope, head_dim: int) -> tuple[str, str]:
-        """cos/sin caches [max_positions, rotary_dim/2] computed exactly as the reference executor does."""
-        key = (rope, head_dim)
-        if key not in self.rope_caches:
-            pos = torch.arange(self.max_positions)[None]
-            cos, sin = rope_tables(rope, head_dim, pos)    # [1, P, rd] (rotate-half: halves repeated)
-            cos, sin = cos[0], sin[0]
-            if rope.interleaved:
-                cos, sin = cos[:, 0::2], sin[:, 0::2]
-            else:
-                half = cos.shape[-1] // 2
-                cos, sin = cos[:, :half], sin[:, :half]
-            i = len(self.rope_caches)
-            sfx = "" if i == 0 else f"_{i}"
-            c = self.float_weight(f"/model/rotemb_caches/cos_cache{sfx}", cos.contiguous())
-            s = self.float_weight(f"/model/rotemb_caches/sin_cache{sfx}", sin.contiguous())
-            self.rope_caches[key] = (c, s)
-            self.plan.rope_cache_len = self.max_positions
-        return self.rope_caches[key]
-
     # ------------------------------------------------------------------------------------------ driver
     def run(self) -> Plan:
         g = self.g
@@ -369,252 +292,6 @@ class Lowering:
         del wt
         return self.g.op("MatMul", [x, init], "/lm_head/MatMul")
 
-    def activation(self, name: str, x: str, base: str) -> str:
-        g = self.g
-        if name == "silu":
-            return g.op("Mul", [x, g.op("Sigmoid", [x], f"{base}/Sigmoid")], f"{base}/Mul_silu")
-        if name == "relu":
-            return g.op("Relu", [x], f"{base}/Relu")
-        if name == "squared-relu":
-            r = g.op("Relu", [x], f"{base}/Relu")
-            return g.op("Mul", [r, r], f"{base}/Mul_square")
-        if name == "quick-gelu":
-            s = g.op("Sigmoid", [g.op("Mul", [x, self.scalar(1.702)], f"{base}/Mul_1702")], f"{base}/Sigmoid")
-            return g.op("Mul", [x, s], f"{base}/Mul_qgelu")
-        if name in ("gelu", "gelu-tanh"):
-            if self.profile == "ort":
-                return g.op("Gelu", [x], f"{base}/Gelu", approximate="tanh" if name == "gelu-tanh" else "none")
-            half = g.op("Mul", [x, self.scalar(0.5)], f"{base}/Mul_half")
-            if name == "gelu":   # 0.5 x (1 + erf(x / sqrt 2))
-                e = g.op("Erf", [g.op("Mul", [x, self.scalar(1 / math.sqrt(2))], f"{base}/Mul_rsqrt2")], f"{base}/Erf")
-            else:                # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-                x3 = g.op("Mul", [g.op("Mul", [x, x], f"{base}/Mul_x2"), x], f"{base}/Mul_x3")
-                inner = g.op("Add", [x, g.op("Mul", [x3, self.scalar(0.044715)], f"{base}/Mul_c")], f"{base}/Add_in")
-                e = g.op("Tanh", [g.op("Mul", [inner, self.scalar(math.sqrt(2 / math.pi))], f"{base}/Mul_k")],
-                         f"{base}/Tanh")
-            return g.op("Mul", [half, g.op("Add", [e, self.scalar(1.0)], f"{base}/Add_one")], f"{base}/Mul_gelu")
-        raise BackendError(f"unknown activation {name!r}")
-
-    def op_mlp(self, node, x):
-        base = f"{self.prefix(node)}/mlp"
-        a = node.attrs
-        if a["gated"]:
-            gt = self.linear(node, x, "gate", "gate_bias", "mlp/gate_proj")
-            h = self.activation(a["activation"], gt, f"{base}/act_fn")
-            up = self.linear(node, x, "up", "up_bias", "mlp/up_proj")
-            h = self.g.op("Mul", [h, up], f"{base}/Mul")
-        else:
-            h = self.activation(a["activation"], self.linear(node, x, "fc1", "fc1_bias", "mlp/fc1"), f"{base}/act_fn")
-        return self.linear(node, h, "fc2", "fc2_bias", "mlp/down_proj")
-
-    def op_moe(self, node, x):
-        g, a = self.g, node.attrs
-        base = f"{self.prefix(node)}/moe"
-        E, k = a["num_experts"], a["top_k"]
-        router = self.g.weight(f"{base}/router.weight", self.w(node, "router").float().t())
-        xf = x if self.io == DType.f32 else g.op("Cast", [x], f"{base}/Cast_x", to=TensorProto.FLOAT)
-        logits = g.op("MatMul", [xf, router], f"{base}/router/MatMul")
-        K = g.const([k])
-
-        def topk(t):
-            return g.op("TopK", [self._group_mask(node, t, base), K], f"{base}/TopK", outputs=2, axis=-1)
-
-        if a["score"] == "softmax":
-            if a.get("pre_softmax", False):
-                sm = g.op("Softmax", [logits], f"{base}/Softmax", axis=-1)
-                probs, idx = topk(sm)
-            else:
-                top, idx = topk(logits)
-                probs = g.op("Softmax", [top], f"{base}/Softmax", axis=-1)
-        else:
-            sg = g.op("Sigmoid", [logits], f"{base}/Sigmoid")
-            if "expert_bias" in node.params:   # chooses the experts only; their weights are the plain scores
-                bias = g.weight(f"{base}/expert_bias", self.w(node, "expert_bias").float())
-                _, idx = topk(g.op("Add", [sg, bias], f"{base}/Add_bias"))
-                probs = g.op("GatherElements", [sg, idx], f"{base}/GatherElements", axis=-1)
-            else:
-                probs, idx = topk(sg)
-            if a["norm_topk"]:
-                tot = g.op("ReduceSum", [probs, g.const([-1])], f"{base}/ReduceSum_norm", keepdims=1)
-                probs = g.op("Div", [probs, tot], f"{base}/Div_norm")
-        gated = a["gated"]
-        first = "gate" if gated else "fc1"
-        wg, wfc2 = self.w(node, first), self.w(node, "fc2")
-        wup = self.w(node, "up") if gated else None
-        out = None
-        for e in range(E):
-            eb = f"{base}/experts.{e}"
-            hit = g.op("Cast", [g.op("Equal", [idx, g.const(e)], f"{eb}/Equal")], f"{eb}/Cast", to=TensorProto.FLOAT)
-            we = g.op("ReduceSum", [g.op("Mul", [probs, hit], f"{eb}/Mul_hit"), g.const([-1])], f"{eb}/ReduceSum",
-                      keepdims=1)
-            if self.io != DType.f32:
-                we = g.op("Cast", [we], f"{eb}/Cast_w", to=self.io_type)
-            h = g.op("MatMul", [x, self.float_weight(f"{eb}/{first}.weight", wg[e].t())], f"{eb}/{first}/MatMul")
-            h = self.activation(a["activation"], h, f"{eb}/act_fn")
-            if gated:
-                u = g.op("MatMul", [x, self.float_weight(f"{eb}/up.weight", wup[e].t())], f"{eb}/up/MatMul")
-                h = g.op("Mul", [h, u], f"{eb}/Mul")
-            y = g.op("MatMul", [h, self.float_weight(f"{eb}/down.weight", wfc2[e].t())], f"{eb}/down/MatMul")
-            y = g.op("Mul", [we, y], f"{eb}/Mul_weight")
-            out = y if out is None else g.op("Add", [out, y], f"{eb}/Add")
-        del wg, wfc2, wup
-        if a["shared_expert"] != "none":   # Megatron's SharedExpertMLP (x sigmoid(x . gate) when gated)
-            sb, act = f"{base}/shared_expert", a["activation"]
-            if gated:
-                h = self.activation(act, self.linear(node, x, "shared_gate", None, "moe/shared_expert/gate_proj"),
-                                    f"{sb}/act_fn")
-                h = g.op("Mul", [h, self.linear(node, x, "shared_up", None, "moe/shared_expert/up_proj")], f"{sb}/Mul")
-            else:
-                h = self.activation(act, self.linear(node, x, "shared_fc1", None, "moe/shared_expert/fc1"),
-                                    f"{sb}/act_fn")
-            y = self.linear(node, h, "shared_fc2", None, "moe/shared_expert/down_proj")
-            if a["shared_expert"] == "sigmoid-gated":
-                s = g.op("Sigmoid", [self.linear(node, x, "shared_expert_gate", None, "moe/shared_expert_gate")],
-                         f"{sb}/Sigmoid")
-                y = g.op("Mul", [s, y], f"{sb}/Mul_gate")
-            out = g.op("Add", [out, y], f"{sb}/Add")
-        return out
-
-    def _group_mask(self, node, t, base):
-        """Megatron's group_limited_topk: scores outside the group_topk groups whose best top_k/group_topk
-        scores sum highest become -inf (``t`` unchanged without groups). Equal + ReduceMax, no OneHot."""
-        g, a = self.g, node.attrs
-        G, gk, k = a["num_groups"], a["group_topk"], a["top_k"]
-        if not gk:
-            return t
-        gb = f"{base}/groups"
-        t4 = g.op("Reshape", [t, g.const([0, 0, G, -1])], f"{gb}/Reshape")
-        best = g.op("TopK", [t4, g.const([k // gk])], f"{gb}/TopK_in_group", outputs=2, axis=-1)[0]
-        score = g.op("ReduceSum", [best, g.const([-1])], f"{gb}/ReduceSum", keepdims=0)
-        chosen = g.op("TopK", [score, g.const([gk])], f"{gb}/TopK_groups", outputs=2, axis=-1)[1]
-        hit = g.op("Equal", [g.op("Unsqueeze", [chosen, g.const([-1])], f"{gb}/Unsqueeze"), g.const(np.arange(G))],
-                   f"{gb}/Equal")
-        keep = g.op("ReduceMax", [g.op("Cast", [hit], f"{gb}/Cast", to=TensorProto.FLOAT), g.const([-2])],
-                    f"{gb}/ReduceMax", keepdims=0)
-        keep = g.op("Cast", [g.op("Unsqueeze", [keep, g.const([-1])], f"{gb}/Unsqueeze_keep")], f"{gb}/Cast_keep",
-                    to=TensorProto.BOOL)
-        masked = g.op("Where", [keep, t4, g.const(-np.inf, np.float32)], f"{gb}/Where")
-        return g.op("Reshape", [masked, g.const([0, 0, -1])], f"{gb}/Reshape_back")
-
-    # ------------------------------------------------------------------------------------------ attention
-    def op_mla(self, node, x):
-        """Multi-latent attention as plain attention after up-projection (:mod:`.mla`)."""
-        return lower_mla(self, node, x, self.attn_index[id(node)])
-
-    def op_attention(self, node, x):
-        if "qkv" not in node.params:
-            raise BackendError(f"{node.location}: separate q/k/v params", hint="run fuse-qkv before the onnx backend")
-        if node.params["qkv"].type.layout.kind != "concat":
-            raise BackendError(f"{node.location}: QKV layout is {node.params['qkv'].type.layout.kind}",
-                               hint="run relayout-qkv{to=concat} before the onnx backend")
-        i = self.attn_index[id(node)]
-        base = f"/model/layers.{node.layer}/attn"
-        qkv = self.linear(node, x, "qkv", "qkv_bias", "attn/qkv_proj")
-        if self.profile == "ort":
-            o = self.attention_ort(node, qkv, i, base)
-        else:
-            o = self.attention_tensorrt(node, qkv, i, base)
-        if node.attrs["output_gate"]:   # o * sigmoid(gate x + gate_bias), per head and channel (both profiles)
-            gate = self.linear(node, x, "gate", "gate_bias", "attn/gate_proj")
-            o = self.g.op("Mul", [o, self.g.op("Sigmoid", [gate], f"{base}/gate/Sigmoid")], f"{base}/gate/Mul")
-        return self.linear(node, o, "proj", "proj_bias", "attn/o_proj")
-
-    def _split_qkv(self, node, qkv, base):
-        a = node.attrs
-        nh, nkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
-        return self.g.op("Split", [qkv, self.g.const([nh * d, nkv * d, nkv * d])], f"{base}/Split_qkv",
-                         outputs=3, axis=-1)
-
-    def _qk_norm(self, node, t, heads, name, base, four_d):
-        """RMS/Layer norm over head_dim at the attention's qk_norm_eps, no bias; l2 (weightless): RMSNormalization
-        with a scale of ones."""
-        g, a = self.g, node.attrs
-        d = a["head_dim"]
-        w = self.float_weight(f"{base}/{name}.weight", torch.ones(d) if a["qk_norm"] == "l2" else self.w(node, name))
-        if not four_d:
-            t = g.op("Reshape", [t, g.const([0, 0, heads, d])], f"{base}/{name}/Reshape_in")
-        if a["qk_norm"] in ("rmsnorm", "l2"):
-            t = g.op("RMSNormalization", [t, w], f"{base}/{name}/RMSNormalization", axis=-1,
-                     epsilon=a["qk_norm_eps"], stash_type=1)
-        else:
-            t = g.op("LayerNormalization", [t, w], f"{base}/{name}/LayerNormalization", axis=-1,
-                     epsilon=a["qk_norm_eps"], stash_type=1)
-        if not four_d:
-            t = g.op("Reshape", [t, g.const([0, 0, heads * d])], f"{base}/{name}/Reshape_out")
-        return t
-
-    def attention_ort(self, node, qkv, i, base):
-        g, a = self.g, node.attrs
-        nh, nkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
-        seqlens, total = self.gqa_lengths()
-        past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        present = [f"present.{i}.key", f"present.{i}.value"]
-        attrs = dict(num_heads=nh, kv_num_heads=nkv, scale=float(a["softmax_scale"]) if a["softmax_scale"] else None)
-        if a["window"] is not None:
-            # GQA's local_window_size counts the query too (as transformers' sliding_window): window + 1 since
-            # microsoft/onnxruntime#25927 (Sept. 2025, after 1.23.0); earlier releases attend to one key more
-            attrs["local_window_size"] = a["window"] + 1
-            note = ("sliding-window layers use GroupQueryAttention local_window_size = window + 1 (the query "
-                    "counted), onnxruntime's meaning since microsoft/onnxruntime#25927 (after 1.23.0): an older "
-                    "onnxruntime attends to one token more; the tensorrt profile's explicit mask has no such "
-                    "dependence")
-            if note not in self.plan.notes:
-                self.plan.notes.append(note)
-        if a["position"] == "rope" and gqa_rope_fusable(node):
-            cos, sin = self.rope_cache(a["rope"], d)
-            self.plan.fused_rope = True
-            ins = [qkv, "", "", *past, seqlens, total, cos, sin]
-            attrs.update(do_rotary=1, rotary_interleaved=int(a["rope"].interleaved))
-        else:
-            q, k, v = self._split_qkv(node, qkv, base)
-            if a["qk_norm"] != "none":
-                q = self._qk_norm(node, q, nh, "q_norm", base, False)
-                k = self._qk_norm(node, k, nkv, "k_norm", base, False)
-            if a["position"] == "rope":
-                self.plan.uses_position_ids = True
-                cos, sin = self.rope_cache(a["rope"], d)
-                rd = a["rope"].rotary_dim(d)
-                kw = dict(interleaved=int(a["rope"].interleaved), rotary_embedding_dim=rd if rd != d else None)
-                q = g.op("RotaryEmbedding", [q, "position_ids", cos, sin], f"{base}/q_rotary/RotaryEmbedding",
-                         domain=MS, num_heads=nh, **kw)
-                k = g.op("RotaryEmbedding", [k, "position_ids", cos, sin], f"{base}/k_rotary/RotaryEmbedding",
-                         domain=MS, num_heads=nkv, **kw)
-            ins = [q, k, v, *past, seqlens, total]
-            attrs.update(do_rotary=0)
-        out = g.op("GroupQueryAttention", ins, f"{base}/GroupQueryAttention", domain=MS,
-                   outputs=[f"{base}/GroupQueryAttention/output_0", *present], **attrs)
-        return out[0]
-
-    def attention_tensorrt(self, node, qkv, i, base):
-        g, a = self.g, node.attrs
-        nh, nkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
-        q, k, v = self._split_qkv(node, qkv, base)
-
-        def bhsd(t, heads, n):   # [B, S, h*d] -> [B, h, S, d]
-            t = g.op("Reshape", [t, g.const([0, 0, heads, d])], f"{base}/{n}/Reshape")
-            return g.op("Transpose", [t], f"{base}/{n}/Transpose", perm=[0, 2, 1, 3])
-
-        q, k, v = bhsd(q, nh, "q"), bhsd(k, nkv, "k"), bhsd(v, nkv, "v")
-        if a["qk_norm"] != "none":
-            q = self._qk_norm(node, q, nh, "q_norm", base, True)
-            k = self._qk_norm(node, k, nkv, "k_norm", base, True)
-        if a["position"] == "rope":
-            self.plan.uses_position_ids = True
-            cos, sin = self.rope_cache(a["rope"], d)
-            rd = a["rope"].rotary_dim(d)
-            kw = dict(interleaved=int(a["rope"].interleaved), rotary_embedding_dim=rd if rd != d else None)
-            q = g.op("RotaryEmbedding", [q, cos, sin, "position_ids"], f"{base}/q_rotary/RotaryEmbedding", **kw)
-            k = g.op("RotaryEmbedding", [k, cos, sin, "position_ids"], f"{base}/k_rotary/RotaryEmbedding", **kw)
-        k = g.op("Concat", [f"past_key_values.{i}.key", k], f"{base}/Concat_k", outputs=[f"present.{i}.key"], axis=2)
-        v = g.op("Concat", [f"past_key_values.{i}.value", v], f"{base}/Concat_v", outputs=[f"present.{i}.value"],
-                 axis=2)
-        scale = float(a["softmax_scale"]) if a["softmax_scale"] else 1.0 / math.sqrt(d)
-        o = g.op("Attention", [q, k, v, self.window_mask(a["window"])], f"{base}/Attention", scale=scale)
-        o = g.op("Transpose", [o], f"{base}/Transpose_out", perm=[0, 2, 1, 3])
-        return g.op("Reshape", [o, g.const([0, 0, nh * d])], f"{base}/Reshape_out")
-
-
-from .mla import lower_mla, mla_layer_shape  # noqa: E402 - mla.py imports this module's names
 
 
 def _rename_output(g: GraphBuilder, name: str, new: str):

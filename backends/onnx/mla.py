@@ -17,7 +17,7 @@ import math
 import torch
 
 from ...errors import BackendError
-from .lower import MS
+from .consts import MS
 
 # the ops emitted by :func:`lower_mla`, in order: down projections, latent norms, up projections, rope,
 # attention (GroupQueryAttention in the ort profile, Attention + Concat caches in tensorrt), output projection
