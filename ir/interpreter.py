@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from ..errors import BackendError
 from .graph import Model, Node
-from .semantics import activation, apply_rope, causal_conv1d, gated_rmsnorm, norm, rope_tables, ssm_scan, visible
+from .semantics import (activation, apply_rope, causal_conv1d, gated_rmsnorm, norm, rope_tables, softmax_with_sinks,
+                        ssm_scan, visible)
 from .tensors import derive
 from .types import DType
 
@@ -140,7 +141,8 @@ class ReferenceExecutor:
             scale = a["softmax_scale"] or 1.0 / math.sqrt(d)
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
             s = x.shape[1]
-            p = scores.masked_fill(~visible(s, s, a["window"]), float("-inf")).softmax(-1)
+            p = softmax_with_sinks(scores.masked_fill(~visible(s, s, a["window"]), float("-inf")),
+                                   self.w.get(node, "sinks", r) if a.get("sinks") else None)
             o = torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(*x.shape[:2], lnh * d)
             out = out + o @ self.w.get(node, "proj", r).t()
         bias = self.w.get(node, "proj_bias")

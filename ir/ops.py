@@ -5,8 +5,9 @@
 | embedding   | token ids      | scale (1.0; Gemma: sqrt(hidden))                               | word [V',H], position? [P,H]   |
 | norm        | x              | kind (layernorm/rmsnorm), eps, zero_centered                   | weight [D], bias? [D]          |
 | attention   | x              | num_heads, num_kv_heads, head_dim, position (rope/none), rope, | qkv (QKV-typed) or q,k,v;      |
-|             |                | qk_norm (none/layernorm/rmsnorm), softmax_scale, window        | qkv_bias / q_bias,k_bias,v_bias;|
+|             |                | qk_norm (none/layernorm/rmsnorm), softmax_scale, window, sinks | qkv_bias / q_bias,k_bias,v_bias;|
 |             |                |                                                                | proj [H,nh*d], proj_bias?;     |
+|             |                |                                                                | sinks [nh] (sinks)             |
 |             |                |                                                                | q_norm, k_norm [d] (qk_norm)   |
 | mla         | x              | num_heads, kv_lora_rank, qk_head_dim, qk_rope_dim, v_head_dim, | q [Dq,H] or q_down [R,H],      |
 |             |                | rope (pairs), latent_norm, latent_norm_eps, softmax_scale      | q_norm [R], q_up [Dq,R];       |
@@ -178,7 +179,11 @@ def _check_norm(node, model):
                             "softmax_scale": A((int, float, type(None)), None),
                             # sliding window: query i sees keys i-window..i (Megatron window_size=(window, 0));
                             # None = full causal attention
-                            "window": A((int, type(None)), None)},
+                            "window": A((int, type(None)), None),
+                            # attention sinks: a learned logit per head in the softmax denominator (megatron-core
+                            # softmax_type learnable / off-by-one, SoftmaxOne; gpt-oss): p = exp(s) / (exp(sink) +
+                            # sum exp(s)); the sink has no value
+                            "sinks": A(bool, False)},
            "causal self-attention, MHA/GQA/MQA",
            params=[P("qkv", "QKV H", COLUMN, linear=True, alt="fused"),
                    P("qkv_bias", "QKV", COLUMN, required=False, alt="fused"),
@@ -191,8 +196,10 @@ def _check_norm(node, model):
                    P("proj", "H Q", ROW, linear=True),
                    P("proj_bias", "H", REPLICATED, required=False),  # added once, after the row reduction
                    P("q_norm", "d", NORM, when=_QK),
-                   P("k_norm", "d", NORM, when=_QK)],
+                   P("k_norm", "d", NORM, when=_QK),
+                   P("sinks", "NH", COLUMN, when=("sinks", (True,)))],   # TP: split by heads, as Megatron
            dims=lambda a, c: {"H": c.hidden_size, "d": a["head_dim"], "Q": a["num_heads"] * a["head_dim"],
+                              "NH": a["num_heads"],
                               "KV": a["num_kv_heads"] * a["head_dim"],
                               "QKV": (a["num_heads"] + 2 * a["num_kv_heads"]) * a["head_dim"]})
 def _check_attention(node, model):

@@ -57,6 +57,7 @@ def test_derived_rules_reproduce_the_tables_they_replace():
     old_tp = {("attention", n): 0 for n in ("qkv", "qkv_bias", "q", "k", "v", "q_bias", "k_bias", "v_bias")}
     old_tp |= {("attention", "proj"): 1, ("mlp", "fc2"): 1, ("lm_head", "weight"): 0}
     old_tp |= {("mlp", n): 0 for n in ("gate", "up", "fc1", "gate_bias", "up_bias", "fc1_bias")}
+    old_tp |= {("attention", "sinks"): 0}   # issue 17 (gpt-oss): one sink per head, split with the heads
     declared = {(op, p.name) for op, s in ir.OPS.items() for p in s.params if op not in ("mamba", "mla")}
     for op, name in declared - {("moe", n) for n in ("gate", "up", "fc1", "fc2")}:
         assert split_of(op, name) == (old_tp.get((op, name)), "tp"), (op, name)

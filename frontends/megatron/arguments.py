@@ -162,7 +162,9 @@ ROWS: tuple[Arg, ...] = (
       "the softmax: the same math"),
     I("attention_softmax_in_fp32", False, _NUMERICS),
     H("softmax_scale", None, "attention.softmax_scale (None: 1/sqrt(kv_channels))", "softmax_scale"),
-    R("softmax_type", "vanilla", "attention sinks (off-by-one / learnable softmax) are not lifted yet"),
+    H("softmax_type", "vanilla", "attention.sinks + the sinks param [num_heads] (megatron-core SoftmaxOne): learnable: "
+      "the saved core_attention.softmax_offset; off-by-one: zeros", "softmax_type",
+      values=("vanilla", "off-by-one", "learnable")),
     R("attention_output_gate", False, "the gated attention output (Qwen3-Next) is not lifted yet"),
     H("qk_layernorm", False, "attention.qk_norm + q_norm/k_norm params", "qk_layernorm"),
     R("qk_l2_norm", False, "a weightless L2 q/k norm is not lifted yet"),

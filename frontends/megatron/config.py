@@ -44,6 +44,7 @@ class MegatronArch:
     window_size: tuple[int, int] | None = None   # Megatron's (left, right) sliding window; right is 0
     window_skip: int | list | None = None  # window_attn_skip_freq: int N (every N-th layer full) or 0/1 list
     softmax_scale: float | None = None   # None: 1/sqrt(head_dim) (megatron-core DotProductAttention)
+    softmax_type: str = "vanilla"         # vanilla | off-by-one | learnable (attention sinks, SoftmaxOne)
     no_rope: tuple[int, ...] | None = None  # per layer, 1 = no rotary on that layer (Megatron's no_rope_freq)
     mtp_num_layers: int = 0               # multi-token-prediction layers: their mtp.* tensors are dropped
     num_experts: int = 0
@@ -217,7 +218,8 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
         **_window(args, where, overrides),
-        softmax_scale=_softmax_scale(args, where), no_rope=_no_rope(args, where, L),
+        softmax_scale=_softmax_scale(args, where), softmax_type=str(_get(args, "softmax_type") or "vanilla"),
+        no_rope=_no_rope(args, where, L),
         mtp_num_layers=int(_get(args, "mtp_num_layers") or 0),
         num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),

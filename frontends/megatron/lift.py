@@ -363,12 +363,13 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
         if qb is not None:
             qb = derive("tag_qkv", qb, kind="grouped", q=lay.q_heads, kv=lay.kv_heads, d=lay.head_dim)
         qk_norm = arch.normalization if roles.get(("q_norm.weight", i, None)) is not None else "none"
+        sinks = _sinks(roles, arch, i, where)
         attn = b.node("attention", h, layer=i,
                       params={"qkv": qkv, "qkv_bias": qb, "proj": _get(roles, "proj.weight", i, where=where),
                               "proj_bias": roles.get(("proj.bias", i, None)),
                               "q_norm": roles.get(("q_norm.weight", i, None)),
-                              "k_norm": roles.get(("k_norm.weight", i, None))},
-                      num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                              "k_norm": roles.get(("k_norm.weight", i, None)), "sinks": sinks},
+                      sinks=sinks is not None, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
                       position="rope" if arch.position == "rope" and not (arch.no_rope and arch.no_rope[i])
                       else "none", rope=arch.rope, qk_norm=qk_norm,
                       qk_norm_eps=arch.norm_eps if qk_norm != "none" else 1e-5,
@@ -400,6 +401,27 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
         head = word
     logits = b.node("lm_head", fx, params={"weight": head}, tied=tied)
     return b.output(logits)
+
+
+def _sinks(roles, arch: MegatronArch, i: int, where) -> Recipe | None:
+    """The attention sinks of layer ``i`` (megatron-core DotProductAttention.softmax_offset, [num_heads]):
+    learnable: the saved tensor; off-by-one: zeros (a constant 0 logit, not saved); vanilla: none."""
+    saved = roles.get(("sinks", i, None))
+    if arch.softmax_type == "learnable":
+        if saved is None:
+            raise CheckpointError(f"{where}: softmax_type is learnable but layer {i} has no "
+                                  "self_attention.core_attention.softmax_offset", hint="the checkpoint is incomplete, "
+                                  "or set softmax_type in --config")
+        if saved.type.shape != (arch.num_heads,):
+            raise CheckpointError(f"{where}: layer {i} softmax_offset is {list(saved.type.shape)}, expected "
+                                  f"[{arch.num_heads}] (one per head)", hint="fix num_attention_heads with --config")
+        return saved
+    if saved is not None:
+        raise CheckpointError(f"{where}: layer {i} has a softmax_offset but softmax_type is {arch.softmax_type}",
+                              hint="set softmax_type: learnable in --config")
+    if arch.softmax_type == "off-by-one":
+        return derive("zeros", shape=(arch.num_heads,), dtype=arch.dtype.value)
+    return None
 
 
 def _mlp(b: Builder, roles, arch: MegatronArch, i: int, h, where):

@@ -39,6 +39,7 @@ RULES: list[tuple[str, str, str]] = [
     (r"decoder\.layers\.{L}\.self_attention\.linear_proj\.bias", "proj.bias", "rep"),
     (r"decoder\.layers\.{L}\.self_attention\.q_layernorm\.weight", "q_norm.weight", "rep"),
     (r"decoder\.layers\.{L}\.self_attention\.k_layernorm\.weight", "k_norm.weight", "rep"),
+    (r"decoder\.layers\.{L}\.self_attention\.core_attention\.softmax_offset", "sinks", "col"),  # [heads / tp]
     (r"decoder\.layers\.{L}\.pre_mlp_layernorm\.weight", "post_norm.weight", "rep"),
     (r"decoder\.layers\.{L}\.pre_mlp_layernorm\.bias", "post_norm.bias", "rep"),
     (r"decoder\.layers\.{L}\.mlp\.linear_fc1\.layer_norm_weight", "post_norm.weight", "rep"),

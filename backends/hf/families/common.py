@@ -57,13 +57,15 @@ def falcon_block(model, layer=None) -> str | None:
 def family(name: str, architecture: str, *, rows: str, signature: Callable[[Facts], bool], rules: list[Rule],
            config: Callable[[Facts, dict], dict], model_type: str | None = None, zero_centered: bool = False,
            fused_qkv: bool = False, moe: bool = False, before: tuple[str, ...] = (),
-           flags: Callable[[Facts, dict], dict] | None = None, windows: bool = False) -> TargetClass:
+           flags: Callable[[Facts, dict], dict] | None = None, windows: bool = False,
+           sinks: bool = False) -> TargetClass:
     """Register one HF family (one file per class): its rows, signature, rules (after :data:`COMMON`) and
     config builder. ``zero_centered``: the HF norm computes with (1 + w), so the gamma is not folded;
     ``fused_qkv``: the class keeps Megatron's grouped fused QKV; ``flags(facts, base)`` adjusts the row
     conditions; ``moe``: the class has experts (the others never take a model with them); ``before``: classes
     whose signature also holds for this one's models and that must be tried after it; ``windows``: the class
-    expresses sliding-window attention (its own rules say which patterns)."""
+    expresses sliding-window attention (its own rules say which patterns); ``sinks``: the class has attention
+    sinks (``self_attn.sinks``)."""
     def dense(f: Facts, structure=signature) -> bool:   # only the MoE class takes a model with experts
         return not f.moes and structure(f)
 
@@ -72,7 +74,7 @@ def family(name: str, architecture: str, *, rows: str, signature: Callable[[Fact
                                  family=name),
                       config, {"architecture": architecture, "model_type": model_type or name, "before": before,
                                "zero_centered": zero_centered, "fused_qkv": fused_qkv, "flags": flags,
-                               "windows": windows})
+                               "windows": windows, "sinks": sinks})
     return REGISTRY.register(cls)
 
 
@@ -149,6 +151,13 @@ def _window(f: Facts):
                 "with MoE layers, MixtralForCausalLM (every layer windowed)")
 
 
+def _sinks(f: Facts):
+    if any(a.attrs.get("sinks") for a in f.attns) and not f.cls.extra.get("sinks"):
+        return (f"attention sinks (megatron-core softmax_type learnable / off-by-one) cannot be expressed by the "
+                f"{f.name}; mexc writes sinks only as GptOssForCausalLM (MoE with clamped SwiGLU): a dense model with "
+                "sinks has no hf class in mexc yet (use --target onnx)")
+
+
 def _zero_centered(f: Facts):
     if any(n.attrs["zero_centered"] for n in f.norms) and not f.cls.extra["zero_centered"]:
         return "zero-centered norm gamma must be folded (run canonicalize) before the hf target"
@@ -164,6 +173,7 @@ COMMON = [
         f"parallel attention+MLP blocks (layer {parallel_layers(f)[0]}) cannot be expressed by the {f.name}"),
     rule("quantized weights (no loader-readable quantization config)")(_quantized),
     rule("sliding-window attention (Mistral / Ministral only)")(_window),
+    rule("attention sinks (GptOss only)")(_sinks),
     rule("an unfolded zero-centered gamma (families whose norm does not add 1)")(_zero_centered),
     rule("norms with different eps")(
         lambda f: None if len({n.attrs["eps"] for n in f.norms}) <= 1 else

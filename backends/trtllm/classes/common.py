@@ -76,7 +76,7 @@ def trt_class(name: str, *, signature: Callable[[Facts], bool], rules: list[Rule
     """Register one TensorRT-LLM class: ``config(facts, cfg)`` fills its config.json fields on the shared base;
     ``read(cfg)`` is the inverse (config.json -> the IR attributes the reader builds: see
     :mod:`mexc.frontends.trtllm`)."""
-    cls = TargetClass(name, name, signature, [PER_MODEL_ATTENTION, *rules], rows(extra_rows, name), config,
+    cls = TargetClass(name, name, signature, [PER_MODEL_ATTENTION, NO_SINKS, *rules], rows(extra_rows, name), config,
                       {"read": read, **extra})
     return REGISTRY.register(cls)
 
@@ -140,6 +140,10 @@ def _per_model_attention(f: Facts) -> list[str]:
     return p
 
 
+NO_SINKS = Rule("attention sinks", lambda f: None if not any(a.attrs.get("sinks") for a in f.attns) else
+                "attention sinks (megatron-core softmax_type learnable / off-by-one, gpt-oss) cannot be expressed by "
+                "a TensorRT-LLM 1.2 checkpoint class (no class in tensorrt_llm/models has a sink logit); use --target "
+                "onnx, or hf for gpt-oss-shaped models")
 PER_MODEL_ATTENTION = Rule("positions (rotary / none) or softmax scales that differ across layers",
                            _per_model_attention)
 

@@ -1,0 +1,130 @@
+"""gpt-oss's parts as IR features (issue 17), each from a real megatron-core 0.16.1 checkpoint:
+
+* attention sinks (fixture kinds ``sinks`` and ``sinks-window``: ``softmax_type="learnable"``, a learned logit per
+  head in the softmax denominator, megatron-core ``SoftmaxOne``; ``sinks-window`` alternates windowed and full
+  layers as gpt-oss does, ``window_attn_skip_freq=2``). The reference interpreter (TP 1 and 2, torch and
+  torch_dist) and onnxruntime (both profiles, prefill and KV-cache decode across the window) reproduce
+  megatron-core's logits within 1e-4 in fp32; hf and trtllm refuse in one line.
+
+Oracle: megatron-core's logits (the fixture's ``reference.pt``), never mexc itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
+
+pytestmark = pytest.mark.skipif(not have_megatron_core(), reason="megatron-core not installed")
+
+from mexc.backends.base import CompileOptions
+from mexc.backends.reference.executor import run
+from mexc.driver import compile_checkpoint, lift
+from mexc.errors import BackendError, CheckpointError
+from mexc.frontends.megatron.config import from_args
+from mexc.frontends.megatron.reader import open_checkpoint
+
+TOL = 1e-4
+
+
+def err(a, b) -> float:
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    V = min(a.shape[-1], b.shape[-1])
+    return (a[..., :V] - b[..., :V]).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------ attention sinks
+@pytest.mark.parametrize("tp,fmt", [(1, "torch"), (2, "torch"), (2, "torch_dist")])
+def test_sinks_reference_interpreter_matches_megatron(tp, fmt):
+    d = megatron_checkpoint("sinks", tp=tp, fmt=fmt)
+    ref = load_reference(d)
+    m = lift(d / "ckpt")
+    attns = list(m.graph.find("attention"))
+    assert all(a.attrs["sinks"] and a.params["sinks"].type.shape == (4,) for a in attns)
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+    if tp == 2:   # the sinks split by heads with q/k/v, each simulated rank using its own heads' sinks
+        from mexc.passes import PassManager, parse_pipeline
+        sharded = lift(d / "ckpt")
+        PassManager(parse_pipeline("reshard{tp=2}"))(sharded)
+        sh = next(sharded.graph.find("attention")).params["sinks"].sharding
+        assert (sh.dim, sh.parts) == (0, 2)
+        assert err(run(sharded, ref["tokens"]), ref["logits"]) < 1e-5
+    sinks = attns[1].params["sinks"].source.materialize()
+    assert sinks.std() > 0.3     # the fixture's sinks differ per head: a swapped or lost sink shows
+    for a in attns:              # without the sinks the logits move far beyond the tolerance
+        a.attrs["sinks"] = False
+        del a.params["sinks"]
+    assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["sinks", "sinks-window"])
+@pytest.mark.parametrize("profile", ["ort", "tensorrt"])
+def test_sinks_onnx_prefill_and_decode_match_megatron(tmp_path, kind, profile):
+    from test_onnx_backend import Decoder
+
+    d = megatron_checkpoint(kind)
+    ref = load_reference(d)
+    out = tmp_path / "onnx"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
+    dec = Decoder(out / "model.onnx")
+    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
+    logits, _ = dec.step(tokens, None, 0)
+    assert err(logits, want) < TOL
+    logits, past = dec.step(tokens[:, :3], None, 0)
+    assert err(logits, want[:, :3]) < TOL
+    for t in range(3, tokens.shape[1]):             # one token at a time, past the 3-key window
+        logits, past = dec.step(tokens[:, t:t + 1], past, t)
+        assert err(logits, want[:, t:t + 1]) < TOL, t
+    assert past["past_key_values.0.key"].shape[2] == tokens.shape[1]   # the sink is not a cached key
+    assert np.isfinite(logits).all()
+
+
+def test_sinks_onnx_graph_form(tmp_path):
+    import onnx
+
+    for profile in ("ort", "tensorrt"):
+        out = tmp_path / profile
+        compile_checkpoint(megatron_checkpoint("sinks") / "ckpt", out,
+                           CompileOptions(target="onnx", profile=profile, build="never"))
+        g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        if profile == "ort":
+            gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+            assert len(gqa) == 2 and all(len(n.input) == 12 and n.input[11].endswith("/sinks") for n in gqa)
+        else:
+            att = [n for n in g.node if n.op_type == "Attention"]
+            assert len(att) == 2 and all("sink/Concat_mask" in n.input[3] for n in att)
+
+
+def test_off_by_one_is_a_zero_sink():
+    d = megatron_checkpoint("llama")
+    args = {**vars(open_checkpoint(d / "ckpt").args), "softmax_type": "off-by-one"}
+    assert from_args(args, "CKPT").softmax_type == "off-by-one"
+    from mexc.frontends.megatron.lift import _sinks
+    arch = from_args(args, "CKPT")
+    assert torch.equal(_sinks({}, arch, 0, "CKPT").materialize(), torch.zeros(4))
+
+
+def test_learnable_without_the_tensor_is_one_error_line():
+    from mexc.frontends.megatron.lift import _sinks
+
+    d = megatron_checkpoint("llama")
+    arch = from_args({**vars(open_checkpoint(d / "ckpt").args), "softmax_type": "learnable"}, "CKPT")
+    with pytest.raises(CheckpointError, match="softmax_type is learnable but layer 0 has no") as e:
+        _sinks({}, arch, 0, "CKPT")
+    assert e.value.hint
+
+
+@pytest.mark.parametrize("target,words", [("trtllm", ["attention sinks"]), ("hf", ["attention sinks"])])
+def test_sinks_refused_in_one_line(tmp_path, target, words):
+    import subprocess
+    import sys
+
+    ck = megatron_checkpoint("sinks") / "ckpt"
+    r = subprocess.run([sys.executable, "-m", "mexc.tools.cli", "compile", str(ck), "--target", target, "-o",
+                        str(tmp_path / "out"), "--build", "never"], capture_output=True, text=True)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and len(lines) == 1 and all(w in lines[0] for w in words), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    with pytest.raises(BackendError):
+        compile_checkpoint(ck, tmp_path / "o2", CompileOptions(target=target, build="never"))
