@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from ..errors import BackendError
 from .graph import Model, Node
-from .semantics import (activation, apply_rope, causal_conv1d, gated_rmsnorm, norm, rope_tables, softmax_with_sinks,
-                        ssm_scan, visible)
+from .semantics import (activation, apply_rope, causal_conv1d, gated_rmsnorm, glu, norm, rope_tables,
+                        softmax_with_sinks, ssm_scan, visible)
 from .tensors import derive
 from .types import DType
 
@@ -191,8 +191,9 @@ class ReferenceExecutor:
         out = 0
         for r in self._ranks(node, first, "fc2"):
             if a["gated"]:
-                h = activation(a["activation"], _linear(x, self.w.get(node, "gate", r), self.w.get(node, "gate_bias", r)))
-                h = h * _linear(x, self.w.get(node, "up", r), self.w.get(node, "up_bias", r))
+                h = glu(a["activation"], _linear(x, self.w.get(node, "gate", r), self.w.get(node, "gate_bias", r)),
+                        _linear(x, self.w.get(node, "up", r), self.w.get(node, "up_bias", r)),
+                        a.get("glu_clamp"), a.get("glu_offset", 0.0))
             else:
                 h = activation(a["activation"], _linear(x, self.w.get(node, "fc1", r), self.w.get(node, "fc1_bias", r)))
             out = out + h @ self.w.get(node, "fc2", r).t()
@@ -227,9 +228,10 @@ class ReferenceExecutor:
             for j in range(g.shape[0]):
                 e = e0 + j
                 weight = (probs * (idx == e)).sum(-1, keepdim=True).to(x.dtype)
-                h = activation(a["activation"], x @ g[j].t())
                 if gated:
-                    h = h * (x @ up[j].t())
+                    h = glu(a["activation"], x @ g[j].t(), x @ up[j].t(), a.get("glu_clamp"), a.get("glu_offset", 0.0))
+                else:
+                    h = activation(a["activation"], x @ g[j].t())
                 out = out + weight * (h @ fc2[j].t())
         return out
 

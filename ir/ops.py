@@ -267,8 +267,13 @@ def _check_mla(node, model):
     return p
 
 
-@op_schema("mlp", 1, {"activation": A(str, "gelu", ACTIVATIONS), "gated": A(bool, False)},
-           "dense MLP: fc2(act(fc1 x)), or gated fc2(act(gate x) * up x)",
+# clamped GLU (gpt-oss; megatron-core activation_func_clamp_value / glu_linear_offset, mlp.py glu()): gated only,
+# act(min(gate, clamp)) * (clamp(up, -clamp, clamp) + offset); clamp None = no clamp
+_GLU = {"glu_clamp": A((int, float, type(None)), None), "glu_offset": A((int, float), 0.0)}
+
+
+@op_schema("mlp", 1, {"activation": A(str, "gelu", ACTIVATIONS), "gated": A(bool, False), **_GLU},
+           "dense MLP: fc2(act(fc1 x)), or gated fc2(act(gate x) * up x) (glu_clamp / glu_offset: see _GLU)",
            params=[P("fc2", "H F", ROW, linear=True),
                    P("fc2_bias", "H", REPLICATED, required=False),
                    P("gate", "F H", COLUMN, linear=True, when=_GATED),
@@ -279,13 +284,20 @@ def _check_mla(node, model):
                    P("fc1_bias", "F", COLUMN, required=False, when=_PLAIN)],
            dims=lambda a, c: {"H": c.hidden_size})
 def _check_mlp(node, model):
-    return []
+    return _check_glu(node)
+
+
+def _check_glu(node) -> list[str]:
+    a = node.attrs
+    if (a["glu_clamp"] is not None or a["glu_offset"]) and not a["gated"]:
+        return ["glu_clamp / glu_offset need gated=True (they clamp and offset a GLU's two halves)"]
+    return [] if a["glu_clamp"] is None or a["glu_clamp"] > 0 else [f"glu_clamp={a['glu_clamp']} must be > 0"]
 
 
 @op_schema("moe", 1, {"num_experts": A(int, None), "top_k": A(int, 2),
                       "activation": A(str, "silu", ACTIVATIONS), "gated": A(bool, True),
                       "score": A(str, "softmax", MOE_SCORES), "pre_softmax": A(bool, False),
-                      "norm_topk": A(bool, False), "topk_scale": A((int, float), 1.0)},
+                      "norm_topk": A(bool, False), "topk_scale": A((int, float), 1.0), **_GLU},
            "mixture of experts: router, top-k, expert MLPs (Mixtral: softmax over top-k logits); the top-k "
            "routing weights are multiplied by topk_scale (Megatron's moe_router_topk_scaling_factor)",
            params=[P("router", "E H", ROUTER),
@@ -296,7 +308,7 @@ def _check_mlp(node, model):
            dims=lambda a, c: {"H": c.hidden_size, "E": a["num_experts"]})
 def _check_moe(node, model):
     E, k = node.attrs["num_experts"], node.attrs["top_k"]
-    return [] if 1 <= k <= E else [f"top_k={k} outside [1, {E}]"]
+    return ([] if 1 <= k <= E else [f"top_k={k} outside [1, {E}]"]) + _check_glu(node)
 
 
 _MAMBA_DOC = ("Mamba-2 mixer (Megatron's MambaMixer, megatron/core/ssm/mamba_mixer.py): in_proj split into z, x, B, "

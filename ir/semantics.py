@@ -153,6 +153,16 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     raise BackendError(f"unknown activation {name!r}")
 
 
+def glu(act: str, gate: torch.Tensor, up: torch.Tensor, clamp: float | None = None,
+        offset: float = 0.0) -> torch.Tensor:
+    """act(gate) * up, or gpt-oss's clamped form: act(min(gate, clamp)) * (clamp(up, -clamp, clamp) + offset)
+    (megatron-core mlp.py / moe/experts.py ``glu`` with ``activation_func_clamp_value`` and
+    ``glu_linear_offset``; transformers GptOssExperts._apply_gate with quick-gelu's 1.702 = ``alpha``)."""
+    if clamp is not None:
+        gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+    return activation(act, gate) * (up + offset if offset else up)
+
+
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Depthwise causal convolution over time: x [b, s, C], weight [C, K], bias [C] or None -> [b, s, C]; the
     output at t sees inputs t-K+1..t (left zero padding: Megatron's conv1d with padding=K-1, trimmed)."""

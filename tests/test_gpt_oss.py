@@ -128,3 +128,49 @@ def test_sinks_refused_in_one_line(tmp_path, target, words):
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
     with pytest.raises(BackendError):
         compile_checkpoint(ck, tmp_path / "o2", CompileOptions(target=target, build="never"))
+
+
+# ------------------------------------------------------------------------------------------ clamped GLU
+@pytest.mark.parametrize("tp,fmt", [(1, "torch"), (2, "torch_dist")])
+def test_clamped_glu_reference_interpreter_matches_megatron(tp, fmt):
+    d = megatron_checkpoint("glu-oai", tp=tp, fmt=fmt)
+    ref = load_reference(d)
+    m = lift(d / "ckpt")
+    mlps = list(m.graph.find("mlp"))
+    assert all((a.attrs["activation"], a.attrs["gated"], a.attrs["glu_clamp"], a.attrs["glu_offset"]) ==
+               ("quick-gelu", True, 0.5, 1.0) for a in mlps)
+    assert {"gate_bias", "up_bias", "fc2_bias"} <= set(mlps[0].params)
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+    for knob in (dict(glu_clamp=None), dict(glu_offset=0.0), dict(glu_clamp=0.6)):   # each knob matters
+        saved = dict(mlps[0].attrs)
+        for a in mlps:
+            a.attrs.update(knob)
+        assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-3, knob
+        for a in mlps:
+            a.attrs.update(saved)
+
+
+@pytest.mark.parametrize("profile", ["ort", "tensorrt"])
+def test_clamped_glu_onnx_matches_megatron(tmp_path, profile):
+    from test_onnx_backend import Decoder
+
+    d = megatron_checkpoint("glu-oai")
+    ref = load_reference(d)
+    out = tmp_path / "onnx"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
+    dec = Decoder(out / "model.onnx")
+    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
+    logits, past = dec.step(tokens[:, :5], None, 0)
+    assert err(logits, want[:, :5]) < TOL
+    for t in range(5, tokens.shape[1]):
+        logits, past = dec.step(tokens[:, t:t + 1], past, t)
+        assert err(logits, want[:, t:t + 1]) < TOL
+
+
+@pytest.mark.parametrize("target,words", [("hf", "clamped / offset GLU"),
+                                          ("trtllm", "no TensorRT-LLM class .* activation=\\['quick-gelu'\\]")])
+def test_clamped_glu_refused_in_one_line(tmp_path, target, words):
+    with pytest.raises(BackendError, match=words) as e:
+        compile_checkpoint(megatron_checkpoint("glu-oai") / "ckpt", tmp_path / "o",
+                           CompileOptions(target=target, build="never"))
+    assert "\n" not in str(e.value).split("hint")[0].strip() and not (tmp_path / "o").exists()

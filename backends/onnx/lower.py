@@ -395,14 +395,24 @@ class Lowering:
             return g.op("Mul", [half, g.op("Add", [e, self.scalar(1.0)], f"{base}/Add_one")], f"{base}/Mul_gelu")
         raise BackendError(f"unknown activation {name!r}")
 
+    def glu(self, a: dict, gate: str, up: str, base: str) -> str:
+        """act(gate) * up; with ``glu_clamp`` / ``glu_offset`` (gpt-oss): act(Min(gate, c)) * (Clip(up, -c, c) + o),
+        :func:`mexc.ir.semantics.glu`."""
+        g, c, off = self.g, a.get("glu_clamp"), a.get("glu_offset", 0.0)
+        if c is not None:
+            gate = g.op("Min", [gate, self.scalar(float(c))], f"{base}/Min_gate")
+            up = g.op("Clip", [up, self.scalar(-float(c)), self.scalar(float(c))], f"{base}/Clip_up")
+        if off:
+            up = g.op("Add", [up, self.scalar(float(off))], f"{base}/Add_offset")
+        return g.op("Mul", [self.activation(a["activation"], gate, f"{base}/act_fn"), up], f"{base}/Mul")
+
     def op_mlp(self, node, x):
         base = f"{self.prefix(node)}/mlp"
         a = node.attrs
         if a["gated"]:
             gt = self.linear(node, x, "gate", "gate_bias", "mlp/gate_proj")
-            h = self.activation(a["activation"], gt, f"{base}/act_fn")
             up = self.linear(node, x, "up", "up_bias", "mlp/up_proj")
-            h = self.g.op("Mul", [h, up], f"{base}/Mul")
+            h = self.glu(a, gt, up, base)
         else:
             h = self.activation(a["activation"], self.linear(node, x, "fc1", "fc1_bias", "mlp/fc1"), f"{base}/act_fn")
         return self.linear(node, h, "fc2", "fc2_bias", "mlp/down_proj")
@@ -441,10 +451,11 @@ class Lowering:
             if self.io != DType.f32:
                 we = g.op("Cast", [we], f"{eb}/Cast_w", to=self.io_type)
             h = g.op("MatMul", [x, self.float_weight(f"{eb}/{first}.weight", wg[e].t())], f"{eb}/{first}/MatMul")
-            h = self.activation(a["activation"], h, f"{eb}/act_fn")
             if gated:
                 u = g.op("MatMul", [x, self.float_weight(f"{eb}/up.weight", wup[e].t())], f"{eb}/up/MatMul")
-                h = g.op("Mul", [h, u], f"{eb}/Mul")
+                h = self.glu(a, h, u, eb)
+            else:
+                h = self.activation(a["activation"], h, f"{eb}/act_fn")
             y = g.op("MatMul", [h, self.float_weight(f"{eb}/down.weight", wfc2[e].t())], f"{eb}/down/MatMul")
             y = g.op("Mul", [we, y], f"{eb}/Mul_weight")
             out = y if out is None else g.op("Add", [out, y], f"{eb}/Add")

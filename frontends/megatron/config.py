@@ -35,6 +35,8 @@ class MegatronArch:
     zero_centered_gamma: bool = False
     activation: str = "gelu"              # gelu | squared-relu | silu | relu ...
     gated: bool = False
+    glu_clamp: float | None = None        # activation_func_clamp_value (gpt-oss clamped GLU)
+    glu_offset: float = 0.0               # glu_linear_offset: act(gate) * (up + offset)
     add_bias_linear: bool = True
     add_qkv_bias: bool = True
     position: str = "learned_absolute"    # learned_absolute | rope | none
@@ -183,11 +185,14 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
     vp = _get(args, "vp") or 1
     # swiglu = gated SiLU; gated_linear_unit (NeMo) gates whichever activation the other flags pick (Gemma: GeGLU
     # with openai_gelu = tanh GELU); openai_gelu / squared_relu as in Megatron-LM's core_transformer_config_from_args
-    gated = swiglu or bool(_get(args, "gated_linear_unit", False))
+    quick = bool(_get(args, "quick_geglu", False))
+    gated = swiglu or quick or bool(_get(args, "gated_linear_unit", False))
     if swiglu:
         activation = "silu"
     elif squared:
         activation = "squared-relu"
+    elif quick:                                # gpt-oss: quick_gelu GLU (Megatron-LM sets gated_linear_unit)
+        activation = "quick-gelu"
     elif _get(args, "openai_gelu", False):
         activation = "gelu-tanh"
     else:
@@ -215,6 +220,8 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         max_position_embeddings=int(_get(args, "max_position_embeddings", 4096)), normalization=norm,
         norm_eps=float(_get(args, "norm_eps", 1e-5)), zero_centered_gamma=bool(_get(args, "zero_centered_gamma", False)),
         activation=activation, gated=gated, add_bias_linear=bias,
+        glu_clamp=None if _get(args, "glu_clamp") is None else float(_get(args, "glu_clamp")),
+        glu_offset=float(_get(args, "glu_offset") or 0.0),
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
         **_window(args, where, overrides),

@@ -424,6 +424,11 @@ def _sinks(roles, arch: MegatronArch, i: int, where) -> Recipe | None:
     return None
 
 
+def _glu(arch: MegatronArch) -> dict:
+    """The clamped-GLU attrs (ops.py ``_GLU``); megatron-core reads them only for a gated MLP."""
+    return {"glu_clamp": arch.glu_clamp, "glu_offset": arch.glu_offset} if arch.gated else {}
+
+
 def _mlp(b: Builder, roles, arch: MegatronArch, i: int, h, where):
     if roles.get(("router.weight", i, None)) is not None:
         return _moe(b, roles, arch, i, h, where)
@@ -440,7 +445,7 @@ def _mlp(b: Builder, roles, arch: MegatronArch, i: int, h, where):
             params["gate_bias"], params["up_bias"] = _split_gated(fc1_b)
     else:
         params["fc1"], params["fc1_bias"] = fc1, fc1_b
-    return b.node("mlp", h, layer=i, params=params, activation=arch.activation, gated=arch.gated)
+    return b.node("mlp", h, layer=i, params=params, activation=arch.activation, gated=arch.gated, **_glu(arch))
 
 
 def _mla(b: Builder, roles, arch: MegatronArch, i: int, h, where):
@@ -529,7 +534,7 @@ def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
         raise CheckpointError(f"{where}: layer {i} uses expert-bias routing, which mexc does not lower yet",
                               hint="no target of mexc expresses expert-bias routing today")
     return b.node("moe", h, layer=i, params=params, num_experts=E, top_k=arch.moe_topk,
-                  activation=arch.activation, gated=arch.gated, score=arch.moe_score,
+                  activation=arch.activation, gated=arch.gated, score=arch.moe_score, **_glu(arch),
                   pre_softmax=arch.moe_pre_softmax, topk_scale=arch.moe_topk_scale,
                   norm_topk=arch.moe_score == "sigmoid" and arch.moe_topk > 1)  # Megatron renormalizes sigmoid top-k
 

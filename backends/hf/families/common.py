@@ -158,6 +158,15 @@ def _sinks(f: Facts):
                 "sinks has no hf class in mexc yet (use --target onnx)")
 
 
+def _clamped_glu(f: Facts):
+    m = next((m for m in (*f.mlps, *f.moes) if m.attrs.get("glu_clamp") is not None or m.attrs.get("glu_offset")),
+             None)
+    if m is not None and not f.cls.extra.get("sinks"):
+        return (f"a clamped / offset GLU ({m.location}: clamp {m.attrs['glu_clamp']}, up + {m.attrs['glu_offset']}; "
+                f"megatron-core activation_func_clamp_value / glu_linear_offset) cannot be expressed by the {f.name}; "
+                "mexc writes it only as GptOssForCausalLM's experts (MoE with sinks); use --target onnx")
+
+
 def _zero_centered(f: Facts):
     if any(n.attrs["zero_centered"] for n in f.norms) and not f.cls.extra["zero_centered"]:
         return "zero-centered norm gamma must be folded (run canonicalize) before the hf target"
@@ -174,6 +183,7 @@ COMMON = [
     rule("quantized weights (no loader-readable quantization config)")(_quantized),
     rule("sliding-window attention (Mistral / Ministral only)")(_window),
     rule("attention sinks (GptOss only)")(_sinks),
+    rule("a clamped / offset GLU (GptOss only)")(_clamped_glu),
     rule("an unfolded zero-centered gamma (families whose norm does not add 1)")(_zero_centered),
     rule("norms with different eps")(
         lambda f: None if len({n.attrs["eps"] for n in f.norms}) <= 1 else
