@@ -204,6 +204,8 @@ class ReferenceExecutor:
         a = node.attrs
         k = a["top_k"]
         logits = x.float() @ self.w.get(node, "router").float().t()
+        if "router_bias" in node.params:
+            logits = logits + self.w.get(node, "router_bias").float()
         if a["score"] == "softmax":
             if a.get("pre_softmax", False):
                 probs, idx = logits.softmax(-1).topk(k, -1)
@@ -224,15 +226,18 @@ class ReferenceExecutor:
             fc2 = self.w.get(node, "fc2", r)
             g = self.w.get(node, first, r)
             up = self.w.get(node, "up", r) if gated else None
+            gb, ub, b2 = (self.w.get(node, n, r) for n in (first + "_bias", "up_bias", "fc2_bias"))
             e0 = 0 if r is None else r * g.shape[0]
             for j in range(g.shape[0]):
                 e = e0 + j
                 weight = (probs * (idx == e)).sum(-1, keepdim=True).to(x.dtype)
+                hg = _linear(x, g[j], None if gb is None else gb[j])
                 if gated:
-                    h = glu(a["activation"], x @ g[j].t(), x @ up[j].t(), a.get("glu_clamp"), a.get("glu_offset", 0.0))
+                    h = glu(a["activation"], hg, _linear(x, up[j], None if ub is None else ub[j]), a.get("glu_clamp"),
+                            a.get("glu_offset", 0.0))
                 else:
-                    h = activation(a["activation"], x @ g[j].t())
-                out = out + weight * (h @ fc2[j].t())
+                    h = activation(a["activation"], hg)
+                out = out + weight * _linear(h, fc2[j], None if b2 is None else b2[j])
         return out
 
     def op_mamba(self, node, x, pos):

@@ -15,7 +15,7 @@
 | mlp         | x              | activation, gated                                              | gate,up [F,H] (gated) or fc1;  |
 |             |                |                                                                | fc2 [H,F]; *_bias?             |
 | moe         | x              | num_experts, top_k, activation, gated, score, norm_topk,       | router [E,H]; gate,up [E,F,H]  |
-|             |                | pre_softmax, topk_scale                                        | or fc1; fc2 [E,H,F]            |
+|             |                | pre_softmax, topk_scale, glu_clamp, glu_offset                 | or fc1; fc2 [E,H,F]; *_bias?   |
 | mamba       | x              | num_heads, head_dim, num_groups, state_dim, conv_kernel,       | in_z,in_x [I,H]; in_B,in_C     |
 |             |                | norm_eps, norm_before_gate (Mamba-2 mixer, see its doc)        | [GN,H]; in_dt [NH,H]; conv_*   |
 |             |                |                                                                | [.,K] (+bias); dt_bias, A_log, |
@@ -97,7 +97,7 @@ class ParamSpec:
     def split_dim(self, *, ep: bool = False) -> int | None:
         """The dim the tensor-parallel (or, with ``ep``, expert-parallel) axis splits; None = replicated."""
         if self.role == EXPERT:
-            return 0 if ep else 1 + _SPLIT[self.within]
+            return 0 if ep else (1 + _SPLIT[self.within] if self.within in _SPLIT else None)
         return None if ep else _SPLIT.get(self.role)
 
 
@@ -304,7 +304,14 @@ def _check_glu(node) -> list[str]:
                    P("fc2", "E H F", EXPERT, linear=True, within=ROW),
                    P("gate", "E F H", EXPERT, linear=True, within=COLUMN, when=_GATED),
                    P("up", "E F H", EXPERT, linear=True, within=COLUMN, when=_GATED),
-                   P("fc1", "E F H", EXPERT, linear=True, within=COLUMN, when=_PLAIN)],
+                   P("fc1", "E F H", EXPERT, linear=True, within=COLUMN, when=_PLAIN),
+                   # biases (gpt-oss; Megatron add_bias_linear): router logits + router_bias; each expert's fc2
+                   # bias is scaled by its routing weight like its output (megatron-core MLP per_token_scale)
+                   P("router_bias", "E", ROUTER, required=False),
+                   P("gate_bias", "E F", EXPERT, required=False, within=COLUMN, when=_GATED),
+                   P("up_bias", "E F", EXPERT, required=False, within=COLUMN, when=_GATED),
+                   P("fc1_bias", "E F", EXPERT, required=False, within=COLUMN, when=_PLAIN),
+                   P("fc2_bias", "E H", EXPERT, required=False, within=REPLICATED)],
            dims=lambda a, c: {"H": c.hidden_size, "E": a["num_experts"]})
 def _check_moe(node, model):
     E, k = node.attrs["num_experts"], node.attrs["top_k"]

@@ -174,3 +174,84 @@ def test_clamped_glu_refused_in_one_line(tmp_path, target, words):
         compile_checkpoint(megatron_checkpoint("glu-oai") / "ckpt", tmp_path / "o",
                            CompileOptions(target=target, build="never"))
     assert "\n" not in str(e.value).split("hint")[0].strip() and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------ gpt-oss
+def test_gpt_oss_reference_interpreter_matches_megatron():
+    for fmt in ("torch", "torch_dist"):
+        d = megatron_checkpoint("gpt-oss", fmt=fmt)
+        ref = load_reference(d)
+        m = lift(d / "ckpt")
+        moe = next(m.graph.find("moe"))
+        assert {"router_bias", "gate_bias", "up_bias", "fc2_bias"} <= set(moe.params)
+        assert [a.attrs["window"] for a in m.graph.find("attention")] == [3, None]   # window_attn_skip_freq=2
+        assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+    for name in ("router_bias", "fc2_bias"):    # each expert bias matters
+        saved = moe.params.pop(name)
+        assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-4, name
+        moe.params[name] = saved
+
+
+def test_gpt_oss_hf_matches_megatron(tmp_path):
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    d = megatron_checkpoint("gpt-oss")
+    ref = load_reference(d)
+    out = tmp_path / "hf"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="hf"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["GptOssForCausalLM"]
+    assert (cfg["layer_types"], cfg["sliding_window"], cfg["swiglu_limit"], cfg["attention_bias"],
+            cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["rope_parameters"]["rope_type"]) == \
+        (["sliding_attention", "full_attention"], 4, 0.5, True, 4, 2, "yarn")
+    transformers.logging.set_verbosity_error()
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                   output_loading_info=True)
+    assert not {k: v for k, v in info.items() if v}, info      # every tensor used, none missing
+    assert type(model).__name__ == "GptOssForCausalLM"
+    with torch.no_grad():
+        assert err(model(ref["tokens"]).logits, ref["logits"]) < TOL
+        for t in range(5, ref["tokens"].shape[1] + 1):         # and each prefix (the window slides)
+            assert err(model(ref["tokens"][:, :t]).logits, ref["logits"][:, :t]) < TOL
+
+
+@pytest.mark.parametrize("profile", ["ort", "tensorrt"])
+def test_gpt_oss_onnx_prefill_and_decode_match_megatron(tmp_path, profile):
+    from test_onnx_backend import Decoder
+
+    d = megatron_checkpoint("gpt-oss")
+    ref = load_reference(d)
+    out = tmp_path / "onnx"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
+    dec = Decoder(out / "model.onnx")
+    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
+    logits, _ = dec.step(tokens, None, 0)
+    assert err(logits, want) < TOL
+    logits, past = dec.step(tokens[:, :3], None, 0)
+    for t in range(3, tokens.shape[1]):             # through the KV cache, past the 3-key window of layer 0
+        logits, past = dec.step(tokens[:, t:t + 1], past, t)
+        assert err(logits, want[:, t:t + 1]) < TOL, t
+    assert np.isfinite(logits).all()
+
+
+def test_gpt_oss_trtllm_refused_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    ck = megatron_checkpoint("gpt-oss") / "ckpt"
+    r = subprocess.run([sys.executable, "-m", "mexc.tools.cli", "compile", str(ck), "--target", "trtllm", "-o",
+                        str(tmp_path / "out"), "--build", "never"], capture_output=True, text=True)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and len(lines) == 1 and "attention sinks" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_hf_refuses_what_gpt_oss_cannot_say():
+    from mexc.backends.hf import families
+
+    m = lift(megatron_checkpoint("gpt-oss") / "ckpt")
+    for mo in m.graph.find("moe"):
+        mo.attrs["glu_offset"] = 0.5
+    family, problems = families.classify(m)
+    assert family == "gpt_oss" and any("up + 1" in p for p in problems)

@@ -424,6 +424,9 @@ class Lowering:
         router = self.g.weight(f"{base}/router.weight", self.w(node, "router").float().t())
         xf = x if self.io == DType.f32 else g.op("Cast", [x], f"{base}/Cast_x", to=TensorProto.FLOAT)
         logits = g.op("MatMul", [xf, router], f"{base}/router/MatMul")
+        if "router_bias" in node.params:
+            rb = self.g.weight(f"{base}/router.bias", self.w(node, "router_bias").float())
+            logits = g.op("Add", [logits, rb], f"{base}/router/Add_bias")
         K = g.const([k])
         if a["score"] == "softmax":
             if a.get("pre_softmax", False):
@@ -442,6 +445,10 @@ class Lowering:
         first = "gate" if gated else "fc1"
         wg, wfc2 = self.w(node, first), self.w(node, "fc2")
         wup = self.w(node, "up") if gated else None
+        bg, bup, b2 = (self.w(node, n) for n in (first + "_bias", "up_bias", "fc2_bias"))
+
+        def bias(y, b, e, n, eb):   # + this expert's bias row
+            return y if b is None else g.op("Add", [y, self.float_weight(f"{eb}/{n}.bias", b[e])], f"{eb}/{n}/Add")
         out = None
         for e in range(E):
             eb = f"{base}/experts.{e}"
@@ -451,15 +458,17 @@ class Lowering:
             if self.io != DType.f32:
                 we = g.op("Cast", [we], f"{eb}/Cast_w", to=self.io_type)
             h = g.op("MatMul", [x, self.float_weight(f"{eb}/{first}.weight", wg[e].t())], f"{eb}/{first}/MatMul")
+            h = bias(h, bg, e, first, eb)
             if gated:
                 u = g.op("MatMul", [x, self.float_weight(f"{eb}/up.weight", wup[e].t())], f"{eb}/up/MatMul")
-                h = self.glu(a, h, u, eb)
+                h = self.glu(a, h, bias(u, bup, e, "up", eb), eb)
             else:
                 h = self.activation(a["activation"], h, f"{eb}/act_fn")
             y = g.op("MatMul", [h, self.float_weight(f"{eb}/down.weight", wfc2[e].t())], f"{eb}/down/MatMul")
+            y = bias(y, b2, e, "down", eb)
             y = g.op("Mul", [we, y], f"{eb}/Mul_weight")
             out = y if out is None else g.op("Add", [out, y], f"{eb}/Add")
-        del wg, wfc2, wup
+        del wg, wfc2, wup, bg, bup, b2
         return out
 
     # ------------------------------------------------------------------------------------------ attention

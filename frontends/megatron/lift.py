@@ -511,6 +511,14 @@ def _mamba(b: Builder, roles, arch: MegatronArch, i: int, h, where):
                   conv_kernel=params["conv_x"].type.shape[-1])
 
 
+def _expert_bias(roles, which: str, i: int, E: int) -> Recipe | None:
+    """The experts' ``linear_{which}`` biases stacked to ``[E, ...]`` (torch_dist saves them stacked), or None."""
+    stacked = roles.get((f"experts.{which}.bias", i, None))
+    if stacked is not None or ("expert." + which + ".bias", i, 0) not in roles:
+        return stacked
+    return derive("stack", *[roles[(f"expert.{which}.bias", i, e)] for e in range(E)])
+
+
 def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
     E = arch.num_experts
     if E <= 0:
@@ -525,11 +533,20 @@ def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
                                   hint="copy every expert-parallel rank (mp_rank_*_EEE)")
         fc1 = derive("stack", *[roles[("expert.fc1.weight", i, e)] for e in range(E)])
         fc2 = derive("stack", *[roles[("expert.fc2.weight", i, e)] for e in range(E)])
-    params: dict[str, Recipe | None] = {"router": roles[("router.weight", i, None)], "fc2": fc2}
+    params: dict[str, Recipe | None] = {"router": roles[("router.weight", i, None)], "fc2": fc2,
+                                        "router_bias": roles.get(("router.bias", i, None)),
+                                        "fc2_bias": _expert_bias(roles, "fc2", i, E)}
     if arch.gated:
         params["gate"], params["up"] = _split_gated(fc1)
     else:
         params["fc1"] = fc1
+    b1 = _expert_bias(roles, "fc1", i, E)
+    if b1 is not None and arch.gated:   # [E, 2F] = [gate | up] per expert
+        n = b1.type.shape[-1]
+        params["gate_bias"], params["up_bias"] = (derive("slice", b1, dim=1, start=0, stop=n // 2),
+                                                  derive("slice", b1, dim=1, start=n // 2, stop=n))
+    elif b1 is not None:
+        params["fc1_bias"] = b1
     if ("router.expert_bias", i, None) in roles:
         raise CheckpointError(f"{where}: layer {i} uses expert-bias routing, which mexc does not lower yet",
                               hint="no target of mexc expresses expert-bias routing today")

@@ -17,7 +17,7 @@ from ...lowering import Facts, Registry, Rule, TargetClass, parse_rows
 # hf transforms: copy; zc (a norm weight the HF module uses as 1 + w: the IR's zero-centered weight as is, or
 # w - 1 for a norm that is not zero-centered); conv1d (GPT-2 Conv1D stores [in, out]); expert (one tensor per
 # expert: row {E} of the IR's [E, ...] stack); depthwise (nn.Conv1d's [C, 1, K] from the IR's depthwise [C, K])
-TRANSFORMS = ("copy", "zc", "conv1d", "expert", "depthwise")
+TRANSFORMS = ("copy", "zc", "conv1d", "expert", "depthwise", "gate_up", "t12")  # gate_up, t12: GptOss
 # always: the class always has the tensor (zeros when the IR has none); attn_bias / mlp_bias: exists when the
 # config turns the bias on; untied: written only when the head is not tied to the embedding
 CONDITIONS = ("always", "attn_bias", "mlp_bias", "untied", "q_lora", "q_direct")  # q_*: MLA's q form
