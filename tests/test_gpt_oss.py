@@ -178,8 +178,9 @@ def test_clamped_glu_refused_in_one_line(tmp_path, target, words):
 
 # ------------------------------------------------------------------------------------------ gpt-oss
 def test_gpt_oss_reference_interpreter_matches_megatron():
-    for fmt in ("torch", "torch_dist"):
-        d = megatron_checkpoint("gpt-oss", fmt=fmt)
+    # TP 2: megatron-core takes MoE biases only with expert_tensor_parallel_size 1 (transformer_config.py)
+    for tp, fmt in ((1, "torch"), (1, "torch_dist"), (2, "torch"), (2, "torch_dist")):
+        d = megatron_checkpoint("gpt-oss", tp=tp, fmt=fmt)
         ref = load_reference(d)
         m = lift(d / "ckpt")
         moe = next(m.graph.find("moe"))
