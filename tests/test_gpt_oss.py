@@ -97,12 +97,16 @@ def test_sinks_onnx_graph_form(tmp_path):
 
 
 def test_off_by_one_is_a_zero_sink():
-    d = megatron_checkpoint("llama")
-    args = {**vars(open_checkpoint(d / "ckpt").args), "softmax_type": "off-by-one"}
-    assert from_args(args, "CKPT").softmax_type == "off-by-one"
-    from mexc.frontends.megatron.lift import _sinks
-    arch = from_args(args, "CKPT")
-    assert torch.equal(_sinks({}, arch, 0, "CKPT").materialize(), torch.zeros(4))
+    d = megatron_checkpoint("sinks-off-by-one")
+    ref = load_reference(d)
+    m = lift(d / "ckpt")
+    for a in m.graph.find("attention"):
+        assert a.attrs["sinks"] and torch.equal(a.params["sinks"].source.materialize(), torch.zeros(4))
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+    for a in m.graph.find("attention"):
+        a.attrs["sinks"] = False
+        del a.params["sinks"]
+    assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-2
 
 
 def test_learnable_without_the_tensor_is_one_error_line():
@@ -187,6 +191,11 @@ def test_gpt_oss_reference_interpreter_matches_megatron():
         assert {"router_bias", "gate_bias", "up_bias", "fc2_bias"} <= set(moe.params)
         assert [a.attrs["window"] for a in m.graph.find("attention")] == [3, None]   # window_attn_skip_freq=2
         assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+    from mexc.passes import PassManager, parse_pipeline
+    sharded = lift(d / "ckpt")
+    PassManager(parse_pipeline("reshard{tp=2 ep=2}"))(sharded)    # expert biases split with their experts
+    assert str(next(sharded.graph.find("moe")).params["fc2_bias"].sharding) == "split(dim=0,ep=2)"
+    assert err(run(sharded, ref["tokens"]), ref["logits"]) < 1e-5
     for name in ("router_bias", "fc2_bias"):    # each expert bias matters
         saved = moe.params.pop(name)
         assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-4, name
