@@ -3,8 +3,14 @@
 * attention sinks (fixture kinds ``sinks`` and ``sinks-window``: ``softmax_type="learnable"``, a learned logit per
   head in the softmax denominator, megatron-core ``SoftmaxOne``; ``sinks-window`` alternates windowed and full
   layers as gpt-oss does, ``window_attn_skip_freq=2``). The reference interpreter (TP 1 and 2, torch and
-  torch_dist) and onnxruntime (both profiles, prefill and KV-cache decode across the window) reproduce
-  megatron-core's logits within 1e-4 in fp32; hf and trtllm refuse in one line.
+  torch_dist), transformers' GraniteSWAForCausalLM (the dense class with sinks) and onnxruntime (both profiles,
+  prefill and KV-cache decode across the window) reproduce megatron-core's logits within 1e-4 in fp32; trtllm
+  refuses in one line. ``sinks-off-by-one``: ``softmax_type="off-by-one"``, a constant 0 logit.
+* the clamped GLU (``glu-oai``: ``quick_geglu``, ``glu_linear_offset=1``, ``activation_func_clamp_value``, biases):
+  interpreter and onnxruntime; hf (no dense class) and trtllm refuse in one line.
+* gpt-oss itself (``gpt-oss``: the above + YaRN + MoE top-k-then-softmax with router and expert biases; TP 1
+  and 2, legacy and torch_dist): interpreter, transformers' GptOssForCausalLM and onnxruntime within 1e-4;
+  trtllm refuses in one line.
 
 Oracle: megatron-core's logits (the fixture's ``reference.pt``), never mexc itself.
 """
@@ -119,7 +125,42 @@ def test_learnable_without_the_tensor_is_one_error_line():
     assert e.value.hint
 
 
-@pytest.mark.parametrize("target,words", [("trtllm", ["attention sinks"]), ("hf", ["attention sinks"])])
+@pytest.mark.parametrize("kind", ["sinks", "sinks-window", "sinks-off-by-one"])
+def test_sinks_hf_granite_swa_matches_megatron(tmp_path, kind):
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    d = megatron_checkpoint(kind)
+    ref = load_reference(d)
+    out = tmp_path / "hf"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="hf"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["GraniteSWAForCausalLM"]
+    assert cfg["layer_types"] == (["sliding_attention", "full_attention"] if kind == "sinks-window" else
+                                  ["full_attention"] * 2)
+    assert cfg["attention_multiplier"] == 0.25 and cfg["embedding_multiplier"] == cfg["residual_multiplier"] == 1
+    if kind == "sinks-window":
+        assert cfg["sliding_window"] == 4
+    transformers.logging.set_verbosity_error()
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                   output_loading_info=True)
+    assert not {k: v for k, v in info.items() if v}, info
+    with torch.no_grad():
+        assert err(model(ref["tokens"]).logits, ref["logits"]) < TOL
+
+
+def test_hf_refuses_sinks_on_some_layers_only():
+    from mexc.backends.hf import families
+
+    m = lift(megatron_checkpoint("sinks") / "ckpt")
+    a = next(m.graph.find("attention"))
+    a.attrs["sinks"] = False
+    del a.params["sinks"]
+    family, problems = families.classify(m)
+    assert family == "granite_swa" and any("without sinks" in p for p in problems)
+
+
+@pytest.mark.parametrize("target,words", [("trtllm", ["attention sinks"])])
 def test_sinks_refused_in_one_line(tmp_path, target, words):
     import subprocess
     import sys

@@ -154,14 +154,14 @@ def _window(f: Facts):
 def _sinks(f: Facts):
     if any(a.attrs.get("sinks") for a in f.attns) and not f.cls.extra.get("sinks"):
         return (f"attention sinks (megatron-core softmax_type learnable / off-by-one) cannot be expressed by the "
-                f"{f.name}; mexc writes sinks only as GptOssForCausalLM (MoE with clamped SwiGLU): a dense model with "
-                "sinks has no hf class in mexc yet (use --target onnx)")
+                f"{f.name}; mexc writes sinks as GraniteSWAForCausalLM (dense, RMSNorm, rotary, gated MLP) or "
+                "GptOssForCausalLM (MoE with a clamped GLU)")
 
 
 def _clamped_glu(f: Facts):
     m = next((m for m in (*f.mlps, *f.moes) if m.attrs.get("glu_clamp") is not None or m.attrs.get("glu_offset")),
              None)
-    if m is not None and not f.cls.extra.get("sinks"):
+    if m is not None and f.cls.name != "gpt_oss":
         return (f"a clamped / offset GLU ({m.location}: clamp {m.attrs['glu_clamp']}, up + {m.attrs['glu_offset']}; "
                 f"megatron-core activation_func_clamp_value / glu_linear_offset) cannot be expressed by the {f.name}; "
                 "mexc writes it only as GptOssForCausalLM's experts (MoE with sinks); use --target onnx")
