@@ -369,7 +369,8 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
                               "proj_bias": roles.get(("proj.bias", i, None)),
                               "q_norm": roles.get(("q_norm.weight", i, None)),
                               "k_norm": roles.get(("k_norm.weight", i, None)), "sinks": sinks},
-                      sinks=sinks is not None, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                      sinks=sinks is not None,
+                      num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
                       position="rope" if arch.position == "rope" and not (arch.no_rope and arch.no_rope[i])
                       else "none", rope=arch.rope, qk_norm=qk_norm,
                       qk_norm_eps=arch.norm_eps if qk_norm != "none" else 1e-5,

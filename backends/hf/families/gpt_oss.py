@@ -53,8 +53,9 @@ def _experts(f):
             p.append(f"{m.location}: routing other than softmax over the top-k logits cannot be expressed by the "
                      f"{f.name} (GptOssTopKRouter)")
         if (a["activation"], a["gated"], a["glu_offset"]) != ("quick-gelu", True, 1.0) or a["glu_clamp"] is None:
-            p.append(f"{m.location}: experts other than a clamped quick-GELU GLU with up + 1 (megatron-core quick_geglu, "
-                     f"glu_linear_offset=1, activation_func_clamp_value) cannot be expressed by the {f.name}")
+            p.append(f"{m.location}: experts other than a clamped quick-GELU GLU with up + 1 (megatron-core "
+                     f"quick_geglu, glu_linear_offset=1, activation_func_clamp_value) cannot be expressed by the "
+                     f"{f.name}")
         if p:
             break
     if len({(m.attrs["num_experts"], m.attrs["top_k"], m.attrs["glu_clamp"], m.params["fc2"].type.shape)
