@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from ..errors import BackendError
 from .graph import Model, Node
-from .semantics import (activation, apply_rope, causal_conv1d, gated_rmsnorm, l2_norm, norm, rope_tables, ssm_scan,
-                        visible)
+from .semantics import (activation, apply_rope, causal_conv1d, gated_rmsnorm, glu, l2_norm, norm, rope_tables,
+                        softmax_with_sinks, ssm_scan, visible)
 from .tensors import derive
 from .types import DType
 
@@ -143,7 +143,8 @@ class ReferenceExecutor:
             scale = a["softmax_scale"] or 1.0 / math.sqrt(d)
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
             s = x.shape[1]
-            p = scores.masked_fill(~visible(s, s, a["window"]), float("-inf")).softmax(-1)
+            p = softmax_with_sinks(scores.masked_fill(~visible(s, s, a["window"]), float("-inf")),
+                                   self.w.get(node, "sinks", r) if a.get("sinks") else None)
             o = torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(*x.shape[:2], lnh * d)
             if a["output_gate"]:
                 o = o * torch.sigmoid(_linear(x, self.w.get(node, "gate", r), self.w.get(node, "gate_bias", r)))
@@ -194,8 +195,9 @@ class ReferenceExecutor:
         out = 0
         for r in self._ranks(node, first, "fc2"):
             if a["gated"]:
-                h = activation(a["activation"], _linear(x, self.w.get(node, "gate", r), self.w.get(node, "gate_bias", r)))
-                h = h * _linear(x, self.w.get(node, "up", r), self.w.get(node, "up_bias", r))
+                h = glu(a["activation"], _linear(x, self.w.get(node, "gate", r), self.w.get(node, "gate_bias", r)),
+                        _linear(x, self.w.get(node, "up", r), self.w.get(node, "up_bias", r)),
+                        a.get("glu_clamp"), a.get("glu_offset", 0.0))
             else:
                 h = activation(a["activation"], _linear(x, self.w.get(node, "fc1", r), self.w.get(node, "fc1_bias", r)))
             out = out + h @ self.w.get(node, "fc2", r).t()
@@ -206,6 +208,8 @@ class ReferenceExecutor:
         a = node.attrs
         k = a["top_k"]
         logits = x.float() @ self.w.get(node, "router").float().t()
+        if "router_bias" in node.params:
+            logits = logits + self.w.get(node, "router_bias").float()
         topk = _group_topk(k, a["num_groups"], a["group_topk"])
         if a["score"] == "softmax":
             if a.get("pre_softmax", False):
@@ -230,14 +234,18 @@ class ReferenceExecutor:
             fc2 = self.w.get(node, "fc2", r)
             g = self.w.get(node, first, r)
             up = self.w.get(node, "up", r) if gated else None
+            gb, ub, b2 = (self.w.get(node, n, r) for n in (first + "_bias", "up_bias", "fc2_bias"))
             e0 = 0 if r is None else r * g.shape[0]
             for j in range(g.shape[0]):
                 e = e0 + j
                 weight = (probs * (idx == e)).sum(-1, keepdim=True).to(x.dtype)
-                h = activation(a["activation"], x @ g[j].t())
+                hg = _linear(x, g[j], None if gb is None else gb[j])
                 if gated:
-                    h = h * (x @ up[j].t())
-                out = out + weight * (h @ fc2[j].t())
+                    h = glu(a["activation"], hg, _linear(x, up[j], None if ub is None else ub[j]), a.get("glu_clamp"),
+                            a.get("glu_offset", 0.0))
+                else:
+                    h = activation(a["activation"], hg)
+                out = out + weight * _linear(h, fc2[j], None if b2 is None else b2[j])
         return out + self._shared_expert(node, x) if a["shared_expert"] != "none" else out
 
     def _shared_expert(self, node, x):

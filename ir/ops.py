@@ -5,8 +5,9 @@
 | embedding   | token ids      | scale (1.0; Gemma: sqrt(hidden))                               | word [V',H], position? [P,H]   |
 | norm        | x              | kind (layernorm/rmsnorm), eps, zero_centered                   | weight [D], bias? [D]          |
 | attention   | x              | num_heads, num_kv_heads, head_dim, position (rope/none), rope, | qkv (QKV-typed) or q,k,v;      |
-|             |                | qk_norm (none/layernorm/rmsnorm), softmax_scale, window        | qkv_bias / q_bias,k_bias,v_bias;|
+|             |                | qk_norm (none/layernorm/rmsnorm), softmax_scale, window, sinks | qkv_bias / q_bias,k_bias,v_bias;|
 |             |                | qk_norm l2 (weightless), output_gate                           | proj [H,nh*d], proj_bias?;     |
+|             |                |                                                                | sinks [nh] (sinks)             |
 |             |                |                                                                | q_norm, k_norm [d] (qk_norm)   |
 |             |                |                                                                | gate [nh*d,H], gate_bias?      |
 | mla         | x              | num_heads, kv_lora_rank, qk_head_dim, qk_rope_dim, v_head_dim, | q [Dq,H] or q_down [R,H],      |
@@ -16,8 +17,9 @@
 |             |                |                                                                | fc2 [H,F]; *_bias?             |
 | moe         | x              | num_experts, top_k, activation, gated, score, norm_topk,       | router [E,H]; gate,up [E,F,H]  |
 |             |                | pre_softmax, topk_scale, shared_expert (none / ungated /       | or fc1; fc2 [E,H,F]; shared_*  |
-|             |                | sigmoid-gated), num_groups, group_topk (0: not group-limited)  | [S,H] / [H,S]; shared_expert_  |
-|             |                |                                                                | gate [1,H]; expert_bias [E]    |
+|             |                | sigmoid-gated), num_groups, group_topk (0: not group-limited), | [S,H] / [H,S]; shared_expert_  |
+|             |                | glu_clamp, glu_offset                                          | gate [1,H]; expert_bias [E];   |
+|             |                |                                                                | router_bias [E], *_bias?       |
 | mamba       | x              | num_heads, head_dim, num_groups, state_dim, conv_kernel,       | in_z,in_x [I,H]; in_B,in_C     |
 |             |                | norm_eps, norm_before_gate (Mamba-2 mixer, see its doc)        | [GN,H]; in_dt [NH,H]; conv_*   |
 |             |                |                                                                | [.,K] (+bias); dt_bias, A_log, |
@@ -100,7 +102,7 @@ class ParamSpec:
     def split_dim(self, *, ep: bool = False) -> int | None:
         """The dim the tensor-parallel (or, with ``ep``, expert-parallel) axis splits; None = replicated."""
         if self.role == EXPERT:
-            return 0 if ep else 1 + _SPLIT[self.within]
+            return 0 if ep else (1 + _SPLIT[self.within] if self.within in _SPLIT else None)
         return None if ep else _SPLIT.get(self.role)
 
 
@@ -186,7 +188,11 @@ def _check_norm(node, model):
                             "window": A((int, type(None)), None),
                             # sigmoid(gate x (+ gate_bias)) times the attention output, per head and channel,
                             # before proj (megatron-core attention_output_gate; Qwen3-Next)
-                            "output_gate": A(bool, False)},
+                            "output_gate": A(bool, False),
+                            # attention sinks: a learned logit per head in the softmax denominator (megatron-core
+                            # softmax_type learnable / off-by-one, SoftmaxOne; gpt-oss): p = exp(s) / (exp(sink) +
+                            # sum exp(s)); the sink has no value
+                            "sinks": A(bool, False)},
            "causal self-attention, MHA/GQA/MQA",
            params=[P("qkv", "QKV H", COLUMN, linear=True, alt="fused"),
                    P("qkv_bias", "QKV", COLUMN, required=False, alt="fused"),
@@ -201,8 +207,10 @@ def _check_norm(node, model):
                    P("q_norm", "d", NORM, when=_QK),
                    P("k_norm", "d", NORM, when=_QK),
                    P("gate", "Q H", COLUMN, linear=True, when=("output_gate", (True,))),
-                   P("gate_bias", "Q", COLUMN, required=False, when=("output_gate", (True,)))],
+                   P("gate_bias", "Q", COLUMN, required=False, when=("output_gate", (True,))),
+                   P("sinks", "NH", COLUMN, when=("sinks", (True,)))],   # TP: split by heads, as Megatron
            dims=lambda a, c: {"H": c.hidden_size, "d": a["head_dim"], "Q": a["num_heads"] * a["head_dim"],
+                              "NH": a["num_heads"],
                               "KV": a["num_kv_heads"] * a["head_dim"],
                               "QKV": (a["num_heads"] + 2 * a["num_kv_heads"]) * a["head_dim"]})
 def _check_attention(node, model):
@@ -270,8 +278,13 @@ def _check_mla(node, model):
     return p
 
 
-@op_schema("mlp", 1, {"activation": A(str, "gelu", ACTIVATIONS), "gated": A(bool, False)},
-           "dense MLP: fc2(act(fc1 x)), or gated fc2(act(gate x) * up x)",
+# clamped GLU (gpt-oss; megatron-core activation_func_clamp_value / glu_linear_offset, mlp.py glu()): gated only,
+# act(min(gate, clamp)) * (clamp(up, -clamp, clamp) + offset); clamp None = no clamp
+_GLU = {"glu_clamp": A((int, float, type(None)), None), "glu_offset": A((int, float), 0.0)}
+
+
+@op_schema("mlp", 1, {"activation": A(str, "gelu", ACTIVATIONS), "gated": A(bool, False), **_GLU},
+           "dense MLP: fc2(act(fc1 x)), or gated fc2(act(gate x) * up x) (glu_clamp / glu_offset: see _GLU)",
            params=[P("fc2", "H F", ROW, linear=True),
                    P("fc2_bias", "H", REPLICATED, required=False),
                    P("gate", "F H", COLUMN, linear=True, when=_GATED),
@@ -282,7 +295,14 @@ def _check_mla(node, model):
                    P("fc1_bias", "F", COLUMN, required=False, when=_PLAIN)],
            dims=lambda a, c: {"H": c.hidden_size})
 def _check_mlp(node, model):
-    return []
+    return _check_glu(node)
+
+
+def _check_glu(node) -> list[str]:
+    a = node.attrs
+    if (a["glu_clamp"] is not None or a["glu_offset"]) and not a["gated"]:
+        return ["glu_clamp / glu_offset need gated=True (they clamp and offset a GLU's two halves)"]
+    return [] if a["glu_clamp"] is None or a["glu_clamp"] > 0 else [f"glu_clamp={a['glu_clamp']} must be > 0"]
 
 
 @op_schema("moe", 1, {"num_experts": A(int, None), "top_k": A(int, 2),
@@ -290,7 +310,7 @@ def _check_mlp(node, model):
                       "score": A(str, "softmax", MOE_SCORES), "pre_softmax": A(bool, False),
                       "norm_topk": A(bool, False), "topk_scale": A((int, float), 1.0),
                       "shared_expert": A(str, "none", SHARED_EXPERTS),
-                      "num_groups": A(int, 0), "group_topk": A(int, 0)},
+                      "num_groups": A(int, 0), "group_topk": A(int, 0), **_GLU},
            "mixture of experts: router, top-k, expert MLPs (Mixtral: softmax over top-k logits); the top-k "
            "routing weights are multiplied by topk_scale (Megatron's moe_router_topk_scaling_factor); plus, with "
            "shared_expert, an always-on MLP of the same activation/gating (Megatron's SharedExpertMLP, "
@@ -308,7 +328,14 @@ def _check_mlp(node, model):
                    P("shared_up", "S H", COLUMN, linear=True, required=False, when=_SHARED),
                    P("shared_fc1", "S H", COLUMN, linear=True, required=False, when=_SHARED),
                    P("shared_expert_gate", "U H", REPLICATED, when=("shared_expert", ("sigmoid-gated",))),
-                   P("expert_bias", "E", ROUTER, required=False, when=("score", ("sigmoid",)))],
+                   P("expert_bias", "E", ROUTER, required=False, when=("score", ("sigmoid",))),
+                   # biases (gpt-oss; Megatron add_bias_linear): router logits + router_bias; each expert's fc2
+                   # bias is scaled by its routing weight like its output (megatron-core MLP per_token_scale)
+                   P("router_bias", "E", ROUTER, required=False),
+                   P("gate_bias", "E F", EXPERT, required=False, within=COLUMN, when=_GATED),
+                   P("up_bias", "E F", EXPERT, required=False, within=COLUMN, when=_GATED),
+                   P("fc1_bias", "E F", EXPERT, required=False, within=COLUMN, when=_PLAIN),
+                   P("fc2_bias", "E H", EXPERT, required=False, within=REPLICATED)],
            dims=lambda a, c: {"H": c.hidden_size, "E": a["num_experts"], "U": 1})
 def _check_moe(node, model):
     E, k = node.attrs["num_experts"], node.attrs["top_k"]
@@ -324,7 +351,7 @@ def _check_moe(node, model):
         p += [f"missing param {n!r} (the shared expert of gated={node.attrs['gated']} experts)"
               for n in want if n not in node.params]
         p += [f"param {n!r} does not fit gated={node.attrs['gated']} experts" for n in unwanted if n in node.params]
-    return p
+    return p + _check_glu(node)
 
 
 _MAMBA_DOC = ("Mamba-2 mixer (Megatron's MambaMixer, megatron/core/ssm/mamba_mixer.py): in_proj split into z, x, B, "

@@ -86,6 +86,17 @@ def visible(sq: int, sk: int, window: int | None) -> torch.Tensor:
     return ok & (k >= q - window) if window is not None else ok
 
 
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim of ``scores`` [b, heads, q, k] (masked keys at -inf) with, when ``sinks``
+    [heads] is given, one more logit per head in the denominator that attends to nothing: megatron-core's
+    ``SoftmaxOne`` (megatron/core/fusions/fused_softmax.py: softmax of ``cat([scores, sink])``, sink column
+    dropped), transformers' gpt-oss ``eager_attention_forward``, onnxruntime GroupQueryAttention ``head_sink``."""
+    if sinks is None:
+        return scores.softmax(-1)
+    col = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.cat([scores, col], -1).softmax(-1)[..., :-1]
+
+
 def llama3_inv_freq(inv: torch.Tensor, r: Rope) -> torch.Tensor:
     """Llama 3.1's rope scaling of inverse frequencies (megatron-core ``RotaryEmbedding._apply_scaling``,
     transformers ``_compute_llama3_parameters``): long wavelengths divided by ``factor``, short ones kept,
@@ -149,6 +160,16 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "quick-gelu":
         return x * torch.sigmoid(1.702 * x)
     raise BackendError(f"unknown activation {name!r}")
+
+
+def glu(act: str, gate: torch.Tensor, up: torch.Tensor, clamp: float | None = None,
+        offset: float = 0.0) -> torch.Tensor:
+    """act(gate) * up, or gpt-oss's clamped form: act(min(gate, clamp)) * (clamp(up, -clamp, clamp) + offset)
+    (megatron-core mlp.py / moe/experts.py ``glu`` with ``activation_func_clamp_value`` and
+    ``glu_linear_offset``; transformers GptOssExperts._apply_gate with quick-gelu's 1.702 = ``alpha``)."""
+    if clamp is not None:
+        gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+    return activation(act, gate) * (up + offset if offset else up)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -47,7 +47,7 @@ def dead_branch(model):
     norm = ir.Node("norm", [emb.output], default_attrs("norm") | {"kind": "rmsnorm"},
                    {"weight": ir.Param(ir.load(st, "dead.norm", ir.TensorType(ir.f32, (64,))))}, layer=0)
     model.graph.insert_after(emb, norm)
-    mlp = ir.Node("mlp", [norm.output], {"activation": "silu", "gated": False},
+    mlp = ir.Node("mlp", [norm.output], default_attrs("mlp") | {"activation": "silu", "gated": False},
                   {"fc1": ir.Param(ir.load(st, "dead.fc1", ir.TensorType(ir.f32, (32, 64)))),
                    "fc2": ir.Param(ir.load(st, "dead.fc2", ir.TensorType(ir.f32, (64, 32))))}, layer=0)
     model.graph.insert_after(norm, mlp)

@@ -61,10 +61,13 @@ def test_derived_rules_reproduce_the_tables_they_replace():
     old_tp |= {("moe", "shared_gate"): 0, ("moe", "shared_up"): 0, ("moe", "shared_fc1"): 0, ("moe", "shared_fc2"): 1}
     old_tp |= {("mlp", n): 0 for n in ("gate", "up", "fc1", "gate_bias", "up_bias", "fc1_bias")}
     old_tp |= {("attention", n): 0 for n in ("gate", "gate_bias")}
+    old_tp |= {("attention", "sinks"): 0}   # issue 17 (gpt-oss): one sink per head, split with the heads
     declared = {(op, p.name) for op, s in ir.OPS.items() for p in s.params if op not in ("mamba", "mla")}
-    for op, name in declared - {("moe", n) for n in ("gate", "up", "fc1", "fc2")}:
+    moe_biases = ("gate_bias", "up_bias", "fc1_bias", "fc2_bias", "router_bias")   # issue 17 (gpt-oss)
+    for op, name in declared - {("moe", n) for n in ("gate", "up", "fc1", "fc2", *moe_biases)}:
         assert split_of(op, name) == (old_tp.get((op, name)), "tp"), (op, name)
-    for name, tp_dim in {"gate": 1, "up": 1, "fc1": 1, "fc2": 2}.items():
+    for name, tp_dim in {"gate": 1, "up": 1, "fc1": 1, "fc2": 2, "gate_bias": 1, "up_bias": 1, "fc1_bias": 1,
+                         "fc2_bias": None}.items():
         assert split_of("moe", name) == (tp_dim, "tp")
         assert split_of("moe", name, ep=2) == (0, "ep")
     assert split_of("moe", "router", ep=2) == (None, "tp")
@@ -72,7 +75,7 @@ def test_derived_rules_reproduce_the_tables_they_replace():
     assert split_of("embedding", "word", parallel_embedding=True) == (0, "tp")
     assert {p for p in params_with(role="norm") if p[0] != "mla"} == {
         ("norm", "weight"), ("norm", "bias"), ("attention", "q_norm"), ("attention", "k_norm")}
-    assert params_with(role="router") == {("moe", "router"), ("moe", "expert_bias")}   # both fp32 (Megatron)
+    assert params_with(role="router") == {("moe", "router"), ("moe", "expert_bias"), ("moe", "router_bias")}
     assert param_spec("attention", "proj_scale") is None
 
 

@@ -143,6 +143,14 @@ def _apply(r: Rule, src: Recipe, node) -> list[tuple[str, Recipe]]:
         return [(name, derive("transpose", src, d0=0, d1=1))]
     if r.transform == "depthwise":   # [C, K] -> nn.Conv1d(groups=C)'s [C, 1, K]
         return [(name, derive("transpose", derive("stack", src), d0=0, d1=1))]
+    if r.transform == "gate_up":   # GptOss: [gate; up] on dim 0 -> [E, (H,) 2F], gate / up alternating on the last dim
+        two_e, *rest = src.type.shape
+        x = derive("reshape", src, shape=(2, two_e // 2, *rest))          # [2, E, F(, H)]
+        x = derive("transpose", x, d0=0, d1=len(rest) + 1)                # [H or F, E, F(, 2)] ...
+        x = derive("transpose", x, d0=0, d1=1)                            # [E, H, F, 2] or [E, F, 2]
+        return [(name, derive("reshape", x, shape=(*x.type.shape[:-2], 2 * x.type.shape[-2])))]
+    if r.transform == "t12":       # GptOss down_proj: [E, H, F] -> [E, F, H] (x @ W)
+        return [(name, derive("transpose", src, d0=1, d1=2))]
     return [(name.replace("{E}", str(e)), derive("index", src, i=e)) for e in range(src.type.shape[0])]
 
 

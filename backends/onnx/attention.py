@@ -185,6 +185,8 @@ class AttentionLowering:
                          domain=MS, num_heads=nkv, **kw)
             ins = [q, k, v, *past, seqlens, total]
             attrs.update(do_rotary=0)
+        if a.get("sinks"):   # head_sink (input 11, onnxruntime >= 1.23): the sink logit per head
+            ins += [""] * (11 - len(ins)) + [self.float_weight(f"{base}/sinks", self.w(node, "sinks"))]
         out = g.op("GroupQueryAttention", ins, f"{base}/GroupQueryAttention", domain=MS,
                    outputs=[f"{base}/GroupQueryAttention/output_0", *present], **attrs)
         return out[0]
@@ -213,8 +215,33 @@ class AttentionLowering:
         v = g.op("Concat", [f"past_key_values.{i}.value", v], f"{base}/Concat_v", outputs=[f"present.{i}.value"],
                  axis=2)
         scale = float(a["softmax_scale"]) if a["softmax_scale"] else 1.0 / math.sqrt(d)
-        o = g.op("Attention", [q, k, v, self.window_mask(a["window"])], f"{base}/Attention", scale=scale)
+        mask = self.window_mask(a["window"])
+        if a.get("sinks"):
+            k, v, mask = self._sink_column(node, k, v, mask, base)
+        o = g.op("Attention", [q, k, v, mask], f"{base}/Attention", scale=scale)
         o = g.op("Transpose", [o], f"{base}/Transpose_out", perm=[0, 2, 1, 3])
         return g.op("Reshape", [o, g.const([0, 0, nh * d])], f"{base}/Reshape_out")
+
+    def _sink_column(self, node, k, v, mask, base):
+        """Attention sinks in standard ONNX (Attention-23 has no sink input): one more key and value, both zero,
+        whose score is set by a float mask column equal to the head's sink (q . 0 + sink), every other column 0
+        (visible) or -inf. The softmax denominator gains exp(sink) and the zero value adds nothing to the output:
+        :func:`mexc.ir.semantics.softmax_with_sinks`. The extra key is not part of the present cache."""
+        g, nh = self.g, node.attrs["num_heads"]
+        zero, ninf = self.scalar(0.0), self.scalar(float("-inf"))
+
+        def first_zeroed(t, axis, n):   # t[..., :1 on axis, ...] * 0: zeros shaped like one position of t
+            one = g.op("Slice", [t, g.const([0]), g.const([1]), g.const([axis])], f"{base}/sink/Slice_{n}")
+            if n == "mask":
+                one = g.op("Cast", [one], f"{base}/sink/Cast_mask", to=self.io_type)
+            return g.op("Mul", [one, zero], f"{base}/sink/Mul_{n}")
+
+        k2 = g.op("Concat", [k, first_zeroed(k, 2, "k")], f"{base}/sink/Concat_k", axis=2)
+        v2 = g.op("Concat", [v, first_zeroed(v, 2, "v")], f"{base}/sink/Concat_v", axis=2)
+        sink = self.float_weight(f"{base}/sinks", self.w(node, "sinks").reshape(1, nh, 1, 1))
+        col = g.op("Add", [first_zeroed(mask, 3, "mask"), sink], f"{base}/sink/Add_col")           # [B, nh, S, 1]
+        fm = g.op("Where", [mask, zero, ninf], f"{base}/sink/Where")                              # [B, 1, S, T]
+        fm = g.op("Add", [fm, g.op("Mul", [sink, zero], f"{base}/sink/Mul_heads")], f"{base}/sink/Add_heads")
+        return k2, v2, g.op("Concat", [fm, col], f"{base}/sink/Concat_mask", axis=3)
 
 

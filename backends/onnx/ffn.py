@@ -45,14 +45,24 @@ class FFNLowering:
             return g.op("Mul", [half, g.op("Add", [e, self.scalar(1.0)], f"{base}/Add_one")], f"{base}/Mul_gelu")
         raise BackendError(f"unknown activation {name!r}")
 
+    def glu(self, a: dict, gate: str, up: str, base: str) -> str:
+        """act(gate) * up; with ``glu_clamp`` / ``glu_offset`` (gpt-oss): act(Min(gate, c)) * (Clip(up, -c, c) + o),
+        :func:`mexc.ir.semantics.glu`."""
+        g, c, off = self.g, a.get("glu_clamp"), a.get("glu_offset", 0.0)
+        if c is not None:
+            gate = g.op("Min", [gate, self.scalar(float(c))], f"{base}/Min_gate")
+            up = g.op("Clip", [up, self.scalar(-float(c)), self.scalar(float(c))], f"{base}/Clip_up")
+        if off:
+            up = g.op("Add", [up, self.scalar(float(off))], f"{base}/Add_offset")
+        return g.op("Mul", [self.activation(a["activation"], gate, f"{base}/act_fn"), up], f"{base}/Mul")
+
     def op_mlp(self, node, x):
         base = f"{self.prefix(node)}/mlp"
         a = node.attrs
         if a["gated"]:
             gt = self.linear(node, x, "gate", "gate_bias", "mlp/gate_proj")
-            h = self.activation(a["activation"], gt, f"{base}/act_fn")
             up = self.linear(node, x, "up", "up_bias", "mlp/up_proj")
-            h = self.g.op("Mul", [h, up], f"{base}/Mul")
+            h = self.glu(a, gt, up, base)
         else:
             h = self.activation(a["activation"], self.linear(node, x, "fc1", "fc1_bias", "mlp/fc1"), f"{base}/act_fn")
         return self.linear(node, h, "fc2", "fc2_bias", "mlp/down_proj")
@@ -64,6 +74,9 @@ class FFNLowering:
         router = self.g.weight(f"{base}/router.weight", self.w(node, "router").float().t())
         xf = x if self.io == DType.f32 else g.op("Cast", [x], f"{base}/Cast_x", to=TensorProto.FLOAT)
         logits = g.op("MatMul", [xf, router], f"{base}/router/MatMul")
+        if "router_bias" in node.params:
+            rb = self.g.weight(f"{base}/router.bias", self.w(node, "router_bias").float())
+            logits = g.op("Add", [logits, rb], f"{base}/router/Add_bias")
         K = g.const([k])
 
         def topk(t):
@@ -91,6 +104,10 @@ class FFNLowering:
         first = "gate" if gated else "fc1"
         wg, wfc2 = self.w(node, first), self.w(node, "fc2")
         wup = self.w(node, "up") if gated else None
+        bg, bup, b2 = (self.w(node, n) for n in (first + "_bias", "up_bias", "fc2_bias"))
+
+        def bias(y, b, e, n, eb):   # + this expert's bias row
+            return y if b is None else g.op("Add", [y, self.float_weight(f"{eb}/{n}.bias", b[e])], f"{eb}/{n}/Add")
         out = None
         for e in range(E):
             eb = f"{base}/experts.{e}"
@@ -100,14 +117,17 @@ class FFNLowering:
             if self.io != DType.f32:
                 we = g.op("Cast", [we], f"{eb}/Cast_w", to=self.io_type)
             h = g.op("MatMul", [x, self.float_weight(f"{eb}/{first}.weight", wg[e].t())], f"{eb}/{first}/MatMul")
-            h = self.activation(a["activation"], h, f"{eb}/act_fn")
+            h = bias(h, bg, e, first, eb)
             if gated:
                 u = g.op("MatMul", [x, self.float_weight(f"{eb}/up.weight", wup[e].t())], f"{eb}/up/MatMul")
-                h = g.op("Mul", [h, u], f"{eb}/Mul")
+                h = self.glu(a, h, bias(u, bup, e, "up", eb), eb)
+            else:
+                h = self.activation(a["activation"], h, f"{eb}/act_fn")
             y = g.op("MatMul", [h, self.float_weight(f"{eb}/down.weight", wfc2[e].t())], f"{eb}/down/MatMul")
+            y = bias(y, b2, e, "down", eb)
             y = g.op("Mul", [we, y], f"{eb}/Mul_weight")
             out = y if out is None else g.op("Add", [out, y], f"{eb}/Add")
-        del wg, wfc2, wup
+        del wg, wfc2, wup, bg, bup, b2
         if a["shared_expert"] != "none":   # Megatron's SharedExpertMLP (x sigmoid(x . gate) when gated)
             sb, act = f"{base}/shared_expert", a["activation"]
             if gated:

@@ -38,7 +38,7 @@ from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_byte
 from ..lowering import Facts, Plan, cached_plan, make_pass
 from .build import build_engines, require_tool
 from .classes import REGISTRY
-from .classes.common import rope_config
+from .classes.common import NO_SINKS, rope_config
 
 _WO_ALGO = {"int8-wo": "W8A16", "int4-wo": "W4A16"}
 
@@ -108,6 +108,8 @@ class TRTLLMBackend(Backend):
                     "Mamba-only MambaForCausalLM, no hybrid Mamba + attention model; TensorRT-LLM 1.2's PyTorch "
                     "flow has NemotronHForCausalLM: compile with --target hf and serve that with trtllm-serve"]
         attns = list(model.graph.find("attention"))
+        if any(a.attrs.get("sinks") for a in attns):   # gpt-oss (issue 17): one line, before the window's
+            return [NO_SINKS.check(Facts(model, "trtllm"))]
         windows = sorted((a.layer, a.attrs["window"]) for a in attns if a.attrs["window"] is not None)
         if windows:   # one line, not the class search's
             return [f"sliding-window attention (layer {windows[0][0]}: keys i-{windows[0][1]}..i; {len(windows)} of "

@@ -149,9 +149,11 @@ ROWS: tuple[Arg, ...] = (
     H("squared_relu", False, "mlp.activation=squared-relu", "squared_relu"),
     H("openai_gelu", False, "mlp.activation=gelu-tanh", "openai_gelu"),
     H("gated_linear_unit", False, "mlp.gated (NeMo config)", "gated_linear_unit"),
-    R("quick_geglu", False, "quick-GELU GLU is not lifted yet"),
-    R("glu_linear_offset", 0.0, "a GLU linear offset has no IR form yet"),
-    R("activation_func_clamp_value", None, "clamped (gpt-oss) SwiGLU has no IR form yet"),
+    H("quick_geglu", False, "mlp.gated + mlp.activation=quick-gelu (x sigmoid(1.702 x); gpt-oss)", "quick_geglu"),
+    H("glu_linear_offset", 0.0, "mlp.glu_offset / moe.glu_offset: act(gate) * (up + offset) (megatron-core glu())",
+      "glu_offset"),
+    H("activation_func_clamp_value", None, "mlp.glu_clamp / moe.glu_clamp: gate <= c, -c <= up <= c (megatron-core "
+      "glu())", "glu_clamp"),
     I("onnx_safe", None, "export-time erf/tanh choice for ONNX tracing in Megatron-LM; GELU stays exact"),
     H("add_bias_linear", True, "params *_bias present", "add_bias_linear"),
     H("disable_bias_linear", False, "params *_bias absent (pre-0.9 name)", "disable_bias_linear"),
@@ -162,7 +164,9 @@ ROWS: tuple[Arg, ...] = (
       "the softmax: the same math"),
     I("attention_softmax_in_fp32", False, _NUMERICS),
     H("softmax_scale", None, "attention.softmax_scale (None: 1/sqrt(kv_channels))", "softmax_scale"),
-    R("softmax_type", "vanilla", "attention sinks (off-by-one / learnable softmax) are not lifted yet"),
+    H("softmax_type", "vanilla", "attention.sinks + the sinks param [num_heads] (megatron-core SoftmaxOne): learnable: "
+      "the saved core_attention.softmax_offset; off-by-one: zeros", "softmax_type",
+      values=("vanilla", "off-by-one", "learnable")),
     H("attention_output_gate", False, "attention.output_gate + gate (+ gate_bias) params: sigmoid(gate x) times "
       "the attention output before linear_proj (megatron-core SelfAttention._apply_output_gate)", "output_gate"),
     H("qk_layernorm", False, "attention.qk_norm + q_norm/k_norm params", "qk_layernorm"),

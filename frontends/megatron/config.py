@@ -35,6 +35,8 @@ class MegatronArch:
     zero_centered_gamma: bool = False
     activation: str = "gelu"              # gelu | squared-relu | silu | relu ...
     gated: bool = False
+    glu_clamp: float | None = None        # activation_func_clamp_value (gpt-oss clamped GLU)
+    glu_offset: float = 0.0               # glu_linear_offset: act(gate) * (up + offset)
     add_bias_linear: bool = True
     add_qkv_bias: bool = True
     position: str = "learned_absolute"    # learned_absolute | rope | none
@@ -46,6 +48,7 @@ class MegatronArch:
     window_size: tuple[int, int] | None = None   # Megatron's (left, right) sliding window; right is 0
     window_skip: int | list | None = None  # window_attn_skip_freq: int N (every N-th layer full) or 0/1 list
     softmax_scale: float | None = None   # None: 1/sqrt(head_dim) (megatron-core DotProductAttention)
+    softmax_type: str = "vanilla"         # vanilla | off-by-one | learnable (attention sinks, SoftmaxOne)
     no_rope: tuple[int, ...] | None = None  # per layer, 1 = no rotary on that layer (Megatron's no_rope_freq)
     mtp_num_layers: int = 0               # multi-token-prediction layers: their mtp.* tensors are dropped
     num_experts: int = 0
@@ -189,11 +192,14 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
     vp = _get(args, "vp") or 1
     # swiglu = gated SiLU; gated_linear_unit (NeMo) gates whichever activation the other flags pick (Gemma: GeGLU
     # with openai_gelu = tanh GELU); openai_gelu / squared_relu as in Megatron-LM's core_transformer_config_from_args
-    gated = swiglu or bool(_get(args, "gated_linear_unit", False))
+    quick = bool(_get(args, "quick_geglu", False))
+    gated = swiglu or quick or bool(_get(args, "gated_linear_unit", False))
     if swiglu:
         activation = "silu"
     elif squared:
         activation = "squared-relu"
+    elif quick:                                # gpt-oss: quick_gelu GLU (Megatron-LM sets gated_linear_unit)
+        activation = "quick-gelu"
     elif _get(args, "openai_gelu", False):
         activation = "gelu-tanh"
     else:
@@ -221,11 +227,14 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         max_position_embeddings=int(_get(args, "max_position_embeddings", 4096)), normalization=norm,
         norm_eps=float(_get(args, "norm_eps", 1e-5)), zero_centered_gamma=bool(_get(args, "zero_centered_gamma", False)),
         activation=activation, gated=gated, add_bias_linear=bias,
+        glu_clamp=None if _get(args, "glu_clamp") is None else float(_get(args, "glu_clamp")),
+        glu_offset=float(_get(args, "glu_offset") or 0.0),
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
         qk_l2_norm=bool(_get(args, "qk_l2_norm", False)), output_gate=bool(_get(args, "output_gate", False)),
         **_window(args, where, overrides),
-        softmax_scale=_softmax_scale(args, where), no_rope=_no_rope(args, where, L),
+        softmax_scale=_softmax_scale(args, where), softmax_type=str(_get(args, "softmax_type") or "vanilla"),
+        no_rope=_no_rope(args, where, L),
         mtp_num_layers=int(_get(args, "mtp_num_layers") or 0),
         num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),

@@ -372,12 +372,14 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
             qb = derive("tag_qkv", qb, kind="grouped", q=lay.q_heads, kv=lay.kv_heads, d=lay.head_dim)
         qk_norm = arch.normalization if roles.get(("q_norm.weight", i, None)) is not None else "none"
         qk_norm = "l2" if arch.qk_l2_norm else qk_norm   # megatron-core's spec: L2Norm wins over qk_layernorm
+        sinks = _sinks(roles, arch, i, where)
         attn = b.node("attention", h, layer=i,
                       params={"qkv": qkv, "qkv_bias": qb, "proj": _get(roles, "proj.weight", i, where=where),
                               "proj_bias": roles.get(("proj.bias", i, None)),
                               "q_norm": roles.get(("q_norm.weight", i, None)) if qk_norm != "l2" else None,
                               "k_norm": roles.get(("k_norm.weight", i, None)) if qk_norm != "l2" else None,
-                              "gate": gate, "gate_bias": gate_b},
+                              "gate": gate, "gate_bias": gate_b, "sinks": sinks},
+                      sinks=sinks is not None,
                       num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
                       position="rope" if arch.position == "rope" and not (arch.no_rope and arch.no_rope[i])
                       else "none", rope=arch.rope, qk_norm=qk_norm,
@@ -413,6 +415,32 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
     return b.output(logits)
 
 
+def _sinks(roles, arch: MegatronArch, i: int, where) -> Recipe | None:
+    """The attention sinks of layer ``i`` (megatron-core DotProductAttention.softmax_offset, [num_heads]):
+    learnable: the saved tensor; off-by-one: zeros (a constant 0 logit, not saved); vanilla: none."""
+    saved = roles.get(("sinks", i, None))
+    if arch.softmax_type == "learnable":
+        if saved is None:
+            raise CheckpointError(f"{where}: softmax_type is learnable but layer {i} has no "
+                                  "self_attention.core_attention.softmax_offset", hint="the checkpoint is incomplete, "
+                                  "or set softmax_type in --config")
+        if saved.type.shape != (arch.num_heads,):
+            raise CheckpointError(f"{where}: layer {i} softmax_offset is {list(saved.type.shape)}, expected "
+                                  f"[{arch.num_heads}] (one per head)", hint="fix num_attention_heads with --config")
+        return saved
+    if saved is not None:
+        raise CheckpointError(f"{where}: layer {i} has a softmax_offset but softmax_type is {arch.softmax_type}",
+                              hint="set softmax_type: learnable in --config")
+    if arch.softmax_type == "off-by-one":
+        return derive("zeros", shape=(arch.num_heads,), dtype=arch.dtype.value)
+    return None
+
+
+def _glu(arch: MegatronArch) -> dict:
+    """The clamped-GLU attrs (ops.py ``_GLU``); megatron-core reads them only for a gated MLP."""
+    return {"glu_clamp": arch.glu_clamp, "glu_offset": arch.glu_offset} if arch.gated else {}
+
+
 def _mlp(b: Builder, roles, arch: MegatronArch, i: int, h, where):
     if roles.get(("router.weight", i, None)) is not None:
         return _moe(b, roles, arch, i, h, where)
@@ -429,7 +457,7 @@ def _mlp(b: Builder, roles, arch: MegatronArch, i: int, h, where):
             params["gate_bias"], params["up_bias"] = _split_gated(fc1_b)
     else:
         params["fc1"], params["fc1_bias"] = fc1, fc1_b
-    return b.node("mlp", h, layer=i, params=params, activation=arch.activation, gated=arch.gated)
+    return b.node("mlp", h, layer=i, params=params, activation=arch.activation, gated=arch.gated, **_glu(arch))
 
 
 def _mla(b: Builder, roles, arch: MegatronArch, i: int, h, where):
@@ -495,6 +523,14 @@ def _mamba(b: Builder, roles, arch: MegatronArch, i: int, h, where):
                   conv_kernel=params["conv_x"].type.shape[-1])
 
 
+def _expert_bias(roles, which: str, i: int, E: int) -> Recipe | None:
+    """The experts' ``linear_{which}`` biases stacked to ``[E, ...]`` (torch_dist saves them stacked), or None."""
+    stacked = roles.get((f"experts.{which}.bias", i, None))
+    if stacked is not None or ("expert." + which + ".bias", i, 0) not in roles:
+        return stacked
+    return derive("stack", *[roles[(f"expert.{which}.bias", i, e)] for e in range(E)])
+
+
 def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
     E = arch.num_experts
     if E <= 0:
@@ -509,11 +545,20 @@ def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
                                   hint="copy every expert-parallel rank (mp_rank_*_EEE)")
         fc1 = derive("stack", *[roles[("expert.fc1.weight", i, e)] for e in range(E)])
         fc2 = derive("stack", *[roles[("expert.fc2.weight", i, e)] for e in range(E)])
-    params: dict[str, Recipe | None] = {"router": roles[("router.weight", i, None)], "fc2": fc2}
+    params: dict[str, Recipe | None] = {"router": roles[("router.weight", i, None)], "fc2": fc2,
+                                        "router_bias": roles.get(("router.bias", i, None)),
+                                        "fc2_bias": _expert_bias(roles, "fc2", i, E)}
     if arch.gated:
         params["gate"], params["up"] = _split_gated(fc1)
     else:
         params["fc1"] = fc1
+    b1 = _expert_bias(roles, "fc1", i, E)
+    if b1 is not None and arch.gated:   # [E, 2F] = [gate | up] per expert
+        n = b1.type.shape[-1]
+        params["gate_bias"], params["up_bias"] = (derive("slice", b1, dim=1, start=0, stop=n // 2),
+                                                  derive("slice", b1, dim=1, start=n // 2, stop=n))
+    elif b1 is not None:
+        params["fc1_bias"] = b1
     bias = roles.get(("router.expert_bias", i, None))
     if (bias is not None) != arch.moe_expert_bias or (bias is not None and arch.moe_score != "sigmoid"):
         raise CheckpointError(f"{where}: layer {i} {'has' if bias is not None else 'has no'} router.expert_bias "
@@ -525,7 +570,7 @@ def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
     shared = _shared_expert(roles, arch, i, params, where)
     return b.node("moe", h, layer=i, params=params, num_experts=E, top_k=arch.moe_topk, shared_expert=shared,
                   num_groups=arch.moe_num_groups if arch.moe_group_topk else 0, group_topk=arch.moe_group_topk,
-                  activation=arch.activation, gated=arch.gated, score=arch.moe_score,
+                  activation=arch.activation, gated=arch.gated, score=arch.moe_score, **_glu(arch),
                   pre_softmax=arch.moe_pre_softmax, topk_scale=arch.moe_topk_scale,
                   norm_topk=arch.moe_score == "sigmoid" and arch.moe_topk > 1)  # Megatron renormalizes sigmoid top-k
 

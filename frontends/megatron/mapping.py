@@ -41,6 +41,7 @@ RULES: list[tuple[str, str, str]] = [
     (r"decoder\.layers\.{L}\.self_attention\.linear_proj\.bias", "proj.bias", "rep"),
     (r"decoder\.layers\.{L}\.self_attention\.q_layernorm\.weight", "q_norm.weight", "rep"),
     (r"decoder\.layers\.{L}\.self_attention\.k_layernorm\.weight", "k_norm.weight", "rep"),
+    (r"decoder\.layers\.{L}\.self_attention\.core_attention\.softmax_offset", "sinks", "col"),  # [heads / tp]
     (r"decoder\.layers\.{L}\.pre_mlp_layernorm\.weight", "post_norm.weight", "rep"),
     (r"decoder\.layers\.{L}\.pre_mlp_layernorm\.bias", "post_norm.bias", "rep"),
     (r"decoder\.layers\.{L}\.mlp\.linear_fc1\.layer_norm_weight", "post_norm.weight", "rep"),
@@ -53,6 +54,9 @@ RULES: list[tuple[str, str, str]] = [
     (r"decoder\.layers\.{L}\.mlp\.router\.expert_bias", "router.expert_bias", "rep"),  # fp32 buffer [E]
     (r"decoder\.layers\.{L}\.mlp\.experts\.local_experts\.{E}\.linear_fc1\.weight", "expert.fc1.weight", "gated?"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.local_experts\.{E}\.linear_fc2\.weight", "expert.fc2.weight", "row"),
+    (r"decoder\.layers\.{L}\.mlp\.router\.bias", "router.bias", "rep"),
+    (r"decoder\.layers\.{L}\.mlp\.experts\.local_experts\.{E}\.linear_fc1\.bias", "expert.fc1.bias", "gated?"),
+    (r"decoder\.layers\.{L}\.mlp\.experts\.local_experts\.{E}\.linear_fc2\.bias", "expert.fc2.bias", "rep"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.linear_fc1\.weight{E}", "expert.fc1.weight", "gated?"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.linear_fc2\.weight{E}", "expert.fc2.weight", "row"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.weight1", "expert.fc1.weight", "grouped1"),
@@ -64,6 +68,8 @@ RULES: list[tuple[str, str, str]] = [
     # torch_dist global (expert-stacked) keys; TP merge already applied on disk
     (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc1\.weight", "experts.fc1.weight", "rep"),
     (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc2\.weight", "experts.fc2.weight", "rep"),
+    (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc1\.bias", "experts.fc1.bias", "rep"),
+    (r"decoder\.layers\.{L}\.mlp\.experts\.experts\.linear_fc2\.bias", "experts.fc2.bias", "rep"),
     # ---- multi-latent attention (megatron/core/transformer/multi_latent_attention.py); the TE spec fuses the
     # latent norms into the up projections (layer_norm_weight). Legacy files hold column shards of every linear
     (r"decoder\.layers\.{L}\.self_attention\.linear_q_proj\.weight", "mla.q", "col"),

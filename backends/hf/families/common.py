@@ -18,8 +18,8 @@ from ...lowering import Facts, Registry, Rule, TargetClass, parse_rows
 # w - 1 for a norm that is not zero-centered); conv1d (GPT-2 Conv1D stores [in, out]); expert (one tensor per
 # expert: row {E} of the IR's [E, ...] stack); depthwise (nn.Conv1d's [C, 1, K] from the IR's depthwise [C, K]);
 # heads (the row's params interleaved head by head, head_dim rows each: Qwen3-Next's q_proj [q_h; gate_h]);
-# pairs (q/k rows per head from rotate-half to interleaved-pair rotary order: Llama 4)
-TRANSFORMS = ("copy", "zc", "conv1d", "expert", "depthwise", "heads", "pairs")
+# pairs (q/k rows per head from rotate-half to interleaved-pair rotary order: Llama 4); gate_up, t12: GptOss
+TRANSFORMS = ("copy", "zc", "conv1d", "expert", "depthwise", "heads", "pairs", "gate_up", "t12")
 # always: the class always has the tensor (zeros when the IR has none); attn_bias / mlp_bias: exists when the
 # config turns the bias on; untied: written only when the head is not tied to the embedding
 CONDITIONS = ("always", "attn_bias", "mlp_bias", "untied", "q_lora", "q_direct")  # q_*: MLA's q form
@@ -59,13 +59,15 @@ def falcon_block(model, layer=None) -> str | None:
 def family(name: str, architecture: str, *, rows: str, signature: Callable[[Facts], bool], rules: list[Rule],
            config: Callable[[Facts, dict], dict], model_type: str | None = None, zero_centered: bool = False,
            fused_qkv: bool = False, moe: bool = False, before: tuple[str, ...] = (),
-           flags: Callable[[Facts, dict], dict] | None = None, windows: bool = False) -> TargetClass:
+           flags: Callable[[Facts, dict], dict] | None = None, windows: bool = False,
+           sinks: bool = False) -> TargetClass:
     """Register one HF family (one file per class): its rows, signature, rules (after :data:`COMMON`) and
     config builder. ``zero_centered``: the HF norm computes with (1 + w), so the gamma is not folded;
     ``fused_qkv``: the class keeps Megatron's grouped fused QKV; ``flags(facts, base)`` adjusts the row
     conditions; ``moe``: the class has experts (the others never take a model with them); ``before``: classes
     whose signature also holds for this one's models and that must be tried after it; ``windows``: the class
-    expresses sliding-window attention (its own rules say which patterns)."""
+    expresses sliding-window attention (its own rules say which patterns); ``sinks``: the class has attention
+    sinks (``self_attn.sinks``)."""
     def dense(f: Facts, structure=signature) -> bool:   # only the MoE class takes a model with experts
         return not f.moes and structure(f)
 
@@ -74,7 +76,7 @@ def family(name: str, architecture: str, *, rows: str, signature: Callable[[Fact
                                  family=name),
                       config, {"architecture": architecture, "model_type": model_type or name, "before": before,
                                "zero_centered": zero_centered, "fused_qkv": fused_qkv, "flags": flags,
-                               "windows": windows})
+                               "windows": windows, "sinks": sinks})
     return REGISTRY.register(cls)
 
 
@@ -163,6 +165,20 @@ def _attention_variants(f: Facts):
     if l2 and not f.cls.extra.get("qk_l2_norm"):
         return (f"a weightless L2 q/k norm ({l2[0].location}, Megatron's qk_l2_norm) cannot be expressed by the "
                 f"{f.name}")
+def _sinks(f: Facts):
+    if any(a.attrs.get("sinks") for a in f.attns) and not f.cls.extra.get("sinks"):
+        return (f"attention sinks (megatron-core softmax_type learnable / off-by-one) cannot be expressed by the "
+                f"{f.name}; mexc writes sinks as GraniteSWAForCausalLM (dense, RMSNorm, rotary, gated MLP) or "
+                "GptOssForCausalLM (MoE with a clamped GLU)")
+
+
+def _clamped_glu(f: Facts):
+    m = next((m for m in (*f.mlps, *f.moes) if m.attrs.get("glu_clamp") is not None or m.attrs.get("glu_offset")),
+             None)
+    if m is not None and f.cls.name != "gpt_oss":
+        return (f"a clamped / offset GLU ({m.location}: clamp {m.attrs['glu_clamp']}, up + {m.attrs['glu_offset']}; "
+                f"megatron-core activation_func_clamp_value / glu_linear_offset) cannot be expressed by the {f.name}; "
+                "mexc writes it only as GptOssForCausalLM's experts (MoE with sinks); use --target onnx")
 
 
 def _zero_centered(f: Facts):
@@ -182,6 +198,8 @@ COMMON = [
     rule("sliding-window attention (Mistral / Ministral only)")(_window),
     rule("an attention output gate or a weightless L2 q/k norm (the classes declaring them only)")(
         _attention_variants),
+    rule("attention sinks (GptOss only)")(_sinks),
+    rule("a clamped / offset GLU (GptOss only)")(_clamped_glu),
     rule("an unfolded zero-centered gamma (families whose norm does not add 1)")(_zero_centered),
     rule("norms with different eps")(
         lambda f: None if len({n.attrs["eps"] for n in f.norms}) <= 1 else

@@ -77,7 +77,8 @@ def trt_class(name: str, *, signature: Callable[[Facts], bool], rules: list[Rule
     """Register one TensorRT-LLM class: ``config(facts, cfg)`` fills its config.json fields on the shared base;
     ``read(cfg)`` is the inverse (config.json -> the IR attributes the reader builds: see
     :mod:`mexc.frontends.trtllm`)."""
-    cls = TargetClass(name, name, signature, [PER_MODEL_ATTENTION, *rules], rows(extra_rows, name), config,
+    cls = TargetClass(name, name, signature, [PER_MODEL_ATTENTION, NO_SINKS, NO_CLAMPED_GLU, *rules],
+                      rows(extra_rows, name), config,
                       {"read": read, **extra})
     return REGISTRY.register(cls)
 
@@ -142,6 +143,15 @@ def _per_model_attention(f: Facts) -> list[str]:
     return p
 
 
+NO_SINKS = Rule("attention sinks", lambda f: None if not any(a.attrs.get("sinks") for a in f.attns) else
+                "attention sinks (megatron-core softmax_type learnable / off-by-one, gpt-oss) cannot be expressed by "
+                "a TensorRT-LLM 1.2 checkpoint class (no class in tensorrt_llm/models has a sink logit); use --target "
+                "onnx, or hf for gpt-oss-shaped models")
+NO_CLAMPED_GLU = Rule("a clamped / offset GLU", lambda f: None if not any(
+    m.attrs.get("glu_clamp") is not None or m.attrs.get("glu_offset") for m in (*f.mlps, *f.moes)) else
+    "a clamped / offset GLU (megatron-core activation_func_clamp_value / glu_linear_offset, gpt-oss) cannot be "
+    "expressed by a TensorRT-LLM 1.2 checkpoint class (its MLP and MoE activations have no clamp or offset); use "
+    "--target onnx")
 PER_MODEL_ATTENTION = Rule("positions (rotary / none) or softmax scales that differ across layers",
                            _per_model_attention)
 
