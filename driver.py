@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,22 @@ def check_apart(ckpt: str | Path, out: str | Path) -> None:
     if dst.startswith(src.rstrip(os.sep) + os.sep):
         raise UsageError(f"{out}: the output directory is inside the checkpoint ({ckpt})",
                          hint="choose an -o outside the checkpoint directory")
+
+
+_HINT = re.compile(r"\s*\(hint: (.*)\)\s*$")
+
+
+def lowering_error(target: str, problems: list[str]) -> BackendError:
+    """One error for what ``backend.check`` found: the problems on the error line, their own ``(hint: ...)``
+    parts moved to the one hint line (never a second hint after the first)."""
+    texts, hints = [], []
+    for p in problems:
+        m = _HINT.search(p)
+        texts.append(p[:m.start()] if m else p)
+        if m and m.group(1) not in hints:
+            hints.append(m.group(1))
+    return BackendError(f"the {target} target cannot lower this model: " + "; ".join(texts),
+                        hint="; ".join(hints) or "see docs/targets.md for what each target supports")
 
 
 @dataclass
@@ -146,8 +163,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     t2 = time.perf_counter()
     problems = backend.check(model, opts)
     if problems:
-        raise BackendError(f"the {opts.target} target cannot lower this model: " + "; ".join(problems),
-                           hint="see docs/targets.md for what each target supports")
+        raise lowering_error(opts.target, problems)
     tune_allocator()
     with atomic_directory(out, opts.force, log=log) as tmp:
         res = backend.emit(model, tmp, opts, progress=progress)

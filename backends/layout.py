@@ -36,6 +36,9 @@ def check_layout(model: Model, passes: list) -> None:
     tp, pp, ep = reshard.tp, reshard.pp, reshard.ep
     if not _problems(model, tp, pp, ep):
         return
+    if ep > 1 and not any(True for _ in model.graph.find("moe")):
+        raise UsageError(f"--ep {ep}: this {model.config.family} model has no experts to split (expert parallelism "
+                         "is for MoE layers)", hint=f"drop --ep (--tp {tp} alone splits the dense layers)")
     L = model.config.num_layers
     if pp > L:
         fits = [p for p in range(1, L + 1) if not _problems(model, tp, p, ep)] or [1]

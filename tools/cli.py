@@ -259,9 +259,6 @@ def cmd_compile(a) -> int:
     from ..backends.base import CompileOptions
     from ..backends.serve import serve_commands
     from ..driver import compile_checkpoint
-    from .compile_flags import check_compile_flags
-
-    check_compile_flags(a)
     quiet = a.quiet or a.json
     log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
     opts = CompileOptions(target=a.target, tp=a.tp, pp=a.pp, ep=a.ep, dtype=a.dtype, quant=a.quant,
@@ -390,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(completion_script(parser, a.shell))
         return 0
     try:
+        if a.cmd == "compile":  # flags a target cannot take are usage errors: judged before torch is imported
+            from .compile_flags import check_compile_flags
+
+            check_compile_flags(a)
         _install_signal_handlers()  # imports torch: a Ctrl-C here is an interrupt like any other
         return {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "verify": cmd_verify,
                 "run": cmd_run, "tokenizer": cmd_tokenizer}[a.cmd](a)

@@ -15,9 +15,45 @@ _USED_BY = {"profile": ("onnx", "tensorrt"), "max_batch_size": ("trtllm", "tenso
             "parallel_embedding": ("trtllm",), "accuracy_level": ("onnx",), "quant_lm_head": ("onnx", "tensorrt")}
 
 
+def _target_refusal(a) -> tuple[str, str] | None:
+    """A --quant / --tp / --pp / --ep / --dtype / --group-size combination the target cannot do whatever the
+    model: (message, hint), judged before the checkpoint is read. The backends' ``check()`` keeps the same rules
+    for library callers (backends/hf/backend.py, backends/onnx/__init__.py, backends/trtllm/__init__.py)."""
+    layout = [f"--{k} {getattr(a, k)}" for k in ("tp", "pp", "ep") if getattr(a, k) != 1]
+    if a.target == "hf":
+        if a.quant:
+            return (f"--quant {a.quant} does nothing the hf target can express: mexc writes no loader-readable "
+                    "quantization config", "drop --quant and quantize at load time (e.g. vllm serve OUT "
+                    "--quantization fp8), or use --target trtllm / onnx")
+        if layout:
+            return (f"{' '.join(layout)}: the hf target writes one unsharded model; loaders shard it at load time",
+                    "drop --tp/--pp/--ep and shard when serving (vllm serve OUT --tensor-parallel-size N, "
+                    "trtllm-serve OUT --tp_size N)")
+    elif a.target in ("onnx", "tensorrt"):
+        if layout:
+            return (f"{' '.join(layout)}: the ONNX graph is single-device", "drop --tp/--pp/--ep")
+        ort = a.target == "onnx" and a.profile in (None, "ort")
+        if a.quant and ort and a.dtype == "bfloat16":
+            return ("--quant with --dtype bfloat16: ONNX Runtime's CPU MatMulNBits has no bfloat16 kernel",
+                    "use --dtype float32 or float16, or --profile tensorrt")
+        gs = a.group_size
+        if a.quant and ort and gs is not None and (gs < 16 or gs & (gs - 1)):
+            return (f"--group-size {gs}: ONNX Runtime's MatMulNBits needs a power of two >= 16",
+                    "use --group-size 32 (the default), 64 or 128")
+    elif a.target == "trtllm":
+        if a.quant and a.group_size is not None:
+            return (f"--group-size {a.group_size} with --target trtllm: group-wise int4 (AWQ/GPTQ) needs calibrated "
+                    "scales, which mexc does not compute", "drop --group-size: trtllm-build quantizes per channel")
+        if a.ep != 1 and a.ep != a.tp:
+            return (f"--ep {a.ep} with --tp {a.tp}: TensorRT-LLM's expert parallelism must equal the tensor-parallel "
+                    "size (moe_tp * moe_ep == tp, mexc writes moe_tp = 1)", f"use --ep {a.tp} or drop --ep")
+    return None
+
+
 def check_compile_flags(a) -> None:
-    """Refuse options the target would ignore; fill the defaults of the ones left out."""
-    from ..backends.base import CompileOptions
+    """Refuse options the target would ignore or cannot do; fill the defaults of the ones left out. Runs before
+    the checkpoint is read (and before torch is imported)."""
+    from ..backends.options import CompileOptions
 
     default = CompileOptions()
     given = {k for k in _USED_BY if getattr(a, k, None) is not None and getattr(a, k) is not False
@@ -35,6 +71,9 @@ def check_compile_flags(a) -> None:
     if a.group_size is not None and a.quant not in ("int4-wo", "int8-wo"):
         raise UsageError(f"--group-size {a.group_size} without --quant int4-wo or int8-wo does nothing",
                          hint="add --quant int4-wo (or int8-wo), or drop --group-size")
+    refusal = _target_refusal(a)
+    if refusal:
+        raise UsageError(refusal[0], hint=refusal[1])
     input_given = a.max_input_len is not None
     for k in ("profile", "max_batch_size", "max_input_len", "max_seq_len"):
         if getattr(a, k) is None:

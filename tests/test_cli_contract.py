@@ -1,0 +1,84 @@
+"""The `mexc` command's contract with its user: flags a target cannot take are refused before anything is read
+(one `error:` and one `hint:` line), exit codes by kind of failure, and a start-up that imports no torch for
+help and usage errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "llama-tiny"
+
+
+def run_main(*args, probe=False):
+    """`mexc ARGS` in a fresh interpreter; with ``probe`` it also reports whether torch (and friends) got
+    imported by the time the command returned."""
+    code = ("import sys, json\nfrom mexc.tools.cli import main\ntry:\n    rc = main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "heavy = sorted(m for m in ('torch', 'numpy', 'transformers', 'onnx', 'safetensors') if m in sys.modules)\n"
+            "sys.stdout.write('\\n@@' + json.dumps({'rc': rc, 'heavy': heavy}))\nsys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    out, _, tail = r.stdout.rpartition("\n@@")
+    return r, out, json.loads(tail) if probe else None
+
+
+def one_error(stderr: str) -> tuple[str, str]:
+    lines = stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), stderr
+    assert "Traceback" not in stderr and "(hint:" not in stderr, stderr
+    return lines[0], lines[1]
+
+
+# ------------------------------------------------------------------ item 1: refused before any tensor is read
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--target", "hf", "--tp", "2"], "--tp 2: the hf target writes one unsharded model"),
+    (["--target", "hf", "--pp", "2", "--ep", "2"], "--pp 2 --ep 2: the hf target writes one unsharded model"),
+    (["--target", "hf", "--quant", "int8-wo"], "--quant int8-wo does nothing the hf target can express"),
+    (["--target", "onnx", "--tp", "2"], "--tp 2: the ONNX graph is single-device"),
+    (["--target", "tensorrt", "--pp", "2"], "--pp 2: the ONNX graph is single-device"),
+    (["--target", "onnx", "--quant", "int4-wo", "--dtype", "bfloat16"], "MatMulNBits has no bfloat16 kernel"),
+    (["--target", "onnx", "--quant", "int4-wo", "--group-size", "24"], "--group-size 24: ONNX Runtime's MatMulNBits"),
+    (["--target", "trtllm", "--quant", "int4-wo", "--group-size", "64"], "group-wise int4 (AWQ/GPTQ)"),
+    (["--target", "trtllm", "--tp", "2", "--ep", "4"], "--ep 4 with --tp 2"),
+])
+def test_target_refusals_come_before_the_checkpoint_is_read(tmp_path, args, want):
+    """A checkpoint that does not exist proves nothing was read: the flag refusal comes first, in one
+    error and one hint line, exit 2, and without importing torch."""
+    r, _, probe = run_main("compile", tmp_path / "no-such-ckpt", *args, "-o", tmp_path / "o", probe=True)
+    err, _ = one_error(r.stderr)
+    assert want in err and probe["rc"] == 2 and probe["heavy"] == [], (r.stderr, probe)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_same_flags_on_a_target_that_takes_them_get_past_the_check(tmp_path):
+    """The refusals are per target: --tp 2 for trtllm, --quant int4-wo --group-size 64 for onnx go on to the
+    checkpoint (here a missing one: the error is then about the checkpoint, exit 1)."""
+    for args in (["--target", "trtllm", "--tp", "2"], ["--target", "onnx", "--quant", "int4-wo", "--group-size", "64"]):
+        r, _, _ = run_main("compile", tmp_path / "no-such-ckpt", *args, "-o", tmp_path / "o")
+        err, _ = one_error(r.stderr)
+        assert "no-such-ckpt" in err and r.returncode == 1, r.stderr
+
+
+def test_expert_parallel_on_a_dense_model_names_the_missing_experts(tmp_path):
+    """--tp 2 --ep 2 on the dense example: the error names --ep, not a TP size that divides fine."""
+    r, _, _ = run_main("compile", EXAMPLE, "--target", "trtllm", "--tp", "2", "--ep", "2", "-o", tmp_path / "o",
+                        "--quiet")
+    err, hint = one_error(r.stderr)
+    assert "--ep 2: this llama model has no experts" in err and "drop --ep" in hint and r.returncode == 2
+
+
+def test_a_lowering_problem_has_one_hint_line():
+    """backend.check's problems carry their own '(hint: ...)': the error moves it to the hint line."""
+    from mexc.driver import lowering_error
+
+    e = lowering_error("onnx", ["node 3 (moe, layer 1): quantized MoE experts are not supported (hint: exclude "
+                                "moe from quantize)", "a MoE top-k scaling factor is not lowered; run fold-moe-scaling"])
+    assert e.message == ("the onnx target cannot lower this model: node 3 (moe, layer 1): quantized MoE experts are "
+                         "not supported; a MoE top-k scaling factor is not lowered; run fold-moe-scaling")
+    assert e.hint == "exclude moe from quantize"
+    assert lowering_error("hf", ["no class"]).hint == "see docs/targets.md for what each target supports"
