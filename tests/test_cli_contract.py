@@ -82,3 +82,19 @@ def test_a_lowering_problem_has_one_hint_line():
                          "not supported; a MoE top-k scaling factor is not lowered; run fold-moe-scaling")
     assert e.hint == "exclude moe from quantize"
     assert lowering_error("hf", ["no class"]).hint == "see docs/targets.md for what each target supports"
+
+
+# ------------------------------------------------------------------ item 2: never advertise what nothing does
+
+
+def test_help_offers_only_quant_schemes_a_target_takes(tmp_path):
+    """fp8 is refused by every target (calibrated activation scales): --help does not list it, and asking
+    for it says why in the hint."""
+    from mexc.tools.cli import make_parser
+
+    compile_parser = next(a for a in make_parser()._actions if a.dest == "cmd").choices["compile"]
+    quant = next(a for a in compile_parser._actions if a.dest == "quant")
+    assert list(quant.choices) == ["int8-wo", "int4-wo"] and "fp8" not in compile_parser.format_usage()
+    r, _, _ = run_main("compile", EXAMPLE, "--target", "trtllm", "--quant", "fp8", "-o", tmp_path / "o")
+    err, hint = one_error(r.stderr)
+    assert "invalid choice: 'fp8'" in err and "calibration data" in hint and r.returncode == 2

@@ -57,7 +57,11 @@ def _override(text: str) -> tuple[str, object]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
-        sys.stderr.write(f"error: {message}\nhint: run `{self.prog} --help` for usage\n")
+        hint = f"run `{self.prog} --help` for usage"
+        if "--quant" in message and "'fp8'" in message:
+            hint = ("fp8 needs activation scales from calibration data, which mexc does not compute: calibrate with "
+                    "NVIDIA ModelOpt, or quantize at load time (vllm serve OUT --quantization fp8)")
+        sys.stderr.write(f"error: {message}\nhint: {hint}\n")
         raise SystemExit(2)
 
 
@@ -88,7 +92,9 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--pp", type=_positive_int, default=1, help="target pipeline-parallel size")
     c.add_argument("--ep", type=_positive_int, default=1, help="target expert-parallel size (MoE; must equal tp)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    c.add_argument("--quant", choices=["int8-wo", "int4-wo", "fp8"])
+    c.add_argument("--quant", choices=["int8-wo", "int4-wo"],
+                   help="weight-only quantization for trtllm (trtllm-build packs the weights) and onnx / tensorrt "
+                        "(MatMulNBits / DequantizeLinear); not for hf. No fp8: it needs calibrated activation scales")
     c.add_argument("--group-size", type=_positive_int, help="int4-wo/int8-wo group size (default: per channel for "
                    "trtllm, 32 for onnx)")
     c.add_argument("--vocab-size", type=_positive_int, help="trim Megatron's vocab padding to the tokenizer's size")
