@@ -98,3 +98,61 @@ def test_help_offers_only_quant_schemes_a_target_takes(tmp_path):
     r, _, _ = run_main("compile", EXAMPLE, "--target", "trtllm", "--quant", "fp8", "-o", tmp_path / "o")
     err, hint = one_error(r.stderr)
     assert "invalid choice: 'fp8'" in err and "calibration data" in hint and r.returncode == 2
+
+
+# ------------------------------------------------------------------ item 3: exit codes by kind of failure
+
+
+def test_exit_codes_follow_the_kind_of_failure(tmp_path):
+    """Representative failures of each kind, through the real command (errors.py documents the codes; so do
+    `mexc --help` and the README)."""
+    from mexc.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_USAGE
+
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    (bogus / "mexc-manifest.json").write_text("{not json")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "x.txt").write_text("a user's file")
+    cases = {
+        EXIT_USAGE: [
+            ["compile", EXAMPLE, "--target", "tflite", "-o", tmp_path / "o"],          # argparse: bad choice
+            ["compile", EXAMPLE, "--target", "hf", "--profile", "ort", "-o", tmp_path / "o"],  # ignored flag
+            ["compile", EXAMPLE, "--target", "hf", "--tp", "2", "-o", tmp_path / "o"],   # target cannot do it
+            ["compile", EXAMPLE, "--target", "trtllm", "--tp", "3", "-o", tmp_path / "o", "--quiet"],  # model
+            ["compile", EXAMPLE, "--target", "hf", "-o", notes, "--force", "--quiet"],   # -o not mexc's
+            ["passes", "make-it-fast"],
+        ],
+        EXIT_INPUT: [
+            ["compile", tmp_path / "nope", "--target", "hf", "-o", tmp_path / "o"],      # no checkpoint
+            ["compile", EXAMPLE, "--target", "hf", "--config", tmp_path / "no.yaml", "-o", tmp_path / "o"],
+            ["verify", bogus, "--against", EXAMPLE],                                     # damaged output
+            ["run", tmp_path / "nope", "--prompt", "hi"],                                # not an output
+            ["inspect", notes],                                                          # not a checkpoint
+        ],
+    }
+    for code, runs in cases.items():
+        for args in runs:
+            r, _, _ = run_main(*args)
+            assert r.returncode == code, (args, r.returncode, r.stderr)
+            one_error(r.stderr)
+    assert (notes / "x.txt").is_file() and not (tmp_path / "o").exists()
+    # a bug (an exception mexc did not raise on purpose): traceback, one error line, exit 3
+    code = ("import sys, mexc.tools.cli as cli\n"
+            "def boom(a):\n    raise ZeroDivisionError('a bug')\n"
+            "cli.cmd_passes = boom\nsys.exit(cli.main(['passes']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    lines = r.stderr.splitlines()
+    assert r.returncode == EXIT_INTERNAL and lines[0].startswith("Traceback"), r.stderr
+    assert lines[-2] == ("error: internal error in mexc (a bug, not a fault of the input): ZeroDivisionError: a bug")
+    assert lines[-1].startswith("hint: please report it")
+
+
+def test_exit_codes_are_documented():
+    from mexc.tools.cli import EXIT_CODES
+
+    r = subprocess.run([sys.executable, "-m", "mexc.tools.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    readme = (ROOT / "README.md").read_text()
+    for code in ("0", "1", "2", "3", "130"):
+        assert f"\n  {code} " in EXIT_CODES and f"| {code} |" in readme, code
+    assert EXIT_CODES in r.stdout

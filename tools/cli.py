@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import MexcError, UsageError
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, MexcError, UsageError
 
 EXAMPLES = {
     "compile": "example:\n  mexc compile examples/llama-tiny --target trtllm --tp 2 -o out/llama-trtllm\n"
@@ -31,6 +31,16 @@ EXAMPLES = {
                  "  mexc tokenizer out/llama-onnx --from tokenizer.model --force\n"
                  "  mexc tokenizer out/llama-trtllm --from vocab.json,merges.txt",
 }
+
+
+EXIT_CODES = """exit codes:
+  0    done (verify: the output matches its source)
+  1    bad input or environment: a checkpoint, output, config or tokenizer missing, damaged or not lowerable
+       by the target; a tool not installed; disk full (verify: FAIL)
+  2    usage: the command line must change (unknown option, bad value, options the target or model cannot
+       take, an -o that exists)
+  3    internal error: a bug in mexc (the traceback is printed; please report it)
+  130  interrupted (Ctrl-C, SIGTERM, SIGHUP); an output is complete or absent"""
 
 
 def _positive_int(text: str) -> int:
@@ -62,7 +72,7 @@ class _Parser(argparse.ArgumentParser):
             hint = ("fp8 needs activation scales from calibration data, which mexc does not compute: calibrate with "
                     "NVIDIA ModelOpt, or quantize at load time (vllm serve OUT --quantization fp8)")
         sys.stderr.write(f"error: {message}\nhint: {hint}\n")
-        raise SystemExit(2)
+        raise SystemExit(EXIT_USAGE)
 
 
 def _version() -> str:
@@ -77,7 +87,7 @@ def _version() -> str:
 
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mexc", description="Compile Megatron-LM / Megatron-Core checkpoints for inference engines.",
-                epilog="example:\n  mexc compile examples/llama-tiny --target trtllm -o out/trtllm",
+                epilog="example:\n  mexc compile examples/llama-tiny --target trtllm -o out/trtllm\n\n" + EXIT_CODES,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=_version())
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if a.cmd is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     if a.cmd == "completion":
         sys.stdout.write(completion_script(parser, a.shell))
         return 0
@@ -410,7 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os._exit(0)
     except BaseException as e:
-        if a.debug or not _interrupted(e):
+        if not _interrupted(e):
+            if a.debug or not isinstance(e, Exception):
+                raise
+            return _internal_error(e)
+        if a.debug:
             raise
         from ..backends.output import COMMITTED
 
@@ -419,7 +433,18 @@ def main(argv: list[str] | None = None) -> int:
                              "anything else\n" if COMMITTED else "error: interrupted; nothing was left behind\n")
         except OSError:
             pass
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _internal_error(e: Exception) -> int:
+    """An exception mexc did not raise on purpose is a bug: its traceback (what a report needs; the run may be
+    too long to repeat with --debug), then one error line, exit 3."""
+    import traceback
+
+    traceback.print_exception(e)
+    sys.stderr.write(f"error: internal error in mexc (a bug, not a fault of the input): {type(e).__name__}: "
+                     f"{_one_line(e)}\nhint: please report it with the traceback above and the command line\n")
+    return EXIT_INTERNAL
 
 
 def _one_line(text: str) -> str:
