@@ -156,3 +156,43 @@ def test_exit_codes_are_documented():
     for code in ("0", "1", "2", "3", "130"):
         assert f"\n  {code} " in EXIT_CODES and f"| {code} |" in readme, code
     assert EXIT_CODES in r.stdout
+
+
+# ------------------------------------------------------------------ item 5: vocab padding alike on every target
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_every_target_treats_vocab_padding_alike_without_a_tokenizer(tmp_path, keep):
+    """The example (NullTokenizer: 100 ids + eod = 101, padded to 128 rows) without a tokenizer: hf, trtllm and
+    onnx all trim to the saved args' 101 ids with one note (issue 19 item 7: hf and trtllm kept 128 rows);
+    --vocab-size 128 keeps the padding on all three. `inspect` and each config agree."""
+    import onnx
+    from safetensors import safe_open
+
+    want = 128 if keep else 101
+    for target in ("hf", "trtllm", "onnx"):
+        out = tmp_path / target
+        args = ["compile", EXAMPLE, "--target", target, "-o", out, "--json", "--build", "never"]
+        if target == "trtllm":
+            args += ["--tp", "2"]
+        r, stdout, _ = run_main(*args + (["--vocab-size", "128"] if keep else []))
+        assert r.returncode == 0, r.stderr
+        notes = [n for n in json.loads(stdout)["notes"] if n.startswith("vocab 128 -> ")]
+        assert notes == ([] if keep else ["vocab 128 -> 101: trimmed Megatron's padding rows to the 101 ids of the "
+                                          "saved args (no tokenizer; --vocab-size 128 keeps them)"]), (target, notes)
+        if target == "hf":
+            assert json.loads((out / "config.json").read_text())["vocab_size"] == want
+            with safe_open(out / "model.safetensors", "pt") as f:
+                assert f.get_slice("model.embed_tokens.weight").get_shape()[0] == want
+        elif target == "trtllm":
+            assert json.loads((out / "config.json").read_text())["vocab_size"] == want
+            with safe_open(out / "rank0.safetensors", "pt") as f:   # lm_head split over tp=2, padded to even rows
+                assert f.get_slice("lm_head.weight").get_shape()[0] == (want + 1) // 2
+        else:
+            assert json.loads((out / "genai_config.json").read_text())["model"]["vocab_size"] == want
+            graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+            logits = next(o for o in graph.output if o.name == "logits")
+            assert logits.type.tensor_type.shape.dim[-1].dim_value == want
+        r, stdout, _ = run_main("inspect", out, "--json")
+        assert r.returncode == 0 and json.loads(stdout)["model"]["vocab_size"] == want, (target, stdout)
+

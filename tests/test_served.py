@@ -134,7 +134,7 @@ def test_set_overrides_token_ids(tmp_path, capsys):
     rc, _, err = _mexc(capsys, "compile", EXAMPLE, "--target", "hf", "-o", tmp_path / "bad",
                        "--set", "bos_token_id=500")
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc == 1 and len(errors) == 1 and "[0, 128)" in errors[0] and not (tmp_path / "bad").exists()
+    assert rc == 1 and len(errors) == 1 and "[0, 101)" in errors[0] and not (tmp_path / "bad").exists()
 
 
 def test_tokenizer_too_big_is_refused(tmp_path, capsys):

@@ -242,7 +242,7 @@ def test_tokenizer_added_to_a_trtllm_output(tmp_path, capsys):
     assert any("TOKENIZER_DIR" in x for x in serve_commands(out))
     rc, _, err = _mexc(capsys, "tokenizer", out, "--from", TOKENIZER)
     assert rc == 0, err
-    assert (out / "tokenizer.json").is_file() and json.loads((out / "config.json").read_text())["vocab_size"] == 128
+    assert (out / "tokenizer.json").is_file() and json.loads((out / "config.json").read_text())["vocab_size"] == 101   # padding trimmed: NullTokenizer 100 + eod
     lines = serve_commands(out)
     assert not any("TOKENIZER_DIR" in x for x in lines) and f"--tokenizer {out}" in lines[0]
 
