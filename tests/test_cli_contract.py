@@ -196,3 +196,45 @@ def test_every_target_treats_vocab_padding_alike_without_a_tokenizer(tmp_path, k
         r, stdout, _ = run_main("inspect", out, "--json")
         assert r.returncode == 0 and json.loads(stdout)["model"]["vocab_size"] == want, (target, stdout)
 
+
+# ------------------------------------------------------------------ item 6: short hints that name the next step
+
+
+def test_run_on_a_gpu_output_gives_one_short_command(tmp_path):
+    """`mexc run` on a trtllm output: the hint is one command (tokenizer step first when there is none), not
+    every serve line joined (448 characters before)."""
+    out = tmp_path / "trt"
+    r, _, _ = run_main("compile", EXAMPLE, "--target", "trtllm", "--tp", "2", "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    r, _, _ = run_main("run", out, "--prompt", "hi")
+    err, hint = one_error(r.stderr)
+    assert r.returncode == 1 and "runs on a GPU with TensorRT-LLM" in err
+    assert hint == (f"hint: on a GPU machine: mexc tokenizer {out} --from PATH, then trtllm-serve {out}/engines "
+                    f"--backend tensorrt --tokenizer {out} --tp_size 2 --pp_size 1 (other ways: docs/targets.md)")
+
+
+NEMO = ROOT / "tests" / "data" / "wrappers" / "nemo-2.7.3" / "llama-checkpoint"   # NeMo 2.7.3's own save
+STEP = "megatron_gpt--step=9-consumed_samples=20.0"
+
+
+def test_a_nemo_trainer_folder_names_the_checkpoint_to_give(tmp_path):
+    """NeMo's ModelCheckpoint folder (one directory per saved step) or the run directory above it: the error
+    says what it is and the hint names the latest checkpoint, which then compiles; a checkpoint's context/
+    stands for the checkpoint, as its weights/ does."""
+    import shutil
+
+    r, _, _ = run_main("inspect", NEMO)
+    err, hint = one_error(r.stderr)
+    assert err == f"error: {NEMO}: a NeMo trainer's checkpoint folder holds 1 NeMo checkpoint (step 9); mexc reads one checkpoint"
+    assert hint == f"hint: give one of them, e.g. the latest: {NEMO / STEP}" and r.returncode == 1
+    run = tmp_path / "run"
+    for name in ("x--step=9-consumed_samples=20.0", "x--step=19-consumed_samples=40.0",
+                 "x--step=19-consumed_samples=40.0-last"):
+        shutil.copytree(NEMO / STEP, run / "checkpoints" / name)
+    r, _, _ = run_main("compile", run, "--target", "hf", "-o", tmp_path / "o")
+    err, hint = one_error(r.stderr)
+    assert "a NeMo run directory: its checkpoints/ holds 3 NeMo checkpoints (steps 9, 19)" in err
+    latest = run / "checkpoints" / "x--step=19-consumed_samples=40.0-last"
+    assert hint == f"hint: give one of them, e.g. the latest: {latest}" and not (tmp_path / "o").exists()
+    r, _, _ = run_main("compile", latest / "context", "--target", "hf", "-o", tmp_path / "o", "--quiet")
+    assert r.returncode == 0 and json.loads((tmp_path / "o" / "mexc-manifest.json").read_text())["target"] == "hf"

@@ -59,16 +59,31 @@ def has_tokenizer(out: Path) -> bool:
     return (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
 
 
+def gpu_hint(out: Path, target: str) -> str:
+    """One short hint for an output that runs on a GPU: the first serve command (``mexc compile`` prints them
+    all), with the tokenizer step first when the output has none."""
+    import shlex
+
+    from ..backends.serve import MISSING, serve_commands
+
+    if target == "tensorrt":
+        return ("build and run its engine on a GPU machine with TensorRT >= 10.15 (the trtexec command and the "
+                "Python API: docs/onnx.md)")
+    q = shlex.quote(str(out))
+    cmd = next((c.split("   (")[0] for c in serve_commands(out) if not c.startswith("first add")), None)
+    if cmd is None:
+        return "serve it on a GPU machine (docs/targets.md)"
+    first = "" if has_tokenizer(out) else f"mexc tokenizer {q} --from PATH, then "
+    return f"on a GPU machine: {first}{cmd.replace(MISSING, q)} (other ways: docs/targets.md)"
+
+
 def generate(out: str | Path, prompt: str, max_new_tokens: int = 16) -> Generation:
     """Greedy generation of up to ``max_new_tokens`` tokens after ``prompt`` (stops at eos)."""
     out = Path(out)
     target = read_manifest(out).get("target")
     if target in ("trtllm", "tensorrt"):
-        from ..backends.serve import serve_commands
-
-        cmds = "; ".join(serve_commands(out))
         raise InputError(f"{out}: a {target} output runs on a GPU with TensorRT{'-LLM' if target == 'trtllm' else ''}"
-                         ", not here", hint=f"serve it there: {cmds}")
+                         ", not here", hint=gpu_hint(out, target))
     if not has_tokenizer(out):
         raise InputError(f"{out}: has no tokenizer files (tokenizer.json), so text cannot be encoded",
                          hint=f"add one: mexc tokenizer {out} --from PATH")
