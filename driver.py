@@ -11,20 +11,21 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .backends.base import (BACKENDS, Backend, CompileOptions, EmitResult, atomic_directory, check_output,
-                            tune_allocator, write_manifest)
-from .backends.layout import check_layout, check_print_ir_after, fit_sequence
 from .errors import BackendError, UsageError
-from .ir import Model
-from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file, parse_pipeline
+
+if TYPE_CHECKING:   # the heavy modules (torch) load inside the functions: `mexc compile` judges flags first
+    from .backends.base import Backend, CompileOptions, EmitResult
+    from .ir import Model
 
 TARGETS = ("trtllm", "hf", "onnx", "tensorrt")
 _BACKEND_MODULES = {"trtllm": "trtllm", "hf": "hf", "onnx": "onnx", "tensorrt": "onnx"}
 
 
 def get_backend(target: str) -> Backend:
+    from .backends.base import BACKENDS
+
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}", hint=f"use one of {', '.join(TARGETS)}")
     if target not in BACKENDS:
@@ -55,6 +56,8 @@ def frontend_record(model: Model) -> dict:
 
 def build_pipeline(model: Model, opts: CompileOptions, backend: Backend) -> list:
     """User passes first (after trim-vocab for --vocab-size), then the backend's legalization."""
+    from .passes import parse_pipeline
+
     text = opts.pipeline.strip()
     if opts.vocab_size is not None:
         text = ",".join(filter(None, [f"trim-vocab{{size={opts.vocab_size}}}", text]))
@@ -117,7 +120,10 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
                        tokenizer: str | Path | None = None) -> CompileResult:
     """Compile the Megatron checkpoint ``ckpt`` to ``out`` (written atomically). ``tokenizer`` (a path) or the
     one the checkpoint's args name is written beside the model (:mod:`mexc.frontends.tokenizer`)."""
+    from .backends.base import atomic_directory, check_output, tune_allocator, write_manifest
+    from .backends.layout import check_layout, check_print_ir_after, fit_sequence
     from .frontends import tokenizer as tokenizers
+    from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file
 
     log = log or (lambda s: None)
     opts.validate()

@@ -238,3 +238,26 @@ def test_a_nemo_trainer_folder_names_the_checkpoint_to_give(tmp_path):
     assert hint == f"hint: give one of them, e.g. the latest: {latest}" and not (tmp_path / "o").exists()
     r, _, _ = run_main("compile", latest / "context", "--target", "hf", "-o", tmp_path / "o", "--quiet")
     assert r.returncode == 0 and json.loads((tmp_path / "o" / "mexc-manifest.json").read_text())["target"] == "hf"
+
+
+# ------------------------------------------------------------------ item 7: start-up without torch
+
+
+def test_importing_the_command_imports_no_torch():
+    r = subprocess.run([sys.executable, "-c", "import sys, mexc.tools.cli, mexc.driver, mexc.tools.compile_flags; "
+                        "print(sorted(m for m in ('torch', 'numpy', 'transformers', 'onnx') if m in sys.modules))"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_help_and_usage_errors_import_no_torch(tmp_path):
+    """What tools/bench_startup.py times: help and usage errors are answered before torch is imported (the
+    figures themselves are not asserted: no timed tests)."""
+    (tmp_path / "exists").mkdir()
+    runs = [(["--help"], 0), (["--version"], 0), (["compile", "--help"], 0), (["compile"], 2),
+            (["compile", EXAMPLE, "--target", "hf", "-o", tmp_path / "exists"], 2),
+            (["compile", EXAMPLE, "--target", "trtllm", "-o", EXAMPLE / "out"], 2),     # -o inside the checkpoint
+            (["inspect", EXAMPLE, "--ir", "--json"], 2)]
+    for args, code in runs:
+        r, _, probe = run_main(*args, probe=True)
+        assert probe == {"rc": code, "heavy": []}, (args, probe, r.stderr)

@@ -85,12 +85,24 @@ def _version() -> str:
     return f"mexc {v}"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked (importlib.metadata costs start-up time on every command)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "show program's version number and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mexc", description="Compile Megatron-LM / Megatron-Core checkpoints for inference engines.",
                 epilog="example:\n  mexc compile examples/llama-tiny --target trtllm -o out/trtllm\n\n" + EXIT_CODES,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
 
     c = sub.add_parser("compile", help="compile a checkpoint to a target", epilog=EXAMPLES["compile"],
@@ -271,6 +283,18 @@ def _install_signal_handlers():
         _on_signal(STARTUP_SIGNALS.pop(), None)
 
 
+def _precheck_compile(a) -> None:
+    """What `mexc compile` can refuse from the command line alone, in modules that import no torch: flags the
+    target cannot take, an -o that is the checkpoint or exists (compile_checkpoint checks both again)."""
+    from ..backends.output import check_output
+    from ..driver import check_apart
+    from .compile_flags import check_compile_flags
+
+    check_compile_flags(a)
+    check_apart(a.ckpt, a.out)
+    check_output(Path(a.out), a.force)
+
+
 def cmd_compile(a) -> int:
     from ..backends.base import CompileOptions
     from ..backends.serve import serve_commands
@@ -302,9 +326,8 @@ def cmd_compile(a) -> int:
     return 0
 
 
-def cmd_inspect(a) -> int:
-    from ..tools.inspect import inspect_path
-
+def _precheck_inspect(a) -> None:
+    """Option combinations `mexc inspect` refuses from the command line alone (no torch imported)."""
     if a.ir and a.json:
         raise UsageError("--ir prints the IR as text; it has no JSON form", hint="drop --json (or --ir)")
     if (Path(a.path) / "mexc-manifest.json").is_file():
@@ -314,6 +337,10 @@ def cmd_inspect(a) -> int:
         if only_ckpt:
             raise UsageError(f"{a.path}: {only_ckpt[0]} applies to checkpoints, not to a compiled output",
                              hint=f"run `mexc inspect CKPT {only_ckpt[0]} ...` on the source checkpoint")
+
+
+def cmd_inspect(a) -> int:
+    from ..tools.inspect import inspect_path
 
     return inspect_path(a)
 
@@ -403,10 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(completion_script(parser, a.shell))
         return 0
     try:
-        if a.cmd == "compile":  # flags a target cannot take are usage errors: judged before torch is imported
-            from .compile_flags import check_compile_flags
-
-            check_compile_flags(a)
+        precheck = {"compile": _precheck_compile, "inspect": _precheck_inspect}.get(a.cmd)
+        if precheck:  # usage errors are judged before torch is imported (tools/bench_startup.py)
+            precheck(a)
         _install_signal_handlers()  # imports torch: a Ctrl-C here is an interrupt like any other
         return {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "verify": cmd_verify,
                 "run": cmd_run, "tokenizer": cmd_tokenizer}[a.cmd](a)
