@@ -6,9 +6,9 @@ Each case runs ``--runs`` times in a fresh interpreter (what a user's shell does
 reports the median and the fastest wall time in seconds, the exit code, and which heavy modules (torch, numpy,
 transformers, onnx, safetensors) were imported by the time the command returned. The help and usage-error
 cases must stay under :data:`BOUND` (0.5 s) and import none of them: mexc judges the command line before it
-loads torch (tools/cli.py ``_precheck_*``, tools/compile_flags.py). The baselines (``python -c pass``,
-``import torch``) show what the machine itself costs; the full compile is there for the record (it imports
-torch to read the checkpoint). Times depend on the machine's load: compare the rows of one run.
+loads torch (tools/compile_flags.py ``precheck_compile``, tools/cli.py ``_precheck_inspect``). The baselines
+(``python -c pass``, ``import torch``) show what the machine itself costs; the full compile is there for the
+record (it imports torch to read the checkpoint). Times depend on the machine's load: compare the rows of one run.
 """
 
 from __future__ import annotations

@@ -201,31 +201,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
-    """A completion script generated from the parser itself (commands, options, choices, pass names)."""
-    from ..passes import PASSES
-
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    cases = []
-    for name, sp in sub.choices.items():
-        opts = [o for a in sp._actions for o in a.option_strings]
-        choices = {o: list(a.choices) for a in sp._actions if a.choices for o in a.option_strings}
-        if name == "passes":
-            opts += sorted(PASSES)
-        prev = "".join(f'        {o}) COMPREPLY=($(compgen -W "{" ".join(map(str, c))}" -- "$cur")); return;;\n'
-                       for o, c in choices.items())
-        cases.append(f'    {name})\n      case "$prev" in\n{prev}      esac\n'
-                     f'      COMPREPLY=($(compgen -W "{" ".join(opts)}" -- "$cur") $(compgen -f -- "$cur"));;\n')
-    body = (
-        "_mexc() {\n  local cur prev cmd\n  cur=\"${COMP_WORDS[COMP_CWORD]}\"\n  prev=\"${COMP_WORDS[COMP_CWORD-1]}\"\n"
-        "  cmd=\"${COMP_WORDS[1]}\"\n  if [ \"$COMP_CWORD\" -eq 1 ]; then\n"
-        f"    COMPREPLY=($(compgen -W \"{' '.join(sub.choices)} --help --debug\" -- \"$cur\")); return\n  fi\n"
-        "  case \"$cmd\" in\n" + "".join(cases) + "  esac\n}\ncomplete -F _mexc mexc\n")
-    if shell == "zsh":
-        return "#compdef mexc\nautoload -U bashcompinit && bashcompinit\n" + body
-    return body
-
-
 class Progress:
     """Phase progress on a terminal (bytes and ETA while writing); silent when not a tty or --quiet."""
 
@@ -281,18 +256,6 @@ def _install_signal_handlers():
         signal.signal(signal.SIGHUP, _on_signal)
     if STARTUP_SIGNALS:  # a Ctrl-C during start-up: stop now, before any work
         _on_signal(STARTUP_SIGNALS.pop(), None)
-
-
-def _precheck_compile(a) -> None:
-    """What `mexc compile` can refuse from the command line alone, in modules that import no torch: flags the
-    target cannot take, an -o that is the checkpoint or exists (compile_checkpoint checks both again)."""
-    from ..backends.output import check_output
-    from ..driver import check_apart
-    from .compile_flags import check_compile_flags
-
-    check_compile_flags(a)
-    check_apart(a.ckpt, a.out)
-    check_output(Path(a.out), a.force)
 
 
 def cmd_compile(a) -> int:
@@ -427,10 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     if a.cmd == "completion":
+        from .completion import completion_script
+
         sys.stdout.write(completion_script(parser, a.shell))
         return 0
     try:
-        precheck = {"compile": _precheck_compile, "inspect": _precheck_inspect}.get(a.cmd)
+        from .compile_flags import precheck_compile
+
+        precheck = {"compile": precheck_compile, "inspect": _precheck_inspect}.get(a.cmd)
         if precheck:  # usage errors are judged before torch is imported (tools/bench_startup.py)
             precheck(a)
         _install_signal_handlers()  # imports torch: a Ctrl-C here is an interrupt like any other

@@ -85,3 +85,16 @@ def check_compile_flags(a) -> None:
     if a.target in ("trtllm", "tensorrt") and a.max_input_len > a.max_seq_len:
         raise UsageError(f"--max-input-len {a.max_input_len} is longer than --max-seq-len {a.max_seq_len}",
                          hint="the sequence length counts the input: raise --max-seq-len or lower --max-input-len")
+
+
+def precheck_compile(a) -> None:
+    """What `mexc compile` can refuse from the command line alone, in modules that import no torch: flags the
+    target cannot take, an -o that is the checkpoint or exists (compile_checkpoint checks both again)."""
+    from pathlib import Path
+
+    from ..backends.output import check_output
+    from ..driver import check_apart
+
+    check_compile_flags(a)
+    check_apart(a.ckpt, a.out)
+    check_output(Path(a.out), a.force)
