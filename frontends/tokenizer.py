@@ -76,7 +76,9 @@ def from_path(path: str | Path, origin: str = "--tokenizer") -> Found:
         return Found("gpt2", (vocab, merges), origin)
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"{p}: no such file or directory (from {origin})", hint=FIX)
+        raise ConfigError(f"{p}: no such file or directory (from {origin})",
+                          hint=FIX if origin != "--from" else "give --from the tokenizer's path: an HF tokenizer "
+                          "directory, a SentencePiece .model, vocab.json,merges.txt or a .tiktoken file")
     if p.is_dir():
         if any((p / f).is_file() for f in _HF_FILES):
             return Found("hf", (p,), origin)

@@ -261,3 +261,12 @@ def test_help_and_usage_errors_import_no_torch(tmp_path):
     for args, code in runs:
         r, _, probe = run_main(*args, probe=True)
         assert probe == {"rc": code, "heavy": []}, (args, probe, r.stderr)
+
+
+def test_mexc_tokenizer_with_a_missing_source_names_its_own_flag(tmp_path):
+    out = tmp_path / "hf"
+    assert run_main("compile", EXAMPLE, "--target", "hf", "-o", out, "--quiet")[0].returncode == 0
+    r, _, _ = run_main("tokenizer", out, "--from", tmp_path / "nope")
+    err, hint = one_error(r.stderr)
+    assert err == f"error: {tmp_path / 'nope'}: no such file or directory (from --from)" and r.returncode == 1
+    assert hint.startswith("hint: give --from the tokenizer's path") and "--tokenizer" not in hint
