@@ -121,7 +121,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     """Compile the Megatron checkpoint ``ckpt`` to ``out`` (written atomically). ``tokenizer`` (a path) or the
     one the checkpoint's args name is written beside the model (:mod:`mexc.frontends.tokenizer`)."""
     from .backends.base import atomic_directory, check_output, tune_allocator, write_manifest
-    from .backends.layout import check_layout, check_print_ir_after, fit_sequence
+    from .backends.layout import check_group_size, check_layout, check_print_ir_after, fit_sequence
     from .frontends import tokenizer as tokenizers
     from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file
 
@@ -161,6 +161,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     seq_note = fit_sequence(model, opts) if opts.target in ("trtllm", "tensorrt", "onnx") else None
     passes = build_pipeline(model, opts, backend)
     check_layout(model, passes)
+    check_group_size(model, passes)
     check_print_ir_after(print_ir_after or set(), passes)
     pm = PassManager(passes, print_ir_after=print_ir_after or set(), dump_ir=dump_ir, log=log)
     pm(model)

@@ -64,6 +64,27 @@ def check_layout(model: Model, passes: list) -> None:
                           "and divide the MLP width")
 
 
+def check_group_size(model: Model, passes: list) -> None:
+    """One summarised UsageError when a ``quantize`` pass's group size does not divide the input features of
+    the weights it quantizes (its precondition lists every such weight, one clause each)."""
+    from ..passes.quantize import LINEAR_WEIGHTS
+
+    for q in passes:
+        gs = getattr(q, "group_size", 0) if getattr(q, "name", "") == "quantize" else 0
+        if not gs:
+            continue
+        feats = sorted({p.type.shape[-1] for node, name, p in model.graph.params()
+                        if (node.op, name) in LINEAR_WEIGHTS and node.op not in q.exclude})
+        bad = [f for f in feats if f % gs]
+        if not bad:
+            continue
+        fits = [g for g in (16, 32, 64, 128, 256) if g < gs and all(f % g == 0 for f in feats)]
+        use = f"use --group-size {_choices(fits)}" if fits else "drop --group-size (per channel)"
+        raise UsageError(f"--group-size {gs} does not divide the input features of the quantized weights "
+                         f"({' / '.join(map(str, bad))} of {' / '.join(map(str, feats))}); {use}",
+                         hint="a quantization group must divide every quantized weight's input features")
+
+
 def check_print_ir_after(names: set[str], passes: list) -> None:
     """``--print-ir-after`` names must be passes of this pipeline (or ``all``): a misspelt one prints nothing."""
     known = [p.name for p in passes]

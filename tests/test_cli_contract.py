@@ -72,6 +72,17 @@ def test_expert_parallel_on_a_dense_model_names_the_missing_experts(tmp_path):
     assert "--ep 2: this llama model has no experts" in err and "drop --ep" in hint and r.returncode == 2
 
 
+def test_a_group_size_the_weights_cannot_take_is_one_short_line(tmp_path):
+    """quantize's precondition names every weight (900+ characters on the tiny example): one line instead,
+    with the group sizes that fit."""
+    r, _, _ = run_main("compile", EXAMPLE, "--target", "onnx", "--quant", "int4-wo", "--group-size", "128", "-o",
+                       tmp_path / "o", "--quiet")
+    err, hint = one_error(r.stderr)
+    assert err == ("error: --group-size 128 does not divide the input features of the quantized weights (64 of "
+                   "64 / 128); use --group-size 16, 32 or 64") and r.returncode == 2
+    assert len(r.stderr) < 250 and not (tmp_path / "o").exists()
+
+
 def test_a_lowering_problem_has_one_hint_line():
     """backend.check's problems carry their own '(hint: ...)': the error moves it to the hint line."""
     from mexc.driver import lowering_error
