@@ -1,8 +1,11 @@
 """`mexc compile` options a target would ignore are refused, never dropped silently (issue 19 item 8).
 
 :func:`check_compile_flags` takes the parsed arguments (options left out are ``None``), raises
-:class:`~mexc.errors.UsageError` for an option the target does not read or a contradiction, and fills the
-defaults of :class:`~mexc.backends.base.CompileOptions` for the rest.
+:class:`~mexc.errors.UsageError` for an option the target does not read, a combination the target cannot do
+whatever the model (:func:`_target_refusal`: ``--quant`` for hf, ``--tp``/``--pp``/``--ep`` for hf and onnx, ...)
+or a contradiction, and fills the defaults of :class:`~mexc.backends.options.CompileOptions` for the rest.
+:func:`precheck_compile` adds the ``-o`` checks; the CLI runs it before torch is imported, so these usage
+errors come in a fraction of a second and before any tensor is read (tools/bench_startup.py).
 """
 
 from __future__ import annotations
