@@ -6,19 +6,18 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .backends.base import (Backend, CompileOptions, EmitResult, atomic_directory, check_output,
-                            tune_allocator, write_manifest)
-from .backends.layout import check_layout, check_print_ir_after, fit_sequence
-from .backends.registry import BUILTIN, get_backend  # noqa: F401  (get_backend: re-exported)
+from .backends.registry import BUILTIN, get_backend  # noqa: F401 - re-exported; stdlib only, like this module
 from .errors import BackendError, UsageError
-from .ir import Model
-from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file, parse_pipeline
-from .passes.pipeline import LEGALIZE
+
+if TYPE_CHECKING:   # the heavy modules (torch) load inside the functions: `mexc compile` judges flags first
+    from .backends.base import Backend, CompileOptions, EmitResult
+    from .ir import Model
 
 TARGETS = tuple(BUILTIN)   # the built-in targets; plugins: mexc.backends.registry.target_names()
 
@@ -42,6 +41,9 @@ def build_pipeline(model: Model, opts: CompileOptions, backend: Backend) -> list
     """User passes (after trim-vocab for --vocab-size), with the backend's legalization where ``--pipeline``
     says ``legalize``, else after them. Legalization passes carry ``origin = "legalize"`` (the
     :class:`~mexc.passes.instruments.ChoiceGuard` tells the user's choices from the target's)."""
+    from .passes import parse_pipeline
+    from .passes.pipeline import LEGALIZE
+
     text = opts.pipeline.strip()
     if opts.vocab_size is not None:
         text = ",".join(filter(None, [f"trim-vocab{{size={opts.vocab_size}}}", text]))
@@ -69,6 +71,22 @@ def check_apart(ckpt: str | Path, out: str | Path) -> None:
                          hint="choose an -o outside the checkpoint directory")
 
 
+_HINT = re.compile(r"\s*\(hint: (.*)\)\s*$")
+
+
+def lowering_error(target: str, problems: list[str]) -> BackendError:
+    """One error for what ``backend.check`` found: the problems on the error line, their own ``(hint: ...)``
+    parts moved to the one hint line (never a second hint after the first)."""
+    texts, hints = [], []
+    for p in problems:
+        m = _HINT.search(p)
+        texts.append(p[:m.start()] if m else p)
+        if m and m.group(1) not in hints:
+            hints.append(m.group(1))
+    return BackendError(f"the {target} target cannot lower this model: " + "; ".join(texts),
+                        hint="; ".join(hints) or "see docs/targets.md for what each target supports")
+
+
 @dataclass
 class CompileResult:
     out: Path
@@ -93,7 +111,10 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     """Compile the Megatron checkpoint ``ckpt`` to ``out`` (written atomically). ``tokenizer`` (a path) or the
     one the checkpoint's args name is written beside the model (:mod:`mexc.frontends.tokenizer`).
     ``instruments``: extra :mod:`pass instruments <mexc.passes.instruments>` (``SemanticCheck()``)."""
+    from .backends.base import atomic_directory, check_output, tune_allocator, write_manifest
+    from .backends.layout import check_group_size, check_layout, check_print_ir_after, fit_sequence
     from .frontends import tokenizer as tokenizers
+    from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file
 
     log = log or (lambda s: None)
     opts.validate()
@@ -135,6 +156,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     seq_note = fit_sequence(model, opts) if opts.target in ("trtllm", "tensorrt", "onnx") else None
     passes = build_pipeline(model, opts, backend)
     check_layout(model, passes)
+    check_group_size(model, passes)
     check_print_ir_after(print_ir_after or set(), passes)
     pm = PassManager(passes, print_ir_after=print_ir_after or set(), dump_ir=dump_ir, log=log,
                      instruments=list(instruments))
@@ -144,8 +166,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     t2 = time.perf_counter()
     problems = backend.check(model, opts)
     if problems:
-        raise BackendError(f"the {opts.target} target cannot lower this model: " + "; ".join(problems),
-                           hint="see docs/targets.md for what each target supports")
+        raise lowering_error(opts.target, problems)
     tune_allocator()
     with atomic_directory(out, opts.force, log=log) as tmp:
         res = backend.emit(model, tmp, opts, progress=progress)

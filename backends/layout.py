@@ -36,6 +36,9 @@ def check_layout(model: Model, passes: list) -> None:
     tp, pp, ep = reshard.tp, reshard.pp, reshard.ep
     if not _problems(model, tp, pp, ep):
         return
+    if ep > 1 and not any(True for _ in model.graph.find("moe")):
+        raise UsageError(f"--ep {ep}: this {model.config.family} model has no experts to split (expert parallelism "
+                         "is for MoE layers)", hint=f"drop --ep (--tp {tp} alone splits the dense layers)")
     L = model.config.num_layers
     if pp > L:
         fits = [p for p in range(1, L + 1) if not _problems(model, tp, p, ep)] or [1]
@@ -59,6 +62,27 @@ def check_layout(model: Model, passes: list) -> None:
     raise UsageError(f"--tp {tp} {what}; {use}",
                      hint="a TP size must divide the attention heads, divide or be a multiple of the KV heads, "
                           "and divide the MLP width")
+
+
+def check_group_size(model: Model, passes: list) -> None:
+    """One summarised UsageError when a ``quantize`` pass's group size does not divide the input features of
+    the weights it quantizes (its precondition lists every such weight, one clause each)."""
+    from ..passes.quantize import LINEAR_WEIGHTS
+
+    for q in passes:
+        gs = getattr(q, "group_size", 0) if getattr(q, "name", "") == "quantize" else 0
+        if not gs:
+            continue
+        feats = sorted({p.type.shape[-1] for node, name, p in model.graph.params()
+                        if (node.op, name) in LINEAR_WEIGHTS and node.op not in q.exclude})
+        bad = [f for f in feats if f % gs]
+        if not bad:
+            continue
+        fits = [g for g in (16, 32, 64, 128, 256) if g < gs and all(f % g == 0 for f in feats)]
+        use = f"use --group-size {_choices(fits)}" if fits else "drop --group-size (per channel)"
+        raise UsageError(f"--group-size {gs} does not divide the input features of the quantized weights "
+                         f"({' / '.join(map(str, bad))} of {' / '.join(map(str, feats))}); {use}",
+                         hint="a quantization group must divide every quantized weight's input features")
 
 
 def check_print_ir_after(names: set[str], passes: list) -> None:

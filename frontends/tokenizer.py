@@ -76,7 +76,9 @@ def from_path(path: str | Path, origin: str = "--tokenizer") -> Found:
         return Found("gpt2", (vocab, merges), origin)
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"{p}: no such file or directory (from {origin})", hint=FIX)
+        raise ConfigError(f"{p}: no such file or directory (from {origin})",
+                          hint=FIX if origin != "--from" else "give --from the tokenizer's path: an HF tokenizer "
+                          "directory, a SentencePiece .model, vocab.json,merges.txt or a .tiktoken file")
     if p.is_dir():
         if any((p / f).is_file() for f in _HF_FILES):
             return Found("hf", (p,), origin)
@@ -324,13 +326,18 @@ def attach(model, res: Resolved, id_overrides: dict) -> None:
 
 
 def default_vocab(model, res: Resolved) -> tuple[int | None, str | None]:
-    """``--vocab-size`` when the user gave none and a tokenizer is known: the tokenizer's size (or the saved
-    unpadded vocab when larger), so every target drops Megatron's padding rows alike. Returns (size, note)."""
-    if res.tok is None:
-        return None, None
+    """``--vocab-size`` when the user gave none: the tokenizer's size (or the saved unpadded vocab when larger);
+    without a tokenizer, the saved unpadded vocab (Megatron's ``vocab_size``, + 1 for NullTokenizer's eod id).
+    Every target then drops Megatron's padding rows alike (issue 19 item 7). Returns (size, note); (None, None)
+    when there is nothing to trim."""
     emb = next(iter(model.graph.find("embedding")), None)
     rows = emb.params["word"].type.shape[0] if emb is not None else model.config.vocab_size
     saved = model.config.vocab_size   # the unpadded vocab when the args had one; else the padded rows
+    if res.tok is None:
+        if saved >= rows:
+            return None, None
+        return saved, (f"vocab {rows} -> {saved}: trimmed Megatron's padding rows to the {saved} ids of the saved "
+                       f"args (no tokenizer; --vocab-size {rows} keeps them)")
     size = len(res.tok) if saved >= rows else max(len(res.tok), saved)
     if size >= rows:
         return None, None

@@ -45,3 +45,21 @@ def test_every_package_of_the_tree_is_listed():
             continue
         found.add("mexc" if rel == "." else "mexc." + rel.replace("/", "."))
     assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
+
+
+def test_extras_pin_the_tool_versions_the_docs_state():
+    """The `trtllm` extra installs only a TensorRT-LLM that still has the checkpoint / trtllm-build flow mexc
+    writes for (<= 1.2.x, docs/targets.md); `tensorrt` one whose ONNX parser imports the ops the tensorrt
+    profile uses (>= 10.15, docs/onnx.md)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    trtllm = Requirement(extras["trtllm"][0])
+    assert trtllm.name == "tensorrt-llm"
+    assert all(trtllm.specifier.contains(v) for v in ("0.15.0", "1.0.0", "1.2.0", "1.2.1"))
+    assert not any(trtllm.specifier.contains(v) for v in ("0.14.0", "1.3.0", "1.3.0rc1", "2.0.0"))
+    assert "**up to 1.2.x**" in (ROOT / "docs" / "targets.md").read_text()
+    tensorrt = Requirement(extras["tensorrt"][0])
+    assert tensorrt.specifier.contains("10.15.1") and not tensorrt.specifier.contains("10.13.0")

@@ -160,7 +160,8 @@ def test_megatron_core_0_19_torch_dist_layout(name, tmp_path):
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="trtllm", tp=2))
     from mexc.frontends.trtllm import lift_trtllm
 
-    assert (run(lift_trtllm(out), ref["tokens"])[..., :128] - ref["logits"]).abs().max().item() < 1e-5
+    got = run(lift_trtllm(out), ref["tokens"])   # Megatron's padding rows trimmed to the saved args' vocab
+    assert (got - ref["logits"][..., :got.shape[-1]]).abs().max().item() < 1e-5
 
 
 # ------------------------------------------------------------------------------------------ determinism

@@ -105,7 +105,7 @@ def test_without_tokenizer_then_mexc_tokenizer(tmp_path, capsys):
     assert not {"bos_token_id", "eos_token_id", "pad_token_id"} & set(genai)   # unknown: absent, not 0
     assert not (out / "tokenizer.json").exists()
     rc, _, err = _mexc(capsys, "run", out, "--prompt", PROMPT)
-    assert rc == 2 and "no tokenizer files" in err and f"mexc tokenizer {out} --from PATH" in err
+    assert rc == 1 and "no tokenizer files" in err and f"mexc tokenizer {out} --from PATH" in err
     # onnxruntime-genai runs the output from ids without the special ids
     params = og.GeneratorParams(og.Model(str(out)))
     params.set_search_options(do_sample=False, max_length=8)
@@ -134,7 +134,7 @@ def test_set_overrides_token_ids(tmp_path, capsys):
     rc, _, err = _mexc(capsys, "compile", EXAMPLE, "--target", "hf", "-o", tmp_path / "bad",
                        "--set", "bos_token_id=500")
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc == 1 and len(errors) == 1 and "[0, 128)" in errors[0] and not (tmp_path / "bad").exists()
+    assert rc == 1 and len(errors) == 1 and "[0, 101)" in errors[0] and not (tmp_path / "bad").exists()
 
 
 def test_tokenizer_too_big_is_refused(tmp_path, capsys):

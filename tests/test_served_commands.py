@@ -128,7 +128,7 @@ def test_serve_commands_without_tokenizer_and_for_hf(tmp_path, capsys):
     assert lines[0].startswith(f"first add the tokenizer: mexc tokenizer {out} --from PATH")
     assert _check_with_trtllm(lines[1], parsers).tokenizer == "TOKENIZER_DIR"
     rc, _, err = _mexc(capsys, "run", out, "--prompt", "hi")
-    assert rc == 2 and "runs on a GPU" in err and "trtllm-serve" in err
+    assert rc == 1 and "runs on a GPU" in err and "trtllm-serve" in err
     out = tmp_path / "hf"
     rc, stdout, _ = _mexc(capsys, "compile", EXAMPLE, "--target", "hf", "--tokenizer", TOKENIZER, "-o", out,
                           "--json")
@@ -242,16 +242,16 @@ def test_tokenizer_added_to_a_trtllm_output(tmp_path, capsys):
     assert any("TOKENIZER_DIR" in x for x in serve_commands(out))
     rc, _, err = _mexc(capsys, "tokenizer", out, "--from", TOKENIZER)
     assert rc == 0, err
-    assert (out / "tokenizer.json").is_file() and json.loads((out / "config.json").read_text())["vocab_size"] == 128
+    assert (out / "tokenizer.json").is_file() and json.loads((out / "config.json").read_text())["vocab_size"] == 101   # padding trimmed: NullTokenizer 100 + eod
     lines = serve_commands(out)
     assert not any("TOKENIZER_DIR" in x for x in lines) and f"--tokenizer {out}" in lines[0]
 
 
 def test_run_refuses_what_it_cannot_run(tmp_path, capsys):
     rc, _, err = _mexc(capsys, "run", tmp_path, "--prompt", "hi")
-    assert rc == 2 and "not a mexc output" in err
+    assert rc == 1 and "not a mexc output" in err   # an input at fault: exit 1
     out = tmp_path / "trt-profile"
     assert _mexc(capsys, "compile", EXAMPLE, "--target", "onnx", "--profile", "tensorrt", "--tokenizer", TOKENIZER,
                  "-o", out, "--quiet")[0] == 0
     rc, _, err = _mexc(capsys, "run", out, "--prompt", "hi")
-    assert rc == 2 and "--profile ort" in err
+    assert rc == 1 and "--profile ort" in err

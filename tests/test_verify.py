@@ -303,7 +303,7 @@ def test_damaged_manifest_is_one_clear_line(capsys, outputs, tmp_path):
     out = copy(outputs, "hf", tmp_path)
     (out / "mexc-manifest.json").write_text('{"target": "hf", "mod')
     rc, _, err = mexc(capsys, "verify", out, "--against", EXAMPLE)
-    assert rc == 2 and err.startswith("error: ") and "mexc-manifest.json: not valid JSON" in err
+    assert rc == 1 and err.startswith("error: ") and "mexc-manifest.json: not valid JSON" in err
 
 
 def test_against_another_checkpoint_is_named(capsys, outputs, tmp_path):

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import MexcError, UsageError
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, MexcError, UsageError
 
 EXAMPLES = {
     "compile": "example:\n  mexc compile examples/llama-tiny --target trtllm --tp 2 -o out/llama-trtllm\n"
@@ -31,6 +31,16 @@ EXAMPLES = {
                  "  mexc tokenizer out/llama-onnx --from tokenizer.model --force\n"
                  "  mexc tokenizer out/llama-trtllm --from vocab.json,merges.txt",
 }
+
+
+EXIT_CODES = """exit codes:
+  0    done (verify: the output matches its source)
+  1    bad input or environment: a checkpoint, output, config or tokenizer missing, damaged or not lowerable
+       by the target; a tool not installed; disk full (verify: FAIL)
+  2    usage: the command line must change (unknown option, bad value, options the target or model cannot
+       take, an -o that exists)
+  3    internal error: a bug in mexc (the traceback is printed; please report it)
+  130  interrupted (Ctrl-C, SIGTERM, SIGHUP); an output is complete or absent"""
 
 
 def _positive_int(text: str) -> int:
@@ -57,8 +67,12 @@ def _override(text: str) -> tuple[str, object]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
-        sys.stderr.write(f"error: {message}\nhint: run `{self.prog} --help` for usage\n")
-        raise SystemExit(2)
+        hint = f"run `{self.prog} --help` for usage"
+        if "--quant" in message and "'fp8'" in message:
+            hint = ("fp8 needs activation scales from calibration data, which mexc does not compute: calibrate with "
+                    "NVIDIA ModelOpt, or quantize at load time (vllm serve OUT --quantization fp8)")
+        sys.stderr.write(f"error: {message}\nhint: {hint}\n")
+        raise SystemExit(EXIT_USAGE)
 
 
 def _version() -> str:
@@ -71,14 +85,26 @@ def _version() -> str:
     return f"mexc {v}"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked (importlib.metadata costs start-up time on every command)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "show program's version number and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
 def make_parser() -> argparse.ArgumentParser:
     from ..backends.registry import target_names   # stdlib only: no backend is imported here
 
     p = _Parser(prog="mexc", description="Compile Megatron-LM / Megatron-Core checkpoints for inference engines.",
-                epilog="example:\n  mexc compile examples/llama-tiny --target trtllm -o out/trtllm",
+                epilog="example:\n  mexc compile examples/llama-tiny --target trtllm -o out/trtllm\n\n" + EXIT_CODES,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
 
     c = sub.add_parser("compile", help="compile a checkpoint to a target", epilog=EXAMPLES["compile"],
@@ -91,7 +117,9 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--pp", type=_positive_int, default=1, help="target pipeline-parallel size")
     c.add_argument("--ep", type=_positive_int, default=1, help="target expert-parallel size (MoE; must equal tp)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    c.add_argument("--quant", choices=["int8-wo", "int4-wo", "fp8"])
+    c.add_argument("--quant", choices=["int8-wo", "int4-wo"],
+                   help="weight-only quantization for trtllm (trtllm-build packs the weights) and onnx / tensorrt "
+                        "(MatMulNBits / DequantizeLinear); not for hf. No fp8: it needs calibrated activation scales")
     c.add_argument("--group-size", type=_positive_int, help="int4-wo/int8-wo group size (default: per channel for "
                    "trtllm, 32 for onnx)")
     c.add_argument("--vocab-size", type=_positive_int, help="trim Megatron's vocab padding to the tokenizer's size")
@@ -179,31 +207,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
-    """A completion script generated from the parser itself (commands, options, choices, pass names)."""
-    from ..passes import PASSES
-
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    cases = []
-    for name, sp in sub.choices.items():
-        opts = [o for a in sp._actions for o in a.option_strings]
-        choices = {o: list(a.choices) for a in sp._actions if a.choices for o in a.option_strings}
-        if name == "passes":
-            opts += sorted(PASSES)
-        prev = "".join(f'        {o}) COMPREPLY=($(compgen -W "{" ".join(map(str, c))}" -- "$cur")); return;;\n'
-                       for o, c in choices.items())
-        cases.append(f'    {name})\n      case "$prev" in\n{prev}      esac\n'
-                     f'      COMPREPLY=($(compgen -W "{" ".join(opts)}" -- "$cur") $(compgen -f -- "$cur"));;\n')
-    body = (
-        "_mexc() {\n  local cur prev cmd\n  cur=\"${COMP_WORDS[COMP_CWORD]}\"\n  prev=\"${COMP_WORDS[COMP_CWORD-1]}\"\n"
-        "  cmd=\"${COMP_WORDS[1]}\"\n  if [ \"$COMP_CWORD\" -eq 1 ]; then\n"
-        f"    COMPREPLY=($(compgen -W \"{' '.join(sub.choices)} --help --debug\" -- \"$cur\")); return\n  fi\n"
-        "  case \"$cmd\" in\n" + "".join(cases) + "  esac\n}\ncomplete -F _mexc mexc\n")
-    if shell == "zsh":
-        return "#compdef mexc\nautoload -U bashcompinit && bashcompinit\n" + body
-    return body
-
-
 class Progress:
     """Phase progress on a terminal (bytes and ETA while writing); silent when not a tty or --quiet."""
 
@@ -266,9 +269,7 @@ def cmd_compile(a) -> int:
     from ..backends.serve import serve_commands
     from ..driver import compile_checkpoint
     from ..passes.instruments import SemanticCheck
-    from .compile_flags import check_compile_flags
 
-    check_compile_flags(a)
     quiet = a.quiet or a.json
     log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
     opts = CompileOptions(target=a.target, tp=a.tp, pp=a.pp, ep=a.ep, dtype=a.dtype, quant=a.quant,
@@ -297,9 +298,8 @@ def cmd_compile(a) -> int:
     return 0
 
 
-def cmd_inspect(a) -> int:
-    from ..tools.inspect import inspect_path
-
+def _precheck_inspect(a) -> None:
+    """Option combinations `mexc inspect` refuses from the command line alone (no torch imported)."""
     if a.ir and a.json:
         raise UsageError("--ir prints the IR as text; it has no JSON form", hint="drop --json (or --ir)")
     if (Path(a.path) / "mexc-manifest.json").is_file():
@@ -309,6 +309,10 @@ def cmd_inspect(a) -> int:
         if only_ckpt:
             raise UsageError(f"{a.path}: {only_ckpt[0]} applies to checkpoints, not to a compiled output",
                              hint=f"run `mexc inspect CKPT {only_ckpt[0]} ...` on the source checkpoint")
+
+
+def cmd_inspect(a) -> int:
+    from ..tools.inspect import inspect_path
 
     return inspect_path(a)
 
@@ -393,11 +397,18 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if a.cmd is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     if a.cmd == "completion":
+        from .completion import completion_script
+
         sys.stdout.write(completion_script(parser, a.shell))
         return 0
     try:
+        from .compile_flags import precheck_compile
+
+        precheck = {"compile": precheck_compile, "inspect": _precheck_inspect}.get(a.cmd)
+        if precheck:  # usage errors are judged before torch is imported (tools/bench_startup.py)
+            precheck(a)
         _install_signal_handlers()  # imports torch: a Ctrl-C here is an interrupt like any other
         return {"compile": cmd_compile, "inspect": cmd_inspect, "passes": cmd_passes, "verify": cmd_verify,
                 "run": cmd_run, "tokenizer": cmd_tokenizer}[a.cmd](a)
@@ -411,7 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os._exit(0)
     except BaseException as e:
-        if a.debug or not _interrupted(e):
+        if not _interrupted(e):
+            if a.debug or not isinstance(e, Exception):
+                raise
+            return _internal_error(e)
+        if a.debug:
             raise
         from ..backends.output import COMMITTED
 
@@ -420,7 +435,18 @@ def main(argv: list[str] | None = None) -> int:
                              "anything else\n" if COMMITTED else "error: interrupted; nothing was left behind\n")
         except OSError:
             pass
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _internal_error(e: Exception) -> int:
+    """An exception mexc did not raise on purpose is a bug: its traceback (what a report needs; the run may be
+    too long to repeat with --debug), then one error line, exit 3."""
+    import traceback
+
+    traceback.print_exception(e)
+    sys.stderr.write(f"error: internal error in mexc (a bug, not a fault of the input): {type(e).__name__}: "
+                     f"{_one_line(e)}\nhint: please report it with the traceback above and the command line\n")
+    return EXIT_INTERNAL
 
 
 def _one_line(text: str) -> str:

@@ -7,7 +7,8 @@
 
 ``trtllm`` and ``tensorrt`` outputs need a GPU and TensorRT(-LLM): the error prints the command that serves
 them. Every output needs its tokenizer files (``mexc compile --tokenizer`` or ``mexc tokenizer OUT --from``).
-Errors: :class:`~mexc.errors.UsageError` (wrong output kind, no tokenizer), ToolNotFoundError (runtime absent).
+Errors: :class:`~mexc.errors.InputError` (not a mexc output, wrong output kind, no tokenizer; exit 1),
+:class:`~mexc.errors.UsageError` (a prompt that does not fit; exit 2), ToolNotFoundError (runtime absent).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BackendError, ToolNotFoundError, UsageError
+from ..errors import BackendError, InputError, ToolNotFoundError, UsageError
 
 MANIFEST = "mexc-manifest.json"
 
@@ -40,17 +41,17 @@ class Generation:
 
 
 def read_manifest(out: Path) -> dict:
-    """The output's manifest; UsageError when ``out`` is not a mexc output."""
+    """The output's manifest; InputError when ``out`` is not a mexc output."""
     path = out / MANIFEST
     if not out.is_dir():
-        raise UsageError(f"{out}: no such directory", hint="give the -o directory of `mexc compile`")
+        raise InputError(f"{out}: no such directory", hint="give the -o directory of `mexc compile`")
     try:
         m = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise UsageError(f"{out}: not a mexc output (no readable {MANIFEST})",
+        raise InputError(f"{out}: not a mexc output (no readable {MANIFEST})",
                          hint="give the -o directory of `mexc compile`") from None
     if not isinstance(m, dict) or m.get("producer") != "mexc":
-        raise UsageError(f"{path}: not written by mexc", hint="give the -o directory of `mexc compile`")
+        raise InputError(f"{path}: not written by mexc", hint="give the -o directory of `mexc compile`")
     return m
 
 
@@ -58,27 +59,42 @@ def has_tokenizer(out: Path) -> bool:
     return (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
 
 
+def gpu_hint(out: Path, target: str) -> str:
+    """One short hint for an output that runs on a GPU: the first serve command (``mexc compile`` prints them
+    all), with the tokenizer step first when the output has none."""
+    import shlex
+
+    from ..backends.serve import MISSING, serve_commands
+
+    if target == "tensorrt":
+        return ("build and run its engine on a GPU machine with TensorRT >= 10.15 (the trtexec command and the "
+                "Python API: docs/onnx.md)")
+    q = shlex.quote(str(out))
+    cmd = next((c.split("   (")[0] for c in serve_commands(out) if not c.startswith("first add")), None)
+    if cmd is None:
+        return "serve it on a GPU machine (docs/targets.md)"
+    first = "" if has_tokenizer(out) else f"mexc tokenizer {q} --from PATH, then "
+    return f"on a GPU machine: {first}{cmd.replace(MISSING, q)} (other ways: docs/targets.md)"
+
+
 def generate(out: str | Path, prompt: str, max_new_tokens: int = 16) -> Generation:
     """Greedy generation of up to ``max_new_tokens`` tokens after ``prompt`` (stops at eos)."""
     out = Path(out)
     target = read_manifest(out).get("target")
     if target in ("trtllm", "tensorrt"):
-        from ..backends.serve import serve_commands
-
-        cmds = "; ".join(serve_commands(out))
-        raise UsageError(f"{out}: a {target} output runs on a GPU with TensorRT{'-LLM' if target == 'trtllm' else ''}"
-                         ", not here", hint=f"serve it there: {cmds}")
+        raise InputError(f"{out}: a {target} output runs on a GPU with TensorRT{'-LLM' if target == 'trtllm' else ''}"
+                         ", not here", hint=gpu_hint(out, target))
     if not has_tokenizer(out):
-        raise UsageError(f"{out}: has no tokenizer files (tokenizer.json), so text cannot be encoded",
+        raise InputError(f"{out}: has no tokenizer files (tokenizer.json), so text cannot be encoded",
                          hint=f"add one: mexc tokenizer {out} --from PATH")
     if target == "hf":
         return _run_hf(out, prompt, max_new_tokens)
     if target == "onnx":
         if not (out / "genai_config.json").is_file():
-            raise UsageError(f"{out}: an ONNX output of the tensorrt profile has no genai_config.json",
+            raise InputError(f"{out}: an ONNX output of the tensorrt profile has no genai_config.json",
                              hint="compile with --profile ort to run it with onnxruntime-genai")
         return _run_onnx(out, prompt, max_new_tokens)
-    raise UsageError(f"{out}: unknown target {target!r} in its manifest", hint="recompile it with this mexc")
+    raise InputError(f"{out}: unknown target {target!r} in its manifest", hint="recompile it with this mexc")
 
 
 def _run_hf(out: Path, prompt: str, n: int) -> Generation:

@@ -83,7 +83,7 @@ def add_tokenizer(a) -> int:
     if has_tokenizer(out) and not a.force:
         raise UsageError(f"{out}: already has a tokenizer (tokenizer.json / tokenizer_config.json)",
                          hint="add --force to replace it")
-    found = tokenizers.from_path(a.source)
+    found = tokenizers.from_path(a.source, origin="--from")
     res = tokenizers.Resolved(tokenizers.load(found), found)
     rows = _vocab_rows(out, target)
     tokenizers.check_vocab(res.tok, rows, str(a.source))

@@ -30,7 +30,7 @@ import torch
 
 from ..backends.base import Backend
 from ..backends.registry import BUILTIN, get_backend
-from ..errors import BackendError, MexcError, UsageError
+from ..errors import BackendError, InputError, MexcError, ToolNotFoundError
 from .integrity import check_artifact, duplicated_kv_mismatches, replicated_mismatches
 
 PROMPTS = torch.tensor([[1, 5, 9, 23, 42, 77, 3, 99], [0, 64, 31, 8, 15, 2, 50, 11]])
@@ -43,21 +43,21 @@ def read_manifest(out: Path) -> dict:
     """The output's manifest, checked for the keys verify needs; errors name the file."""
     mf = out / MANIFEST
     if not mf.is_file():
-        raise UsageError(f"{out}: not a mexc output (no {MANIFEST})", hint="give the -o of `mexc compile`")
+        raise InputError(f"{out}: not a mexc output (no {MANIFEST})", hint="give the -o of `mexc compile`")
     try:
         manifest = json.loads(mf.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"{mf}: not valid JSON ({e})", hint="the output was damaged; compile it again") from None
+        raise InputError(f"{mf}: not valid JSON ({e})", hint="the output was damaged; compile it again") from None
     except OSError as e:
-        raise UsageError(f"{mf}: cannot be read ({e.strerror})") from None
+        raise InputError(f"{mf}: cannot be read ({e.strerror})") from None
     model = manifest.get("model") if isinstance(manifest, dict) else None
     if not isinstance(model, dict) or not isinstance(manifest.get("target"), str) or \
             not isinstance(model.get("vocab_size"), int) or model["vocab_size"] < 1:
-        raise UsageError(f"{mf}: lacks target or model.vocab_size", hint="the output was damaged; compile it again")
+        raise InputError(f"{mf}: lacks target or model.vocab_size", hint="the output was damaged; compile it again")
     from ..backends.base import CHECKSUM
 
     if manifest.get("checksum") != CHECKSUM:
-        raise UsageError(f"{mf}: checksums are {manifest.get('checksum')!r}; this mexc checks {CHECKSUM}",
+        raise InputError(f"{mf}: checksums are {manifest.get('checksum')!r}; this mexc checks {CHECKSUM}",
                          hint="compile the output again with this mexc")
     return manifest
 
@@ -146,7 +146,7 @@ def artifact_logits(out: Path, manifest: dict, tokens: torch.Tensor, lifted=None
         return stream_logits(model, tokens), runtime_line(target)
     got = get_backend(target).artifact_logits(out, manifest, tokens)   # a plugin target (unsupported() said so)
     if got is None:
-        raise UsageError(f"verify does not know target {target!r}")
+        raise InputError(f"verify does not know target {target!r}")
     return got
 
 
@@ -251,7 +251,7 @@ def verify_output(a) -> int:
     except MexcError:
         raise
     except ImportError as e:
-        raise UsageError(f"verifying a {target} output needs a runtime that is not installed: {e}",
+        raise ToolNotFoundError(f"verifying a {target} output needs a runtime that is not installed: {e}",
                          hint="pip install transformers onnxruntime") from None
     except Exception as e:  # noqa: BLE001 - a runtime's own error: one line (--debug shows the traceback)
         msg = (str(e).strip().splitlines() or [""])[-1][:300]

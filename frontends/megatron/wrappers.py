@@ -55,9 +55,9 @@ def open_wrapped(path: Path, iteration: int | None = None) -> CheckpointInfo | N
         return _open_tree(TarTree(path), path, iteration)
     if not path.is_dir():
         return None
-    if path.name in ("weights", "model_weights") and ((path.parent / "context").is_dir() or
-                                                      (path.parent / "model_config.yaml").is_file()):
-        path = path.parent  # the weights directory of a NeMo checkpoint: its config is one level up
+    if path.name in ("weights", "model_weights", "context") and ((path.parent / "context").is_dir() or
+                                                                 (path.parent / "model_config.yaml").is_file()):
+        path = path.parent  # the weights (or context) directory of a NeMo checkpoint: the checkpoint is one level up
     if (path / "context").is_dir() and (path / "weights").is_dir() or (path / "model_config.yaml").is_file():
         return _open_tree(DirTree(path), path, iteration)
     if (path / "run_config.yaml").is_file() or any(
@@ -65,7 +65,38 @@ def open_wrapped(path: Path, iteration: int | None = None) -> CheckpointInfo | N
         root, d, it = locate(path, iteration)
         if (d / "run_config.yaml").is_file():
             return _open_bridge(root, d, it)
+    _refuse_trainer_folder(path)
     return None
+
+
+_STEP = re.compile(r"step=(\d+)")
+
+
+def _refuse_trainer_folder(path: Path) -> None:
+    """A NeMo trainer's folder (its ``checkpoints/``, or the run directory above it) holds one checkpoint per
+    saved step, named ``<name>--step=N-consumed_samples=M[-last]`` by NeMo's ``ModelCheckpoint``
+    (nemo/lightning/pytorch/callbacks/model_checkpoint.py), or ``.nemo`` files: say so and name the latest,
+    rather than "no Megatron checkpoint here"."""
+    for folder in (path, path / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        found = [p for p in folder.iterdir() if (p.is_dir() and (p / "context").is_dir() and (p / "weights").is_dir())
+                 or (p.suffix == ".nemo" and p.is_file())]
+        if not found:
+            continue
+
+        def key(p: Path) -> tuple[int, bool, str]:
+            m = _STEP.search(p.name)
+            return (int(m.group(1)) if m else -1, p.name.endswith("-last"), p.name)
+
+        found.sort(key=key)
+        steps = list(dict.fromkeys(str(key(p)[0]) for p in found if key(p)[0] >= 0))
+        what = (f"step{'s' if len(steps) > 1 else ''} {', '.join(steps)}" if steps
+                else ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else ""))
+        n = f"{len(found)} NeMo checkpoint{'s' if len(found) > 1 else ''} ({what})"
+        where = "a NeMo trainer's checkpoint folder" if folder == path else "a NeMo run directory: its checkpoints/"
+        raise CheckpointError(f"{path}: {where} holds {n}; mexc reads one checkpoint",
+                              hint=f"give one of them, e.g. the latest: {found[-1]}")
 
 
 def _open_tree(tree, root: Path, iteration: int | None) -> CheckpointInfo:
