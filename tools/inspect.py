@@ -79,6 +79,9 @@ def inspect_path(a) -> int:
         "parameters": model.param_count(), "bytes_by_dtype": model.bytes_by_dtype(),
         "unknown_args": [x for x in meta.get("unknown_args", "").split(",") if x],
     }
+    summary["settings"] = settings(model)
+    summary["targets"] = target_classes(
+        lambda: lift(path, iteration=a.iteration, config=a.config, overrides=dict(a.set)))
     if a.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -91,6 +94,9 @@ def inspect_path(a) -> int:
     print(f"parallel:   tp={p['tp']} pp={p['pp']} ep={p['ep']} vp={p['vp']}")
     print(f"params:     {summary['parameters']:,} ({summary['parameters'] / 1e6:.2f}M)")
     print("bytes:      " + ", ".join(f"{k} {_human(v)}" for k, v in sorted(summary["bytes_by_dtype"].items())))
+    for op, rows in summary["settings"].items():
+        print(f"{op + ':':11s} " + "; ".join(f"{k}={v} ({where})" for k, v, where in rows))
+    print("targets:    " + ", ".join(f"{t} {c}" for t, c in summary["targets"].items()))
     if summary["unknown_args"]:
         print(f"args:       {len(summary['unknown_args'])} saved argument(s) not in mexc's argument table: "
               + ", ".join(summary["unknown_args"]))
@@ -103,6 +109,72 @@ def inspect_path(a) -> int:
             types = ", ".join(f"{k}:{p.type}" for k, p in n.params.items())
             print(f"{'-' if n.layer is None else n.layer:>5}  {n.op:10s} {numel:>12,}  {types}")
     return 0
+
+
+def settings(model) -> dict[str, list[tuple[str, str, str]]]:
+    """Per op, the attributes that differ from their declared defaults (:mod:`mexc.ir.ops`), with the layers
+    that have each value: ``{"attention": [("window", "3", "layers 0, 2"), ...]}``. Sizes (attributes declared
+    without a default) are left out; they are in the ``arch`` line."""
+    from ..ir.ops import OPS
+
+    found: dict[str, dict[tuple[str, str], list]] = {}
+    for n in model.graph.nodes:
+        schema = OPS.get(n.op)
+        if schema is None:
+            continue
+        for k, spec in schema.attrs.items():
+            v = n.attrs.get(k, spec.default)
+            if spec.default is None and spec.types is int or v == spec.default or k == "rope" and v is None:
+                continue
+            found.setdefault(n.op, {}).setdefault((k, _short(v)), []).append(n.layer)
+    out = {}
+    for op, vals in found.items():
+        total = sum(1 for n in model.graph.nodes if n.op == op)
+        out[op] = [(k, v, "all" if len(layers) == total else "layers " + ", ".join(str(x) for x in layers))
+                   for (k, v), layers in vals.items()]
+    return out
+
+
+def _short(v) -> str:
+    """An attribute value in a few words: a Rope by its non-default fields."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(v):
+        default = type(v)()
+        diff = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if getattr(v, f.name) != getattr(default, f.name)}
+        return "{" + " ".join(f"{k}={x:g}" if isinstance(x, float) else f"{k}={x}" for k, x in diff.items()) + "}"
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def target_classes(relift) -> dict[str, str]:
+    """The class each built-in target would write, or ``refused``: each target's legalization and check run on
+    a fresh lift (``relift()``: lazy, no tensor is read), as ``mexc compile`` would; compile says why."""
+    from ..backends.options import CompileOptions
+    from ..driver import get_backend
+    from ..errors import MexcError
+    from ..passes import PassManager
+
+    out = {}
+    for target in ("hf", "trtllm", "onnx"):
+        try:
+            model, opts = relift(), CompileOptions(target=target)
+            backend = get_backend(target)
+            PassManager(backend.legalize(opts, model), verify_each=False)(model)
+            if backend.check(model, opts):
+                out[target] = "refused"
+            elif target == "hf":
+                from ..backends.hf.families import classify
+
+                out[target] = classify(model)[0]
+            elif target == "trtllm":
+                from ..backends.trtllm import lowering_plan
+
+                out[target] = lowering_plan(model).cls.name
+            else:
+                out[target] = "decoder"
+        except MexcError:
+            out[target] = "refused"
+    return out
 
 
 def print_args(path: Path, iteration: int | None, as_json: bool) -> int:
