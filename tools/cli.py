@@ -53,6 +53,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative token ids, got {text!r}")
+    return ids
+
+
 def _override(text: str) -> tuple[str, object]:
     import yaml
 
@@ -189,7 +199,10 @@ def make_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="greedy text generation from an hf or onnx output (transformers / "
                        "onnxruntime-genai)", epilog=EXAMPLES["run"], formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("out")
-    r.add_argument("--prompt", required=True, help="text to continue")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text to continue")
+    src.add_argument("--prompt-ids", type=_token_ids, metavar="ID,ID,...",
+                     help="token ids to continue (no tokenizer needed: prints the prompt and new ids)")
     r.add_argument("--max-new-tokens", type=_positive_int, default=16)
     r.add_argument("--json", action="store_true", help="print ids, text and runtime as JSON")
     t = sub.add_parser("tokenizer", help="add (or replace) the tokenizer of a compiled output",

@@ -1,4 +1,4 @@
-"""``mexc run OUT --prompt TEXT``: greedy text generation from a compiled output, on this machine.
+"""``mexc run OUT --prompt TEXT`` (or ``--prompt-ids 1,2,3``): greedy generation from a compiled output, here.
 
 * ``hf`` outputs run through ``transformers`` (``AutoModelForCausalLM`` + ``AutoTokenizer``, ``generate`` with
   ``do_sample=False``);
@@ -77,27 +77,36 @@ def gpu_hint(out: Path, target: str) -> str:
     return f"on a GPU machine: {first}{cmd.replace(MISSING, q)} (other ways: docs/targets.md)"
 
 
-def generate(out: str | Path, prompt: str, max_new_tokens: int = 16) -> Generation:
-    """Greedy generation of up to ``max_new_tokens`` tokens after ``prompt`` (stops at eos)."""
+def generate(out: str | Path, prompt: str | None, max_new_tokens: int = 16,
+             prompt_ids: list[int] | None = None) -> Generation:
+    """Greedy generation of up to ``max_new_tokens`` tokens after ``prompt`` (stops at eos); or after the token
+    ids ``prompt_ids`` (no tokenizer needed: a model trained with NullTokenizer; ``text`` is then empty)."""
     out = Path(out)
-    target = read_manifest(out).get("target")
+    manifest = read_manifest(out)
+    target = manifest.get("target")
     if target in ("trtllm", "tensorrt"):
         raise InputError(f"{out}: a {target} output runs on a GPU with TensorRT{'-LLM' if target == 'trtllm' else ''}"
                          ", not here", hint=gpu_hint(out, target))
-    if not has_tokenizer(out):
+    if prompt_ids is not None:
+        vocab = manifest.get("model", {}).get("vocab_size")
+        bad = [i for i in prompt_ids if not 0 <= i < (vocab or 1 << 31)]
+        if not prompt_ids or bad:
+            raise UsageError(f"--prompt-ids: {'no ids' if not prompt_ids else f'id {bad[0]} is outside'} "
+                             f"the vocabulary of {vocab}", hint="give ids like --prompt-ids 1,2,3")
+    elif not has_tokenizer(out):
         raise InputError(f"{out}: has no tokenizer files (tokenizer.json), so text cannot be encoded",
                          hint=f"add one: mexc tokenizer {out} --from PATH")
     if target == "hf":
-        return _run_hf(out, prompt, max_new_tokens)
+        return _run_hf(out, prompt, max_new_tokens, prompt_ids)
     if target == "onnx":
         if not (out / "genai_config.json").is_file():
             raise InputError(f"{out}: an ONNX output of the tensorrt profile has no genai_config.json",
                              hint="compile with --profile ort to run it with onnxruntime-genai")
-        return _run_onnx(out, prompt, max_new_tokens)
+        return _run_onnx(out, prompt, max_new_tokens, prompt_ids)
     raise InputError(f"{out}: unknown target {target!r} in its manifest", hint="recompile it with this mexc")
 
 
-def _run_hf(out: Path, prompt: str, n: int) -> Generation:
+def _run_hf(out: Path, prompt: str | None, n: int, prompt_ids: list[int] | None = None) -> Generation:
     try:
         import torch
         import transformers
@@ -105,24 +114,30 @@ def _run_hf(out: Path, prompt: str, n: int) -> Generation:
         raise ToolNotFoundError("running an hf output needs transformers", hint="pip install 'mexc[hf]'") from None
     t0 = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()
-    tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32)
     model.eval()
-    ids = tok(prompt, return_tensors="pt")
-    if ids.input_ids.shape[1] == 0:
+    if prompt_ids is None:
+        tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+        ids = tok(prompt, return_tensors="pt")
+        eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    else:
+        tok = None
+        ids = {"input_ids": torch.tensor([prompt_ids]), "attention_mask": torch.ones(1, len(prompt_ids), dtype=torch.long)}
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        pad = eos if not isinstance(eos, list) else eos[0]
+    p = ids["input_ids"].shape[1]
+    if p == 0:
         raise UsageError(f"the prompt {prompt!r} encodes to no tokens", hint="give a longer prompt")
-    n = _budget(ids.input_ids.shape[1], n, model.config.max_position_embeddings)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    n = _budget(p, n, model.config.max_position_embeddings)
     with torch.no_grad():
         seq = model.generate(**ids, do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=0,
-                             pad_token_id=pad, eos_token_id=tok.eos_token_id)[0].tolist()
-    p = ids.input_ids.shape[1]
+                             pad_token_id=pad, eos_token_id=eos)[0].tolist()
     new = seq[p:]
-    return Generation("transformers " + transformers.__version__, seq[:p], new,
-                      str(tok.decode(new, skip_special_tokens=True)), time.perf_counter() - t0)
+    text = str(tok.decode(new, skip_special_tokens=True)) if tok is not None else ""
+    return Generation("transformers " + transformers.__version__, seq[:p], new, text, time.perf_counter() - t0)
 
 
-def _run_onnx(out: Path, prompt: str, n: int) -> Generation:
+def _run_onnx(out: Path, prompt: str | None, n: int, prompt_ids: list[int] | None = None) -> Generation:
     try:
         import onnxruntime_genai as og
     except ImportError:
@@ -132,11 +147,12 @@ def _run_onnx(out: Path, prompt: str, n: int) -> Generation:
     cfg = json.loads((out / "genai_config.json").read_text())
     try:
         model = og.Model(str(out))
-        tok = og.Tokenizer(model)
+        tok = og.Tokenizer(model) if prompt_ids is None else None
     except Exception as e:   # og raises plain RuntimeError / OrtException for any file problem
         raise BackendError(f"{out}: onnxruntime-genai cannot load it: {str(e).splitlines()[0]}",
                            hint="recompile it with --profile ort") from None
-    prompt_ids = [int(i) for i in tok.encode(prompt)]
+    if prompt_ids is None:
+        prompt_ids = [int(i) for i in tok.encode(prompt)]
     if not prompt_ids:
         raise UsageError(f"the prompt {prompt!r} encodes to no tokens", hint="give a longer prompt")
     n = _budget(len(prompt_ids), n, cfg["model"]["context_length"])
@@ -151,8 +167,8 @@ def _run_onnx(out: Path, prompt: str, n: int) -> Generation:
     eos = cfg["model"].get("eos_token_id")
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     shown = [i for i in new if i not in eos]
-    return Generation("onnxruntime-genai " + og.__version__, prompt_ids, new, str(tok.decode(shown)),
-                      time.perf_counter() - t0)
+    return Generation("onnxruntime-genai " + og.__version__, prompt_ids, new,
+                      str(tok.decode(shown)) if tok is not None else "", time.perf_counter() - t0)
 
 
 def _budget(prompt_len: int, n: int, context: int) -> int:
@@ -164,10 +180,10 @@ def _budget(prompt_len: int, n: int, context: int) -> int:
 
 
 def cmd_run(a) -> int:
-    g = generate(a.out, a.prompt, a.max_new_tokens)
+    g = generate(a.out, a.prompt, a.max_new_tokens, a.prompt_ids)
     if a.json:
         print(json.dumps(g.summary(), indent=2))
     else:
-        print(f"{a.prompt}{g.text}")
+        print(" ".join(map(str, g.prompt_ids + g.new_ids)) if a.prompt_ids is not None else f"{a.prompt}{g.text}")
         print(f"({g.runtime}, greedy, {len(g.new_ids)} new tokens, {g.seconds:.2f}s)", file=sys.stderr)
     return 0
