@@ -4,6 +4,8 @@ Steps, each printed as one line (``--json``: one object):
 
 1. ``source``: the checkpoint recorded in ``OUT/mexc-manifest.json``, and whether ``--against`` is that one
    (same resolved path and iteration); a different one is said before any FAIL, which it may explain.
+   ``--against`` is lifted with the compile's ``--config`` (its content as recorded), ``--set``, ``--iteration``
+   and ``--replicated`` (the manifest's ``frontend`` record); a ``flags:`` line says which.
 2. ``artifact``: every file and tensor the manifest lists, checksums recomputed and NaN/Inf scanned, read
    tensor by tensor in bounded memory (:mod:`mexc.tools.integrity`); one ``FAIL file: tensor ...`` line per
    finding. A failed artifact stops here (its logits are not compared).
@@ -93,6 +95,26 @@ def _iteration_dir(path: Path, iteration) -> Path | None:
         return Path(os.path.realpath(locate(path, iteration if isinstance(iteration, int) else None)[1]))
     except (MexcError, OSError):
         return None
+
+
+def compile_flags(manifest: dict) -> tuple[dict, int | None, str]:
+    """The compile's lift flags from the manifest's ``frontend`` record (:func:`mexc.driver.frontend_record`):
+    (overrides for the lift: ``--config`` fields, then ``--set`` architecture fields, then ``--replicated``;
+    ``--iteration`` or None; the flags as one ``--config F --set k=v --iteration N`` text, empty for none).
+    Token-id fields of ``--set`` are recorded but do not reach the lift (as at compile time)."""
+    from ..frontends.tokenizer import split_overrides
+
+    fe = manifest.get("frontend") if isinstance(manifest.get("frontend"), dict) else {}
+    cfg = fe.get("config") if isinstance(fe.get("config"), dict) else {}
+    given = fe.get("set") if isinstance(fe.get("set"), dict) else {}
+    overrides = {**(cfg.get("fields") or {}), **split_overrides(given)[0]}
+    if fe.get("replicated") in ("rank0", "mean"):   # the compile's --replicated
+        overrides["replicated"] = fe["replicated"]
+    iteration = fe.get("iteration") if isinstance(fe.get("iteration"), int) else None
+    words = [f"--config {cfg.get('path')}"] if cfg else []
+    words += [f"--set {k}={json.dumps(v, separators=(',', ':'))}" for k, v in given.items()]
+    words += [f"--iteration {iteration}"] if iteration is not None else []
+    return overrides, iteration, " ".join(words)
 
 
 def unsupported(manifest: dict) -> str | None:
@@ -203,8 +225,11 @@ def verify_output(a) -> int:
         return 0 if ok else 1
 
     say(f"source: {describe_source(recorded)}, as recorded in the manifest")
-    chosen = (manifest.get("frontend") or {}).get("replicated")  # the compile's --replicated, as recorded
-    src = lift(a.against, overrides={"replicated": chosen} if chosen in ("rank0", "mean") else None)
+    overrides, iteration, flags = compile_flags(manifest)   # --against is lifted as the compile lifted its source
+    result["compile_flags"] = flags
+    if flags:
+        say(f"flags: --against is lifted as compiled with {flags}")
+    src = lift(a.against, iteration=iteration, overrides=overrides or None)
     same = same_source(recorded, Path(a.against), src.meta)
     result["against"], result["against_is_source"] = str(a.against), same
     if not same:
