@@ -31,10 +31,20 @@ def lift(ckpt: str | Path, *, iteration: int | None = None, config: str | Path |
     return registry_lift(ckpt, iteration=iteration, config=config, overrides=overrides)
 
 
-def frontend_record(model: Model) -> dict:
-    """What the manifest records of the lift's own choices (``--replicated``, unjudged saved arguments)."""
-    return {"replicated": model.meta.get("replicated", "check"),
-            "unknown_args": [a for a in model.meta.get("unknown_args", "").split(",") if a]}
+def frontend_record(model: Model, *, overrides: dict | None = None, config: str | Path | None = None,
+                    iteration: int | None = None) -> dict:
+    """What the manifest records of the lift's own choices (``--replicated``, unjudged saved arguments) and of
+    the flags that changed it, so that ``mexc verify`` lifts ``--against`` the same way: ``set`` (the ``--set``
+    fields, token ids included), ``config`` (``{"path", "fields"}``: the ``--config`` file's YAML content as
+    read at compile time) and ``iteration`` (``--iteration``; null: the latest)."""
+    record = {"replicated": model.meta.get("replicated", "check"),
+              "unknown_args": [a for a in model.meta.get("unknown_args", "").split(",") if a],
+              "set": {k: v for k, v in (overrides or {}).items() if k != "replicated"}, "iteration": iteration}
+    if config is not None:
+        from .frontends.megatron.config import load_overrides
+
+        record["config"] = {"path": str(Path(config).resolve()), "fields": load_overrides(config)}
+    return record
 
 
 def build_pipeline(model: Model, opts: CompileOptions, backend: Backend) -> list:
@@ -127,6 +137,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
         load_pass_file(f)
     load_entry_point_passes()
     t0 = time.perf_counter()
+    given = dict(overrides or {})   # as the user gave them: recorded in the manifest for `mexc verify`
     overrides, id_overrides = tokenizers.split_overrides(overrides)
     from .frontends.registry import frontend_for
 
@@ -173,7 +184,8 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
         if tok.tok is not None:
             res.files.update(tokenizers.write(tok.tok, tmp))
         write_manifest(tmp, model=model, opts=opts, pipeline=pipeline_text, checksums=res.checksums,
-                       extra={**tok.manifest(), "frontend": frontend_record(model)})
+                       extra={**tok.manifest(), "frontend": frontend_record(model, overrides=given, config=config,
+                                                                             iteration=iteration)})
     res.out = out
     t3 = time.perf_counter()
     notes = list(res.notes) + [n for n in (model.meta.get("lift_note"), vocab_note, seq_note) if n]

@@ -64,6 +64,14 @@ def get_backend(target: str) -> "Backend":
             raise BackendError(f"the {target} backend cannot be loaded: {e}",
                                hint="reinstall mexc with its dependencies (pip install .)" if target in BUILTIN
                                else f"fix or uninstall the package that declares {target} ({GROUP})") from e
+        except Exception as e:  # noqa: BLE001 - a plugin's own bug on import: one line naming the entry point
+            if target in BUILTIN:
+                raise
+            msg = (str(e).strip().splitlines() or [""])[-1][:300]
+            raise BackendError(f"entry point {target} = {modules[target]} ({GROUP}) failed on import "
+                               f"({type(e).__name__}: {msg})",
+                               hint=f"fix or uninstall the package that declares {target}; `mexc --debug` shows "
+                                    "the traceback") from e
     if target not in BACKENDS:
         raise BackendError(f"importing {modules[target]} did not register target {target!r}",
                            hint="its module must call mexc.backends.base.register_backend(...) on import")

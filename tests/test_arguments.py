@@ -124,7 +124,8 @@ def test_unknown_args_warn_once_and_are_listed(tmp_path):
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "my_lab_flag" in warnings[0] and "other_lab_flag" in warnings[0]
     manifest = json.loads((tmp_path / "out" / "mexc-manifest.json").read_text())
-    assert manifest["frontend"] == {"replicated": "check", "unknown_args": ["my_lab_flag", "other_lab_flag"]}
+    assert manifest["frontend"] == {"replicated": "check", "unknown_args": ["my_lab_flag", "other_lab_flag"],
+                                    "set": {}, "iteration": None}
     r = mexc("inspect", ck)
     assert r.returncode == 0 and "my_lab_flag" in r.stdout
     r = mexc("inspect", "--args", ck)

@@ -74,6 +74,8 @@ def test_plugin_target_compiles_and_verifies(tmp_path):
     ({"hf": "echo_plugin"}, {"echo_plugin": "X = 1\n"}, "shadows the built-in target 'hf'"),
     ({"silent": "silent_plugin"}, {"silent_plugin": "X = 1\n"}, "did not register target 'silent'"),
     ({"broken": "broken_plugin"}, {"broken_plugin": "import not_a_module_anywhere\n"}, "cannot be loaded"),
+    ({"boom": "boom_plugin"}, {"boom_plugin": "raise RuntimeError('plugin exploded')\n"},
+     "entry point boom = boom_plugin (mexc.backends) failed on import (RuntimeError: plugin exploded)"),
 ])
 def test_bad_plugins_are_one_clear_error(tmp_path, entries, modules, msg):
     site = _site(tmp_path, entries, modules)
