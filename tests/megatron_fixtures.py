@@ -5,7 +5,7 @@
     d / "ckpt"            # Megatron-LM save dir (latest_checkpointed_iteration.txt, iter_0000010/)
     load_reference(d)     # {'tokens': [2,8], 'position_ids': [2,8], 'logits': [2,8,128]}
 
-Fixtures are made by ``tools/fixtures/megatron_core.py`` in a subprocess (``sys.executable``
+Fixtures are made by ``tests/fixture_makers/megatron_core.py`` in a subprocess (``sys.executable``
 must have megatron-core, torch and psutil) and cached under
 ``tests/.fixture-cache/<kind>-tp<tp>-pp<pp>-<fmt>/``.  Generation writes into a temporary
 sibling directory that is renamed into place, so concurrent pytest workers are safe: the
@@ -22,10 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mexc.tools.fixtures.megatron_core import KINDS  # the fixture maker's list (its module imports stdlib only)
+from fixture_makers.megatron_core import KINDS  # the fixture maker's list (its module imports stdlib only)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = REPO_ROOT / "tools" / "fixtures" / "megatron_core.py"
+SCRIPT = REPO_ROOT / "tests" / "fixture_makers" / "megatron_core.py"
 CACHE_DIR = Path(os.environ.get("MEXC_FIXTURE_CACHE", REPO_ROOT / "tests" / ".fixture-cache"))
 
 FORMATS = ("torch", "torch_dist")

@@ -1,4 +1,4 @@
-"""Issue 17, the smaller rows, each from a real megatron-core 0.16.1 checkpoint (tools/fixtures/megatron_core.py)
+"""Issue 17, the smaller rows, each from a real megatron-core 0.16.1 checkpoint (tests/fixture_makers/megatron_core.py)
 whose logits the reference interpreter, transformers (hf output) and onnxruntime (onnx output, both profiles,
 prefill and KV-cache decode) reproduce within 1e-4 in fp32; the trtllm output is read back by the test-side
 TensorRT-LLM reader (tests/trtllm_reader.py) where a TensorRT-LLM <= 1.2 class expresses the row, and refused

@@ -1,5 +1,5 @@
 """Model families Megatron-Core's exporter lists (issue 10), each from a real megatron-core checkpoint
-(tools/fixtures/megatron_core.py kinds starcoder, nemotron, gemma, gptnext, llama3, falcon, falcon2):
+(tests/fixture_makers/megatron_core.py kinds starcoder, nemotron, gemma, gptnext, llama3, falcon, falcon2):
 the reference executor, the hf output (through transformers' own class for the family), the onnx output (both
 profiles) and the trtllm output (through tests/trtllm_reader.py, including TensorRT-LLM's GemmaForCausalLM and
 FalconForCausalLM classes) reproduce megatron-core's logits; unsupported family x target pairs are one clear error

@@ -1,4 +1,4 @@
-"""Self-check of the real-megatron-core fixture maker (tools/fixtures/megatron_core.py).
+"""Self-check of the real-megatron-core fixture maker (tests/fixture_makers/megatron_core.py).
 
 The plain-torch Llama forward below is written from the state_dict only; matching the
 reference logits guards the fixture maker itself (and documents the on-disk layout).

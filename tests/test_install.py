@@ -37,7 +37,7 @@ def test_every_package_of_the_tree_is_listed():
 
     root = Path(__file__).resolve().parent.parent
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    skip = {"tests", "build", ".venv", ".git", "tools/fixtures", "examples", "docs", "out"}
+    skip = {"tests", "build", ".venv", ".git", "examples", "docs", "out"}
     found = set()
     for init in root.rglob("__init__.py"):
         rel = init.parent.relative_to(root).as_posix()

@@ -1,4 +1,4 @@
-"""Issue 17's MoE rows from real megatron-core checkpoints (tools/fixtures/megatron_core.py, 2 layers, 4 experts):
+"""Issue 17's MoE rows from real megatron-core checkpoints (tests/fixture_makers/megatron_core.py, 2 layers, 4 experts):
 the reference interpreter, the hf output through transformers' own class and the onnx output through
 onnxruntime (both profiles, prefill then KV-cache decode steps) reproduce megatron-core's logits within 1e-4
 in fp32; the trtllm output is read back by the test-side TensorRT-LLM reader (tests/trtllm_reader.py, written

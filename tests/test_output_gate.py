@@ -1,7 +1,7 @@
 """The attention output gate (issue 17's ``attention_output_gate`` row, Qwen3-Next's full-attention layers) from
 real megatron-core checkpoints, honoured by hf and onnx and refused in one line by trtllm.
 
-Oracle: megatron-core 0.16.1's own logits (tools/fixtures/megatron_core.py, local layer spec on CPU). With
+Oracle: megatron-core 0.16.1's own logits (tests/fixture_makers/megatron_core.py, local layer spec on CPU). With
 ``attention_output_gate`` its ``linear_qkv`` emits per query group ``[q, gate, k, v]`` and the core attention
 output is multiplied by ``sigmoid(gate)`` per head and channel before ``linear_proj``
 (``SelfAttention.get_query_key_value_tensors`` / ``_apply_output_gate``, megatron/core/transformer/attention.py).

@@ -1,7 +1,7 @@
 """The weightless q/k L2 norm (issue 17's ``qk_l2_norm`` row, Llama 4) from real megatron-core checkpoints,
 honoured by hf (Llama4ForCausalLM made a dense Llama) and onnx, refused in one line by trtllm.
 
-Oracle: megatron-core 0.16.1's own logits (tools/fixtures/megatron_core.py, kind ``qk-l2-norm``: the local spec
+Oracle: megatron-core 0.16.1's own logits (tests/fixture_makers/megatron_core.py, kind ``qk-l2-norm``: the local spec
 with ``qk_l2_norm=True``, so q_layernorm / k_layernorm are ``L2Norm`` built with ``eps=layernorm_epsilon`` (1e-6
 here) and applied per head before rotary; megatron/core/models/gpt/gpt_layer_specs.py,
 megatron/core/transformer/{attention,torch_norm}.py). ``L2Norm`` has no weight: the checkpoint holds no q/k norm

@@ -1,5 +1,5 @@
 """Checkpoints written by Megatron-LM's own training-loop save (tests/data/real-saves, made by
-tools/fixtures/megatron_lm_saves.py at pinned Megatron-LM tags) compile to every target and reproduce the
+tests/fixture_makers/megatron_lm_saves.py at pinned Megatron-LM tags) compile to every target and reproduce the
 logits megatron-core computed with the same model in the same process before it saved.
 
 Oracles: transformers (hf target), onnxruntime (onnx target), tests/trtllm_reader.py (trtllm target,
@@ -30,7 +30,7 @@ from test_hf_backend import BF16_TOL  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "data" / "real-saves"
 CASE_DIRS = sorted(p.parent for p in CORPUS.glob("*/case.json"))
-# what tools/fixtures/megatron_lm_saves.py makes; a case lost from the corpus fails test_corpus_is_complete
+# what tests/fixture_makers/megatron_lm_saves.py makes; a case lost from the corpus fails test_corpus_is_complete
 EXPECTED = {"torch-tp2", "dist-tp2", "bf16-dist-tp2", "distopt-torch-dp2", "distopt-dist-dp2", "vp-torch-pp2",
             "uneven-torch-pp2", "tied-torch-pp2", "moe-torch-ep2", "moe-torch-tp2-ep2-etp1",
             "async-dist-tp1", "dist-tp2-v0.19", "torch-tp1-v0.19"}

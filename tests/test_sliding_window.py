@@ -1,7 +1,7 @@
 """Sliding-window attention (issue 17's window rows) from real megatron-core checkpoints, honoured by every
 target that can carry it and refused in one line by the one that cannot.
 
-Oracle: megatron-core 0.16.1's own logits (tools/fixtures/megatron_core.py, local layer spec on CPU). Its
+Oracle: megatron-core 0.16.1's own logits (tests/fixture_makers/megatron_core.py, local layer spec on CPU). Its
 ``DotProductAttention`` does implement the window: ``is_layer_window_attention(window_size,
 window_attn_skip_freq, layer_number)`` picks the windowed layers and ``FusedScaleMaskSoftmax
 .forward_torch_softmax`` replaces the causal mask by ``get_sliding_window_causal_mask`` (query i sees keys

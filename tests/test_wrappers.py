@@ -81,7 +81,7 @@ def test_hf_output_matches_megatron(tmp_path, case):
 @pytest.mark.parametrize("kind", ["llama", "gpt"])
 def test_checkpoint_written_by_nemo_matches_megatron(tmp_path, kind):
     """A whole NeMo 2 checkpoint written by NeMo 2.7.3's own MegatronCheckpointIO and TrainerContext (committed,
-    tools/fixtures/nemo_checkpoint.py) with megatron-core's logits from the same process: as a directory and
+    tests/fixture_makers/nemo_checkpoint.py) with megatron-core's logits from the same process: as a directory and
     packed as a .nemo tar, through hf and transformers."""
     d = W.REAL_NEMO_CONTEXT / f"{kind}-checkpoint"
     root = next(d.glob("megatron_gpt--*"))

@@ -7,7 +7,7 @@ The wrapper files around them follow the layouts documented in the NeMo and Mega
 (tests/data/wrappers/README.md says which parts NeMo 2.7.3 itself wrote and why the rest is assembled):
 
 * NeMo 2 ``context/``: written by NeMo 2.7.3 itself (tests/data/wrappers/nemo-2.7.3/<kind>, by
-  tools/fixtures/nemo_context.py) for the kinds it has; otherwise, and for Megatron-Bridge's ``model:`` section,
+  tests/fixture_makers/nemo_context.py) for the kinds it has; otherwise, and for Megatron-Bridge's ``model:`` section,
   the config is a dump of the megatron-core ``TransformerConfig`` the fixture was built with, every
   dataclass field, serialized with the conventions of Megatron-Bridge's / NeMo's YAML representers
   (functions and dtypes as ``{_target_: module.name, _call_: false}``, enums with ``_name_``), plus the GPT
@@ -114,7 +114,7 @@ def _transformer_config(d: Path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_mexc_fixture_maker", Path(__file__).resolve().parent.parent
-                                                  / "tools" / "fixtures" / "megatron_core.py")
+                                                  / "tests" / "fixture_makers" / "megatron_core.py")
     maker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(maker)
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -145,7 +145,7 @@ def _fresh(out: Path) -> Path:
 
 def nemo2_dir(kind: str, out: Path, tp: int = 1) -> tuple[Path, Path]:
     """A NeMo 2 checkpoint directory (context/ + weights/ with ``module.`` keys); returns (it, the megatron fixture
-    dir). ``context/`` is the one NeMo 2.7.3 itself wrote for the kind (tools/fixtures/nemo_context.py) where
+    dir). ``context/`` is the one NeMo 2.7.3 itself wrote for the kind (tests/fixture_makers/nemo_context.py) where
     tests/data/wrappers has it (llama, gpt, llama3 as ``Llama31Config``, moe as ``MixtralConfig``), else a dump of
     the fixture's TransformerConfig in NeMo's format."""
     d = megatron_checkpoint(kind, tp=tp, fmt="torch_dist")
@@ -235,7 +235,7 @@ def nemo1_archive(kind: str, out: Path, tp: int = 1, config: dict | None = None,
 def bridge_save(kind: str, out: Path, tp: int = 1, form: str = "provider") -> tuple[Path, Path]:
     """A Megatron-Bridge save dir: trackers, iter_0000010/ (torch_dist, keys as Megatron-LM's, common.pt without
     ``args``, run_config.yaml, train_state.pt). ``form``: ``provider``: the run_config.yaml Megatron-Bridge 0.3.1
-    itself wrote for the kind (tools/fixtures/bridge_run_config.py) where tests/data/wrappers has one (llama, gpt),
+    itself wrote for the kind (tests/fixture_makers/bridge_run_config.py) where tests/data/wrappers has one (llama, gpt),
     else a GPT provider dump of the fixture's TransformerConfig; ``model-config``: the nested 2026 model-config form.
     Returns (the save dir, the megatron fixture dir)."""
     d = megatron_checkpoint(kind, tp=tp, fmt="torch_dist")

@@ -194,7 +194,7 @@ def _serve() -> None:
     import mexc
 
     for m in pkgutil.walk_packages(mexc.__path__, "mexc."):
-        if not m.name.startswith(("mexc.tests", "mexc.tools.fixtures", "mexc.tools.bench")):
+        if not m.name.startswith(("mexc.tests", "mexc.tools.bench")):
             try:
                 importlib.import_module(m.name)
             except Exception:  # optional backends (TensorRT) stay unimported; the case reports what it meets
