@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .types import QKVLayout, Rope
+from .types import QKVLayout
 
 # ---------------------------------------------------------------------------------------- enums (closed sets)
 
@@ -155,9 +155,6 @@ def _checker(extra, dims):
 
 # ---------------------------------------------------------------------------------------- the op set
 
-_GATED, _PLAIN = ("gated", (True,)), ("gated", (False,))
-_SHARED = ("shared_expert", SHARED_EXPERTS[1:])
-_QK = ("qk_norm", NORM_KINDS)
 
 
 @op_schema("embedding", 1, {"scale": A((int, float), 1.0)}, "token (+ learned position) embedding",
@@ -176,217 +173,6 @@ def _check_embedding(node, model):
            dims=lambda a, c: {})
 def _check_norm(node, model):
     return []
-
-
-@op_schema("attention", 1, {"num_heads": A(int, None), "num_kv_heads": A(int, None), "head_dim": A(int, None),
-                            "position": A(str, "rope", POSITIONS), "rope": A(Rope, Rope()),
-                            "qk_norm": A(str, "none", QK_NORM_KINDS),
-                            "qk_norm_eps": A((int, float), 1e-5),  # Megatron: layernorm_epsilon
-                            "softmax_scale": A((int, float, type(None)), None),
-                            # sliding window: query i sees keys i-window..i (Megatron window_size=(window, 0));
-                            # None = full causal attention
-                            "window": A((int, type(None)), None),
-                            # sigmoid(gate x (+ gate_bias)) times the attention output, per head and channel,
-                            # before proj (megatron-core attention_output_gate; Qwen3-Next)
-                            "output_gate": A(bool, False),
-                            # attention sinks: a learned logit per head in the softmax denominator (megatron-core
-                            # softmax_type learnable / off-by-one, SoftmaxOne; gpt-oss): p = exp(s) / (exp(sink) +
-                            # sum exp(s)); the sink has no value
-                            "sinks": A(bool, False)},
-           "causal self-attention, MHA/GQA/MQA",
-           params=[P("qkv", "QKV H", COLUMN, linear=True, alt="fused"),
-                   P("qkv_bias", "QKV", COLUMN, required=False, alt="fused"),
-                   P("q", "Q H", COLUMN, linear=True, alt="separate"),
-                   P("k", "KV H", COLUMN, linear=True, alt="separate"),
-                   P("v", "KV H", COLUMN, linear=True, alt="separate"),
-                   P("q_bias", "Q", COLUMN, required=False, alt="separate"),
-                   P("k_bias", "KV", COLUMN, required=False, alt="separate"),
-                   P("v_bias", "KV", COLUMN, required=False, alt="separate"),
-                   P("proj", "H Q", ROW, linear=True),
-                   P("proj_bias", "H", REPLICATED, required=False),  # added once, after the row reduction
-                   P("q_norm", "d", NORM, when=_QK),
-                   P("k_norm", "d", NORM, when=_QK),
-                   P("gate", "Q H", COLUMN, linear=True, when=("output_gate", (True,))),
-                   P("gate_bias", "Q", COLUMN, required=False, when=("output_gate", (True,))),
-                   P("sinks", "NH", COLUMN, when=("sinks", (True,)))],   # TP: split by heads, as Megatron
-           dims=lambda a, c: {"H": c.hidden_size, "d": a["head_dim"], "Q": a["num_heads"] * a["head_dim"],
-                              "NH": a["num_heads"],
-                              "KV": a["num_kv_heads"] * a["head_dim"],
-                              "QKV": (a["num_heads"] + 2 * a["num_kv_heads"]) * a["head_dim"]})
-def _check_attention(node, model):
-    p = []
-    a = node.attrs
-    nh, nkv, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
-    if nh % nkv:
-        p.append(f"num_heads={nh} is not a multiple of num_kv_heads={nkv}")
-    if a["window"] is not None and (isinstance(a["window"], bool) or a["window"] < 0):
-        p.append(f"window={a['window']} must be None or an int >= 0 (keys i-window..i)")
-    rope = a["rope"]
-    if isinstance(rope, Rope) and rope.scaling not in ROPE_SCALINGS:
-        p.append(f"attribute rope has scaling={rope.scaling!r}, not one of {', '.join(ROPE_SCALINGS)}")
-    if "qkv" in node.params:
-        t = node.params["qkv"].type
-        if t.layout is None:
-            p.append("param 'qkv' has no QKV layout in its type")
-        elif (t.layout.q_heads, t.layout.kv_heads, t.layout.head_dim) != (nh, nkv, d):
-            p.append(f"qkv layout {t.layout} disagrees with attrs heads={nh} kv={nkv} d={d}")
-        if "qkv_bias" in node.params and node.params["qkv_bias"].type.layout != t.layout:
-            bias = node.params["qkv_bias"].type.layout
-            p.append(f"qkv_bias layout {bias} differs from qkv layout {t.layout}")
-    return p
-
-
-_MLA_DOC = ("multi-latent attention (DeepSeek-V2/V3; megatron-core MLASelfAttention, "
-            "megatron/core/transformer/multi_latent_attention.py): q = q(x) or q_up(norm(q_down(x))) per head "
-            "[qk_head_dim nope | qk_rope_dim rope]; kv_down(x) = [latent kv_lora_rank | shared k_rope qk_rope_dim]; "
-            "kv_up(norm(latent)) per head = [k_nope qk_head_dim | v v_head_dim]; rope (GPT-J pairs, Megatron's "
-            "de-interleave + rotate-half) on q_rope and the shared k_rope only; softmax scale softmax_scale (None: "
-            "1/sqrt(qk_head_dim + qk_rope_dim)); proj. latent_norm none: Megatron without qk_layernorm")
-_LATENT = ("latent_norm", NORM_KINDS)
-
-
-@op_schema("mla", 1, {"num_heads": A(int, None), "kv_lora_rank": A(int, None), "qk_head_dim": A(int, None),
-                      "qk_rope_dim": A(int, None), "v_head_dim": A(int, None),
-                      "rope": A(Rope, Rope(interleaved=True)), "latent_norm": A(str, "rmsnorm", QK_NORM_KINDS),
-                      "latent_norm_eps": A((int, float), 1e-5),  # Megatron: layernorm_epsilon
-                      "softmax_scale": A((int, float, type(None)), None)},
-           _MLA_DOC,
-           params=[P("q", "Dq H", COLUMN, linear=True, alt="direct"),
-                   P("q_down", "R H", REPLICATED, linear=True, alt="lora"),
-                   P("q_norm", "R", NORM, alt="lora", when=_LATENT),
-                   P("q_up", "Dq R", COLUMN, linear=True, alt="lora"),
-                   P("kv_down", "KVA H", REPLICATED, linear=True),
-                   P("kv_norm", "C", NORM, when=_LATENT),
-                   P("kv_up", "KVB C", COLUMN, linear=True),
-                   P("proj", "H O", ROW, linear=True),
-                   P("proj_bias", "H", REPLICATED, required=False)],
-           dims=lambda a, c: {"H": c.hidden_size, "C": a["kv_lora_rank"],
-                              "Dq": a["num_heads"] * (a["qk_head_dim"] + a["qk_rope_dim"]),
-                              "KVA": a["kv_lora_rank"] + a["qk_rope_dim"],
-                              "KVB": a["num_heads"] * (a["qk_head_dim"] + a["v_head_dim"]),
-                              "O": a["num_heads"] * a["v_head_dim"]})
-def _check_mla(node, model):
-    a, p = node.attrs, []
-    if isinstance(a["rope"], Rope) and a["rope"].scaling not in ROPE_SCALINGS:
-        p.append(f"attribute rope has scaling={a['rope'].scaling!r}, not one of {', '.join(ROPE_SCALINGS)}")
-    if a["qk_rope_dim"] % 2:
-        p.append(f"qk_rope_dim={a['qk_rope_dim']} is odd: rope rotates pairs")
-    parts = {prm.sharding.parts for prm in node.params.values() if not prm.sharding.replicated}
-    for n in sorted(parts):
-        if a["num_heads"] % n:  # the column splits (q / q_up / kv_up rows, proj columns) hold whole heads
-            p.append(f"split {n} ways, but num_heads={a['num_heads']} does not divide by {n}")
-    return p
-
-
-# clamped GLU (gpt-oss; megatron-core activation_func_clamp_value / glu_linear_offset, mlp.py glu()): gated only,
-# act(min(gate, clamp)) * (clamp(up, -clamp, clamp) + offset); clamp None = no clamp
-_GLU = {"glu_clamp": A((int, float, type(None)), None), "glu_offset": A((int, float), 0.0)}
-
-
-@op_schema("mlp", 1, {"activation": A(str, "gelu", ACTIVATIONS), "gated": A(bool, False), **_GLU},
-           "dense MLP: fc2(act(fc1 x)), or gated fc2(act(gate x) * up x) (glu_clamp / glu_offset: see _GLU)",
-           params=[P("fc2", "H F", ROW, linear=True),
-                   P("fc2_bias", "H", REPLICATED, required=False),
-                   P("gate", "F H", COLUMN, linear=True, when=_GATED),
-                   P("up", "F H", COLUMN, linear=True, when=_GATED),
-                   P("fc1", "F H", COLUMN, linear=True, when=_PLAIN),
-                   P("gate_bias", "F", COLUMN, required=False, when=_GATED),
-                   P("up_bias", "F", COLUMN, required=False, when=_GATED),
-                   P("fc1_bias", "F", COLUMN, required=False, when=_PLAIN)],
-           dims=lambda a, c: {"H": c.hidden_size})
-def _check_mlp(node, model):
-    return _check_glu(node)
-
-
-def _check_glu(node) -> list[str]:
-    a = node.attrs
-    if (a["glu_clamp"] is not None or a["glu_offset"]) and not a["gated"]:
-        return ["glu_clamp / glu_offset need gated=True (they clamp and offset a GLU's two halves)"]
-    return [] if a["glu_clamp"] is None or a["glu_clamp"] > 0 else [f"glu_clamp={a['glu_clamp']} must be > 0"]
-
-
-@op_schema("moe", 1, {"num_experts": A(int, None), "top_k": A(int, 2),
-                      "activation": A(str, "silu", ACTIVATIONS), "gated": A(bool, True),
-                      "score": A(str, "softmax", MOE_SCORES), "pre_softmax": A(bool, False),
-                      "norm_topk": A(bool, False), "topk_scale": A((int, float), 1.0),
-                      "shared_expert": A(str, "none", SHARED_EXPERTS),
-                      "num_groups": A(int, 0), "group_topk": A(int, 0), **_GLU},
-           "mixture of experts: router, top-k, expert MLPs (Mixtral: softmax over top-k logits); the top-k "
-           "routing weights are multiplied by topk_scale (Megatron's moe_router_topk_scaling_factor); plus, with "
-           "shared_expert, an always-on MLP of the same activation/gating (Megatron's SharedExpertMLP, "
-           "megatron/core/transformer/moe/shared_experts.py), its output times sigmoid(x . shared_expert_gate) "
-           "when sigmoid-gated (moe_shared_expert_gate); expert_bias (sigmoid only) is added to the scores that "
-           "choose the experts, not to their weights; num_groups / group_topk: the experts are chosen within the "
-           "group_topk groups whose best top_k/group_topk scores sum highest (Megatron's group_limited_topk)",
-           params=[P("router", "E H", ROUTER),
-                   P("fc2", "E H F", EXPERT, linear=True, within=ROW),
-                   P("gate", "E F H", EXPERT, linear=True, within=COLUMN, when=_GATED),
-                   P("up", "E F H", EXPERT, linear=True, within=COLUMN, when=_GATED),
-                   P("fc1", "E F H", EXPERT, linear=True, within=COLUMN, when=_PLAIN),
-                   P("shared_fc2", "H S", ROW, linear=True, when=_SHARED),
-                   P("shared_gate", "S H", COLUMN, linear=True, required=False, when=_SHARED),
-                   P("shared_up", "S H", COLUMN, linear=True, required=False, when=_SHARED),
-                   P("shared_fc1", "S H", COLUMN, linear=True, required=False, when=_SHARED),
-                   P("shared_expert_gate", "U H", REPLICATED, when=("shared_expert", ("sigmoid-gated",))),
-                   P("expert_bias", "E", ROUTER, required=False, when=("score", ("sigmoid",))),
-                   # biases (gpt-oss; Megatron add_bias_linear): router logits + router_bias; each expert's fc2
-                   # bias is scaled by its routing weight like its output (megatron-core MLP per_token_scale)
-                   P("router_bias", "E", ROUTER, required=False),
-                   P("gate_bias", "E F", EXPERT, required=False, within=COLUMN, when=_GATED),
-                   P("up_bias", "E F", EXPERT, required=False, within=COLUMN, when=_GATED),
-                   P("fc1_bias", "E F", EXPERT, required=False, within=COLUMN, when=_PLAIN),
-                   P("fc2_bias", "E H", EXPERT, required=False, within=REPLICATED)],
-           dims=lambda a, c: {"H": c.hidden_size, "E": a["num_experts"], "U": 1})
-def _check_moe(node, model):
-    E, k = node.attrs["num_experts"], node.attrs["top_k"]
-    p = [] if 1 <= k <= E else [f"top_k={k} outside [1, {E}]"]
-    G, gk = node.attrs["num_groups"], node.attrs["group_topk"]
-    if (G or gk) and not (G >= 1 and 1 <= gk <= G and E % G == 0 and 1 <= k // gk <= E // G and gk * E // G >= k):
-        p.append(f"group-limited routing num_groups={G} group_topk={gk} does not fit {E} experts, top_k={k} "
-                 "(num_groups divides the experts, 1 <= group_topk <= min(num_groups, top_k), the chosen groups "
-                 "hold top_k experts)")
-    if node.attrs["shared_expert"] != "none":   # the shared expert is gated (GLU) exactly when the experts are
-        want = ("shared_gate", "shared_up") if node.attrs["gated"] else ("shared_fc1",)
-        unwanted = ("shared_fc1",) if node.attrs["gated"] else ("shared_gate", "shared_up")
-        p += [f"missing param {n!r} (the shared expert of gated={node.attrs['gated']} experts)"
-              for n in want if n not in node.params]
-        p += [f"param {n!r} does not fit gated={node.attrs['gated']} experts" for n in unwanted if n in node.params]
-    return p + _check_glu(node)
-
-
-_MAMBA_DOC = ("Mamba-2 mixer (Megatron's MambaMixer, megatron/core/ssm/mamba_mixer.py): in_proj split into z, x, B, "
-              "C, dt; depthwise causal conv1d (with bias) + SiLU over x, B, C; selective scan with A = -exp(A_log), "
-              "dt = softplus(dt + dt_bias), B/C shared by the heads of a group, D skip; gated RMSNorm over groups "
-              "of I/num_groups channels (norm_before_gate=False: norm(y * silu(z)) * w, Megatron's only form; "
-              "True: norm(y) * w * silu(z)); out_proj")
-
-
-@op_schema("mamba", 1, {"num_heads": A(int, None), "head_dim": A(int, None), "num_groups": A(int, None),
-                        "state_dim": A(int, None), "conv_kernel": A(int, None),
-                        "norm_eps": A((int, float), 1e-5),  # Megatron: MambaMixer's RMSNormGated eps=1e-5
-                        "norm_before_gate": A(bool, False)},
-           _MAMBA_DOC,
-           params=[P("in_z", "I H", COLUMN, linear=True), P("in_x", "I H", COLUMN, linear=True),
-                   P("in_B", "GN H", COLUMN, linear=True), P("in_C", "GN H", COLUMN, linear=True),
-                   P("in_dt", "NH H", COLUMN, linear=True),
-                   P("conv_x", "I K", COLUMN), P("conv_B", "GN K", COLUMN), P("conv_C", "GN K", COLUMN),
-                   P("conv_x_bias", "I", COLUMN, required=False), P("conv_B_bias", "GN", COLUMN, required=False),
-                   P("conv_C_bias", "GN", COLUMN, required=False),
-                   P("dt_bias", "NH", COLUMN), P("A_log", "NH", COLUMN), P("D", "NH", COLUMN),
-                   P("norm", "I", COLUMN),  # gated RMSNorm weight: TP-split with d_inner, as Megatron does
-                   P("out", "H I", ROW, linear=True)],
-           dims=lambda a, c: {"H": c.hidden_size, "I": a["num_heads"] * a["head_dim"], "NH": a["num_heads"],
-                              "GN": a["num_groups"] * a["state_dim"], "K": a["conv_kernel"]})
-def _check_mamba(node, model):
-    a, p = node.attrs, []
-    nh, g = a["num_heads"], a["num_groups"]
-    if nh % g:
-        p.append(f"num_heads={nh} is not a multiple of num_groups={g}")
-    parts = {prm.sharding.parts for prm in node.params.values() if not prm.sharding.replicated}
-    for n in sorted(parts):
-        if nh % n or g % n:  # Megatron: each TP rank holds whole heads and whole groups
-            p.append(f"split {n} ways, but num_heads={nh} / num_groups={g} do not both divide by {n}")
-    return p
 
 
 @op_schema("add", None, {}, "residual sum of two or more activations", dims=lambda a, c: {})
@@ -524,3 +310,7 @@ def check_params(node, model) -> list[str]:
 
 def _fmt(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+# the other ops register themselves on import (they use the machinery above)
+from . import ops_ffn, ops_mixers  # noqa: E402,F401 - registration
