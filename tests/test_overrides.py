@@ -29,3 +29,76 @@ def test_verifier_error_is_one_line_with_at_most_three_problems(tmp_path):
     assert "\n" not in msg and "\\n" not in msg
     assert f"{len(found)} problem(s): " in msg and f"({len(found) - 3} more)" in msg
     assert msg.count("; ") == 2 and found[0] in msg and found[3] not in msg
+
+
+# ------------------------------------------------------------------------------------- overrides on the CLI
+
+megatron = pytest.importorskip("megatron_fixtures")
+pytestmark = pytest.mark.skipif(not megatron.have_megatron_core(), reason="megatron-core not installed")
+
+from mexc.errors import ConfigError  # noqa: E402
+from mexc.frontends.megatron.config import MegatronArch, from_args  # noqa: E402
+from mexc.tools.cli import main  # noqa: E402
+
+
+def compile_error(kind: str, tmp_path, *flags: str) -> tuple[str, str]:
+    """Compile fixture ``kind`` to hf with ``flags``: it must fail with exit code 1, one ``error:`` line and
+    no traceback, writing nothing; returns (error line, hint line)."""
+    import contextlib
+    import io
+
+    out, err = tmp_path / "out", io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["compile", str(megatron.megatron_checkpoint(kind) / "ckpt"), "--target", "hf", "-o", str(out),
+                   *flags])
+    text = err.getvalue()
+    lines = text.splitlines()
+    assert rc == 1, text
+    assert "Traceback" not in text and "\\n" not in text, text
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1, text
+    assert not out.exists()
+    hints = [ln for ln in lines if ln.startswith("hint:")]
+    return errors[0], hints[0] if hints else ""
+
+
+def config_file(tmp_path, text: str) -> str:
+    p = tmp_path / "arch.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("value", ["[1]", "3", "true", "[2,0]"])
+def test_bad_no_rope_override_is_one_line_naming_it(value, tmp_path):
+    err, hint = compile_error("nope", tmp_path, "--set", f"no_rope={value}")
+    assert err.startswith("error: --set no_rope=") and "no_rope_freq" in err and "num_layers=2" in err
+    assert "list of 0/1, one per layer" in hint
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", ".inf", "abc"])
+def test_softmax_scale_override_must_be_positive_and_finite(value, tmp_path):
+    err, hint = compile_error("softmax-scale", tmp_path, "--set", f"softmax_scale={value}")
+    assert err.startswith("error: --set softmax_scale=") and "is not a positive finite number" in err
+    assert "--set softmax_scale=0.125" in hint
+
+
+@pytest.mark.parametrize("kind, flag, says", [
+    ("window", "window_skip=0", "window_attn_skip_freq = 0 is neither a positive int nor a 0/1 list"),
+    ("gpt", "normalization=batchnorm", "normalization = batchnorm is not one of layernorm, rmsnorm"),
+    ("gpt", "num_layers=0", "num_layers = 0 is not a size (1..16384)"),
+    ("gpt", "tied=maybe", "tied = maybe is not true or false"),
+    ("gpt", "dtype=f12", "dtype = f12 is not a dtype"),
+    ("gpt", "qk_pos_emb_head_dim=8", "unknown field 'qk_pos_emb_head_dim'"),
+    ("moe-grouped", "moe_num_groups=3", "num_experts=4 is not a multiple of moe_num_groups=3"),
+])
+def test_bad_set_override_names_the_flag_not_the_checkpoint(kind, flag, says, tmp_path):
+    err, _ = compile_error(kind, tmp_path, "--set", flag)
+    assert err.startswith(f"error: --set {flag}: ") and says in err
+    assert "model_optim_rng.pt" not in err
+
+
+def test_bad_config_override_names_the_file_and_field(tmp_path):
+    path = config_file(tmp_path, "kv_lora_rank: \"32\"\n")
+    err, hint = compile_error("mla", tmp_path, "--config", path)
+    assert err.startswith(f"error: --config {path}: kv_lora_rank: 32: ") and "without quotes" in err
+    assert "kv_lora_rank: N" in hint

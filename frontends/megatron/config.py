@@ -11,6 +11,8 @@ from typing import Any
 from ...errors import ConfigError
 from ...ir.types import DType, Rope
 from .arguments import arg_aliases, refuse, window_problem
+from .overrides import check_overrides as _check_overrides
+from .overrides import show as _show
 
 # field -> arg names to try, in order (newest first): derived from the argument table, which also says how
 # mexc treats every argument it does not read (docs/arguments.md)
@@ -105,6 +107,12 @@ _SIZE_BOUNDS = {
 }
 
 
+# saved arg name -> the MegatronArch field (the name --config / --set accept) that replaces it
+_FIELD_OF_ARG = {"num_attention_heads": "num_heads", "num_query_groups": "num_kv_heads", "kv_channels": "head_dim",
+                 "seq_length": "max_position_embeddings", "moe_router_topk": "moe_topk",
+                 "qk_pos_emb_head_dim": "qk_rope_dim", "params_dtype": "dtype"}
+
+
 def _check_sizes(args: Any, where: str) -> None:
     """Refuse a saved size that is not a positive int within bounds, naming the argument (before any use)."""
     import torch
@@ -122,12 +130,18 @@ def _check_sizes(args: Any, where: str) -> None:
                           hint="the saved args are damaged; give dtype with --config FILE.yaml")
 
 
-def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) -> MegatronArch:
+def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None,
+              origins: dict[str, str] | None = None) -> MegatronArch:
     """Build the architecture from saved args (``where`` names the file for errors).
 
-    Raises :class:`ConfigError` when a saved argument changes the math and mexc does not honour it (the argument
-    table, :mod:`.arguments`), or when the args are missing or inconsistent."""
+    ``overrides`` (field -> value, from --config / --set) pass the same checks as the saved args; ``origins``
+    (field -> ``--set FIELD=VALUE`` or ``--config FILE: FIELD: VALUE``, :func:`merge_overrides`) names an
+    override in its error. Raises :class:`ConfigError` when a saved argument changes the math and mexc does not
+    honour it (the argument table, :mod:`.arguments`), or when the args or an override are missing, out of
+    range or inconsistent."""
     overrides = dict(overrides or {})
+    origins = {k: (origins or {}).get(k) or f"config override {k}={_show(v)}" for k, v in overrides.items()}
+    _check_overrides(overrides, origins)
     _check_sizes(args, where)
     refuse(args, where, overridden={f for f in overrides if f in ARG_ALIASES})
 
@@ -232,9 +246,11 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
         qk_l2_norm=bool(_get(args, "qk_l2_norm", False)), output_gate=bool(_get(args, "output_gate", False)),
-        **_window(args, where, overrides),
-        softmax_scale=_softmax_scale(args, where), softmax_type=str(_get(args, "softmax_type") or "vanilla"),
-        no_rope=_no_rope(args, where, L),
+        **_window(args, where, overrides, origins),
+        softmax_scale=_softmax_scale(args, where),
+        softmax_type=str(_get(args, "softmax_type") or "vanilla"),
+        no_rope=_no_rope({"no_rope_freq": overrides["no_rope"]} if "no_rope" in overrides else args,
+                         origins.get("no_rope", where), L),
         mtp_num_layers=int(_get(args, "mtp_num_layers") or 0),
         num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),
@@ -256,25 +272,20 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         fields["family"] = "deepseek"
     if fields["hybrid_pattern"]:
         fields["family"] = "nemotron_h"
-    known = {f.name for f in dataclasses.fields(MegatronArch)}
     for k, v in overrides.items():
-        if k not in known:
-            raise ConfigError(f"unknown config override {k!r}", hint=f"known fields: {', '.join(sorted(known))}")
-        if k in ("window_size", "window_skip"):   # read (and checked) by _window
+        if k in ("window_size", "window_skip", "no_rope"):   # read (and checked) by _window / _no_rope
             continue
         if k == "rope" and isinstance(v, dict):
             v = Rope(**v)
         if k == "dtype":
             v = DType.parse(v)
-        if k == "no_rope" and v is not None:
-            v = tuple(v)
         fields[k] = v
     arch = MegatronArch(**fields)
-    _validate(arch, where)
+    _validate(arch, where, origins)
     return arch
 
 
-def _window(args: Any, where: str, overrides: dict) -> dict[str, Any]:
+def _window(args: Any, where: str, overrides: dict, origins: dict[str, str]) -> dict[str, Any]:
     """``window_size`` / ``window_attn_skip_freq`` as megatron-core reads them (``TransformerConfig``;
     ``--window-size`` is a ``tuple_type``, NeMo saves a list). Honoured: ``(L, 0)`` with ``L >= 0`` (query i sees
     keys i-L..i). Refused by the argument table (:func:`.arguments.window_problem`), and here for an override: a
@@ -284,18 +295,19 @@ def _window(args: Any, where: str, overrides: dict) -> dict[str, Any]:
     if w is None:
         return {}
     if "window_size" in overrides and window_problem(w):   # saved values were judged by the argument table
-        raise ConfigError(f"config override window_size = {str(w)[:40]}: {window_problem(w)}",
+        raise ConfigError(f"{origins['window_size']}: {window_problem(w)}",
                           hint="give window_size: [L, 0] in --config FILE.yaml")
     if isinstance(w, str):
         w = [int(p) for p in w.strip("()[] ").split(",")]
     left = int(w[0])
     skip = overrides["window_skip"] if "window_skip" in overrides else _get(args, "window_skip")
+    where = origins.get("window_skip", where)
     if isinstance(skip, str):   # Megatron-LM's moe_freq_type keeps a list expression as text until parsed
         skip = [int(v) for v in skip.strip("[] ").split(",") if v.strip()] if "[" in skip else int(skip)
     if skip is not None and not (isinstance(skip, int) and not isinstance(skip, bool) and skip > 0) and not (
             isinstance(skip, (list, tuple)) and all(v in (0, 1) for v in skip)):
         raise ConfigError(f"{where}: window_attn_skip_freq = {str(skip)[:40]} is neither a positive int nor a 0/1 "
-                          "list", hint="give window_skip: N or [1, 0, ...] in --config FILE.yaml")
+                          "list", hint="give window_skip: N or [1, 0, ...] in --config FILE.yaml (or --set)")
     return {"window_size": (left, 0), "window_skip": list(skip) if isinstance(skip, (list, tuple)) else skip}
 
 
@@ -431,8 +443,10 @@ def _hybrid(args: Any, where: str, hidden: int) -> dict[str, Any]:
     return out
 
 
-def _validate(a: MegatronArch, where: str):
-    problems = []
+def _validate(a: MegatronArch, where: str, origins: dict[str, str] | None = None):
+    """Refuse sizes that do not fit together; the message names the overrides among the fields involved (else
+    ``where``, the checkpoint's args file)."""
+    problems, involved = [], []
     if a.num_heads % a.num_kv_heads:
         problems.append(f"num_attention_heads={a.num_heads} is not a multiple of num_query_groups={a.num_kv_heads}")
     if a.padded_vocab_size % a.tp:
@@ -454,6 +468,18 @@ def _validate(a: MegatronArch, where: str):
         problems.append(f"window_attn_skip_freq lists {len(a.window_skip)} layers, num_layers={a.num_layers}")
     if a.replicated not in ("check", "rank0", "mean"):
         problems.append(f"replicated={a.replicated!r} (use check, rank0 or mean)")
+    if a.num_experts and a.moe_num_groups:   # megatron-core group_limited_topk: experts split into equal groups
+        if a.num_experts % a.moe_num_groups:
+            problems.append(f"num_experts={a.num_experts} is not a multiple of moe_num_groups={a.moe_num_groups}")
+        if not 1 <= a.moe_group_topk <= a.moe_num_groups:
+            problems.append(f"moe_group_topk={a.moe_group_topk} is not in 1..moe_num_groups={a.moe_num_groups}")
+    def said(f, p):   # problem p names field f (or a saved arg it replaces)
+        names = {f, *ARG_ALIASES.get(f, ()), *(a for a, g in _FIELD_OF_ARG.items() if g == f)}
+        return any(f"{n}=" in p or f" {n} " in f" {p} " for n in names)
+    involved = [o for f, o in (origins or {}).items() if any(said(f, p) for p in problems)]
+    if problems and involved:
+        raise ConfigError(f"{', '.join(involved)}: does not fit the checkpoint: " + "; ".join(problems),
+                          hint="give values that fit together (`mexc inspect CKPT` shows the saved args)")
     if problems:
         raise ConfigError(f"{where}: inconsistent args: " + "; ".join(problems),
                           hint="fix them with --config FILE.yaml")
@@ -474,4 +500,3 @@ def load_overrides(path: str | Path | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of field: value", hint="write `field: value` lines")
     return data
-
