@@ -102,3 +102,16 @@ def test_bad_config_override_names_the_file_and_field(tmp_path):
     err, hint = compile_error("mla", tmp_path, "--config", path)
     assert err.startswith(f"error: --config {path}: kv_lora_rank: 32: ") and "without quotes" in err
     assert "kv_lora_rank: N" in hint
+
+
+@pytest.mark.parametrize("line, implied, saved", [
+    ("kv_lora_rank: 16", "[24, 64]", "[40, 64]"),
+    ("v_head_dim: 1000", "[4064, 32]", "[112, 32]"),
+    ("qk_head_dim: 15", "[92, 64]", "[96, 64]"),
+])
+def test_config_size_against_saved_tensor_is_one_readable_line(line, implied, saved, tmp_path):
+    path = config_file(tmp_path, line + "\n")
+    err, hint = compile_error("mla", tmp_path, "--config", path)
+    assert err.startswith(f"error: --config {path}: {line}: implies {implied} for ")
+    assert f"the checkpoint's tensor is {saved}" in err and "more tensors disagree" in err
+    assert "IR verification" not in err and "--print-ir-after" not in hint

@@ -19,7 +19,7 @@ from ...ir.types import TensorType
 from . import mapping
 from .arguments import apply as apply_arguments
 from .config import MegatronArch, from_args, layer_window, load_overrides
-from .overrides import merge_overrides
+from .overrides import check_shapes, merge_overrides
 from .replicated import replicated as replicated_copies
 from .reader import CheckpointInfo, DcpStore, MegatronTorchStore, open_checkpoint, tensor_type
 
@@ -60,8 +60,9 @@ def lift(path: str | Path, *, iteration: int | None = None, config: str | Path |
         model.meta["unknown_args"] = ",".join(unknown)
     if arch.replicated != "check":
         model.meta["replicated"] = arch.replicated
-    from ...ir import verify
+    from ...ir import problems, verify
 
+    check_shapes(problems(model), ov, origins)
     verify(model, context=f"(lifted from {info.iter_dir})")
     return model
 

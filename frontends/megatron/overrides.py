@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,24 @@ def check_overrides(overrides: dict[str, Any], origins: dict[str, str]) -> None:
         if bad:
             raise ConfigError(f"{origins[k]}: {k} = {show(v)} {bad[0]}",
                               hint=f"give `{bad[1]}` in --config FILE.yaml, or --set {bad[1].replace(': ', '=')}")
+
+
+_SHAPE = re.compile(r"^(?P<loc>.*?): param '(?P<param>[^']+)' has shape (?P<got>\[[^\]]*\]), "
+                    r"expected (?P<want>\[[^\]]*\])$")
+
+
+def check_shapes(found: list[str], overrides: dict[str, Any], origins: dict[str, str]) -> None:
+    """Verifier ``found`` problems (:func:`mexc.ir.problems`) where a param's saved shape differs from what the
+    overridden sizes imply: one error naming the overrides, the first tensor's shape in the checkpoint and the
+    shape the config implies. Nothing when no override is a size (the saved args are then at fault: the
+    verifier's own error says so)."""
+    sized = [o for f, o in origins.items() if f in SIZES or f in _STAGE_LAYERS]
+    hits = [m for m in map(_SHAPE.match, found) if m]
+    if not hits or not sized:
+        return
+    m = hits[0]
+    more = f" ({len(hits) - 1} more tensors disagree)" if len(hits) > 1 else ""
+    raise ConfigError(f"{', '.join(sized)}: implies {m['want']} for {m['loc']} param {m['param']!r}, but the "
+                      f"checkpoint's tensor is {m['got']}{more}",
+                      hint="give the checkpoint's value (`mexc inspect CKPT` shows the saved args) or drop the "
+                           "override")
