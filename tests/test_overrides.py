@@ -115,3 +115,59 @@ def test_config_size_against_saved_tensor_is_one_readable_line(line, implied, sa
     assert err.startswith(f"error: --config {path}: {line}: implies {implied} for ")
     assert f"the checkpoint's tensor is {saved}" in err and "more tensors disagree" in err
     assert "IR verification" not in err and "--print-ir-after" not in hint
+
+
+
+
+# -------------------------------------------------------------------------------------------- hints
+
+
+def _mla_args(**kw) -> dict:
+    return dict(num_layers=2, hidden_size=64, num_attention_heads=4, padded_vocab_size=128,
+                multi_latent_attention=True, **kw)
+
+
+def test_damaged_mla_args_hint_names_a_field_config_accepts():
+    with pytest.raises(ConfigError) as e:
+        from_args(_mla_args(qk_pos_emb_head_dim="x"), "CKPT")
+    assert "qk_rope_dim" in e.value.hint and "qk_pos_emb_head_dim" not in e.value.hint
+    assert from_args(_mla_args(qk_pos_emb_head_dim="x"), "CKPT", {"qk_rope_dim": 8}).qk_rope_dim == 8
+
+
+@pytest.mark.parametrize("arg, field, value", [("num_attention_heads", "num_heads", 4),
+                                                ("kv_channels", "head_dim", 16)])
+def test_damaged_size_hint_names_the_field_and_the_field_cures_it(arg, field, value):
+    args = dict(num_layers=2, hidden_size=64, num_attention_heads=4, padded_vocab_size=128)
+    args[arg] = "x"
+    with pytest.raises(ConfigError) as e:
+        from_args(args, "CKPT")
+    assert f"give {field} with --config" in e.value.hint
+    assert getattr(from_args(args, "CKPT", {field: value}), field) == value
+
+
+def test_every_hint_in_config_names_fields_config_accepts():
+    import re
+    from pathlib import Path
+
+    import mexc.frontends.megatron.config as config
+
+    known = {f.name for f in __import__("dataclasses").fields(MegatronArch)}
+    text = Path(config.__file__).read_text()
+    hints = re.findall(r'hint=(f?"[^\n]*(?:\n\s*f?"[^\n]*)*)', text)
+    named = set()
+    for h in hints:
+        named |= set(re.findall(r"give (\w+)[ :]", h)) | set(re.findall(r"(?:set|give) `(\w+):", h))
+        named |= set(re.findall(r"`(\w+): ", h)) | set(re.findall(r"--set (\w+)=", h))
+        named |= set(re.findall(r"set (\w+): ", h))
+    named -= {"it", "a", "the", "values", "them", "field"}
+    assert named and named <= known, named - known
+
+
+def test_yarn_hint_field_cures_it():
+    args = dict(num_layers=2, hidden_size=64, num_attention_heads=4, padded_vocab_size=128,
+                position_embedding_type="yarn", rotary_interleaved=True, rotary_scaling_factor=4.0)
+    with pytest.raises(ConfigError) as e:
+        from_args(args, "CKPT")
+    assert "`rope: {interleaved: false}`" in e.value.hint
+    rope = from_args(args, "CKPT", {"rope": {"interleaved": False}}).rope
+    assert (rope.scaling, rope.interleaved, rope.factor) == ("yarn", False, 4.0)
