@@ -117,6 +117,19 @@ def test_config_size_against_saved_tensor_is_one_readable_line(line, implied, sa
     assert "IR verification" not in err and "--print-ir-after" not in hint
 
 
+def test_window_beyond_max_positions_is_refused(tmp_path):
+    err, hint = compile_error("window", tmp_path, "--set", "window_size=[1000000000000,0]")
+    assert err.startswith("error: --set window_size=[1000000000000, 0]: ")
+    assert "max_position_embeddings=32" in err and "full attention" in err
+    assert "--set window_size=null" in hint
+
+
+def test_no_window_override_is_full_attention():
+    ckpt = megatron.megatron_checkpoint("window") / "ckpt"
+    from mexc.driver import lift
+
+    model = lift(ckpt, overrides={"window_size": None})
+    assert [n.attrs.get("window") for n in model.graph.find("attention")] == [None, None]
 
 
 # -------------------------------------------------------------------------------------------- hints
@@ -159,6 +172,8 @@ def test_every_hint_in_config_names_fields_config_accepts():
         named |= set(re.findall(r"give (\w+)[ :]", h)) | set(re.findall(r"(?:set|give) `(\w+):", h))
         named |= set(re.findall(r"`(\w+): ", h)) | set(re.findall(r"--set (\w+)=", h))
         named |= set(re.findall(r"set (\w+): ", h))
+    named -= {"it", "a", "the", "values", "them", "field"}
+    assert named and named <= known, named - known
     named -= {"it", "a", "the", "values", "them", "field"}
     assert named and named <= known, named - known
 

@@ -249,7 +249,8 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None,
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
         qk_l2_norm=bool(_get(args, "qk_l2_norm", False)), output_gate=bool(_get(args, "output_gate", False)),
-        **_window(args, where, overrides, origins),
+        **_window(args, where, overrides, origins,
+                  int(overrides.get("max_position_embeddings") or _get(args, "max_position_embeddings", 4096))),
         softmax_scale=None if "softmax_scale" in overrides else _softmax_scale(args, where),
         softmax_type=str(_get(args, "softmax_type") or "vanilla"),
         no_rope=_no_rope({"no_rope_freq": overrides["no_rope"]} if "no_rope" in overrides else args,
@@ -288,12 +289,14 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None,
     return arch
 
 
-def _window(args: Any, where: str, overrides: dict, origins: dict[str, str]) -> dict[str, Any]:
+def _window(args: Any, where: str, overrides: dict, origins: dict[str, str], max_pos: int) -> dict[str, Any]:
     """``window_size`` / ``window_attn_skip_freq`` as megatron-core reads them (``TransformerConfig``;
     ``--window-size`` is a ``tuple_type``, NeMo saves a list). Honoured: ``(L, 0)`` with ``L >= 0`` (query i sees
     keys i-L..i). Refused by the argument table (:func:`.arguments.window_problem`), and here for an override: a
     right window (a query would see later tokens) and ``-1`` (Transformer Engine reads it as unbounded, the local
-    attention's ``get_sliding_window_causal_mask`` as an empty window: the two disagree)."""
+    attention's ``get_sliding_window_causal_mask`` as an empty window: the two disagree). Refused too, saved or
+    overridden: ``L >= max_position_embeddings`` (a window longer than any sequence is full attention, which is
+    said by giving no window, not by a window size no target means; docs/arguments.md)."""
     w = overrides["window_size"] if "window_size" in overrides else _get(args, "window_size")
     if w is None:
         return {}
@@ -303,6 +306,11 @@ def _window(args: Any, where: str, overrides: dict, origins: dict[str, str]) -> 
     if isinstance(w, str):
         w = [int(p) for p in w.strip("()[] ").split(",")]
     left = int(w[0])
+    if left >= max_pos:
+        raise ConfigError(f"{origins.get('window_size', where)}: a window of {left} tokens is not below "
+                          f"max_position_embeddings={max_pos}: every query would see every earlier key (full "
+                          "attention)", hint=f"give a window below {max_pos}, or no window for full attention "
+                                             "(--set window_size=null)")
     skip = overrides["window_skip"] if "window_skip" in overrides else _get(args, "window_skip")
     where = origins.get("window_skip", where)
     if isinstance(skip, str):   # Megatron-LM's moe_freq_type keeps a list expression as text until parsed
@@ -507,3 +515,4 @@ def load_overrides(path: str | Path | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of field: value", hint="write `field: value` lines")
     return data
+
