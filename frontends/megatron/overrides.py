@@ -25,8 +25,8 @@ SIZES: dict[str, tuple[int, int]] = {
     **{f: (0, b) for f, b in (("num_experts", 1 << 16), ("mtp_num_layers", 1 << 10), ("moe_shared_size", 1 << 21),
                               ("moe_num_groups", 1 << 16), ("moe_group_topk", 1 << 16), ("q_lora_rank", 1 << 16),
                               ("mamba_num_heads", 1 << 16))},
-    **{f: (1, 1 << 16) for f in ("kv_lora_rank", "qk_head_dim", "qk_rope_dim", "v_head_dim", "mamba_state_dim",
-                                 "mamba_head_dim", "mamba_num_groups")},
+    **{f: (0, 1 << 16) for f in ("kv_lora_rank", "qk_head_dim", "qk_rope_dim", "v_head_dim")},   # 0: no MLA
+    **{f: (1, 1 << 16) for f in ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups")},
     **{f: (1, 1 << 12) for f in ("tp", "pp", "vp", "ep")},
 }
 _STAGE_LAYERS = ("first_stage_layers", "last_stage_layers")      # None or 0..num_layers
