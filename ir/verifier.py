@@ -78,10 +78,11 @@ def problems(model: Model) -> list[str]:
 
 
 def verify(model: Model, *, context: str = "") -> None:
-    """Raise :class:`IRError` listing every violation."""
+    """Raise :class:`IRError` listing the violations on one line: the first 3 joined with '; ', then
+    "(N more)" (the CLI prints one ``error:`` line; :func:`problems` gives them all)."""
     found = problems(model)
     if found:
-        head = f"IR verification failed{' ' + context if context else ''}: {len(found)} problem(s)"
-        shown = found[:20] + ([f"... and {len(found) - 20} more"] if len(found) > 20 else [])
-        raise IRError(head + "\n  " + "\n  ".join(shown),
+        head = f"IR verification failed{' ' + context if context else ''}: {len(found)} problem(s): "
+        more = f" ({len(found) - 3} more)" if len(found) > 3 else ""
+        raise IRError(head + "; ".join(" ".join(p.split()) for p in found[:3]) + more,
                       hint="the first problem is usually the cause; --print-ir-after=all shows the IR")

@@ -11,6 +11,8 @@ from typing import Any
 from ...errors import ConfigError
 from ...ir.types import DType, Rope
 from .arguments import arg_aliases, refuse, window_problem
+from .overrides import check_overrides as _check_overrides
+from .overrides import show as _show
 
 # field -> arg names to try, in order (newest first): derived from the argument table, which also says how
 # mexc treats every argument it does not read (docs/arguments.md)
@@ -105,30 +107,44 @@ _SIZE_BOUNDS = {
 }
 
 
-def _check_sizes(args: Any, where: str) -> None:
-    """Refuse a saved size that is not a positive int within bounds, naming the argument (before any use)."""
+# saved arg name -> the MegatronArch field (the name --config / --set accept) that replaces it
+_FIELD_OF_ARG = {"num_attention_heads": "num_heads", "num_query_groups": "num_kv_heads", "kv_channels": "head_dim",
+                 "seq_length": "max_position_embeddings", "moe_router_topk": "moe_topk",
+                 "qk_pos_emb_head_dim": "qk_rope_dim", "params_dtype": "dtype"}
+
+
+def _check_sizes(args: Any, where: str, overrides: dict | None = None) -> None:
+    """Refuse a saved size that is not a positive int within bounds, naming the argument (before any use) and
+    the field that replaces it (a size an override replaces is not read)."""
     import torch
 
     for name, bound in _SIZE_BOUNDS.items():
         v = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
-        if v is None:
+        field = _FIELD_OF_ARG.get(name, name)
+        if v is None or field in (overrides or {}):
             continue
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= bound:
             raise ConfigError(f"{where}: args.{name} = {str(v)[:40]} is not a size (1..{bound})",
-                              hint=f"the saved args are damaged; give {name} with --config FILE.yaml")
+                              hint=f"the saved args are damaged; give {field} with --config FILE.yaml")
     dt = args.get("params_dtype") if isinstance(args, dict) else getattr(args, "params_dtype", None)
-    if dt is not None and not isinstance(dt, torch.dtype):
+    if dt is not None and not isinstance(dt, torch.dtype) and "dtype" not in (overrides or {}):
         raise ConfigError(f"{where}: args.params_dtype = {str(dt)[:40]} is not a torch dtype",
                           hint="the saved args are damaged; give dtype with --config FILE.yaml")
 
 
-def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) -> MegatronArch:
+def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None,
+              origins: dict[str, str] | None = None) -> MegatronArch:
     """Build the architecture from saved args (``where`` names the file for errors).
 
-    Raises :class:`ConfigError` when a saved argument changes the math and mexc does not honour it (the argument
-    table, :mod:`.arguments`), or when the args are missing or inconsistent."""
+    ``overrides`` (field -> value, from --config / --set) pass the same checks as the saved args; ``origins``
+    (field -> ``--set FIELD=VALUE`` or ``--config FILE: FIELD: VALUE``, :func:`merge_overrides`) names an
+    override in its error. Raises :class:`ConfigError` when a saved argument changes the math and mexc does not
+    honour it (the argument table, :mod:`.arguments`), or when the args or an override are missing, out of
+    range or inconsistent."""
     overrides = dict(overrides or {})
-    _check_sizes(args, where)
+    origins = {k: (origins or {}).get(k) or f"config override {k}={_show(v)}" for k, v in overrides.items()}
+    _check_overrides(overrides, origins)
+    _check_sizes(args, where, overrides)
     refuse(args, where, overridden={f for f in overrides if f in ARG_ALIASES})
 
     def need(field):
@@ -151,15 +167,16 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         ffn = int(8 * H / 3 / 64) * 64 if swiglu else 4 * H
     norm = str(_get(args, "normalization", "LayerNorm")).lower()
     norm = {"layernorm": "layernorm", "rmsnorm": "rmsnorm"}.get(norm)
-    if norm is None:
+    if norm is None and "normalization" not in overrides:
         raise ConfigError(f"{where}: unknown normalization {_get(args, 'normalization')!r}",
                           hint="mexc reads LayerNorm and RMSNorm; set `normalization:` in --config")
     pos = _get(args, "position_embedding_type")
     if pos is None:
         pos = "rope" if _get(args, "use_rotary", False) else "learned_absolute"
-    if pos not in ("rope", "learned_absolute", "none", "yarn"):
+    if pos not in ("rope", "learned_absolute", "none", "yarn") and "position" not in overrides:
         raise ConfigError(f"{where}: position_embedding_type {pos!r} is not supported yet",
-                          hint="mexc lifts rope, yarn, learned_absolute and none")
+                          hint="mexc lifts rope, yarn, learned_absolute and none (field `position:` in --config "
+                               "if the args are wrong)")
     scaling, factor = "none", 1.0
     if _get(args, "use_rope_scaling", False):
         scaling, factor = "llama3", float(_get(args, "rope_scaling_factor", 8.0))
@@ -167,11 +184,11 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         scaling, factor = "linear", float(_get(args, "rope_interpolation"))
     rope = Rope(base=float(_get(args, "rotary_base", 10000)), percent=float(_get(args, "rotary_percent", 1.0)),
                 interleaved=bool(_get(args, "rotary_interleaved", False)), scaling=scaling, factor=factor)
-    mla_fields = _mla(args, where, rope) if _get(args, "mla", False) else {}
+    mla_fields = _mla(args, where, rope, overrides) if _get(args, "mla", False) else {}
     if mla_fields:
         rope, pos = mla_fields["rope"], "rope"
-    elif pos == "yarn":
-        rope, pos = _yarn(args, where, rope), "rope"
+    elif pos == "yarn":   # an overridden rope replaces the saved yarn knobs (and their checks)
+        rope, pos = (_yarn_rope(args, rope) if "rope" in overrides else _yarn(args, where, rope)), "rope"
     bias = bool(_get(args, "add_bias_linear", not _get(args, "disable_bias_linear", False)))
     padded = int(need("padded_vocab_size"))
     vocab = int(overrides.get("vocab_size") or _get(args, "vocab_size") or padded)
@@ -232,9 +249,12 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         add_qkv_bias=bool(_get(args, "add_qkv_bias", False)) or bias, position=pos, rope=rope,
         tied=not bool(_get(args, "untie", False)), qk_layernorm=bool(_get(args, "qk_layernorm", False)),
         qk_l2_norm=bool(_get(args, "qk_l2_norm", False)), output_gate=bool(_get(args, "output_gate", False)),
-        **_window(args, where, overrides),
-        softmax_scale=_softmax_scale(args, where), softmax_type=str(_get(args, "softmax_type") or "vanilla"),
-        no_rope=_no_rope(args, where, L),
+        **_window(args, where, overrides, origins,
+                  int(overrides.get("max_position_embeddings") or _get(args, "max_position_embeddings", 4096))),
+        softmax_scale=None if "softmax_scale" in overrides else _softmax_scale(args, where),
+        softmax_type=str(_get(args, "softmax_type") or "vanilla"),
+        no_rope=_no_rope({"no_rope_freq": overrides["no_rope"]} if "no_rope" in overrides else args,
+                         origins.get("no_rope", where), L),
         mtp_num_layers=int(_get(args, "mtp_num_layers") or 0),
         num_experts=E, moe_topk=int(_get(args, "moe_topk", 2) or 2),
         moe_ffn_hidden_size=int(_get(args, "moe_ffn_hidden_size") or ffn),
@@ -250,52 +270,55 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None) ->
         first_stage_layers=_get(args, "first_stage_layers"), last_stage_layers=_get(args, "last_stage_layers"),
         dtype=dtype, family=family,
     )
-    fields.update(_hybrid(args, where, H))
+    fields.update(_hybrid(args, where, H, overrides))
     fields.update(mla_fields)
     if mla_fields:
         fields["family"] = "deepseek"
     if fields["hybrid_pattern"]:
         fields["family"] = "nemotron_h"
-    known = {f.name for f in dataclasses.fields(MegatronArch)}
     for k, v in overrides.items():
-        if k not in known:
-            raise ConfigError(f"unknown config override {k!r}", hint=f"known fields: {', '.join(sorted(known))}")
-        if k in ("window_size", "window_skip"):   # read (and checked) by _window
+        if k in ("window_size", "window_skip", "no_rope"):   # read (and checked) by _window / _no_rope
             continue
-        if k == "rope" and isinstance(v, dict):
-            v = Rope(**v)
+        if k == "rope" and isinstance(v, dict):   # the fields given replace the lifted rope's
+            v = dataclasses.replace(fields["rope"], **v)
         if k == "dtype":
             v = DType.parse(v)
-        if k == "no_rope" and v is not None:
-            v = tuple(v)
         fields[k] = v
     arch = MegatronArch(**fields)
-    _validate(arch, where)
+    _validate(arch, where, origins)
     return arch
 
 
-def _window(args: Any, where: str, overrides: dict) -> dict[str, Any]:
+def _window(args: Any, where: str, overrides: dict, origins: dict[str, str], max_pos: int) -> dict[str, Any]:
     """``window_size`` / ``window_attn_skip_freq`` as megatron-core reads them (``TransformerConfig``;
     ``--window-size`` is a ``tuple_type``, NeMo saves a list). Honoured: ``(L, 0)`` with ``L >= 0`` (query i sees
     keys i-L..i). Refused by the argument table (:func:`.arguments.window_problem`), and here for an override: a
     right window (a query would see later tokens) and ``-1`` (Transformer Engine reads it as unbounded, the local
-    attention's ``get_sliding_window_causal_mask`` as an empty window: the two disagree)."""
+    attention's ``get_sliding_window_causal_mask`` as an empty window: the two disagree). Refused too, saved or
+    overridden: ``L >= max_position_embeddings`` (a window longer than any sequence is full attention, which is
+    said by giving no window, not by a window size no target means; docs/arguments.md)."""
     w = overrides["window_size"] if "window_size" in overrides else _get(args, "window_size")
     if w is None:
         return {}
     if "window_size" in overrides and window_problem(w):   # saved values were judged by the argument table
-        raise ConfigError(f"config override window_size = {str(w)[:40]}: {window_problem(w)}",
+        raise ConfigError(f"{origins['window_size']}: {window_problem(w)}",
                           hint="give window_size: [L, 0] in --config FILE.yaml")
     if isinstance(w, str):
         w = [int(p) for p in w.strip("()[] ").split(",")]
     left = int(w[0])
+    if left >= max_pos:
+        raise ConfigError(f"{origins.get('window_size', where)}: a window of {left} tokens is not below "
+                          f"max_position_embeddings={max_pos}: every query would see every earlier key (full "
+                          "attention)", hint=f"give a window below {max_pos}, or no window for full attention "
+                                             "(--set window_size=null)")
     skip = overrides["window_skip"] if "window_skip" in overrides else _get(args, "window_skip")
+    where = origins.get("window_skip", where)
     if isinstance(skip, str):   # Megatron-LM's moe_freq_type keeps a list expression as text until parsed
         skip = [int(v) for v in skip.strip("[] ").split(",") if v.strip()] if "[" in skip else int(skip)
     if skip is not None and not (isinstance(skip, int) and not isinstance(skip, bool) and skip > 0) and not (
             isinstance(skip, (list, tuple)) and all(v in (0, 1) for v in skip)):
         raise ConfigError(f"{where}: window_attn_skip_freq = {str(skip)[:40]} is neither a positive int nor a 0/1 "
-                          "list", hint="give window_skip: N or [1, 0, ...] in --config FILE.yaml")
+                          "list", hint="give window_skip: N or [1, 0, ...] in --config FILE.yaml (or --set)")
     return {"window_size": (left, 0), "window_skip": list(skip) if isinstance(skip, (list, tuple)) else skip}
 
 
@@ -337,30 +360,33 @@ def _yarn(args: Any, where: str, rope: Rope) -> Rope:
     if rope.interleaved:
         raise ConfigError(f"{where}: position_embedding_type yarn with rotary_interleaved: megatron-core's "
                           "YarnRotaryEmbedding does not support interleaved rotary", hint="the checkpoint's "
-                          "args are inconsistent; set rotary_interleaved: false in --config if it was trained so")
+                          "args are inconsistent; if it was trained without, set `rope: {interleaved: false}` "
+                          "in --config")
     if rope.percent != 1.0:
         raise ConfigError(f"{where}: position_embedding_type yarn with rotary_percent={rope.percent:g}: "
                           "megatron-core's YarnRotaryEmbedding ignores rotary_percent (it rotates the whole head)",
-                          hint="set rotary_percent: 1.0 in --config (what megatron-core computed)")
+                          hint="set `rope: {percent: 1.0}` in --config (what megatron-core computed)")
     return _yarn_rope(args, rope)
 
 
-def _mla(args: Any, where: str, rope: Rope) -> dict[str, Any]:
+def _mla(args: Any, where: str, rope: Rope, overrides: dict | None = None) -> dict[str, Any]:
     """Multi-latent attention sizes and its decoupled rope (megatron-core MultiLatentAttention: RotaryEmbedding
     or YarnRotaryEmbedding over qk_pos_emb_head_dim, applied to GPT-J pairs; softmax scale
     get_mscale(rotary_scaling_factor, mscale_all_dim)^2 / sqrt(qk_head_dim + qk_pos_emb_head_dim), whatever
-    the rope type). rope_type None is MLATransformerConfig's default, yarn."""
+    the rope type). rope_type None is MLATransformerConfig's default, yarn. A size in ``overrides`` (checked by
+    :func:`_check_overrides`; qk_pos_emb_head_dim is the field qk_rope_dim) replaces the saved one."""
     from ...ir.semantics import yarn_softmax_mscale
 
     sizes = {}
     for f, default in (("kv_lora_rank", 32), ("qk_head_dim", 128), ("qk_pos_emb_head_dim", 64),
                        ("v_head_dim", 128)):
-        v = _get(args, f, default)
+        field = _FIELD_OF_ARG.get(f, f)
+        v = overrides[field] if field in (overrides or {}) else _get(args, f, default)
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 16:
             raise ConfigError(f"{where}: args.{f} = {str(v)[:40]} is not a size (1..65536)",
-                              hint=f"the saved args are damaged; give {f} with --config FILE.yaml")
+                              hint=f"the saved args are damaged; give {field} with --config FILE.yaml")
         sizes[f] = v
-    q_lora = _get(args, "q_lora_rank")
+    q_lora = overrides["q_lora_rank"] if "q_lora_rank" in (overrides or {}) else _get(args, "q_lora_rank")
     if q_lora is not None and (not isinstance(q_lora, int) or isinstance(q_lora, bool) or not 1 <= q_lora <= 1 << 16):
         raise ConfigError(f"{where}: args.q_lora_rank = {str(q_lora)[:40]} is not a size (1..65536) or None",
                           hint="give q_lora_rank with --config FILE.yaml")
@@ -406,11 +432,12 @@ def _no_rope(args: Any, where: str, num_layers: int) -> tuple[int, ...] | None:
                       f"{num_layers} entries", hint=fix)
 
 
-def _hybrid(args: Any, where: str, hidden: int) -> dict[str, Any]:
+def _hybrid(args: Any, where: str, hidden: int, overrides: dict | None = None) -> dict[str, Any]:
     """The hybrid Mamba fields (megatron/core/ssm/mamba_mixer.py: nheads = mamba_num_heads, else
     expand * hidden / mamba_head_dim with expand = 2). The pattern's ``|`` (pipeline cuts) are dropped; an MTP
-    part (``/``) is refused."""
-    pattern = _get(args, "hybrid_pattern")
+    part (``/``) is refused. A field in ``overrides`` replaces the saved one (and its check)."""
+    overrides = overrides or {}
+    pattern = overrides["hybrid_pattern"] if "hybrid_pattern" in overrides else _get(args, "hybrid_pattern")
     if pattern is not None and not isinstance(pattern, str):
         raise ConfigError(f"{where}: hybrid_override_pattern = {str(pattern)[:40]} is not a string",
                           hint="give hybrid_pattern: M-M*- in --config FILE.yaml")
@@ -420,7 +447,7 @@ def _hybrid(args: Any, where: str, hidden: int) -> dict[str, Any]:
                           f"hybrid_pattern={pattern.split('/')[0].replace('|', '')}")
     out: dict[str, Any] = {"hybrid_pattern": pattern.replace("|", "") if pattern else None}
     for f in ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads"):
-        v = _get(args, f)
+        v = overrides[f] if f in overrides else _get(args, f)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 16):
             raise ConfigError(f"{where}: args.{f} = {str(v)[:40]} is not a size (1..65536)",
                               hint=f"the saved args are damaged; give {f} with --config FILE.yaml")
@@ -431,8 +458,10 @@ def _hybrid(args: Any, where: str, hidden: int) -> dict[str, Any]:
     return out
 
 
-def _validate(a: MegatronArch, where: str):
-    problems = []
+def _validate(a: MegatronArch, where: str, origins: dict[str, str] | None = None):
+    """Refuse sizes that do not fit together; the message names the overrides among the fields involved (else
+    ``where``, the checkpoint's args file)."""
+    problems, involved = [], []
     if a.num_heads % a.num_kv_heads:
         problems.append(f"num_attention_heads={a.num_heads} is not a multiple of num_query_groups={a.num_kv_heads}")
     if a.padded_vocab_size % a.tp:
@@ -454,6 +483,18 @@ def _validate(a: MegatronArch, where: str):
         problems.append(f"window_attn_skip_freq lists {len(a.window_skip)} layers, num_layers={a.num_layers}")
     if a.replicated not in ("check", "rank0", "mean"):
         problems.append(f"replicated={a.replicated!r} (use check, rank0 or mean)")
+    if a.num_experts and a.moe_num_groups:   # megatron-core group_limited_topk: experts split into equal groups
+        if a.num_experts % a.moe_num_groups:
+            problems.append(f"num_experts={a.num_experts} is not a multiple of moe_num_groups={a.moe_num_groups}")
+        if not 1 <= a.moe_group_topk <= a.moe_num_groups:
+            problems.append(f"moe_group_topk={a.moe_group_topk} is not in 1..moe_num_groups={a.moe_num_groups}")
+    def said(f, p):   # problem p names field f (or a saved arg it replaces)
+        names = {f, *ARG_ALIASES.get(f, ()), *(a for a, g in _FIELD_OF_ARG.items() if g == f)}
+        return any(f"{n}=" in p or f" {n} " in f" {p} " for n in names)
+    involved = [o for f, o in (origins or {}).items() if any(said(f, p) for p in problems)]
+    if problems and involved:
+        raise ConfigError(f"{', '.join(involved)}: does not fit the checkpoint: " + "; ".join(problems),
+                          hint="give values that fit together (`mexc inspect CKPT` shows the saved args)")
     if problems:
         raise ConfigError(f"{where}: inconsistent args: " + "; ".join(problems),
                           hint="fix them with --config FILE.yaml")

@@ -19,6 +19,7 @@ from ...ir.types import TensorType
 from . import mapping
 from .arguments import apply as apply_arguments
 from .config import MegatronArch, from_args, layer_window, load_overrides
+from .overrides import check_shapes, merge_overrides
 from .replicated import replicated as replicated_copies
 from .reader import CheckpointInfo, DcpStore, MegatronTorchStore, open_checkpoint, tensor_type
 
@@ -33,17 +34,16 @@ def lift(path: str | Path, *, iteration: int | None = None, config: str | Path |
     (see :mod:`.replicated`). Saved args that change the math and are not honoured stop the lift
     (:mod:`.arguments`); args the table does not know are listed in ``model.meta["unknown_args"]``."""
     info = open_checkpoint(path, iteration)
-    ov = load_overrides(config)
-    ov.update(overrides or {})
+    ov, origins = merge_overrides(config, overrides, load_overrides)
     if replicated is not None:
-        ov["replicated"] = replicated
+        ov["replicated"], origins["replicated"] = replicated, f"--replicated {replicated}"
     where = str(info.iter_dir / ("common.pt" if info.format == "torch_dist" else "mp_rank_*/model_optim_rng.pt"))
     if info.args_missing and not ov:
         first = min(info.rank_files.values()) if info.rank_files else where
         raise CheckpointError(f"{first}: the checkpoint has no saved args (a release/ or converted checkpoint)",
                               hint="describe the architecture with --config FILE.yaml or --set FIELD=VALUE "
                                    "(fields: `mexc inspect` of a similar checkpoint shows them)")
-    arch = from_args(info.args, where, ov)
+    arch = from_args(info.args, where, ov, origins)
     if info.checkpoint_version is not None and float(info.checkpoint_version) < 2.0:
         raise CheckpointError(f"{info.iter_dir}: checkpoint_version {info.checkpoint_version} uses an old QKV "
                               "row order", hint="re-save it with a Megatron-LM from 2020 or later (version >= 2.0)")
@@ -60,8 +60,9 @@ def lift(path: str | Path, *, iteration: int | None = None, config: str | Path |
         model.meta["unknown_args"] = ",".join(unknown)
     if arch.replicated != "check":
         model.meta["replicated"] = arch.replicated
-    from ...ir import verify
+    from ...ir import problems, verify
 
+    check_shapes(problems(model), ov, origins)
     verify(model, context=f"(lifted from {info.iter_dir})")
     return model
 
