@@ -32,7 +32,8 @@ from mexc.backends.base import CompileOptions
 from mexc.backends.reference.executor import run
 from mexc.driver import compile_checkpoint, lift
 from mexc.errors import ConfigError
-from mexc.frontends.megatron.config import from_args, layer_window
+from mexc.frontends.megatron.config import from_args
+from mexc.frontends.megatron.config_features import layer_window
 
 TOL = 1e-4
 KINDS = {"window": ("MistralForCausalLM", [3, 3]), "swa": ("MinistralForCausalLM", [3, None]),

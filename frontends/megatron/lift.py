@@ -18,7 +18,8 @@ from ...ir import Builder, ModelConfig, Model, Parallelism, QKVLayout, Recipe, d
 from ...ir.types import TensorType
 from . import mapping
 from .arguments import apply as apply_arguments
-from .config import MegatronArch, from_args, layer_window, load_overrides
+from .config import MegatronArch, from_args, load_overrides
+from .config_features import layer_window
 from .lift_layers import _get, _mamba, _mla, _mlp, _sinks
 from .overrides import check_shapes, merge_overrides
 from .replicated import replicated as replicated_copies
