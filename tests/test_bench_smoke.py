@@ -84,5 +84,6 @@ def test_bench_tiny_end_to_end(tmp_path):
             assert run["bytes"] > 0.9 * 2 * PRESETS["tiny"].param_count(2)  # every weight, bf16
             assert run["wall_s"] > 0 and run["gbps"] > 0 and run["ratio_cp"] > 0
             assert 0 < run["peak_rss"] < 64e9
-            assert run["largest_output_tensor_bytes"] == res["largest_tensor_bytes"]
+            # the embedding / head, written without Megatron's padding rows (no tokenizer: the saved vocab)
+            assert 0.9 * res["largest_tensor_bytes"] < run["largest_output_tensor_bytes"] <= res["largest_tensor_bytes"]
     assert not workdir.exists() or not any(workdir.iterdir()), "bench data left behind"
