@@ -341,5 +341,7 @@ def default_vocab(model, res: Resolved) -> tuple[int | None, str | None]:
     size = len(res.tok) if saved >= rows else max(len(res.tok), saved)
     if size >= rows:
         return None, None
-    return size, (f"vocab {rows} -> {size}: trimmed Megatron's padding rows to the tokenizer's {len(res.tok)} "
-                  f"tokens (--vocab-size {rows} keeps them)")
+    basis = f"the tokenizer's {len(res.tok)} tokens" if size == len(res.tok) else \
+        f"the {size} ids of the saved args (the tokenizer has {len(res.tok)})"
+    return size, (f"vocab {rows} -> {size}: trimmed Megatron's padding rows to {basis} (--vocab-size {rows} keeps "
+                  "them)")
