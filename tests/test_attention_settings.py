@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import trtllm_reader
+from family_checks import err, hf_model, onnx_errors
 from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -41,42 +41,22 @@ from mexc.tools.cli import main
 TOL = 1e-4
 
 
-def err(a, b) -> float:
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    V = min(a.shape[-1], b.shape[-1])
-    return (a[..., :V] - b[..., :V]).abs().max().item()
-
-
 def hf_logits(out, tokens, arch):
     """transformers' own class loading the hf output: every tensor used, none missing."""
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == [arch]
-    transformers.logging.set_verbosity_error()
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                                   output_loading_info=True)
-    assert not {k: v for k, v in info.items() if v}, info
-    assert type(model).__name__ == arch
+    model = hf_model(out, arch)
     with torch.no_grad():
         return cfg, model, model(tokens).logits
 
 
 def onnx_matches(tmp_path, d, profile):
-    """The onnx output's prefill of 5 tokens, then one token at a time through the KV cache, against
-    megatron-core's logits."""
-    from test_onnx_backend import Decoder
-
+    """The onnx output's prefill of 5 tokens, then one token at a time through the KV cache: the worst error
+    against megatron-core's logits."""
     ref = load_reference(d)
     out = tmp_path / f"onnx-{profile}"
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
-    dec = Decoder(out / "model.onnx")
-    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
-    logits, past = dec.step(tokens[:, :5], None, 0)
-    worst = err(logits, want[:, :5])
-    for t in range(5, tokens.shape[1]):
-        logits, past = dec.step(tokens[:, t:t + 1], past, t)
-        worst = max(worst, err(logits, want[:, t:t + 1]))
-    assert np.isfinite(logits).all()
-    return worst
+    return onnx_errors(out / "model.onnx", ref, prefix=5).worst
 
 
 # ------------------------------------------------------------------------------------------ softmax_scale

@@ -17,9 +17,9 @@ Oracle: megatron-core's logits (the fixture's ``reference.pt``), never mexc itse
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from family_checks import err, hf_model, onnx_errors
 from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
 
 pytestmark = pytest.mark.skipif(not have_megatron_core(), reason="megatron-core not installed")
@@ -32,12 +32,6 @@ from mexc.frontends.megatron.config import from_args
 from mexc.frontends.megatron.reader import open_checkpoint
 
 TOL = 1e-4
-
-
-def err(a, b) -> float:
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    V = min(a.shape[-1], b.shape[-1])
-    return (a[..., :V] - b[..., :V]).abs().max().item()
 
 
 # ------------------------------------------------------------------------------------------ attention sinks
@@ -67,23 +61,13 @@ def test_sinks_reference_interpreter_matches_megatron(tp, fmt):
 @pytest.mark.parametrize("kind", ["sinks", "sinks-window"])
 @pytest.mark.parametrize("profile", ["ort", "tensorrt"])
 def test_sinks_onnx_prefill_and_decode_match_megatron(tmp_path, kind, profile):
-    from test_onnx_backend import Decoder
-
     d = megatron_checkpoint(kind)
     ref = load_reference(d)
     out = tmp_path / "onnx"
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
-    dec = Decoder(out / "model.onnx")
-    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
-    logits, _ = dec.step(tokens, None, 0)
-    assert err(logits, want) < TOL
-    logits, past = dec.step(tokens[:, :3], None, 0)
-    assert err(logits, want[:, :3]) < TOL
-    for t in range(3, tokens.shape[1]):             # one token at a time, past the 3-key window
-        logits, past = dec.step(tokens[:, t:t + 1], past, t)
-        assert err(logits, want[:, t:t + 1]) < TOL, t
-    assert past["past_key_values.0.key"].shape[2] == tokens.shape[1]   # the sink is not a cached key
-    assert np.isfinite(logits).all()
+    decoded = onnx_errors(out / "model.onnx", ref, prefix=3, whole=True)   # decode steps cross the 3-key window
+    assert decoded.worst < TOL
+    assert decoded.past["past_key_values.0.key"].shape[2] == ref["tokens"].shape[1]   # the sink is no cached key
 
 
 def test_sinks_onnx_graph_form(tmp_path):
@@ -129,7 +113,7 @@ def test_learnable_without_the_tensor_is_one_error_line():
 def test_sinks_hf_granite_swa_matches_megatron(tmp_path, kind):
     import json
 
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     d = megatron_checkpoint(kind)
     ref = load_reference(d)
     out = tmp_path / "hf"
@@ -141,10 +125,7 @@ def test_sinks_hf_granite_swa_matches_megatron(tmp_path, kind):
     assert cfg["attention_multiplier"] == 0.25 and cfg["embedding_multiplier"] == cfg["residual_multiplier"] == 1
     if kind == "sinks-window":
         assert cfg["sliding_window"] == 4
-    transformers.logging.set_verbosity_error()
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                                   output_loading_info=True)
-    assert not {k: v for k, v in info.items() if v}, info
+    model = hf_model(out)
     with torch.no_grad():
         assert err(model(ref["tokens"]).logits, ref["logits"]) < TOL
 
@@ -197,19 +178,11 @@ def test_clamped_glu_reference_interpreter_matches_megatron(tp, fmt):
 
 @pytest.mark.parametrize("profile", ["ort", "tensorrt"])
 def test_clamped_glu_onnx_matches_megatron(tmp_path, profile):
-    from test_onnx_backend import Decoder
-
     d = megatron_checkpoint("glu-oai")
     ref = load_reference(d)
     out = tmp_path / "onnx"
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
-    dec = Decoder(out / "model.onnx")
-    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
-    logits, past = dec.step(tokens[:, :5], None, 0)
-    assert err(logits, want[:, :5]) < TOL
-    for t in range(5, tokens.shape[1]):
-        logits, past = dec.step(tokens[:, t:t + 1], past, t)
-        assert err(logits, want[:, t:t + 1]) < TOL
+    assert onnx_errors(out / "model.onnx", ref, prefix=5).worst < TOL
 
 
 @pytest.mark.parametrize("target,words", [("hf", "clamped / offset GLU"),
@@ -246,7 +219,7 @@ def test_gpt_oss_reference_interpreter_matches_megatron():
 def test_gpt_oss_hf_matches_megatron(tmp_path):
     import json
 
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     d = megatron_checkpoint("gpt-oss")
     ref = load_reference(d)
     out = tmp_path / "hf"
@@ -256,11 +229,7 @@ def test_gpt_oss_hf_matches_megatron(tmp_path):
     assert (cfg["layer_types"], cfg["sliding_window"], cfg["swiglu_limit"], cfg["attention_bias"],
             cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["rope_parameters"]["rope_type"]) == \
         (["sliding_attention", "full_attention"], 4, 0.5, True, 4, 2, "yarn")
-    transformers.logging.set_verbosity_error()
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                                   output_loading_info=True)
-    assert not {k: v for k, v in info.items() if v}, info      # every tensor used, none missing
-    assert type(model).__name__ == "GptOssForCausalLM"
+    model = hf_model(out, "GptOssForCausalLM")
     with torch.no_grad():
         assert err(model(ref["tokens"]).logits, ref["logits"]) < TOL
         for t in range(5, ref["tokens"].shape[1] + 1):         # and each prefix (the window slides)
@@ -269,21 +238,11 @@ def test_gpt_oss_hf_matches_megatron(tmp_path):
 
 @pytest.mark.parametrize("profile", ["ort", "tensorrt"])
 def test_gpt_oss_onnx_prefill_and_decode_match_megatron(tmp_path, profile):
-    from test_onnx_backend import Decoder
-
     d = megatron_checkpoint("gpt-oss")
     ref = load_reference(d)
     out = tmp_path / "onnx"
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
-    dec = Decoder(out / "model.onnx")
-    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
-    logits, _ = dec.step(tokens, None, 0)
-    assert err(logits, want) < TOL
-    logits, past = dec.step(tokens[:, :3], None, 0)
-    for t in range(3, tokens.shape[1]):             # through the KV cache, past the 3-key window of layer 0
-        logits, past = dec.step(tokens[:, t:t + 1], past, t)
-        assert err(logits, want[:, t:t + 1]) < TOL, t
-    assert np.isfinite(logits).all()
+    assert onnx_errors(out / "model.onnx", ref, prefix=3, whole=True).worst < TOL
 
 
 def test_gpt_oss_trtllm_refused_in_one_line(tmp_path):

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from family_checks import err, hf_cached_errors, hf_model, onnx_errors
 from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -38,12 +38,6 @@ from mexc.passes import PassManager, parse_pipeline
 
 TOL = 1e-4
 PREFIX = 2          # tokens prefilled before the one-token decode steps
-
-
-def err(a, b) -> float:
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    V = min(a.shape[-1], b.shape[-1])
-    return (a[..., :V] - b[..., :V]).abs().max().item()
 
 
 @pytest.mark.parametrize("kind,tp,fmt", [("output-gate", 1, "torch"), ("output-gate", 2, "torch_dist"),
@@ -96,40 +90,20 @@ def test_hf_qwen3_next_reproduces_megatron_prefill_and_cached_decode(tmp_path, k
     assert cfg["layer_types"] == ["full_attention"] * 2 and cfg["num_experts"] == 0
     assert cfg["rope_parameters"]["partial_rotary_factor"] == 1.0
     assert cfg["attention_bias"] == (kind == "output-gate-bias")
-    transformers.logging.set_verbosity_error()
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                                   output_loading_info=True)
-    assert type(model).__name__ == "Qwen3NextForCausalLM" and not {k: v for k, v in info.items() if v}, info
-    tokens, want = ref["tokens"], ref["logits"]
+    model = hf_model(out, "Qwen3NextForCausalLM")
     with torch.no_grad():
-        assert err(model(tokens).logits, want) < TOL
-        o = model(tokens[:, :PREFIX], use_cache=True)
-        cache = o.past_key_values
-        for t in range(PREFIX, tokens.shape[1]):
-            o = model(tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = o.past_key_values
-            assert err(o.logits, want[:, t:t + 1]) < TOL, t
+        assert err(model(ref["tokens"]).logits, ref["logits"]) < TOL
+    assert max(hf_cached_errors(model, ref, prefix=PREFIX)) < TOL
 
 
 @pytest.mark.parametrize("profile", ["ort", "tensorrt"])
 @pytest.mark.parametrize("kind,tp", [("output-gate", 1), ("output-gate-plain", 1), ("output-gate-bias", 2)])
 def test_onnx_prefill_and_decode_match_megatron(tmp_path, kind, tp, profile):
-    from test_onnx_backend import Decoder
-
     d = megatron_checkpoint(kind, tp=tp)
     ref = load_reference(d)
     out = tmp_path / "onnx"
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
-    dec = Decoder(out / "model.onnx")
-    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
-    logits, _ = dec.step(tokens, None, 0)
-    assert err(logits, want) < TOL
-    logits, past = dec.step(tokens[:, :PREFIX], None, 0)
-    assert err(logits, want[:, :PREFIX]) < TOL
-    for t in range(PREFIX, tokens.shape[1]):         # one token at a time through the KV cache
-        logits, past = dec.step(tokens[:, t:t + 1], past, t)
-        assert err(logits, want[:, t:t + 1]) < TOL, t
-    assert np.isfinite(logits).all()
+    assert onnx_errors(out / "model.onnx", ref, prefix=PREFIX, whole=True).worst < TOL
 
 
 def test_refusals_are_one_line_each(tmp_path):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from family_checks import err, hf_cached_errors, hf_model, onnx_errors
 from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -30,12 +30,6 @@ from mexc.passes import PassManager, parse_pipeline
 
 TOL = 1e-4
 PREFIX = 2
-
-
-def err(a, b) -> float:
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    V = min(a.shape[-1], b.shape[-1])
-    return (a[..., :V] - b[..., :V]).abs().max().item()
 
 
 @pytest.mark.parametrize("kind,tp,fmt", [("qk-l2-norm", 1, "torch"), ("qk-l2-norm", 2, "torch_dist"),
@@ -82,43 +76,24 @@ def test_hf_llama4_dense_reproduces_megatron_prefill_and_cached_decode(tmp_path,
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="hf"))
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["architectures"], cfg["model_type"]) == (["Llama4ForCausalLM"], "llama4_text")
-    transformers.logging.set_verbosity_error()
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                                   output_loading_info=True)
-    assert type(model).__name__ == "Llama4ForCausalLM" and not {k: v for k, v in info.items() if v}, info
+    model = hf_model(out, "Llama4ForCausalLM")
     c = model.config      # exactly a dense Llama with the L2 norm: no MoE, no chunked / NoPE layers
     assert (c.moe_layers, c.no_rope_layers, c.layer_types) == ([], [1, 1], ["full_attention"] * 2)
     assert c.use_qk_norm and not c.attn_temperature_tuning and c.attention_chunk_size is None
     assert all(hasattr(layer.self_attn, "qk_norm") and not layer.is_moe_layer for layer in model.model.layers)
-    tokens, want = ref["tokens"], ref["logits"]
     with torch.no_grad():
-        assert err(model(tokens).logits, want) < TOL
-        o = model(tokens[:, :PREFIX], use_cache=True)
-        cache = o.past_key_values
-        for t in range(PREFIX, tokens.shape[1]):
-            o = model(tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = o.past_key_values
-            assert err(o.logits, want[:, t:t + 1]) < TOL, t
+        assert err(model(ref["tokens"]).logits, ref["logits"]) < TOL
+    assert max(hf_cached_errors(model, ref, prefix=PREFIX)) < TOL
 
 
 @pytest.mark.parametrize("profile", ["ort", "tensorrt"])
 @pytest.mark.parametrize("kind", ["qk-l2-norm", "qk-l2-norm-interleaved"])
 def test_onnx_prefill_and_decode_match_megatron(tmp_path, kind, profile):
-    from test_onnx_backend import Decoder
-
     d = megatron_checkpoint(kind)
     ref = load_reference(d)
     out = tmp_path / "onnx"
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
-    dec = Decoder(out / "model.onnx")
-    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
-    logits, _ = dec.step(tokens, None, 0)
-    assert err(logits, want) < TOL
-    logits, past = dec.step(tokens[:, :PREFIX], None, 0)
-    for t in range(PREFIX, tokens.shape[1]):
-        logits, past = dec.step(tokens[:, t:t + 1], past, t)
-        assert err(logits, want[:, t:t + 1]) < TOL, t
-    assert np.isfinite(logits).all()
+    assert onnx_errors(out / "model.onnx", ref, prefix=PREFIX, whole=True).worst < TOL
 
 
 def test_refusals_are_one_line_each(tmp_path):
