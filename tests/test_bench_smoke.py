@@ -78,11 +78,20 @@ def test_bench_tiny_end_to_end(tmp_path):
     for fmt in ("torch", "torch_dist"):
         fr = res["formats"][fmt]
         assert fr["source_bytes"] > 0 and fr["cp"]["gbps"] > 0
+        # the disk ceiling read every source byte and wrote at least as many, in the same run (where the file
+        # system takes O_DIRECT; elsewhere the reason is recorded)
+        dd = fr.get("dd")
+        assert dd or "dd" in fr["dd_error"]
+        if dd:
+            assert dd["read_bytes"] == fr["source_bytes"] <= dd["write_bytes"] and dd["wall_s"] > 0
         for target in ("trtllm", "hf"):
             run = fr["runs"][target]
             assert run["rc"] == 0, run.get("error")
             assert run["bytes"] > 0.9 * 2 * PRESETS["tiny"].param_count(2)  # every weight, bf16
             assert run["wall_s"] > 0 and run["gbps"] > 0 and run["ratio_cp"] > 0
+            assert run["throughput_ok"] == (run["ratio_cp"] >= 1.0)
+            if dd:
+                assert run["ratio_dd"] > 0 and run["disk_ok"] == (run["ratio_dd"] <= 1.3)
             assert 0 < run["peak_rss"] < 64e9
             # the embedding / head, written without Megatron's padding rows (no tokenizer: the saved vocab)
             assert 0.9 * res["largest_tensor_bytes"] < run["largest_output_tensor_bytes"] <= res["largest_tensor_bytes"]
