@@ -162,8 +162,6 @@ def _policy() -> dict[tuple[str, str], Any]:
     """Exact ``(module, name)`` -> what it resolves to. One row per name real saves are known to contain."""
     import signal
 
-    from torch.distributed.checkpoint import filesystem, metadata, planner
-
     p: dict[tuple[str, str], Any] = {
         ("argparse", "Namespace"): argparse.Namespace,                   # Megatron-LM's saved args
         ("types", "SimpleNamespace"): types.SimpleNamespace,             # megatron safe_globals
@@ -190,13 +188,6 @@ def _policy() -> dict[tuple[str, str], Any]:
             p[("torch", name)] = getattr(torch, name)
     for name in ("contiguous_format", "channels_last", "preserve_format"):
         p[("torch", name)] = getattr(torch, name)
-    for mod in (metadata, planner, filesystem):                           # DCP .metadata
-        for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                     "TensorProperties", "_MEM_FORMAT_ENCODING", "MetadataIndex", "StorageMeta",
-                     "WriteItemType", "LoadItemType", "BytesIOWriteData", "TensorWriteData", "WriteItem",
-                     "ReadItem", "SavePlan", "LoadPlan", "_StorageInfo", "_StoragePrefix", "SerializationFormat"):
-            if name in vars(mod):
-                p[(mod.__name__, name)] = vars(mod)[name]
     for ver in ("numpy.core", "numpy._core"):                             # np.random.get_state() in rng_state
         p[(f"{ver}.multiarray", "_reconstruct")] = _np(f"{ver}.multiarray._reconstruct")
         p[(f"{ver}.multiarray", "scalar")] = _np(f"{ver}.multiarray.scalar")
@@ -209,6 +200,28 @@ def _policy() -> dict[tuple[str, str], Any]:
     return p
 
 
+_DCP_MODULE = "torch.distributed.checkpoint."
+_DCP_NAMES = ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+              "TensorProperties", "_MEM_FORMAT_ENCODING", "MetadataIndex", "StorageMeta", "WriteItemType",
+              "LoadItemType", "BytesIOWriteData", "TensorWriteData", "WriteItem", "ReadItem", "SavePlan", "LoadPlan",
+              "_StorageInfo", "_StoragePrefix", "SerializationFormat")
+
+
+def _add_dcp_rows() -> None:
+    """The rows of a DCP ``.metadata`` pickle (``torch.distributed.checkpoint``'s metadata, planner and filesystem
+    classes), added on the first name from those modules: importing them costs ~0.6 s, which a legacy
+    checkpoint never needs."""
+    global _dcp_added
+    from torch.distributed.checkpoint import filesystem, metadata, planner
+
+    for mod in (metadata, planner, filesystem):
+        for name in _DCP_NAMES:
+            if name in vars(mod):
+                POLICY[(mod.__name__, name)] = vars(mod)[name]
+    _dcp_added = True
+
+
+_dcp_added = False
 POLICY: dict[tuple[str, str], Any] = _policy()  # safe_load adds the torch.save rows (storages, tensors)
 _MEGATRON_NAME = re.compile(r"^megatron(\.[A-Za-z_]\w*)+$")
 _QUALNAME = re.compile(r"^[A-Za-z_]\w*$")  # no dotted names: a stand-in is for a class, not an attribute chain
@@ -222,6 +235,8 @@ def resolve(module: str, name: str, proto: int) -> Any:
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
+    if module.startswith(_DCP_MODULE) and not _dcp_added:
+        _add_dcp_rows()
     hit = POLICY.get((module, name))
     if hit is not None:
         return hit
