@@ -1,5 +1,7 @@
 """Qwen3MoeForCausalLM: Qwen3's attention (per-head RMSNorm of q and k before rotary, Megatron's
-``qk_layernorm``) with every layer a softmax top-k MoE of gated SiLU experts, no shared expert.
+``qk_layernorm``) with every layer a softmax top-k MoE of gated SiLU experts, no shared expert, but the
+``mlp_only_layers``: dense ``Qwen3MoeMLP`` of ``intermediate_size`` with the experts' ``hidden_act`` (Megatron
+``moe_layer_freq`` 0s, anywhere).
 
 Routing (transformers ``Qwen3MoeTopKRouter``): softmax over all experts in fp32, top-k, then, with
 ``norm_topk_prob``, the k weights divided by their sum. That is Megatron's softmax router either way
