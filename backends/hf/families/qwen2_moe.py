@@ -2,8 +2,9 @@
 every layer a softmax top-k MoE plus a shared expert whose output is multiplied by
 ``sigmoid(shared_expert_gate(x))`` (transformers ``Qwen2MoeSparseMoeBlock``) = Megatron's ``SharedExpertMLP``
 with ``moe_shared_expert_gate`` (megatron/core/transformer/moe/shared_experts.py). The class always has the gate:
-a shared expert without one has no Qwen2-MoE form and is refused. Dense layers: ``mlp_only_layers``, as Qwen3-MoE. Routing as Qwen3-MoE (``norm_topk_prob`` =
-not ``moe_router_pre_softmax``; Qwen2-MoE checkpoints are trained pre-softmax)."""
+a shared expert without one has no Qwen2-MoE form and is refused. Dense layers: ``mlp_only_layers``, as
+Qwen3-MoE. Routing as Qwen3-MoE (``norm_topk_prob`` = not ``moe_router_pre_softmax``; Qwen2-MoE checkpoints are
+trained pre-softmax)."""
 
 from __future__ import annotations
 
