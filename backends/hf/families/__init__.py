@@ -4,10 +4,13 @@ class, registered in classification order (:mod:`.common` holds what they share;
 =========== ======================  =======================================================================
 family      HF class                IR shape
 =========== ======================  =======================================================================
-deepseek_v3 DeepseekV3ForCausalLM   multi-latent attention (mla), RMSNorm, dense SwiGLU layers (first_k_dense_replace)
-qwen3_moe   Qwen3MoeForCausalLM     like qwen3, every layer a softmax top-k MoE (renormalized or not)
-qwen2_moe   Qwen2MoeForCausalLM     like qwen2, every layer a softmax top-k MoE + a sigmoid-gated shared expert
-glm4_moe    Glm4MoeForCausalLM      sigmoid routing (expert bias, groups) + ungated shared experts, partial rotary
+deepseek_v3 DeepseekV3ForCausalLM   multi-latent attention (mla), RMSNorm, dense SwiGLU layers first
+                                    (first_k_dense_replace), then sigmoid-routed MoEs + shared experts
+qwen3_moe   Qwen3MoeForCausalLM     like qwen3, softmax top-k MoEs (renormalized or not), mlp_only_layers
+qwen2_moe   Qwen2MoeForCausalLM     like qwen2, softmax top-k MoEs + a sigmoid-gated shared expert,
+                                    mlp_only_layers
+glm4_moe    Glm4MoeForCausalLM      sigmoid routing (expert bias, groups) + ungated shared experts, partial
+                                    rotary, dense layers first (first_k_dense_replace)
 mixtral     MixtralForCausalLM      like llama, every layer a softmax top-k MoE of gated experts, no biases
 falcon      FalconForCausalLM       parallel attention + MLP off one LayerNorm, rotary, fused grouped QKV
 falcon2     FalconForCausalLM       the same with ln_attn + ln_mlp (Falcon's new decoder architecture)

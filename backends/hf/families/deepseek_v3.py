@@ -5,8 +5,14 @@ transformers' ``models/deepseek_v3/modeling_deepseek_v3.py``: ``DeepseekV3Attent
 rope key) -> ``kv_a_layernorm`` -> ``kv_b_proj`` (k_nope | v per head), ``o_proj``; ``rope_interleave`` rotates
 GPT-J pairs (Megatron's MLA convention); its softmax scale is ``qk_head_dim^-0.5 * get_mscale(factor,
 mscale_all_dim)^2`` for a scaled rope (``yarn_apply_mscale``); its latent norms are ``DeepseekV3RMSNorm`` at the
-default eps 1e-6. Layers below ``first_k_dense_replace`` have a dense MLP: mexc writes it = num_layers (every
-layer dense; routed experts are not written yet).
+default eps 1e-6. Layers below ``first_k_dense_replace`` have a dense ``DeepseekV3MLP`` of ``intermediate_size``
+(Megatron ``moe_layer_freq`` with its 0s first, e.g. ``([0]*3+[1]*58)``; a model without MoE layers is written
+with it = num_layers), the others a ``DeepseekV3MoE``: ``DeepseekV3TopkRouter`` routes as Glm4MoeForCausalLM's
+(sigmoid, ``e_score_correction_bias`` = Megatron's ``expert_bias`` for the choice only, ``n_group`` /
+``topk_group`` groups ranked by their best 2 scores, ``norm_topk_prob``, ``routed_scaling_factor`` =
+``moe_router_topk_scaling_factor``; see :mod:`.glm4_moe`) over ``n_routed_experts`` SwiGLU experts of
+``moe_intermediate_size``, plus ungated shared experts of ``moe_intermediate_size * n_shared_experts``
+(Megatron's SharedExpertMLP without ``moe_shared_expert_gate``). Softmax routing (DeepSeek-V2's) is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import math
 
 from ....ir.semantics import yarn_softmax_mscale
 from .common import HIDDEN_ACT, ONE_MLP_SIZE, family, mlp_form, rope_fields, rule
+from .glm4_moe import PARAMS as MOE_PARAMS
+from .glm4_moe import _router, _shared
+from .qwen3_moe import dense_layers, moe_rules
 
 _L = "model.layers.{L}."
 ROWS = f"""
@@ -32,6 +41,14 @@ post_norm   weight    {_L}post_attention_layernorm.weight        copy  always
 mlp         gate      {_L}mlp.gate_proj.weight                   copy  always
 mlp         up        {_L}mlp.up_proj.weight                     copy  always
 mlp         fc2       {_L}mlp.down_proj.weight                   copy  always
+moe         router       {_L}mlp.gate.weight                     copy    always
+moe         expert_bias  {_L}mlp.gate.e_score_correction_bias    copy    always
+moe         gate         {_L}mlp.experts.{{E}}.gate_proj.weight    expert  always
+moe         up           {_L}mlp.experts.{{E}}.up_proj.weight      expert  always
+moe         fc2          {_L}mlp.experts.{{E}}.down_proj.weight    expert  always
+moe         shared_gate  {_L}mlp.shared_experts.gate_proj.weight copy    always
+moe         shared_up    {_L}mlp.shared_experts.up_proj.weight   copy    always
+moe         shared_fc2   {_L}mlp.shared_experts.down_proj.weight copy    always
 final_norm  weight    model.norm.weight                          copy  always
 lm_head     weight    lm_head.weight                             copy  untied
 """
@@ -72,6 +89,17 @@ def _mla(f):
     return p
 
 
+def _moe(f):
+    if not f.moes:
+        return []
+    soft = [m for m in f.moes if m.attrs["score"] != "sigmoid"]
+    if soft:
+        return [f"{soft[0].location}: score={soft[0].attrs['score']!r} routing cannot be expressed by the {f.name}: "
+                "its router is sigmoid with a correction bias (DeepSeek-V3; Megatron moe_router_score_function "
+                "sigmoid); softmax-routed MLA (DeepSeek-V2) has no hf class in mexc"]
+    return moe_rules(f, f.name, MOE_PARAMS, sigmoid=True, first_only=True) or _router(f)
+
+
 def _no_learned(f):
     if f.learned:
         return f"learned position embeddings cannot be expressed by the {f.name}"
@@ -83,7 +111,7 @@ def _flags(f, base: dict) -> dict:
 
 
 def config(f, flags) -> dict:
-    c, a, m = f.config, f.mlas[0].attrs, f.mlps[0]
+    c, a, m = f.config, f.mlas[0].attrs, (f.mlps or f.moes)[0]
     ffn = m.params["fc2"].type.shape[-1]
     q = f.mlas[0].params.get("q_down")
     cfg = {"vocab_size": f.emb.params["word"].type.shape[0], "hidden_size": c.hidden_size,
@@ -96,14 +124,25 @@ def config(f, flags) -> dict:
            "rms_norm_eps": f.norms[0].attrs["eps"], "rope_interleave": True, "attention_bias": False,
            "attention_dropout": 0.0, "initializer_range": 0.02, "num_nextn_predict_layers": 0, "num_mtp_layers": 0}
     rope_fields(a["rope"], cfg)
+    if f.moes:
+        e = f.moes[0]
+        ea, F = e.attrs, e.params["fc2"].type.shape[-1]
+        cfg.update(moe_intermediate_size=F, first_k_dense_replace=len(dense_layers(f)),
+                   n_routed_experts=ea["num_experts"], num_experts_per_tok=ea["top_k"],
+                   n_shared_experts=_shared(e) // F, routed_scaling_factor=float(ea["topk_scale"]),
+                   n_group=ea["num_groups"] or 1, topk_group=ea["group_topk"] or 1,
+                   norm_topk_prob=bool(ea["norm_topk"]))
     return cfg
 
 
-family("deepseek_v3", "DeepseekV3ForCausalLM", rows=ROWS,
+family("deepseek_v3", "DeepseekV3ForCausalLM", rows=ROWS, moe=True,
        signature=lambda f: bool(f.mlas) and f.kinds == {"rmsnorm"},
        rules=[rule("plain attention layers; MLA shapes differing by layer; latent norms other than RMSNorm at "
                    "1e-6; partial rope or scaling other than yarn; a softmax scale the config cannot give; "
                    "biases")(_mla), rule("learned positions")(_no_learned),
               rule("a MLP other than SwiGLU")(mlp_form(True, "silu", ": DeepseekV3MLP is SwiGLU")),
-              ONE_MLP_SIZE],
+              ONE_MLP_SIZE,
+              rule("softmax routing; dense layers other than the first k (first_k_dense_replace); experts other than "
+                   "bias-free gated SiLU; no or gated shared experts, a shared expert size not a multiple of the "
+                   "experts'; groups ranked by other than their best 2 scores; differing MoE layers")(_moe)],
        config=config, flags=_flags)

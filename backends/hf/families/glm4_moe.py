@@ -1,5 +1,7 @@
 """Glm4MoeForCausalLM: Llama-style attention (q/k/v bias per ``attention_bias``, rotate-half rotary over the first
-``partial_rotary_factor`` of each head) with every layer a sigmoid-routed MoE plus ungated shared experts.
+``partial_rotary_factor`` of each head) with every layer a sigmoid-routed MoE plus ungated shared experts, but
+the first ``first_k_dense_replace`` layers: dense ``Glm4MoeMLP`` of ``intermediate_size`` (Megatron
+``moe_layer_freq`` with its 0s first).
 
 Routing (transformers ``Glm4MoeTopkRouter``): sigmoid of the fp32 router logits; ``e_score_correction_bias``
 added to choose the experts (not to weigh them); ``n_group`` groups of which the ``topk_group`` whose best 2 scores
@@ -14,7 +16,7 @@ sums the best top_k / group_topk scores of a group). The shared experts (``Glm4M
 from __future__ import annotations
 
 from .common import MLP_BIAS, ROTARY_ONLY, decoder_rows, family, llama_config, no_qk_norm, rule
-from .qwen3_moe import MOE_PARAMS, moe_rules
+from .qwen3_moe import DENSE_ROWS, MOE_PARAMS, dense_layers, dense_size, moe_rules
 
 L = "model.layers.{L}."
 ROWS = decoder_rows(qkv_bias="attn_bias", mlp="none") + f"""
@@ -26,7 +28,7 @@ moe   fc2          {L}mlp.experts.{{E}}.down_proj.weight             expert  alw
 moe   shared_gate  {L}mlp.shared_experts.gate_proj.weight          copy    always
 moe   shared_up    {L}mlp.shared_experts.up_proj.weight            copy    always
 moe   shared_fc2   {L}mlp.shared_experts.down_proj.weight          copy    always
-"""
+""" + DENSE_ROWS
 PARAMS = MOE_PARAMS | {"expert_bias", "shared_gate", "shared_up", "shared_fc2"}
 
 
@@ -71,7 +73,8 @@ def config(f, flags) -> dict:
                n_routed_experts=a["num_experts"], num_experts_per_tok=a["top_k"], moe_intermediate_size=F,
                n_shared_experts=_shared(m) // F, routed_scaling_factor=float(a["topk_scale"]),
                n_group=a["num_groups"] or 1, topk_group=a["group_topk"] or 1, norm_topk_prob=bool(a["norm_topk"]),
-               first_k_dense_replace=0, num_nextn_predict_layers=0, output_router_logits=False)
+               first_k_dense_replace=len(dense_layers(f)), intermediate_size=dense_size(f),
+               num_nextn_predict_layers=0, output_router_logits=False)
     return cfg
 
 
@@ -84,8 +87,9 @@ family("glm4_moe", "Glm4MoeForCausalLM", rows=ROWS, moe=True,
                             and any(m.attrs["score"] == "sigmoid" and m.attrs["shared_expert"] != "none"
                                     for m in f.moes)),
        rules=[rule("q/k normalization")(no_qk_norm), ROTARY_ONLY,
-              rule("dense layers, experts other than bias-free gated SiLU, differing MoE layers")(
-                  lambda f: moe_rules(f, f.name, PARAMS, sigmoid=True)),
+              rule("dense layers other than the first k (first_k_dense_replace) as gated bias-free MLPs of one size, "
+                   "experts other than bias-free gated SiLU, differing MoE layers")(
+                  lambda f: moe_rules(f, f.name, PARAMS, sigmoid=True, first_only=True)),
               rule("softmax routing, no or gated shared experts, a shared expert size not a multiple of the experts', "
                    "groups ranked by other than their best 2 scores, attention output or MLP biases")(_router)],
        config=config, flags=_flags, before=("mixtral",))

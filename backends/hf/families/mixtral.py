@@ -65,7 +65,8 @@ def _windows(f):
                 "by the mixtral family (MixtralForCausalLM): its config has one sliding_window for every layer")
 
 
-family("mixtral", "MixtralForCausalLM", rows=ROWS, moe=True, signature=lambda f: bool(f.moes),
+family("mixtral", "MixtralForCausalLM", rows=ROWS, moe=True,
+       signature=lambda f: bool(f.moes) and not f.mlas,        # MLA models are DeepseekV3's
        rules=[rule("q/k normalization")(no_qk_norm), *LLAMA_LIKE,
               rule("dense layers, attention biases, routing other than softmax top-k renormalized, experts other "
                    "than gated SiLU, differing MoE layers")(_moe),

@@ -2,13 +2,14 @@
 every layer a softmax top-k MoE plus a shared expert whose output is multiplied by
 ``sigmoid(shared_expert_gate(x))`` (transformers ``Qwen2MoeSparseMoeBlock``) = Megatron's ``SharedExpertMLP``
 with ``moe_shared_expert_gate`` (megatron/core/transformer/moe/shared_experts.py). The class always has the gate:
-a shared expert without one has no Qwen2-MoE form and is refused. Routing as Qwen3-MoE (``norm_topk_prob`` =
-not ``moe_router_pre_softmax``; Qwen2-MoE checkpoints are trained pre-softmax)."""
+a shared expert without one has no Qwen2-MoE form and is refused. Dense layers: ``mlp_only_layers``, as
+Qwen3-MoE. Routing as Qwen3-MoE (``norm_topk_prob`` = not ``moe_router_pre_softmax``; Qwen2-MoE checkpoints are
+trained pre-softmax)."""
 
 from __future__ import annotations
 
 from .common import LLAMA_LIKE, MLP_BIAS, decoder_rows, family, llama_config, no_qk_norm, rule
-from .qwen3_moe import MOE_PARAMS, moe_config, moe_rules
+from .qwen3_moe import DENSE_ROWS, MOE_PARAMS, moe_config, moe_rules
 
 L = "model.layers.{L}."
 ROWS = decoder_rows(qkv_bias="attn_bias", mlp="none") + f"""
@@ -20,7 +21,7 @@ moe   shared_gate          {L}mlp.shared_expert.gate_proj.weight       copy    a
 moe   shared_up            {L}mlp.shared_expert.up_proj.weight         copy    always
 moe   shared_fc2           {L}mlp.shared_expert.down_proj.weight       copy    always
 moe   shared_expert_gate   {L}mlp.shared_expert_gate.weight            copy    always
-"""
+""" + DENSE_ROWS
 SHARED = {"shared_gate", "shared_up", "shared_fc2", "shared_expert_gate"}
 
 
@@ -59,7 +60,7 @@ family("qwen2_moe", "Qwen2MoeForCausalLM", rows=ROWS, moe=True,
        signature=lambda f: (bool(f.moes) and f.kinds == {"rmsnorm"} and f.positions == {"rope"}
                             and any(m.attrs["shared_expert"] != "none" for m in f.moes)),
        rules=[rule("q/k normalization")(no_qk_norm), *LLAMA_LIKE,
-              rule("dense layers, routing other than softmax top-k, experts other than bias-free gated SiLU, "
+              rule("dense layers other than gated bias-free MLPs of one size, routing other than softmax top-k, experts other than bias-free gated SiLU, "
                    "differing MoE layers")(lambda f: moe_rules(f, f.name, MOE_PARAMS | SHARED)),
               rule("a MoE without a sigmoid-gated shared expert; attention output or MLP biases; differing "
                    "shared expert sizes")(_shared)],

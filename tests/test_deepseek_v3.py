@@ -1,0 +1,155 @@
+"""DeepSeek-V3 (issue 17): multi-latent attention and MoE together, from real megatron-core checkpoints (fixture
+kind ``deepseek-v3``, tests/fixture_makers/megatron_core.py): 3 layers of MLA (q_lora_rank 24, kv_lora_rank 32,
+YaRN on the decoupled rope), ``moe_layer_freq`` [0, 1, 1] (layer 0 a dense SwiGLU MLP of 128, layers 1-2 MoE),
+a sigmoid router with the saved ``expert_bias`` (``moe_router_enable_expert_bias``), 2 expert groups of 2 of
+which 1 is chosen (``moe_router_num_groups`` / ``moe_router_group_topk``), top-2 renormalized and scaled by 2.5
+(``moe_router_topk_scaling_factor``), an ungated shared expert of 64 = 2 x the experts' 32
+(``moe_shared_expert_intermediate_size``). The reference interpreter, transformers' own DeepseekV3ForCausalLM
+loading the hf output and onnxruntime running the onnx output (both profiles, prefill and KV-cache decode steps)
+reproduce megatron-core's logits within 1e-4 in fp32, from legacy and torch_dist saves at TP1 and TP2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not have_megatron_core(), reason="megatron-core not installed")
+
+from mexc.backends.base import CompileOptions
+from mexc.backends.reference.executor import run
+from mexc.driver import compile_checkpoint, lift
+from mexc.tools.cli import main
+
+TOL = 1e-4
+KIND = "deepseek-v3"
+SAVES = [(1, "torch"), (2, "torch"), (1, "torch_dist"), (2, "torch_dist")]
+
+
+def err(a, b) -> float:
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    V = min(a.shape[-1], b.shape[-1], 100)
+    return (a[..., :V] - b[..., :V]).abs().max().item()
+
+
+@pytest.mark.parametrize("tp,fmt", SAVES)
+def test_lifted_and_interpreted(tp, fmt):
+    d = megatron_checkpoint(KIND, tp=tp, fmt=fmt)
+    ref = load_reference(d)
+    m = lift(d / "ckpt")
+    assert [n.layer for n in m.graph.find("mla")] == [0, 1, 2] and not list(m.graph.find("attention"))
+    assert [n.layer for n in m.graph.find("mlp")] == [0] and [n.layer for n in m.graph.find("moe")] == [1, 2]
+    assert next(m.graph.find("mlp")).params["fc2"].type.shape == (64, 128)
+    for n in m.graph.find("moe"):
+        a = n.attrs
+        assert (a["score"], a["norm_topk"], a["num_groups"], a["group_topk"], a["shared_expert"], a["topk_scale"]) \
+            == ("sigmoid", True, 2, 1, "ungated", 2.5)
+        assert n.params["fc2"].type.shape == (4, 64, 32) and n.params["shared_fc2"].type.shape == (64, 64)
+    assert err(run(m, ref["tokens"]), ref["logits"]) < 1e-5
+    # each routing feature is what runs: the expert bias, the groups, the routed scaling
+    for change in ("expert_bias", "groups", "scale"):
+        m = lift(d / "ckpt")
+        for n in m.graph.find("moe"):
+            if change == "expert_bias":
+                del n.params["expert_bias"]
+            elif change == "groups":
+                n.attrs["num_groups"] = n.attrs["group_topk"] = 0
+            else:
+                n.attrs["topk_scale"] = 1.0
+        assert err(run(m, ref["tokens"]), ref["logits"]) > 1e-3, change
+
+
+@pytest.mark.parametrize("tp,fmt", SAVES)
+def test_hf_deepseek_v3_matches_megatron(tmp_path, tp, fmt):
+    d = megatron_checkpoint(KIND, tp=tp, fmt=fmt)
+    ref = load_reference(d)
+    out = tmp_path / "hf"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="hf"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["architectures"], cfg["model_type"]) == (["DeepseekV3ForCausalLM"], "deepseek_v3")
+    assert (cfg["num_hidden_layers"], cfg["first_k_dense_replace"], cfg["intermediate_size"],
+            cfg["moe_intermediate_size"]) == (3, 1, 128, 32)
+    assert (cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["n_shared_experts"], cfg["n_group"],
+            cfg["topk_group"], cfg["norm_topk_prob"]) == (4, 2, 2, 2, 1, True)
+    # the 2.5 is either the config's routed_scaling_factor or folded into the experts' down_proj (fold-moe-scaling)
+    assert cfg["routed_scaling_factor"] in (1.0, 2.5)
+    transformers.logging.set_verbosity_error()
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                   output_loading_info=True)
+    assert not {k: v for k, v in info.items() if v}, info          # every tensor used, none missing
+    assert [type(layer.mlp).__name__ for layer in model.model.layers] == \
+        ["DeepseekV3MLP", "DeepseekV3MoE", "DeepseekV3MoE"]
+    bias = next(lift(d / "ckpt").graph.find("moe")).params["expert_bias"].source.materialize()
+    assert torch.equal(model.model.layers[1].mlp.gate.e_score_correction_bias, bias)
+    with torch.no_grad():
+        assert err(model(ref["tokens"]).logits, ref["logits"]) < TOL
+
+
+@pytest.mark.parametrize("profile", ["ort", "tensorrt"])
+@pytest.mark.parametrize("tp,fmt", [(1, "torch"), (2, "torch_dist")])
+def test_onnx_prefill_and_decode_match_megatron(tmp_path, profile, tp, fmt):
+    from test_onnx_backend import Decoder
+
+    d = megatron_checkpoint(KIND, tp=tp, fmt=fmt)
+    ref = load_reference(d)
+    out = tmp_path / "onnx"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
+    dec = Decoder(out / "model.onnx")
+    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
+    logits, past = dec.step(tokens[:, :5], None, 0)
+    assert err(logits, want[:, :5]) < TOL
+    for t in range(5, tokens.shape[1]):              # one token at a time through the KV cache
+        logits, past = dec.step(tokens[:, t:t + 1], past, t)
+        assert err(logits, want[:, t:t + 1]) < TOL
+    assert np.isfinite(logits).all()
+
+
+def test_hf_refusals_name_the_class_and_reason():
+    from mexc.backends.hf import families
+
+    def problems(change) -> list[str]:
+        m = lift(megatron_checkpoint(KIND) / "ckpt")
+        change(m)
+        family, lines = families.classify(m)
+        assert family == "deepseek_v3", (family, lines)
+        return lines
+
+    def softmax(m):
+        for n in m.graph.find("moe"):
+            n.attrs["score"], n.attrs["norm_topk"] = "softmax", False
+            del n.params["expert_bias"]
+
+    def dense_last(m):                  # layers 0 and 2 swap their FFN: a dense layer after a MoE layer
+        mlp, moe = next(m.graph.find("mlp")), list(m.graph.find("moe"))[-1]
+        mlp.layer, moe.layer = moe.layer, mlp.layer
+
+    def no_shared(m):
+        for n in m.graph.find("moe"):
+            n.attrs["shared_expert"] = "none"
+            for k in ("shared_gate", "shared_up", "shared_fc2"):
+                del n.params[k]
+
+    def three_groups(m):                # top_k / group_topk = 1: Megatron ranks groups by their best score only
+        for n in m.graph.find("moe"):
+            n.attrs["group_topk"] = 2
+
+    lines = problems(softmax)
+    assert any("score='softmax'" in p and "DeepseekV3ForCausalLM" in p for p in lines), lines
+    assert any("not all before the MoE layers" in p and "first_k_dense_replace" in p for p in problems(dense_last))
+    assert any("ungated shared experts" in p for p in problems(no_shared))
+    assert any("best 2 scores" in p for p in problems(three_groups))
+
+
+def test_trtllm_refuses_in_one_line_and_inspect_shows_the_layers(tmp_path, capsys):
+    d = megatron_checkpoint(KIND)
+    assert main(["compile", str(d / "ckpt"), "--target", "trtllm", "--build", "never", "-o",
+                 str(tmp_path / "trt")]) != 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and not (tmp_path / "trt").exists(), lines
+    assert main(["inspect", str(d / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "4 experts" in out and "hf deepseek_v3" in out and "score=sigmoid" in out, out
