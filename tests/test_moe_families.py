@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import trtllm_reader
+from family_checks import err, hf_model, onnx_errors
 from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -41,36 +41,18 @@ TRT_EPS_TOL = 2e-4
 HF_CLASS = {"qwen3-moe": "Qwen3MoeForCausalLM"}
 
 
-def err(a, b) -> float:
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    V = min(a.shape[-1], b.shape[-1], 100)
-    return (a[..., :V] - b[..., :V]).abs().max().item()
-
-
 def hf_logits(out, tokens):
-    transformers.logging.set_verbosity_error()
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                                   output_loading_info=True)
-    assert not {k: v for k, v in info.items() if v}, info          # every tensor used, none missing
+    model = hf_model(out)
     with torch.no_grad():
         return model, model(tokens).logits
 
 
-def onnx_errors(d, tmp_path, profile) -> float:
-    from test_onnx_backend import Decoder
-
+def onnx_worst(d, tmp_path, profile) -> float:
+    """The onnx output's worst error: a prefill of 5 tokens, then one token at a time through the KV cache."""
     ref = load_reference(d)
     out = tmp_path / f"onnx-{profile}"
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
-    dec = Decoder(out / "model.onnx")
-    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
-    logits, past = dec.step(tokens[:, :5], None, 0)
-    worst = err(logits, want[:, :5])
-    for t in range(5, tokens.shape[1]):              # one token at a time through the KV cache
-        logits, past = dec.step(tokens[:, t:t + 1], past, t)
-        worst = max(worst, err(logits, want[:, t:t + 1]))
-    assert np.isfinite(logits).all()
-    return worst
+    return onnx_errors(out / "model.onnx", ref, prefix=5).worst
 
 
 # ----------------------------------------------------------------------------------------------- Qwen3-MoE
@@ -116,7 +98,7 @@ def test_hf_qwen3_moe_matches_megatron(tmp_path, tp):
 
 @pytest.mark.parametrize("profile", ["ort", "tensorrt"])
 def test_onnx_qwen3_moe_prefill_and_decode_match_megatron(tmp_path, profile):
-    assert onnx_errors(megatron_checkpoint("qwen3-moe"), tmp_path, profile) < TOL
+    assert onnx_worst(megatron_checkpoint("qwen3-moe"), tmp_path, profile) < TOL
 
 
 @pytest.mark.parametrize("tp,ep", [(1, 1), (2, 1), (2, 2)])
@@ -225,7 +207,7 @@ def test_hf_qwen2_moe_matches_megatron(tmp_path, tp):
 @pytest.mark.parametrize("kind,profile", [("qwen2-moe", "ort"), ("qwen2-moe", "tensorrt"), ("moe-shared", "ort"),
                                           ("moe-shared", "tensorrt")])
 def test_onnx_shared_expert_prefill_and_decode_match_megatron(tmp_path, kind, profile):
-    assert onnx_errors(megatron_checkpoint(kind), tmp_path, profile) < TOL
+    assert onnx_worst(megatron_checkpoint(kind), tmp_path, profile) < TOL
 
 
 @pytest.mark.parametrize("tp,ep", [(1, 1), (2, 1), (2, 2)])
@@ -327,7 +309,7 @@ def test_hf_glm4_moe_matches_megatron(tmp_path, tp):
 
 @pytest.mark.parametrize("profile", ["ort", "tensorrt"])
 def test_onnx_glm4_moe_prefill_and_decode_match_megatron(tmp_path, profile):
-    assert onnx_errors(megatron_checkpoint("glm4-moe"), tmp_path, profile) < TOL
+    assert onnx_worst(megatron_checkpoint("glm4-moe"), tmp_path, profile) < TOL
 
 
 def test_sigmoid_routing_refused_by_trtllm_and_groups_by_softmax_classes(tmp_path, capsys):
