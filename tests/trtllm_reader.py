@@ -721,7 +721,8 @@ def _merge_layer_tensor(cfg, sub, name, shards):
     if sub == "attention.dense.weight" or (sub == "mlp.proj.weight" and moe["num_experts"] <= 1) \
             or sub == "mlp.shared_expert.proj.weight":
         return torch.cat(shards, dim=1)
-    if sub == "mlp.shared_expert.fc.weight" or (sub == "mlp.fc.weight" and MODEL_MAP.get(cfg["architecture"]) == _PHI3):
+    if sub == "mlp.shared_expert.fc.weight" or (sub == "mlp.fc.weight"
+                                                 and MODEL_MAP.get(cfg["architecture"]) == _PHI3):
         # convert.py: each rank [up_r; gate_r] -> [up; gate] (Phi3: functional.swiglu, x, gate = chunk(2))
         half = shards[0].shape[0] // 2
         return torch.cat([torch.cat([t[:half] for t in shards]), torch.cat([t[half:] for t in shards])])
@@ -1325,7 +1326,8 @@ def _to_hf_phi3(cfg: dict, t: Dict[str, torch.Tensor]):
     import transformers as tr
     H, L, nh, nkv, I, V = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], _nkv(cfg),
                            _inter(cfg), cfg["vocab_size"])
-    if cfg.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox" or cfg.get("hidden_act") != "swiglu":
+    if cfg.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox" \
+            or cfg.get("hidden_act") != "swiglu":
         raise NotImplementedError("Phi3 class other than rope_gpt_neox + swiglu")
     lm, tied = _lm_head(cfg, t)
     hf_cfg = tr.Phi3Config(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,

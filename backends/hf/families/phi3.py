@@ -35,7 +35,7 @@ def _partial(f) -> bool:
 
 
 def _biases(f) -> bool:
-    return f.has(f.attns, ATTN_BIAS) or f.has(f.mlps, MLP_BIAS)
+    return f.has(f.attns, (*ATTN_BIAS, "qkv_bias")) or f.has(f.mlps, MLP_BIAS)   # fused before split-qkv
 
 
 def _rope(f):
@@ -63,6 +63,7 @@ def config(f, flags) -> dict:
 family("phi3", "Phi3ForCausalLM", rows=ROWS,
        signature=lambda f: (f.kinds == {"rmsnorm"} and f.positions == {"rope"} and _partial(f)
                             and not _biases(f) and all(a.attrs["qk_norm"] == "none" for a in f.attns)),
-       rules=[rule("q/k normalization")(no_qk_norm), rule("learned positions, interleaved rotary, rope scaling")(_rope),
+       rules=[rule("q/k normalization")(no_qk_norm),
+              rule("learned positions, interleaved rotary, rope scaling")(_rope),
               rule("an MLP other than a gated one")(mlp_form(True, None)), ONE_MLP_SIZE],
        config=config, before=("qwen2", "llama"))
