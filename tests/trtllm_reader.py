@@ -340,6 +340,13 @@ def check_config(cfg: dict) -> List[str]:
     if rs is not None:
         if not isinstance(rs, dict) or "type" not in rs and "rope_type" not in rs:
             p.append("rotary_scaling must be a dict with a 'type'")
+        elif rs.get("type", rs.get("rope_type")) == "yarn" and abs(_trt_yarn_mscale(rs) - 1.0) > 1e-12:
+            # kernels/unfusedAttentionKernels/unfusedAttentionKernels_2_template.h: the v1 QKV-preprocessing
+            # kernel (rotary dim not a multiple of 16, head sizes without a v2 kernel, sink tokens, sequences past
+            # max_position_embeddings) recomputes cos/sin from rotary_inv_freq without the mscale the v2 kernel's
+            # table has: the engine's math then depends on kernel selection
+            p.append(f"rotary_scaling yarn with a cos/sin mscale of {_trt_yarn_mscale(rs):.6g} != 1: TensorRT-LLM "
+                     "applies it only where its v2 rope kernel runs (the v1 fallback recomputes cos/sin without it)")
     return p
 
 
@@ -899,6 +906,16 @@ _ACT_TO_HF = {"gelu": "gelu_new", "gelu_new": "gelu_new", "gelu_fast": "gelu_new
               "identity": "linear", "quick_gelu": "quick_gelu", "sigmoid": "sigmoid"}
 
 
+def _trt_yarn_mscale(rs: dict) -> float:
+    """create_sinusoidal_positions_yarn's cos/sin factor: yarn_get_mscale(f, mscale) / yarn_get_mscale(f,
+    mscale_all_dim), yarn_get_mscale(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1)."""
+    f = float(rs.get("factor", 1.0))
+
+    def g(m):
+        return 1.0 if f <= 1 else 0.1 * m * math.log(f) + 1.0
+    return g(float(rs.get("mscale", 1.0))) / g(float(rs.get("mscale_all_dim", 0.0)))
+
+
 def _rope_parameters(cfg: dict, partial: float = None) -> dict:
     rp = {"rope_type": "default", "rope_theta": float(cfg.get("rotary_base", 10000.0))}
     rs = cfg.get("rotary_scaling")
@@ -913,6 +930,15 @@ def _rope_parameters(cfg: dict, partial: float = None) -> dict:
                       low_freq_factor=float(rs["low_freq_factor"]),
                       high_freq_factor=float(rs["high_freq_factor"]),
                       original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
+        elif typ == "yarn":
+            # layers/attention.py create_attention_const_params (defaults) + RopeEmbeddingUtils.
+            # create_sinusoidal_positions_yarn: transformers' yarn with the correction range rounded (truncate) and
+            # cos/sin x yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+            f = float(rs.get("factor", 1.0))
+            rp.update(rope_type="yarn", factor=f,
+                      original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 4096)),
+                      beta_fast=float(rs.get("beta_fast", 32.0)), beta_slow=float(rs.get("beta_slow", 1.0)),
+                      truncate=True, attention_factor=_trt_yarn_mscale(rs))
         else:
             raise NotImplementedError(f"rotary_scaling type {typ!r} not supported by to_hf")
     if partial is not None:
