@@ -17,7 +17,9 @@ From TensorRT-LLM's sources (``models/phi3/model.py`` ``Phi3DecoderLayer`` for t
   parallel: ``2 x intermediate_size / tp`` per rank) and ``functional.swiglu`` splits them into ``x, gate`` and
   computes ``silu(gate) * x``: each rank's ``mlp.fc.weight`` is ``[up_r; gate_r]`` (``models/phi3/convert.py``
   swaps Phi-3's ``gate_up_proj`` halves into that order); ``Phi3Config.from_hugging_face`` writes ``swiglu`` for
-  ``silu``;
+  ``silu``; (TensorRT-LLM's own HF converter, ``phi3/split_weights.py`` ``split_weights_tp``, cuts the fused
+  ``[up; gate]`` into contiguous row blocks at tp > 1, which is not what the per-rank ``swiglu`` chunk reads: mexc
+  follows the engine's ``MLP``, not that converter);
 * ``attention.qkv.weight`` per rank ``[q_r; k_r; v_r]``, ``attention.dense``, ``mlp.proj`` row parallel.
 """
 
