@@ -169,6 +169,9 @@ def lift_trtllm(path: str | Path):
         h = norm("post_norm", x)
         if E:
             mlp = _moe(b, h, i, s, cfg, info, leaf, ranks, name, tp, ep, merged)
+        elif info.get("fused_up_gate"):   # Phi3: each rank's mlp.fc = [up_r; gate_r]
+            mlp = _mlp(b, h, i, s, merged, gated, act, _up_gate([leaf(r, name("mlp", ("up", "gate"), i))
+                                                                 for r in ranks(s)]))
         else:
             mlp = _mlp(b, h, i, s, merged, gated, act)
         x = b.node("add", x, mlp, layer=i)
@@ -187,11 +190,22 @@ def lift_trtllm(path: str | Path):
     return model
 
 
-def _mlp(b, h, i, s, merged, gated, act):
+def _mlp(b, h, i, s, merged, gated, act, fused=None):
     params = {"fc2": merged(s, "mlp", "fc2", i), "fc2_bias": merged(s, "mlp", "fc2_bias", i)}
     names = ("gate", "gate_bias", "up", "up_bias") if gated else ("fc1", "fc1_bias")
-    params.update({p: merged(s, "mlp", p, i) for p in names})
+    params.update(fused or {p: merged(s, "mlp", p, i) for p in names})
     return b.node("mlp", h, layer=i, activation=act, gated=gated, params=params)
+
+
+def _up_gate(parts) -> dict:
+    """A swiglu MLP's fused ``fc`` over TP ranks, each ``[up_r; gate_r]`` (``functional.swiglu``: silu of the
+    second half), as the IR's ``up`` and ``gate``."""
+    if any(p is None for p in parts):
+        raise CheckpointError("a Phi3ForCausalLM rank file lacks its fused mlp.fc.weight")
+    half = parts[0].type.shape[0] // 2
+    pick = [[derive("slice", p, dim=0, start=k * half, stop=(k + 1) * half) for p in parts] for k in (0, 1)]
+    up, gate = (x[0] if len(x) == 1 else derive("concat", *x, dim=0) for x in pick)
+    return {"up": up, "gate": gate}
 
 
 def _moe(b, h, i, s, cfg, info, leaf, ranks, name, tp, ep, merged):

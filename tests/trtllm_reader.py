@@ -99,6 +99,10 @@ MODEL_MAP: Dict[str, str] = {
         "DecoderModel", "DiT")},
 }
 
+# phi3/model.py Phi3ForCausalLM (the Phi-3 mini layout; not Phi3Small / PhiMoE): this reader reads it
+_PHI3 = "Phi3ForCausalLM"
+MODEL_MAP[_PHI3] = _PHI3
+
 QUANT_ALGOS = {
     "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ",
     "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
@@ -279,6 +283,17 @@ def check_config(cfg: dict) -> List[str]:
             p.append("the Gemma class shares its table with lm_head: embedding_sharding_dim must be 0")
         if pp > 1:
             p.append("the Gemma class shares its embedding table, which cannot be split over pipeline stages")
+    if MODEL_MAP.get(arch) == _PHI3:
+        # phi3/model.py Phi3DecoderLayer: Attention without attention_head_size (hidden // heads) and without
+        # rotary_embedding_scaling (long_rope only, from longrope_scaling_* fields); MLP(hidden_act) with
+        # swiglu: one fc of 2 x intermediate_size
+        if _head_size(cfg) * cfg["num_attention_heads"] != cfg["hidden_size"]:
+            p.append("head_size != hidden_size/num_attention_heads on the Phi3 class (its attention ignores "
+                     "head_size)")
+        if (cfg.get("rotary_scaling") or {}).get("type", "none") not in ("none", "default"):
+            p.append("rotary_scaling on the Phi3 class: its decoder layer does not pass it to attention")
+        if cfg.get("longrope_scaling_short_factors") is not None:
+            p.append("long_rope factors on the Phi3 class: this reader reads rope_gpt_neox only")
     if MODEL_MAP.get(arch) == _QWEN:
         if cfg.get("qwen_type") not in QWEN_TYPES:
             p.append(f"qwen_type {cfg.get('qwen_type')!r} is not one QWenConfig accepts ({sorted(QWEN_TYPES)})")
@@ -325,6 +340,13 @@ def check_config(cfg: dict) -> List[str]:
     if rs is not None:
         if not isinstance(rs, dict) or "type" not in rs and "rope_type" not in rs:
             p.append("rotary_scaling must be a dict with a 'type'")
+        elif rs.get("type", rs.get("rope_type")) == "yarn" and abs(_trt_yarn_mscale(rs) - 1.0) > 1e-12:
+            # kernels/unfusedAttentionKernels/unfusedAttentionKernels_2_template.h: the v1 QKV-preprocessing
+            # kernel (rotary dim not a multiple of 16, head sizes without a v2 kernel, sink tokens, sequences past
+            # max_position_embeddings) recomputes cos/sin from rotary_inv_freq without the mscale the v2 kernel's
+            # table has: the engine's math then depends on kernel selection
+            p.append(f"rotary_scaling yarn with a cos/sin mscale of {_trt_yarn_mscale(rs):.6g} != 1: TensorRT-LLM "
+                     "applies it only where its v2 rope kernel runs (the v1 fallback recomputes cos/sin without it)")
     return p
 
 
@@ -571,6 +593,8 @@ def _expected_layer_shapes(cfg: dict, sub: str, tp_rank: int):
             "mlp.gate.weight": (I // tp, H), "mlp.gate.bias": (I // tp,),
             "mlp.proj.weight": (H, I // tp), "mlp.proj.bias": (H,),
         })
+    if MODEL_MAP.get(cfg["architecture"]) == _PHI3:   # MLP(swiglu): ColumnLinear(H, 2 * I) split over tp
+        table["mlp.fc.weight"] = (2 * I // tp, H)
     return table.get(sub)
 
 
@@ -595,6 +619,9 @@ def _allowed_layer_names(cfg: dict) -> Tuple[set, set]:
         if cfg.get("bias", False):
             req |= {"attention.qkv.bias", "attention.dense.bias", "mlp.fc.bias", "mlp.proj.bias"}
         return req, opt
+    if cls == _PHI3:
+        # phi3/model.py (Phi3ForCausalLM): RmsNorm layers, Attention(bias=False), MLP(bias=False) with one fc
+        return req | {"mlp.fc.weight", "mlp.proj.weight"}, opt
     if cls == _QWEN:
         # qwen/model.py: RmsNorm layers, GatedMLP, Attention(bias=attn_bias (QWenConfig default True),
         # dense_bias=False, qk_layernorm for qwen3 / qwen3_moe), GatedMLP(bias=mlp_bias)
@@ -701,7 +728,9 @@ def _merge_layer_tensor(cfg, sub, name, shards):
     if sub == "attention.dense.weight" or (sub == "mlp.proj.weight" and moe["num_experts"] <= 1) \
             or sub == "mlp.shared_expert.proj.weight":
         return torch.cat(shards, dim=1)
-    if sub == "mlp.shared_expert.fc.weight":   # convert.py: each rank [up_r; gate_r] -> [up; gate]
+    if sub == "mlp.shared_expert.fc.weight" or (sub == "mlp.fc.weight"
+                                                 and MODEL_MAP.get(cfg["architecture"]) == _PHI3):
+        # convert.py: each rank [up_r; gate_r] -> [up; gate] (Phi3: functional.swiglu, x, gate = chunk(2))
         half = shards[0].shape[0] // 2
         return torch.cat([torch.cat([t[:half] for t in shards]), torch.cat([t[half:] for t in shards])])
     if sub in ("mlp.fc.weight", "mlp.gate.weight", "mlp.fc.bias", "mlp.gate.bias") \
@@ -735,7 +764,7 @@ def read_checkpoint(ckpt_dir: str, emulate_build_quant: bool = True):
     if probs:
         _fail("config.json problems: " + "; ".join(probs))
     cls = MODEL_MAP[cfg["architecture"]]
-    if cls not in (_GPT, _LLAMA, _GEMMA, _FALCON, _QWEN):
+    if cls not in (_GPT, _LLAMA, _GEMMA, _FALCON, _QWEN, _PHI3):
         _fail(f"architecture {cfg['architecture']} ({cls}) not supported by this reader")
     m = _mapping(cfg)
     tp, pp = m["tp"], m["pp"]
@@ -877,6 +906,16 @@ _ACT_TO_HF = {"gelu": "gelu_new", "gelu_new": "gelu_new", "gelu_fast": "gelu_new
               "identity": "linear", "quick_gelu": "quick_gelu", "sigmoid": "sigmoid"}
 
 
+def _trt_yarn_mscale(rs: dict) -> float:
+    """create_sinusoidal_positions_yarn's cos/sin factor: yarn_get_mscale(f, mscale) / yarn_get_mscale(f,
+    mscale_all_dim), yarn_get_mscale(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1)."""
+    f = float(rs.get("factor", 1.0))
+
+    def g(m):
+        return 1.0 if f <= 1 else 0.1 * m * math.log(f) + 1.0
+    return g(float(rs.get("mscale", 1.0))) / g(float(rs.get("mscale_all_dim", 0.0)))
+
+
 def _rope_parameters(cfg: dict, partial: float = None) -> dict:
     rp = {"rope_type": "default", "rope_theta": float(cfg.get("rotary_base", 10000.0))}
     rs = cfg.get("rotary_scaling")
@@ -891,6 +930,15 @@ def _rope_parameters(cfg: dict, partial: float = None) -> dict:
                       low_freq_factor=float(rs["low_freq_factor"]),
                       high_freq_factor=float(rs["high_freq_factor"]),
                       original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
+        elif typ == "yarn":
+            # layers/attention.py create_attention_const_params (defaults) + RopeEmbeddingUtils.
+            # create_sinusoidal_positions_yarn: transformers' yarn with the correction range rounded (truncate) and
+            # cos/sin x yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+            f = float(rs.get("factor", 1.0))
+            rp.update(rope_type="yarn", factor=f,
+                      original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 4096)),
+                      beta_fast=float(rs.get("beta_fast", 32.0)), beta_slow=float(rs.get("beta_slow", 1.0)),
+                      truncate=True, attention_factor=_trt_yarn_mscale(rs))
         else:
             raise NotImplementedError(f"rotary_scaling type {typ!r} not supported by to_hf")
     if partial is not None:
@@ -1295,6 +1343,40 @@ def _to_hf_falcon(cfg: dict, t: Dict[str, torch.Tensor]):
     return hf_cfg, sd
 
 
+def _to_hf_phi3(cfg: dict, t: Dict[str, torch.Tensor]):
+    """Phi3ForCausalLM (phi3/model.py, not the small / MoE variants) -> transformers Phi3ForCausalLM: RmsNorm at
+    norm_epsilon; Attention(rope_gpt_neox, rotary_embedding_percentage=rotary_pct, no bias) rotating the first
+    int(head_size * rotary_pct) channels of each head (half rotation, like transformers' partial_rotary_factor);
+    head_size = hidden // heads; MLP fc = [up; gate] with silu on gate (functional.swiglu) -> gate_up_proj =
+    [gate; up] (phi3/convert.py swaps the halves the other way)."""
+    import transformers as tr
+    H, L, nh, nkv, I, V = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], _nkv(cfg),
+                           _inter(cfg), cfg["vocab_size"])
+    if cfg.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox" \
+            or cfg.get("hidden_act") != "swiglu":
+        raise NotImplementedError("Phi3 class other than rope_gpt_neox + swiglu")
+    lm, tied = _lm_head(cfg, t)
+    hf_cfg = tr.Phi3Config(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                           num_attention_heads=nh, num_key_value_heads=nkv, hidden_act="silu",
+                           rms_norm_eps=float(cfg.get("norm_epsilon", 1e-5)),
+                           max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+                           tie_word_embeddings=tied, attention_dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                           rope_parameters=_rope_parameters(cfg, partial=float(cfg.get("rotary_pct", 1.0))),
+                           bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    sd = {"model.embed_tokens.weight": t["transformer.vocab_embedding.weight"],
+          "model.norm.weight": t["transformer.ln_f.weight"], "lm_head.weight": lm}
+    for i in range(L):
+        s, o = f"transformer.layers.{i}.", f"model.layers.{i}."
+        up, gate = t[s + "mlp.fc.weight"].chunk(2, dim=0)
+        sd.update({o + "input_layernorm.weight": t[s + "input_layernorm.weight"],
+                   o + "post_attention_layernorm.weight": t[s + "post_layernorm.weight"],
+                   o + "self_attn.qkv_proj.weight": t[s + "attention.qkv.weight"],
+                   o + "self_attn.o_proj.weight": t[s + "attention.dense.weight"],
+                   o + "mlp.gate_up_proj.weight": torch.cat([gate, up], 0),
+                   o + "mlp.down_proj.weight": t[s + "mlp.proj.weight"]})
+    return hf_cfg, sd
+
+
 def to_hf(cfg: dict, tensors: Dict[str, torch.Tensor]):
     """(transformers config, state dict) equivalent to a read TRT-LLM checkpoint.
 
@@ -1314,6 +1396,8 @@ def to_hf(cfg: dict, tensors: Dict[str, torch.Tensor]):
         return (_to_hf_qwen2_moe if cfg.get("qwen_type") == "qwen2_moe" else _to_hf_qwen3)(cfg, tensors)
     if cls == _GPT:
         return _to_hf_gpt(cfg, tensors)
+    if cls == _PHI3:
+        return _to_hf_phi3(cfg, tensors)
     raise NotImplementedError(f"to_hf for {cfg['architecture']}")
 
 

@@ -245,7 +245,8 @@ def _rope_llama(f: Facts):
     if rope.percent != 1.0:
         p.append(f"partial rotary (rotary_percent={rope.percent:g}) cannot be expressed by the {f.name} in the hf "
                  f"target: transformers' {f.cls.extra['architecture']} rotates the whole head (no "
-                 "partial_rotary_factor); a model with q/k/v bias and partial rotary has no exact HF class")
+                 "partial_rotary_factor); mexc writes bias-free partial-rotary models as Phi3ForCausalLM, a model with "
+                 "q/k/v bias and partial rotary has no exact HF class")
     return p + _rotation(f, yarn=True)
 
 

@@ -197,9 +197,9 @@ def read_rope(cfg: dict, percent: float | None = None) -> dict:
     return out
 
 
-def qk_norm_and_scaling(f: Facts, softmax_scale: bool = False) -> list[str]:
-    """The Llama / GPT classes: no q/k norm; rope scaling none, linear or llama3; a softmax scale only where
-    the class has a field for it (``softmax_scale``)."""
+def qk_norm_and_scaling(f: Facts, softmax_scale: bool = False, yarn: bool = False) -> list[str]:
+    """The Llama / GPT classes: no q/k norm; rope scaling none, linear or llama3 (and yarn where the class writes
+    it: ``yarn``); a softmax scale only where the class has a field for it (``softmax_scale``)."""
     p = []
     if f.a0["softmax_scale"] is not None and not softmax_scale:
         p.append(f"a softmax scale other than 1/sqrt(head_dim) is not expressible with {f.name} (TensorRT-LLM's "
@@ -207,7 +207,7 @@ def qk_norm_and_scaling(f: Facts, softmax_scale: bool = False) -> list[str]:
     if f.a0["qk_norm"] != "none":
         p.append("QK layernorm is not supported by the Llama/GPT checkpoint classes")
     rope = f.a0["rope"]
-    if f.a0["position"] == "rope" and rope.scaling not in ("none", "linear", "llama3"):
+    if f.a0["position"] == "rope" and rope.scaling not in ("none", "linear", "llama3", *(("yarn",) if yarn else ())):
         p.append(f"rope scaling {rope.scaling!r} is not expressible")
     return p
 
