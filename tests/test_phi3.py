@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 import trtllm_reader
+from family_checks import err, hf_model, onnx_errors
 from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -30,17 +30,8 @@ TOL = 1e-4
 SAVES = [(1, "torch"), (2, "torch"), (1, "torch_dist"), (2, "torch_dist")]
 
 
-def err(a, b) -> float:
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    V = min(a.shape[-1], b.shape[-1])
-    return (a[..., :V] - b[..., :V]).abs().max().item()
-
-
 def _load_hf(out):
-    transformers.logging.set_verbosity_error()
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                                   output_loading_info=True)
-    assert not {k: v for k, v in info.items() if v}, info          # every tensor used, none missing
+    model = hf_model(out)
     return model.eval()
 
 
@@ -79,20 +70,11 @@ def test_hf_partial_rotary_factor_is_what_runs(tmp_path):
 
 @pytest.mark.parametrize("profile", ["ort", "tensorrt"])
 def test_onnx_phi3_prefill_and_decode_match_megatron(tmp_path, profile):
-    from test_onnx_backend import Decoder
-
     d = megatron_checkpoint("phi3")
     ref = load_reference(d)
     out = tmp_path / "onnx"
     compile_checkpoint(d / "ckpt", out, CompileOptions(target="onnx", profile=profile, build="never"))
-    dec = Decoder(out / "model.onnx")
-    tokens, want = ref["tokens"].numpy(), ref["logits"].numpy()
-    logits, past = dec.step(tokens[:, :5], None, 0)
-    assert err(logits, want[:, :5]) < TOL
-    for t in range(5, tokens.shape[1]):              # one token at a time through the KV cache
-        logits, past = dec.step(tokens[:, t:t + 1], past, t)
-        assert err(logits, want[:, t:t + 1]) < TOL
-    assert np.isfinite(logits).all()
+    assert onnx_errors(out / "model.onnx", ref, prefix=5).worst < TOL
 
 
 @pytest.mark.parametrize("tp,fmt", SAVES)
