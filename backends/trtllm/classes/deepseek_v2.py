@@ -1,0 +1,182 @@
+"""TensorRT-LLM DeepseekV2ForCausalLM (tensorrt_llm/models/deepseek_v2/{model,config,convert}.py and
+``DeepseekV2Attention`` in tensorrt_llm/layers/attention.py): multi-latent attention (the IR's ``mla``), RmsNorm,
+dense GatedMLP layers.
+
+Per layer and rank, what ``convert.py`` (``load_weights_from_hf_model``) writes and the model's ``load`` reads:
+
+* ``attention.fused_a.weight`` = ``[q_a; kv_a_with_mqa]`` rows (Megatron ``q_down`` then ``kv_down``: latent
+  ``kv_lora_rank`` + shared rope key), or ``kv_a`` alone without ``q_lora_rank``; replicated.
+* ``attention.q_a_layernorm.weight`` (with ``q_lora_rank``), ``attention.kv_a_layernorm.weight``: RmsNorm at
+  ``norm_epsilon`` (DeepseekV2Attention(eps=config.norm_epsilon)); replicated.
+* ``attention.q_b_proj`` = the rank's heads of ``q_b`` (or ``q_proj``), ``[nh_r * (nope + rope), q_lora_rank or
+  hidden]`` (no ``.weight``: a bare Parameter).
+* ``attention.kv_b_proj`` = the rank's ``[k_nope of every head; v of every head]``, ``[nh_r * (nope + v), C]``.
+* ``attention.fused_q_proj`` = the weight absorption convert.py computes per rank:
+  ``einsum('hdq,hdk->hkq', q_nope, k_nope)`` (the query mapped into the latent space) with the rope rows of
+  ``q_b`` after it per head, ``[nh_r * (C + rope), q_lora_rank or hidden]``; the engine's generation step
+  scores ``fused_q_proj @ c_q`` against the cached ``[c_kv; k_pe]``. A lazy recipe (``mla_absorb``), computed in
+  fp32 at write time.
+* ``attention.dense.weight``: ``proj`` split on dim 1.
+
+The decoupled rope is applied to GPT-J pairs (DeepSeek's and Megatron's layout: convert.py does not permute the
+rows), with YaRN cos/sin from ``rotary_scaling`` (``create_sinusoidal_positions_yarn``), which the model reads
+unconditionally: a plain rope is written as yarn with factor 1 (the same frequencies and mscale 1). The softmax
+scale is ``1 / (q_scaling * sqrt(nope + rope))`` with ``q_scaling = 1 / get_mscale(factor, mscale_all_dim)^2``
+when ``mscale_all_dim`` is set. Without MoE (``moe.num_experts`` 0) every layer is a GatedMLP (``hidden_act``
+swiglu, made non-gated silu for the dense layers; ``mlp.fc`` = gate_proj, ``mlp.gate`` = up_proj).
+
+Versions: this is the layout of TensorRT-LLM's own converter up to 0.18 (``fused_q_proj``); later TensorRT-path
+builds declare ``k_b_proj_trans`` in its place, and their GPTAttentionPlugin refuses MLA ("use the PyTorch
+workflow"): serve those with ``--target hf``. MoE layers (routed + shared experts) are not written yet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ....ir import derive
+from ....ir.semantics import yarn_softmax_mscale
+from ....ir.tensors import recipe_op
+from ....ir.types import TensorType
+from .common import rule, trt_class
+
+CLS = "DeepseekV2ForCausalLM"
+_SHAPE = ("num_heads", "kv_lora_rank", "qk_head_dim", "qk_rope_dim", "v_head_dim", "rope", "latent_norm",
+          "latent_norm_eps", "softmax_scale")
+
+
+@recipe_op("mla_absorb", "TensorRT-LLM DeepseekV2 fused_q_proj: per head [q_nope^T k_nope; q_rope] from a rank's "
+           "q_b [nh*(nope+rope), R] and kv_b [nh*(nope+v), C] rows (computed in fp32, stored in q_b's dtype)")
+def _mla_absorb():
+    def infer(types, nope, rope, v):
+        q, kv = types
+        nh = q.shape[0] // (nope + rope)
+        if q.shape[0] != nh * (nope + rope) or kv.shape[0] != nh * (nope + v):
+            raise ValueError(f"mla_absorb: q_b {q} / kv_b {kv} are not {nh} heads of {nope}+{rope} / {nope}+{v}")
+        return TensorType(q.dtype, (nh * (kv.shape[1] + rope), q.shape[1]))
+
+    def compute(xs, nope, rope, v):
+        q, kv = xs
+        nh = q.shape[0] // (nope + rope)
+        qh = q.float().reshape(nh, nope + rope, q.shape[1])
+        k_nope = kv.float().reshape(nh, nope + v, kv.shape[1])[:, :nope]
+        absorbed = torch.einsum("hdq,hdk->hkq", qh[:, :nope], k_nope)        # [nh, C, R]
+        return torch.cat([absorbed, qh[:, nope:]], dim=1).reshape(-1, q.shape[1]).to(q.dtype)
+
+    return infer, compute
+
+
+def _kv_b(kv, nope: int, v: int):
+    """A rank's kv_up rows [nh_r*(nope+v), C] -> [k_nope of every head; v of every head] (convert.py)."""
+    nh = kv.type.shape[0] // (nope + v)
+    c = kv.type.shape[1]
+    per = derive("reshape", kv, shape=(nh, nope + v, c))
+    k = derive("reshape", derive("slice", per, dim=1, start=0, stop=nope), shape=(nh * nope, c))
+    val = derive("reshape", derive("slice", per, dim=1, start=nope, stop=nope + v), shape=(nh * v, c))
+    return derive("concat", k, val, dim=0)
+
+
+def node_entries(node, role: str, tp_rank: int, shard) -> list | None:
+    """(name, recipe) rows of one ``mla`` node on one rank (layer ``{L}``), or None for the common rows."""
+    if role != "mla":
+        return None
+    a, p = node.attrs, node.params
+    nope, rope, v = a["qk_head_dim"], a["qk_rope_dim"], a["v_head_dim"]
+    L = "transformer.layers.{L}.attention."
+    lora = "q_down" in p
+    q_b = shard(p["q_up" if lora else "q"], tp_rank)
+    kv_up = shard(p["kv_up"], tp_rank)
+    out = [(L + "fused_a.weight", derive("concat", p["q_down"].source, p["kv_down"].source, dim=0) if lora
+            else p["kv_down"].source),
+           (L + "kv_a_layernorm.weight", p["kv_norm"].source)]
+    if lora:
+        out.append((L + "q_a_layernorm.weight", p["q_norm"].source))
+    out += [(L + "q_b_proj", q_b), (L + "kv_b_proj", _kv_b(kv_up, nope, v)),
+            (L + "fused_q_proj", derive("mla_absorb", q_b, kv_up, nope=nope, rope=rope, v=v)),
+            (L + "dense.weight", shard(p["proj"], tp_rank))]
+    return out
+
+
+def _scale(a: dict) -> float:
+    """The softmax scale DeepseekV2Attention runs: q_scaling from rotary_scaling's mscale_all_dim."""
+    r, d = a["rope"], a["qk_head_dim"] + a["qk_rope_dim"]
+    m = yarn_softmax_mscale(r) if r.scaling == "yarn" and r.mscale_all_dim else 1.0
+    return m * m / math.sqrt(d)
+
+
+def _rules(f) -> list[str]:
+    p = []
+    if f.attns:
+        p.append(f"layers mixing multi-latent and plain attention are not expressible with {CLS}")
+    if f.moes:
+        return p + [f"MoE layers with multi-latent attention are not written for {CLS} yet (its MOE / SharedMoE "
+                    "layers, routing and shared experts); use --target hf (DeepseekV3ForCausalLM)"]
+    a = f.mlas[0].attrs
+    if len({tuple(m.attrs[k] for k in _SHAPE) for m in f.mlas}) > 1 or len({"q" in m.params for m in f.mlas}) > 1:
+        p.append(f"layers differ in multi-latent attention shape, rope or q_lora_rank; {CLS} has one per model")
+    eps = f.norms[0].attrs["eps"] if f.norms else None
+    if a["latent_norm"] != "rmsnorm" or a["latent_norm_eps"] != eps:
+        p.append(f"latent norms {a['latent_norm']} at eps {a['latent_norm_eps']:g} are not expressible with {CLS}: "
+                 f"its q_a / kv_a layernorms are RmsNorm at norm_epsilon ({eps}) (Megatron: qk_layernorm)")
+    r = a["rope"]
+    if r.percent != 1.0 or not r.interleaved or r.scaling not in ("none", "yarn") or \
+            (r.scaling == "yarn" and not r.truncate):
+        p.append(f"a decoupled rope other than whole GPT-J-pair rotation with no or (integer-rounded) yarn "
+                 f"scaling is not expressible with {CLS} (rope {r})")
+    scale = a["softmax_scale"] or (a["qk_head_dim"] + a["qk_rope_dim"]) ** -0.5
+    if not math.isclose(scale, _scale(a), rel_tol=1e-9):
+        p.append(f"a softmax scale of {scale:.6g} is not expressible with {CLS}, which computes {_scale(a):.6g} "
+                 "from rotary_scaling (Megatron scales by rotary_scaling_factor / mscale_all_dim even without yarn)")
+    if f.has(f.mlas, ("proj_bias",)) or f.has(f.mlps, ("gate_bias", "up_bias", "fc2_bias")):
+        p.append(f"linear biases are not expressible with {CLS} (its attention and MLP have bias=False)")
+    if f.kinds != {"rmsnorm"}:
+        p.append(f"{CLS} uses RmsNorm only")
+    if any(not m.attrs["gated"] or m.attrs["activation"] != "silu" for m in f.mlps):
+        p.append(f"{CLS} is written for a SwiGLU MLP only")
+    if len({m.params["fc2"].type.shape[-1] for m in f.mlps}) > 1:
+        p.append(f"MLP sizes that differ across layers are not expressible with {CLS} (one intermediate_size)")
+    if f.learned:
+        p.append(f"learned position embeddings are not expressible with {CLS}")
+    return p
+
+
+def _rotary_scaling(r, max_pos: int) -> dict:
+    """config.json rotary_scaling: every knob DeepseekV2Attention reads (a plain rope: yarn with factor 1)."""
+    if r.scaling == "yarn":
+        return {"type": "yarn", "factor": r.factor, "beta_fast": r.beta_fast, "beta_slow": r.beta_slow,
+                "mscale": r.mscale, "mscale_all_dim": r.mscale_all_dim,
+                "original_max_position_embeddings": r.original_max_positions}
+    return {"type": "yarn", "factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0,
+            "original_max_position_embeddings": max_pos}
+
+
+def config(f, cfg: dict) -> dict:
+    m = f.mlas[0]
+    a, q = m.attrs, m.params.get("q_down")
+    cfg.update(num_key_value_heads=1, head_size=a["kv_lora_rank"] + a["qk_rope_dim"], hidden_act="swiglu",
+               position_embedding_type="rope_gpt_neox", rotary_base=a["rope"].base,
+               rotary_scaling=_rotary_scaling(a["rope"], f.config.max_position_embeddings),
+               q_lora_rank=q.type.shape[0] if q is not None else None, kv_lora_rank=a["kv_lora_rank"],
+               qk_nope_head_dim=a["qk_head_dim"], qk_rope_head_dim=a["qk_rope_dim"], v_head_dim=a["v_head_dim"],
+               mlp_bias=False, attn_bias=False, moe_inter_size=0, first_k_dense_replace=f.config.num_layers,
+               moe_layer_freq=1, topk_method="greedy", coring_func="softmax", fp8_format=False,
+               moe={"num_experts": 0, "top_k": 0, "normalization_mode": 0, "shared_expert_intermediate_size": 0})
+    for k in ("rotary_pct",):
+        cfg.pop(k, None)
+    return cfg
+
+
+def read(cfg: dict) -> dict:
+    return {"refuse": f"mexc's trtllm reader does not lift {CLS} (multi-latent attention with absorbed weights); "
+                      "check it with the test-side reader, or compile with --target hf to verify"}
+
+
+trt_class(CLS, signature=lambda f: bool(f.mlas),
+          rules=[rule("plain attention layers mixed in; MoE layers (not written yet); MLA shapes differing by layer; "
+                      "latent norms other than RmsNorm at norm_epsilon; partial rope, scaling other than yarn; a "
+                      "softmax scale rotary_scaling cannot give; biases; norms other than RmsNorm; a MLP other than "
+                      "SwiGLU; learned positions")(_rules)],
+          config=config, read=read, node_entries=node_entries,
+          before=("QWenForCausalLM", "LlamaForCausalLM", "GPTForCausalLM", "GemmaForCausalLM", "FalconForCausalLM"))
