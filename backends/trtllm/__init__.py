@@ -50,7 +50,11 @@ def lowering_plan(model: Model) -> Plan:
 
 
 def _plan(m: Model) -> Plan:
-    return Plan(*REGISTRY.classify(m, Facts(m, "trtllm")))
+    f = Facts(m, "trtllm")
+    if f.mlas:   # multi-latent attention: DeepseekV2ForCausalLM or nothing (the other classes read attention nodes)
+        cls = REGISTRY["DeepseekV2ForCausalLM"]
+        return Plan(cls, cls.refusals(f))
+    return Plan(*REGISTRY.classify(m, f))
 
 
 def _has_mla(model: Model) -> bool:
