@@ -117,3 +117,21 @@ def test_quantized_mla_refused_in_one_line(tmp_path, capsys):
                "-o", str(tmp_path / "t")])
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert rc != 0 and len(lines) == 1 and "DeepseekV2ForCausalLM" in lines[0]
+
+
+@pytest.mark.parametrize("tensor,expect", [
+    ("transformer.layers.1.attention.fused_q_proj", "is not the absorption of this rank's q_b_proj"),
+    ("transformer.layers.0.attention.kv_b_proj", "FAIL"),
+])
+def test_verify_reads_deepseek_v2_and_finds_corruption(tmp_path, capsys, tensor, expect):
+    """`mexc verify` lifts the output with mexc's reader (the context-phase tensors) and checks each rank's
+    fused_q_proj against them; a corrupted absorbed query (which only the engine's generation steps would run)
+    or a corrupted kv_b_proj fails."""
+    from test_trtllm_backend import corrupt_scale
+
+    d, out = _compile(tmp_path, "mla-q", tp=2)
+    assert main(["verify", str(out), "--against", str(d / "ckpt")]) == 0, capsys.readouterr().out
+    assert "OK" in capsys.readouterr().out
+    corrupt_scale(out, "rank1.safetensors", tensor, 1.5)
+    assert main(["verify", str(out), "--against", str(d / "ckpt")]) == 1
+    assert expect in capsys.readouterr().out

@@ -39,7 +39,7 @@ import torch
 from ....ir import derive
 from ....ir.semantics import yarn_softmax_mscale
 from ....ir.tensors import recipe_op
-from ....ir.types import TensorType
+from ....ir.types import Rope, TensorType
 from .common import rule, trt_class
 
 CLS = "DeepseekV2ForCausalLM"
@@ -168,9 +168,80 @@ def config(f, cfg: dict) -> dict:
     return cfg
 
 
+def lift_mla(b, h, layer: int, cfg: dict, leaf, tp: int):
+    """The ``mla`` node of one layer of a DeepseekV2ForCausalLM checkpoint (mexc's reader, :mod:`mexc.frontends.
+    trtllm`), from the context-phase tensors: ``fused_a`` split back into ``q_down`` / ``kv_down``, the ranks'
+    ``q_b_proj`` rows concatenated, each rank's ``[k_nope; v]`` rows of ``kv_b_proj`` regrouped per head.
+    ``leaf(tp_rank, name)`` is the lazy tensor ``attention.<name>`` of that rank. ``fused_q_proj`` is checked
+    against them by :func:`absorption_mismatches`."""
+    R, C, nope, rope, v = (cfg.get("q_lora_rank"), cfg["kv_lora_rank"], cfg["qk_nope_head_dim"],
+                           cfg["qk_rope_head_dim"], cfg["v_head_dim"])
+    nh_r = cfg["num_attention_heads"] // tp
+    fused = leaf(0, "fused_a.weight")
+    kv_b = []
+    for t in range(tp):
+        w = leaf(t, "kv_b_proj")
+        k = derive("reshape", derive("slice", w, dim=0, start=0, stop=nh_r * nope), shape=(nh_r, nope, C))
+        val = derive("reshape", derive("slice", w, dim=0, start=nh_r * nope, stop=nh_r * (nope + v)), shape=(nh_r, v, C))
+        kv_b.append(derive("reshape", derive("concat", k, val, dim=1), shape=(nh_r * (nope + v), C)))
+
+    def cat(ts):
+        return ts[0] if len(ts) == 1 else derive("concat", *ts, dim=0)
+
+    params = {"kv_down": derive("slice", fused, dim=0, start=R or 0, stop=(R or 0) + C + rope),
+              "kv_norm": leaf(0, "kv_a_layernorm.weight"), "kv_up": cat(kv_b),
+              "proj": derive("concat", *[leaf(t, "dense.weight") for t in range(tp)], dim=1) if tp > 1
+              else leaf(0, "dense.weight")}
+    q_b = cat([leaf(t, "q_b_proj") for t in range(tp)])
+    if R:
+        params.update(q_down=derive("slice", fused, dim=0, start=0, stop=R), q_norm=leaf(0, "q_a_layernorm.weight"),
+                      q_up=q_b)
+    else:
+        params["q"] = q_b
+    rs = cfg["rotary_scaling"]
+    r = Rope(base=float(cfg["rotary_base"]), interleaved=True, scaling="yarn", factor=float(rs["factor"]),
+             beta_fast=float(rs["beta_fast"]), beta_slow=float(rs["beta_slow"]), mscale=float(rs["mscale"]),
+             mscale_all_dim=float(rs["mscale_all_dim"]),
+             original_max_positions=int(rs["original_max_position_embeddings"]))
+    if r.factor == 1.0:   # yarn at factor 1: the plain frequencies, mscale 1
+        r = Rope(base=r.base, interleaved=True)
+    a = {"num_heads": cfg["num_attention_heads"], "kv_lora_rank": C, "qk_head_dim": nope, "qk_rope_dim": rope,
+         "v_head_dim": v, "rope": r, "latent_norm": "rmsnorm", "latent_norm_eps": cfg["norm_epsilon"]}
+    return b.node("mla", h, layer=layer, params=params, softmax_scale=_scale(a), **a)
+
+
+def absorption_mismatches(out, cfg: dict) -> list[tuple[str, str, str]]:
+    """(file, tensor, why) for each layer whose ``fused_q_proj`` is not the absorption of its rank's
+    ``q_b_proj`` and ``kv_b_proj`` (the engine's generation step runs it, its context phase the other two: a
+    mismatch serves different logits after the first token). Reads those tensors, one rank file at a time."""
+    from safetensors import safe_open
+
+    nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    m = cfg.get("mapping") or {}
+    problems = []
+    for r in range(int(m.get("tp_size", 1)) * int(m.get("pp_size", 1))):
+        with safe_open(out / f"rank{r}.safetensors", "pt") as f:
+            for name in sorted(k for k in f.keys() if k.endswith(".attention.fused_q_proj")):  # noqa: SIM118
+                pre = name[:-len("fused_q_proj")]
+                q_b, kv_b = f.get_tensor(pre + "q_b_proj"), f.get_tensor(pre + "kv_b_proj")
+                nh = kv_b.shape[0] // (nope + v)
+                kv_up = torch.cat([kv_b[:nh * nope].reshape(nh, nope, -1), kv_b[nh * nope:].reshape(nh, v, -1)],
+                                  dim=1).reshape(nh * (nope + v), -1)
+                _, compute = _mla_absorb()
+                want, got = compute([q_b, kv_up], nope, rope, v).float(), f.get_tensor(name).float()
+                tol = 1e-5 if got.dtype == torch.float32 else 1e-2
+                if got.shape != want.shape or (got - want).abs().max() > tol * max(1.0, want.abs().max().item()):
+                    problems.append((f"rank{r}.safetensors", name, "is not the absorption of this rank's q_b_proj "
+                                     "and kv_b_proj (einsum hdq,hdk->hkq with the rope rows): the engine's "
+                                     "generation steps would disagree with its context phase"))
+    return problems
+
+
 def read(cfg: dict) -> dict:
-    return {"refuse": f"mexc's trtllm reader does not lift {CLS} (multi-latent attention with absorbed weights); "
-                      "check it with the test-side reader, or compile with --target hf to verify"}
+    if int((cfg.get("moe") or {}).get("num_experts", 0)):
+        return {"refuse": f"mexc reads {CLS} with dense layers only (moe.num_experts is set)"}
+    return {"norm": "rmsnorm", "gated": True, "activation": "silu", "rope": {"base": float(cfg["rotary_base"])},
+            "mla": lift_mla}
 
 
 trt_class(CLS, signature=lambda f: bool(f.mlas),
@@ -178,5 +249,5 @@ trt_class(CLS, signature=lambda f: bool(f.mlas),
                       "latent norms other than RmsNorm at norm_epsilon; partial rope, scaling other than yarn; a "
                       "softmax scale rotary_scaling cannot give; biases; norms other than RmsNorm; a MLP other than "
                       "SwiGLU; learned positions")(_rules)],
-          config=config, read=read, node_entries=node_entries,
+          config=config, read=read, node_entries=node_entries, check_ranks=absorption_mismatches,
           before=("QWenForCausalLM", "LlamaForCausalLM", "GPTForCausalLM", "GemmaForCausalLM", "FalconForCausalLM"))
