@@ -261,7 +261,7 @@ def test_every_class_is_one_file_with_rules_rows_and_reader():
     from mexc.backends.trtllm.classes import REGISTRY
 
     names = [c.name for c in REGISTRY]
-    assert names == ["GemmaForCausalLM", "FalconForCausalLM", "QWenForCausalLM", "LlamaForCausalLM",
+    assert names == ["DeepseekV2ForCausalLM", "GemmaForCausalLM", "FalconForCausalLM", "QWenForCausalLM", "LlamaForCausalLM",
                      "GPTForCausalLM"]
     for cls in REGISTRY:
         keys = [(r.role, r.params) for r in cls.rows]
