@@ -25,9 +25,10 @@ scale is ``1 / (q_scaling * sqrt(nope + rope))`` with ``q_scaling = 1 / get_msca
 when ``mscale_all_dim`` is set. Without MoE (``moe.num_experts`` 0) every layer is a GatedMLP (``hidden_act``
 swiglu, made non-gated silu for the dense layers; ``mlp.fc`` = gate_proj, ``mlp.gate`` = up_proj).
 
-Versions: this is the layout of TensorRT-LLM's own converter up to 0.18 (``fused_q_proj``); later TensorRT-path
-builds declare ``k_b_proj_trans`` in its place, and their GPTAttentionPlugin refuses MLA ("use the PyTorch
-workflow"): serve those with ``--target hf``. MoE layers (routed + shared experts) are not written yet.
+Versions: this is the layout TensorRT-LLM's own converter writes (``fused_q_proj``, loaded by the 0.x
+``DeepseekV2Attention``); later TensorRT-path sources declare ``k_b_proj_trans`` in its place and their
+GPTAttentionPlugin refuses MLA ("use the PyTorch workflow"): with such a release serve ``--target hf``. No engine
+was built from this layout here. MoE layers (routed + shared experts) are not written yet.
 """
 
 from __future__ import annotations
