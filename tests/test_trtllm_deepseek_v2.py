@@ -135,3 +135,18 @@ def test_verify_reads_deepseek_v2_and_finds_corruption(tmp_path, capsys, tensor,
     corrupt_scale(out, "rank1.safetensors", tensor, 1.5)
     assert main(["verify", str(out), "--against", str(d / "ckpt")]) == 1
     assert expect in capsys.readouterr().out
+
+
+def test_bf16_tp2_pp2_reads_back_and_verifies(tmp_path, capsys):
+    """bf16 at tp 2 x pp 2 (four ranks; layer 1 on the second stage, renumbered 0): fused_q_proj is absorbed from
+    the fp32 source and rounded once, so both phases stay within bf16 rounding of megatron-core's fp32 logits."""
+    d = megatron_checkpoint("mla-q")
+    out = tmp_path / "bf16"
+    compile_checkpoint(d / "ckpt", out, CompileOptions(target="trtllm", tp=2, pp=2, dtype="bfloat16", build="never"))
+    assert load_file(str(out / "rank3.safetensors"))["transformer.layers.0.attention.fused_q_proj"].dtype == \
+        torch.bfloat16
+    ref = load_reference(d)
+    tokens = torch.as_tensor(ref["tokens"])
+    for phase in ("generation", "context"):
+        assert err(dsv2.logits(str(out), tokens, phase=phase), ref["logits"]) < 2e-2
+    assert main(["verify", str(out), "--against", str(d / "ckpt")]) == 0, capsys.readouterr().out

@@ -245,10 +245,12 @@ def read(cfg: dict) -> dict:
             "mla": lift_mla}
 
 
-trt_class(CLS, signature=lambda f: bool(f.mlas),
+_cls = trt_class(CLS, signature=lambda f: bool(f.mlas),
           rules=[rule("plain attention layers mixed in; MoE layers (not written yet); MLA shapes differing by layer; "
                       "latent norms other than RmsNorm at norm_epsilon; partial rope, scaling other than yarn; a "
                       "softmax scale rotary_scaling cannot give; biases; norms other than RmsNorm; a MLP other than "
                       "SwiGLU; learned positions")(_rules)],
           config=config, read=read, node_entries=node_entries, check_ranks=absorption_mismatches,
           before=("QWenForCausalLM", "LlamaForCausalLM", "GPTForCausalLM", "GemmaForCausalLM", "FalconForCausalLM"))
+# no attention node: its rows never apply (the mla tensors come from node_entries, listed in the docstring)
+_cls.rows[:] = [r for r in _cls.rows if r.role != "attention"]
