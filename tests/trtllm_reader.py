@@ -739,6 +739,8 @@ def read_checkpoint(ckpt_dir: str, emulate_build_quant: bool = True):
     if probs:
         _fail("config.json problems: " + "; ".join(probs))
     cls = MODEL_MAP[cfg["architecture"]]
+    if cfg["architecture"] == trtllm_reader_deepseek_v2.ARCH:
+        _fail(f"{cfg['architecture']}: per-rank MLA tensors, read by trtllm_reader_deepseek_v2.read_checkpoint")
     if cls not in (_GPT, _LLAMA, _GEMMA, _FALCON, _QWEN):
         _fail(f"architecture {cfg['architecture']} ({cls}) not supported by this reader")
     m = _mapping(cfg)
