@@ -18,6 +18,11 @@ Per layer and rank, what ``convert.py`` (``load_weights_from_hf_model``) writes 
   fp32 at write time.
 * ``attention.dense.weight``: ``proj`` split on dim 1.
 
+Sizes: TensorRT-LLM's MLA kernels are instantiated for ``kv_lora_rank`` 512 and ``qk_rope_head_dim`` 64 only
+(``mlaKernels.cu``: ``applyMLARopeAndAssignQKVKernel*<T, 256, 512, 64>``) and its ``mlaParams`` / the later
+``DeepseekV2Attention`` size ``kv_b_proj`` as ``h * qk_nope_head_dim * 2`` rows (``v_head_dim`` = nope): other
+sizes would load and run wrong, so they are refused (DeepSeek-V2 / V2-Lite / V3 and Megatron's MLA defaults fit).
+
 The decoupled rope is applied to GPT-J pairs (DeepSeek's and Megatron's layout: convert.py does not permute the
 rows), with YaRN cos/sin from ``rotary_scaling`` (``create_sinusoidal_positions_yarn``), which the model reads
 unconditionally: a plain rope is written as yarn with factor 1 (the same frequencies and mscale 1). The softmax
@@ -115,6 +120,12 @@ def _rules(f) -> list[str]:
         return p + [f"MoE layers with multi-latent attention are not written for {CLS} yet (its MOE / SharedMoE "
                     "layers, routing and shared experts); use --target hf (DeepseekV3ForCausalLM)"]
     a = f.mlas[0].attrs
+    if (a["kv_lora_rank"], a["qk_rope_dim"]) != (512, 64) or a["qk_head_dim"] != a["v_head_dim"]:
+        p.append(f"multi-latent attention with kv_lora_rank {a['kv_lora_rank']}, qk_pos_emb_head_dim "
+                 f"{a['qk_rope_dim']}, qk_head_dim {a['qk_head_dim']}, v_head_dim {a['v_head_dim']} is not expressible "
+                 f"with {CLS}: TensorRT-LLM's MLA kernels are compiled for kv_lora_rank 512 and rope 64 only "
+                 "(mlaKernels.cu applyMLARopeAndAssignQKVKernel*<T, 256, 512, 64>) and its kv_b_proj holds "
+                 "h * qk_head_dim * 2 rows (v_head_dim = qk_head_dim); use --target hf")
     if len({tuple(m.attrs[k] for k in _SHAPE) for m in f.mlas}) > 1 or len({"q" in m.params for m in f.mlas}) > 1:
         p.append(f"layers differ in multi-latent attention shape, rope or q_lora_rank; {CLS} has one per model")
     eps = f.norms[0].attrs["eps"] if f.norms else None
