@@ -89,6 +89,7 @@ def test_reader_rejects_what_the_loader_would(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     del cfg["rotary_scaling"]["beta_fast"]
     assert any("rotary_scaling" in p for p in dsv2.check_config(cfg))
+    assert any("512 / rope 64 only" in p for p in dsv2.check_config(dict(cfg, kv_lora_rank=256)))
 
 
 def _refusals(mutate) -> list[str]:

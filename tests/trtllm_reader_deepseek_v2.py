@@ -52,6 +52,9 @@ def check_config(cfg: dict) -> list:
     if cfg.get("num_key_value_heads") != 1 or \
             cfg.get("head_size") != cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]:
         p.append("num_key_value_heads must be 1 and head_size kv_lora_rank + qk_rope_head_dim (MLA's latent cache)")
+    if (cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]) != (512, 64) or cfg["qk_nope_head_dim"] != cfg["v_head_dim"]:
+        p.append("MLA kernels (mlaKernels.cu <T, 256, 512, 64>) take kv_lora_rank 512 / rope 64 only, and kv_b_proj "
+                 "is sized h * qk_nope_head_dim * 2 (v_head_dim = qk_nope_head_dim)")
     if cfg["num_attention_heads"] % int(cfg["mapping"].get("tp_size", 1)):
         p.append("num_attention_heads not divisible by tp_size")
     return p
