@@ -42,6 +42,7 @@ import math
 
 import torch
 
+from ....errors import IRError
 from ....ir import derive
 from ....ir.semantics import yarn_softmax_mscale
 from ....ir.tensors import recipe_op
@@ -60,7 +61,7 @@ def _mla_absorb():
         q, kv = types
         nh = q.shape[0] // (nope + rope)
         if q.shape[0] != nh * (nope + rope) or kv.shape[0] != nh * (nope + v):
-            raise ValueError(f"mla_absorb: q_b {q} / kv_b {kv} are not {nh} heads of {nope}+{rope} / {nope}+{v}")
+            raise IRError(f"mla_absorb: q_b {q} / kv_b {kv} are not {nh} heads of {nope}+{rope} / {nope}+{v}")
         return TensorType(q.dtype, (nh * (kv.shape[1] + rope), q.shape[1]))
 
     def compute(xs, nope, rope, v):
@@ -249,6 +250,12 @@ def absorption_mismatches(out, cfg: dict) -> list[tuple[str, str, str]]:
     return problems
 
 
+def notes(f) -> list[str]:
+    return [f"{CLS}: the layout TensorRT-LLM's deepseek_v2 converter writes (fused_q_proj, kv_lora_rank 512 / rope 64 "
+            "kernels); a TensorRT-LLM whose GPTAttentionPlugin refuses MLA ('use the PyTorch workflow') cannot build "
+            "it: serve --target hf there"]
+
+
 def read(cfg: dict) -> dict:
     if int((cfg.get("moe") or {}).get("num_experts", 0)):
         return {"refuse": f"mexc reads {CLS} with dense layers only (moe.num_experts is set)"}
@@ -261,7 +268,7 @@ _cls = trt_class(CLS, signature=lambda f: bool(f.mlas),
                       "latent norms other than RmsNorm at norm_epsilon; partial rope, scaling other than yarn; a "
                       "softmax scale rotary_scaling cannot give; biases; norms other than RmsNorm; a MLP other than "
                       "SwiGLU; learned positions")(_rules)],
-          config=config, read=read, node_entries=node_entries, check_ranks=absorption_mismatches,
+          config=config, read=read, node_entries=node_entries, check_ranks=absorption_mismatches, notes=notes,
           before=("QWenForCausalLM", "LlamaForCausalLM", "GPTForCausalLM", "GemmaForCausalLM", "FalconForCausalLM"))
 # no attention node: its rows never apply (the mla tensors come from node_entries, listed in the docstring)
 _cls.rows[:] = [r for r in _cls.rows if r.role != "attention"]
