@@ -166,3 +166,10 @@ def test_latent_sizes_the_kernels_lack_are_refused_in_one_line(tmp_path, capsys)
     rc = main(["compile", str(d / "ckpt"), "--target", "trtllm", "--build", "never", "-o", str(tmp_path / "t")])
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert rc != 0 and len(lines) == 1 and "applyMLARopeAndAssignQKVKernel" in lines[0]
+
+
+def test_parallel_embedding_refused(tmp_path):
+    """DeepseekV2Model builds Embedding(vocab_size, hidden_size) without a TP split: a split table would not load."""
+    with pytest.raises(BackendError, match="--parallel-embedding is not expressible with DeepseekV2ForCausalLM"):
+        compile_checkpoint(megatron_checkpoint("mla-512") / "ckpt", tmp_path / "p",
+                           CompileOptions(target="trtllm", tp=2, parallel_embedding=True, build="never"))

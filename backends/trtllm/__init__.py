@@ -126,6 +126,9 @@ class TRTLLMBackend(Backend):
                 ([f"a weightless L2 q/k norm ({l2[0].location}: Megatron's qk_l2_norm) has no TensorRT-LLM <= 1.2 "
                   "checkpoint class: compile with --target hf or onnx"] if l2 else [])
         problems = list(lowering_plan(model).problems)
+        if opts.parallel_embedding and _has_mla(model):   # DeepseekV2Model: Embedding(vocab_size, hidden_size)
+            problems.append("--parallel-embedding is not expressible with DeepseekV2ForCausalLM: its model builds the "
+                            "vocab embedding whole on every rank (no tp split); compile without it")
         if opts.quant and _has_mla(model):   # DeepseekV2Attention's q_b / kv_b / fused_q_proj are bare Parameters
             problems.append("weight-only quantization of multi-latent attention is not written for "
                             "DeepseekV2ForCausalLM (its q_b_proj / kv_b_proj / fused_q_proj are plain parameters "
