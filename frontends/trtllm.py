@@ -153,13 +153,18 @@ def lift_trtllm(path: str | Path):
                           params={"weight": merged(s, role, "weight", i), "bias": merged(s, role, "bias", i)})
 
         h = norm("input_norm", x)
-        a = b.node("attention", h, layer=i, num_heads=nh, num_kv_heads=nkv, head_dim=d,
-                   position="rope" if pos.startswith("rope") else "none", rope=rope, **qk,
-                   softmax_scale=info.get("softmax_scale"),
-                   params={"qkv": qkv(s, "qkv", i), "qkv_bias": qkv(s, "qkv_bias", i),
-                           "proj": merged(s, "attention", "proj", i),
-                           "proj_bias": merged(s, "attention", "proj_bias", i),
-                           **{p: merged(s, "attention", p, i) for p in ("q_norm", "k_norm") if qk}})
+        if "mla" in info:   # multi-latent attention (DeepseekV2ForCausalLM): the class lifts its own tensors
+            def attn(t, n, s=s, i=i):
+                return leaf(ranks(s)[t], f"transformer.layers.{local[i]}.attention.{n}")
+            a = info["mla"](b, h, i, cfg, attn, tp)
+        else:
+            a = b.node("attention", h, layer=i, num_heads=nh, num_kv_heads=nkv, head_dim=d,
+                       position="rope" if pos.startswith("rope") else "none", rope=rope, **qk,
+                       softmax_scale=info.get("softmax_scale"),
+                       params={"qkv": qkv(s, "qkv", i), "qkv_bias": qkv(s, "qkv_bias", i),
+                               "proj": merged(s, "attention", "proj", i),
+                               "proj_bias": merged(s, "attention", "proj_bias", i),
+                               **{p: merged(s, "attention", p, i) for p in ("q_norm", "k_norm") if qk}})
         parallel = info.get("parallel")
         if parallel:          # Falcon: x + attn(ln(x)) + mlp(ln(x) or mlp_layernorm(x))
             m_in = h if parallel == 1 else norm("post_norm", x)

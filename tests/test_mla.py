@@ -4,7 +4,8 @@ RMSNorm'd latents (qk_layernorm), YaRN on the decoupled rope (factor 4, mscale 0
 softmax scale is not 1/sqrt(d)) and perturbed norm weights. The reference interpreter (also split over two
 simulated TP ranks), transformers' own DeepseekV3ForCausalLM loading the hf output, and onnxruntime running the
 onnx output (both profiles, prefill and KV-cache decode steps) reproduce megatron-core's logits within 1e-4 in
-fp32; the trtllm target refuses with one line."""
+fp32; the trtllm target refuses these latent sizes in one line (DeepseekV2ForCausalLM at TensorRT-LLM's 512 / 64:
+tests/test_trtllm_deepseek_v2.py)."""
 
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def test_onnx_prefill_and_decode_match_megatron(tmp_path, kind, profile):
     assert onnx_errors(out / "model.onnx", ref, prefix=5).worst < TOL
 
 
-def test_trtllm_refuses_mla_in_one_line(tmp_path):
+def test_trtllm_refuses_latent_sizes_its_kernels_lack_in_one_line(tmp_path):
+    """DeepseekV2ForCausalLM takes kv_lora_rank 512 / rope 64 only: tests/test_trtllm_deepseek_v2.py writes it."""
     with pytest.raises(BackendError) as e:
         compile_checkpoint(megatron_checkpoint("mla") / "ckpt", tmp_path / "t",
                            CompileOptions(target="trtllm", build="never"))

@@ -261,8 +261,8 @@ def test_every_class_is_one_file_with_rules_rows_and_reader():
     from mexc.backends.trtllm.classes import REGISTRY
 
     names = [c.name for c in REGISTRY]
-    assert names == ["GemmaForCausalLM", "FalconForCausalLM", "Phi3ForCausalLM", "QWenForCausalLM",
-                     "LlamaForCausalLM", "GPTForCausalLM"]
+    assert names == ["DeepseekV2ForCausalLM", "GemmaForCausalLM", "FalconForCausalLM", "Phi3ForCausalLM",
+                     "QWenForCausalLM", "LlamaForCausalLM", "GPTForCausalLM"]
     for cls in REGISTRY:
         keys = [(r.role, r.params) for r in cls.rows]
         assert len(keys) == len(set(keys)) and cls.rules and callable(cls.extra["read"])

@@ -29,6 +29,9 @@ sqrt(hidden_size) in the model, stored RmsNorm weight = 1 + w, GatedMLP with
 (falcon/model.py, config.py, convert.py: parallel_attention /
 new_decoder_architecture with ``mlp_layernorm``, head_size = hidden/heads, ln_f
 at eps 1e-5, a parallel block's row-parallel biases summed over TP ranks).
+DeepseekV2ForCausalLM (multi-latent attention) is read by
+``trtllm_reader_deepseek_v2`` (``logits`` dispatches to it): its absorbed
+``fused_q_proj`` is run as the engine's generation step runs it.
 
 Weight-only caveat: TensorRT-LLM's own converters store the *processed* bytes
 returned by ``symmetric_quantize_last_axis_of_batched_matrix`` (CUTLASS
@@ -52,6 +55,7 @@ import re
 from typing import Dict, List, Tuple
 
 import torch
+import trtllm_reader_deepseek_v2   # DeepseekV2ForCausalLM (multi-latent attention): per-rank tensors, TRT-LLM's math
 
 # --------------------------------------------------------------------------
 # Known enumerations
@@ -764,6 +768,8 @@ def read_checkpoint(ckpt_dir: str, emulate_build_quant: bool = True):
     if probs:
         _fail("config.json problems: " + "; ".join(probs))
     cls = MODEL_MAP[cfg["architecture"]]
+    if cfg["architecture"] == trtllm_reader_deepseek_v2.ARCH:
+        _fail(f"{cfg['architecture']}: per-rank MLA tensors, read by trtllm_reader_deepseek_v2.read_checkpoint")
     if cls not in (_GPT, _LLAMA, _GEMMA, _FALCON, _QWEN, _PHI3):
         _fail(f"architecture {cfg['architecture']} ({cls}) not supported by this reader")
     m = _mapping(cfg)
@@ -1419,6 +1425,9 @@ def build_hf_model(hf_cfg, sd):
 
 @torch.no_grad()
 def logits(ckpt_dir: str, tokens: torch.LongTensor, emulate_build_quant: bool = True) -> torch.Tensor:
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        if json.load(f).get("architecture") == trtllm_reader_deepseek_v2.ARCH:   # MLA: its own reader and forward
+            return trtllm_reader_deepseek_v2.logits(ckpt_dir, tokens)
     cfg, ten = read_checkpoint(ckpt_dir, emulate_build_quant=emulate_build_quant)
     hf_cfg, sd = to_hf(cfg, ten)
     model = build_hf_model(hf_cfg, sd)

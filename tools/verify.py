@@ -34,7 +34,7 @@ import torch
 from ..backends.base import Backend
 from ..backends.registry import BUILTIN, get_backend
 from ..errors import BackendError, InputError, MexcError, ToolNotFoundError
-from .integrity import check_artifact, duplicated_kv_mismatches, replicated_mismatches
+from .integrity import Problem, check_artifact, duplicated_kv_mismatches, replicated_mismatches
 
 PROMPTS = torch.tensor([[1, 5, 9, 23, 42, 77, 3, 99], [0, 64, 31, 8, 15, 2, 50, 11]])
 # Default bound on max |delta logits|, per dtype written: (relative, absolute floor); the tolerance is
@@ -223,7 +223,11 @@ def check_ranks(out: Path, report) -> tuple:
         raise BackendError(f"{out / 'config.json'}: mexc's TensorRT-LLM reader cannot lift this output "
                            f"({type(e).__name__}: {e})", hint="the config was edited or damaged; compile again"
                            ) from e
-    return lifted, problems + replicated_mismatches(lifted, report, ranks_tp(out))
+    from ..backends.trtllm.classes import by_architecture
+
+    cls = by_architecture(str(cfg.get("architecture")))   # a class's own cross-tensor check (DeepseekV2: absorption)
+    own = [Problem(*p) for p in cls.extra.get("check_ranks", lambda o, c: [])(out, cfg)] if cls else []
+    return lifted, problems + own + replicated_mismatches(lifted, report, ranks_tp(out))
 
 
 def verify_output(a) -> int:

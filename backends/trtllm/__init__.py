@@ -49,16 +49,16 @@ def lowering_plan(model: Model) -> Plan:
     return cached_plan("trtllm", model, _plan)
 
 
-# issue 17: TensorRT-LLM's TensorRT-path DeepseekV2ForCausalLM checkpoint format (<= 1.2) is not written yet
-MLA_REFUSAL = ("multi-latent attention (DeepSeek MLA) is not written for TensorRT-LLM: mexc has no "
-               "DeepseekV2ForCausalLM checkpoint writer (hint: --target hf writes DeepseekV3ForCausalLM, which "
-               "TensorRT-LLM's PyTorch backend loads)")
-
-
 def _plan(m: Model) -> Plan:
-    if next(m.graph.find("mla"), None) is not None:
-        return Plan(None, [MLA_REFUSAL])
-    return Plan(*REGISTRY.classify(m, Facts(m, "trtllm")))
+    f = Facts(m, "trtllm")
+    if f.mlas:   # multi-latent attention: DeepseekV2ForCausalLM or nothing (the other classes read attention nodes)
+        cls = REGISTRY["DeepseekV2ForCausalLM"]
+        return Plan(cls, cls.refusals(f))
+    return Plan(*REGISTRY.classify(m, f))
+
+
+def _has_mla(model: Model) -> bool:
+    return next(model.graph.find("mla"), None) is not None
 
 
 def _arch(model: Model) -> tuple[str | None, list[str]]:
@@ -126,6 +126,13 @@ class TRTLLMBackend(Backend):
                 ([f"a weightless L2 q/k norm ({l2[0].location}: Megatron's qk_l2_norm) has no TensorRT-LLM <= 1.2 "
                   "checkpoint class: compile with --target hf or onnx"] if l2 else [])
         problems = list(lowering_plan(model).problems)
+        if opts.parallel_embedding and _has_mla(model):   # DeepseekV2Model: Embedding(vocab_size, hidden_size)
+            problems.append("--parallel-embedding is not expressible with DeepseekV2ForCausalLM: its model builds the "
+                            "vocab embedding whole on every rank (no tp split); compile without it")
+        if opts.quant and _has_mla(model):   # DeepseekV2Attention's q_b / kv_b / fused_q_proj are bare Parameters
+            problems.append("weight-only quantization of multi-latent attention is not written for "
+                            "DeepseekV2ForCausalLM (its q_b_proj / kv_b_proj / fused_q_proj are plain parameters "
+                            "trtllm-build does not quantize); compile without --quant")
         if opts.quant == "fp8":
             problems.append("fp8 for TensorRT-LLM needs activation scales from calibration data, which mexc does "
                             "not compute; use --quant int8-wo or int4-wo, or calibrate with NVIDIA ModelOpt")
@@ -145,7 +152,8 @@ class TRTLLMBackend(Backend):
             raise BackendError("; ".join(plan.problems))
         c, cls = model.config, plan.cls
         f = Facts(model, "trtllm")
-        a = f.a0
+        a = f.a0 or {"num_heads": f.mlas[0].attrs["num_heads"], "num_kv_heads": 1, "head_dim": 0,
+                     "position": "mla"}   # multi-latent attention: the class fills its own fields
         emb, head, norm = f.emb, f.heads[0], f.norms[0]
         ffn_node = (f.mlps or f.moes)[0]
         par = model.parallel
@@ -189,6 +197,7 @@ class TRTLLMBackend(Backend):
         """One rank's tensors from the class's name rows: stage-local layer numbers, each param's TP shard."""
         roles = node_roles(model)
         rows = lowering_plan(model).cls.rows
+        special = lowering_plan(model).cls.extra.get("node_entries")   # a class's own per-rank tensors
         flags = {"present": True, "attn_bias": bool(cfg.get("attn_bias", False))}
         entries: list[TensorEntry] = []
         first_layer = min((n.layer for n in model.graph.nodes if n.stage == pp_rank and n.layer is not None),
@@ -199,6 +208,10 @@ class TRTLLMBackend(Backend):
             role = roles[node]
             loc = {"L": "" if node.layer is None else node.layer - first_layer}
             taken: set[str] = set()
+            got = special(node, role, tp_rank, _shard) if special else None
+            if got is not None:
+                entries += [recipe_entry(n.format(**loc), rec, cache) for n, rec in got]
+                continue
             for r in (r for r in rows if r.role == role):
                 if not all(p in node.params for p in r.params):
                     if not flags[r.when] or r.when == "present" or len(r.params) > 1:
