@@ -118,15 +118,18 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
                        print_ir_after: set[str] | None = None, dump_ir: Path | None = None,
                        log: Callable[[str], None] | None = None, progress=None,
                        tokenizer: str | Path | None = None, instruments: list | tuple = ()) -> CompileResult:
-    """Compile the Megatron checkpoint ``ckpt`` to ``out`` (written atomically). ``tokenizer`` (a path) or the
+    """Compile the Megatron checkpoint ``ckpt`` to ``out`` (written atomically) with ``opts``, the target's
+    options class (:mod:`mexc.backends.options`; ``CompileOptions(target=..., ...)`` builds it). ``tokenizer`` (a path) or the
     one the checkpoint's args name is written beside the model (:mod:`mexc.frontends.tokenizer`).
     ``instruments``: extra :mod:`pass instruments <mexc.passes.instruments>` (``SemanticCheck()``)."""
     from .backends.base import atomic_directory, check_output, tune_allocator, write_manifest
     from .backends.layout import check_group_size, check_layout, check_print_ir_after, fit_sequence
+    from .backends.options import for_target
     from .frontends import tokenizer as tokenizers
     from .passes import PassManager, format_pipeline, load_entry_point_passes, load_pass_file
 
     log = log or (lambda s: None)
+    opts = for_target(opts)   # a bare CompileOptions gets its target's class and defaults (backends/options.py)
     opts.validate()
     backend = get_backend(opts.target)
     out = Path(out)
@@ -164,7 +167,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     vocab, vocab_note = tokenizers.default_vocab(model, tok) if opts.vocab_size is None else (None, None)
     if vocab is not None:
         opts.vocab_size = vocab
-    seq_note = fit_sequence(model, opts) if opts.target in ("trtllm", "tensorrt", "onnx") else None
+    seq_note = fit_sequence(model, opts) if hasattr(opts, "max_seq_len") else None
     passes = build_pipeline(model, opts, backend)
     check_layout(model, passes)
     check_group_size(model, passes)

@@ -20,7 +20,8 @@ import torch
 from ..errors import BackendError
 from ..ir import Model, TensorType
 from ..ir.types import DType
-from .options import CompileOptions  # noqa: F401 - re-exported (torch-free: the CLI checks flags with it)
+from .options import (CompileOptions, HFOptions, OnnxOptions, TensorRTOptions,  # noqa: F401 - re-exported
+                      TrtllmOptions)  # (torch-free: the CLI checks flags with them)
 from .outfile import OutputFile, direct_io_enabled, worker_thread_init  # noqa: F401 - re-exported
 from .output import MANIFEST, atomic_directory, check_output, open_new, write_new  # noqa: F401 - re-exported
 
@@ -35,10 +36,12 @@ class EmitResult:
 
 
 class Backend:
-    """Lowers a model to one target. Subclasses set ``name`` and implement the four steps."""
+    """Lowers a model to one target. Subclasses set ``name`` (and ``options``, the dataclass of what the target
+    reads) and implement the four steps."""
 
     name = "abstract"
     description = ""
+    options: type[CompileOptions] = CompileOptions   # what the target takes: a subclass of it (backends/options.py)
 
     def legalize_pipeline(self, opts: CompileOptions, model: Model) -> str:
         """The passes (pipeline text) that bring a lifted model into the form ``emit`` takes."""

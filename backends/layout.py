@@ -97,18 +97,18 @@ def check_print_ir_after(names: set[str], passes: list) -> None:
 def fit_sequence(model: Model, opts) -> str | None:
     """A learned position table (GPT, StarCoder) has no rows past its size: ``--max-seq-len`` beyond it is an
     error when given, and the default (2048) is lowered to the table with a note (returned)."""
-    from ..backends.base import CompileOptions
-
     emb = next(iter(model.graph.find("embedding")), None)
     pos = emb.params.get("position") if emb is not None else None
     if pos is None or opts.max_seq_len <= pos.type.shape[0]:
         return None
     rows = pos.type.shape[0]
-    default = CompileOptions()
+    default = type(opts)()   # the target's defaults
     if opts.max_seq_len != default.max_seq_len:
         raise UsageError(f"--max-seq-len {opts.max_seq_len} is beyond the model's learned position table "
                          f"({rows} positions)", hint=f"use --max-seq-len {rows} or less")
     opts.max_seq_len = rows
+    if not hasattr(opts, "max_input_len"):   # onnx: no engine input length
+        return f"sequence length {rows} (the learned position table), not the default {default.max_seq_len}"
     opts.max_input_len = min(opts.max_input_len, rows)
     return (f"sequence length {rows} (the learned position table), not the default {default.max_seq_len}; "
             f"input length {opts.max_input_len}")

@@ -6,7 +6,9 @@ packages add targets through the ``mexc.backends`` entry-point group, as passes 
     [project.entry-points."mexc.backends"]
     my-target = "my_package.backend"     # importing it calls mexc.backends.base.register_backend(...)
 
-The CLI's ``--target`` choices, :func:`get_backend` and ``mexc verify``'s runtime choice all derive from this.
+The CLI's ``--target`` choices, :func:`get_backend` and ``mexc verify``'s runtime choice all derive from this,
+and so do the options each target takes (:func:`options_class`: the backend's ``options`` attribute, a subclass
+of :class:`mexc.backends.options.CompileOptions`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..errors import BackendError, UsageError
 
 if TYPE_CHECKING:
     from .base import Backend
+    from .options import CompileOptions
 
 BUILTIN = {"trtllm": "mexc.backends.trtllm", "hf": "mexc.backends.hf", "onnx": "mexc.backends.onnx",
            "tensorrt": "mexc.backends.onnx"}
@@ -76,3 +79,19 @@ def get_backend(target: str) -> "Backend":
         raise BackendError(f"importing {modules[target]} did not register target {target!r}",
                            hint="its module must call mexc.backends.base.register_backend(...) on import")
     return BACKENDS[target]
+
+
+def options_class(target: str) -> "type[CompileOptions]":
+    """The options class ``target`` takes: a built-in target's from :mod:`mexc.backends.options` (no backend is
+    imported: the CLI judges flags with it before torch loads), a plugin's from its backend's ``options``
+    attribute (importing the plugin). Raises like :func:`get_backend` for an unknown or broken target."""
+    from .options import BUILTIN as BUILTIN_OPTIONS, CompileOptions
+
+    if target in BUILTIN_OPTIONS:
+        return BUILTIN_OPTIONS[target]
+    cls = getattr(get_backend(target), "options", CompileOptions)
+    if not (isinstance(cls, type) and issubclass(cls, CompileOptions)):
+        raise BackendError(f"the {target} backend declares options={cls!r}, not a subclass of CompileOptions",
+                           hint=f"fix or uninstall the package that declares {target} ({GROUP}): its options "
+                                "must be a dataclass deriving from mexc.backends.options.CompileOptions")
+    return cls

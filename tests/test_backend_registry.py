@@ -70,12 +70,71 @@ def test_plugin_target_compiles_and_verifies(tmp_path):
     assert "echo-hf: max |delta logits|" in r.stdout and r.stdout.rstrip().endswith(": OK")
 
 
+SEQ_PLUGIN = '''
+from dataclasses import dataclass
+
+from mexc.backends.base import register_backend
+from mexc.backends.hf.backend import HFBackend
+from mexc.backends.options import HFOptions
+
+
+@dataclass
+class SeqOptions(HFOptions):
+    max_seq_len: int = 64
+
+
+class SeqHF(HFBackend):
+    """The hf layout under another name, declaring one option more than hf."""
+
+    name = "seq-hf"
+    options = SeqOptions
+
+
+register_backend(SeqHF())
+'''
+
+
+def test_builtin_backends_declare_the_options_the_cli_judges_with():
+    from mexc.backends.options import BUILTIN
+    from mexc.backends.registry import get_backend, options_class
+
+    for target, cls in BUILTIN.items():
+        assert get_backend(target).options is cls is options_class(target)
+
+
+def test_a_plugin_declares_its_own_options(tmp_path):
+    """A flag the plugin's options class has is taken for it (and still refused for hf); one it lacks is refused
+    naming the targets that take it; the library's flat form builds the plugin's class."""
+    site = _site(tmp_path, {"seq-hf": "seq_plugin"}, {"seq_plugin": SEQ_PLUGIN})
+    ck = megatron_checkpoint("llama") / "ckpt"
+    r = _mexc(site, "compile", ck, "--target", "seq-hf", "--max-seq-len", "32", "-o", tmp_path / "o", "--quiet")
+    assert r.returncode == 0, r.stderr
+    opts = json.loads((tmp_path / "o" / "mexc-manifest.json").read_text())["options"]
+    assert opts["target"] == "seq-hf" and opts["max_seq_len"] == 32 and "max_shard_size" in opts
+    r = _mexc(site, "compile", ck, "--target", "seq-hf", "--max-batch-size", "2", "-o", tmp_path / "p")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: --max-batch-size does nothing for --target seq-hf",
+        "hint: it applies to --target trtllm / tensorrt; drop it"], r.stderr
+    r = _mexc(site, "compile", ck, "--target", "hf", "--max-seq-len", "32", "-o", tmp_path / "q")
+    assert r.returncode == 2 and "hint: it applies to --target trtllm / onnx / tensorrt / seq-hf; drop it" not in \
+        r.stderr and "--max-seq-len does nothing for --target hf" in r.stderr
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    code = ("from mexc.backends.options import CompileOptions; "
+            "o = CompileOptions(target='seq-hf', max_seq_len=16); print(type(o).__name__, o.max_seq_len)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.stdout.split() == ["SeqOptions", "16"], r.stderr
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("entries,modules,msg", [
     ({"hf": "echo_plugin"}, {"echo_plugin": "X = 1\n"}, "shadows the built-in target 'hf'"),
     ({"silent": "silent_plugin"}, {"silent_plugin": "X = 1\n"}, "did not register target 'silent'"),
     ({"broken": "broken_plugin"}, {"broken_plugin": "import not_a_module_anywhere\n"}, "cannot be loaded"),
     ({"boom": "boom_plugin"}, {"boom_plugin": "raise RuntimeError('plugin exploded')\n"},
      "entry point boom = boom_plugin (mexc.backends) failed on import (RuntimeError: plugin exploded)"),
+    ({"badopts": "badopts_plugin"}, {"badopts_plugin": "from mexc.backends.base import Backend, register_backend\n"
+                                     "class B(Backend):\n    name = 'badopts'\n    options = dict\n"
+                                     "register_backend(B())\n"}, "the badopts backend declares options="),
 ])
 def test_bad_plugins_are_one_clear_error(tmp_path, entries, modules, msg):
     site = _site(tmp_path, entries, modules)

@@ -162,6 +162,20 @@ def test_moe_bf16_output(tmp_path):
     assert err < BF16_TOL, err
 
 
+def test_max_shard_size_option_shards_as_the_module_limit(tmp_path, monkeypatch):
+    """HFOptions.max_shard_size (--max-shard-size) writes the same shards, byte for byte, as the module limit
+    test_forced_sharding_writes_index checks."""
+    import mexc.backends.hf.backend as hfb
+
+    ck = megatron_checkpoint("llama", pp=2, fmt="torch_dist") / "ckpt"
+    compile_checkpoint(ck, tmp_path / "opt", CompileOptions(target="hf", max_shard_size=40_000))
+    monkeypatch.setattr(hfb, "MAX_SHARD_BYTES", 40_000)
+    compile_checkpoint(ck, tmp_path / "mod", CompileOptions(target="hf"))
+    files = [json.loads((tmp_path / d / "mexc-manifest.json").read_text())["files"] for d in ("opt", "mod")]
+    assert len(files[0]) >= 3 and files[0] == files[1]
+    assert json.loads((tmp_path / "opt" / "mexc-manifest.json").read_text())["options"]["max_shard_size"] == 40_000
+
+
 def test_forced_sharding_writes_index(tmp_path, monkeypatch):
     import mexc.backends.hf.backend as hfb
 

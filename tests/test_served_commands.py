@@ -199,6 +199,8 @@ def test_layout_errors_are_one_line(tmp_path, capsys, args, want):
     (["--target", "trtllm", "--max-input-len", "4096"], "--max-input-len 4096 is longer than --max-seq-len 2048"),
     (["--target", "trtllm", "--print-ir-after", "reshrd"], "--print-ir-after reshrd: no such pass"),
     (["--target", "hf", "--parallel-embedding"], "--parallel-embedding does nothing for --target hf"),
+    (["--target", "hf", "--accuracy-level", "4"], "--accuracy-level does nothing for --target hf"),
+    (["--target", "trtllm", "--max-shard-size", "4096"], "--max-shard-size does nothing for --target trtllm"),
 ])
 def test_ignored_compile_options_are_refused(tmp_path, capsys, args, want):
     rc, _, err = _mexc(capsys, "compile", EXAMPLE, *args, "-o", tmp_path / "o")

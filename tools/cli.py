@@ -77,18 +77,14 @@ def _install_signal_handlers():
 
 
 def cmd_compile(a) -> int:
-    from ..backends.base import CompileOptions
     from ..backends.serve import serve_commands
     from ..driver import compile_checkpoint
     from ..passes.instruments import SemanticCheck
+    from .compile_flags import compile_options
 
     quiet = a.quiet or a.json
     log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
-    opts = CompileOptions(target=a.target, tp=a.tp, pp=a.pp, ep=a.ep, dtype=a.dtype, quant=a.quant,
-                          group_size=a.group_size, vocab_size=a.vocab_size, profile=a.profile, pipeline=a.pipeline,
-                          build=a.build, force=a.force, max_batch_size=a.max_batch_size, max_input_len=a.max_input_len,
-                          max_seq_len=a.max_seq_len, jobs=a.jobs, parallel_embedding=a.parallel_embedding,
-                          accuracy_level=a.accuracy_level, quant_lm_head=a.quant_lm_head)
+    opts = compile_options(a)   # the target's options class (mexc.backends.options), from the checked flags
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
     res = compile_checkpoint(a.ckpt, a.out, opts, iteration=a.iteration, config=a.config,
                              overrides={**dict(a.set), **({"replicated": a.replicated} if a.replicated else {})},

@@ -127,9 +127,9 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", metavar="PATH", help="tokenizer written beside the model (HF dir, SentencePiece "
                    ".model, vocab.json,merges.txt or .tiktoken; default: the files the checkpoint's args name)")
     c.add_argument("--profile", choices=["ort", "tensorrt"], help="--target onnx flavour (default: ort)")
-    c.add_argument("--accuracy-level", type=int, choices=range(5), default=4, metavar="{0..4}",
-                   help="onnx ort --quant: MatMulNBits accuracy_level (4 = int8 compute on CPU, as onnxruntime-genai's "
-                        "builder; 0 = compute in the activation dtype)")
+    c.add_argument("--accuracy-level", type=int, choices=range(5), metavar="{0..4}",
+                   help="onnx ort --quant: MatMulNBits accuracy_level (default 4 = int8 compute on CPU, as "
+                        "onnxruntime-genai's builder; 0 = compute in the activation dtype)")
     c.add_argument("--quant-lm-head", action=argparse.BooleanOptionalAction, default=None,
                    help="onnx --quant: quantize the lm_head too (default: yes for --profile ort, as onnxruntime-genai's "
                         "builder; no for tensorrt)")
@@ -146,11 +146,16 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--replicated", choices=["check", "rank0", "mean"], default=None,
                    help="TP copies of replicated tensors (norms, row-parallel biases) in legacy checkpoints: check "
                         "they agree (default), take rank 0's, or average them; recorded in the manifest")
-    c.add_argument("--parallel-embedding", action="store_true", help="split the embedding table over tp")
+    # the options one target takes (mexc.backends.options): left out = None, so that a flag given for a target
+    # that does not take it is refused (tools/compile_flags.py)
+    c.add_argument("--parallel-embedding", action="store_true", default=None,
+                   help="trtllm: split the embedding table over tp")
     c.add_argument("--max-batch-size", type=_positive_int, help="trtllm/tensorrt engines (default: 8)")
     c.add_argument("--max-input-len", type=_positive_int, help="trtllm/tensorrt engines (default: 1024)")
     c.add_argument("--max-seq-len", type=_positive_int, help="trtllm/tensorrt engines, onnx position tables "
                    "(default: 2048, or a learned position table's size)")
+    c.add_argument("--max-shard-size", type=_positive_int, metavar="BYTES", help="hf: largest safetensors shard "
+                   "(default: 5000000000, transformers' 5GB)")
     c.add_argument("--jobs", type=_positive_int, default=2, help="ranks written in parallel")
     c.add_argument("--print-ir-after", action="append", default=[], metavar="PASS|all")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR before and after every pass to DIR")

@@ -1,21 +1,33 @@
 """`mexc compile` options a target would ignore are refused, never dropped silently (issue 19 item 8).
 
-:func:`check_compile_flags` takes the parsed arguments (options left out are ``None``), raises
-:class:`~mexc.errors.UsageError` for an option the target does not read, a combination the target cannot do
+:func:`check_compile_flags` takes the parsed arguments (target-specific options left out are ``None``), raises
+:class:`~mexc.errors.UsageError` for an option the target does not read (a field of another target's options
+class, :mod:`mexc.backends.options`, that the target's own class lacks), a combination the target cannot do
 whatever the model (:func:`_target_refusal`: ``--quant`` for hf, ``--tp``/``--pp``/``--ep`` for hf and onnx, ...)
-or a contradiction, and fills the defaults of :class:`~mexc.backends.options.CompileOptions` for the rest.
+or a contradiction, and fills the target's defaults for the rest; :func:`compile_options` builds the target's
+options object from them.
 :func:`precheck_compile` adds the ``-o`` checks; the CLI runs it before torch is imported, so these usage
 errors come in a fraction of a second and before any tensor is read (tools/bench_startup.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from ..errors import UsageError
 
-# which targets read which compile option (anything else given explicitly is refused, never ignored)
-_USED_BY = {"profile": ("onnx", "tensorrt"), "max_batch_size": ("trtllm", "tensorrt"),
-            "max_input_len": ("trtllm", "tensorrt"), "max_seq_len": ("trtllm", "tensorrt", "onnx"),
-            "parallel_embedding": ("trtllm",), "accuracy_level": ("onnx",), "quant_lm_head": ("onnx", "tensorrt")}
+
+def _used_by(target: str, own: type) -> dict[str, list[str]]:
+    """Target-specific option -> the targets whose options class has it (the built-in ones, and ``target``'s
+    own class when it is a plugin's): a flag given for a target outside its list is refused, never ignored."""
+    from ..backends.options import BUILTIN, option_fields
+
+    classes = {**BUILTIN, target: own}
+    used: dict[str, list[str]] = {}
+    for name, cls in classes.items():
+        for k in option_fields(cls):
+            used.setdefault(k, []).append(name)
+    return used
 
 
 def _target_refusal(a) -> tuple[str, str] | None:
@@ -56,18 +68,16 @@ def _target_refusal(a) -> tuple[str, str] | None:
 def check_compile_flags(a) -> None:
     """Refuse options the target would ignore or cannot do; fill the defaults of the ones left out. Runs before
     the checkpoint is read (and before torch is imported)."""
-    from ..backends.options import CompileOptions
+    from ..backends.registry import options_class
 
-    default = CompileOptions()
-    given = {k for k in _USED_BY if getattr(a, k, None) is not None and getattr(a, k) is not False
-             and not (k == "accuracy_level" and a.accuracy_level == default.accuracy_level)}
-    if a.quant_lm_head is False:
-        given.add("quant_lm_head")
-    for k in sorted(given):
-        if a.target not in _USED_BY[k]:
+    cls = options_class(a.target)
+    default = cls()
+    used_by = _used_by(a.target, cls)
+    for k in sorted(k for k in used_by if getattr(a, k, None) is not None):
+        if a.target not in used_by[k]:
             flag = "--" + k.replace("_", "-")
             raise UsageError(f"{flag} does nothing for --target {a.target}",
-                             hint=f"it applies to --target {' / '.join(_USED_BY[k])}; drop it")
+                             hint=f"it applies to --target {' / '.join(used_by[k])}; drop it")
     if a.target == "tensorrt" and a.profile == "ort":
         raise UsageError("--target tensorrt always writes the tensorrt profile; --profile ort contradicts it",
                          hint="use --target onnx --profile ort for ONNX Runtime")
@@ -78,16 +88,28 @@ def check_compile_flags(a) -> None:
     if refusal:
         raise UsageError(refusal[0], hint=refusal[1])
     input_given = a.max_input_len is not None
-    for k in ("profile", "max_batch_size", "max_input_len", "max_seq_len"):
-        if getattr(a, k) is None:
-            setattr(a, k, getattr(default, k))
-    if not input_given:   # the default input length never exceeds the sequence length the user chose
-        a.max_input_len = min(a.max_input_len, a.max_seq_len)
+    for f in fields(cls):
+        if getattr(a, f.name, None) is None and f.name in used_by:
+            setattr(a, f.name, getattr(default, f.name))
     if a.group_size is None:
         a.group_size = default.group_size
-    if a.target in ("trtllm", "tensorrt") and a.max_input_len > a.max_seq_len:
+    if not (hasattr(default, "max_input_len") and hasattr(default, "max_seq_len")):
+        return
+    if not input_given:   # the default input length never exceeds the sequence length the user chose
+        a.max_input_len = min(a.max_input_len, a.max_seq_len)
+    if a.max_input_len > a.max_seq_len:
         raise UsageError(f"--max-input-len {a.max_input_len} is longer than --max-seq-len {a.max_seq_len}",
                          hint="the sequence length counts the input: raise --max-seq-len or lower --max-input-len")
+
+
+def compile_options(a):
+    """The options object of ``a.target`` (its class from :func:`mexc.backends.registry.options_class`) from
+    the parsed and checked arguments: every field of the class, from the flag of the same name."""
+    from ..backends.registry import options_class
+
+    cls = options_class(a.target)
+    return cls(**{f.name: getattr(a, f.name) for f in fields(cls)
+                  if hasattr(a, f.name) and getattr(a, f.name) is not None})
 
 
 def precheck_compile(a) -> None:

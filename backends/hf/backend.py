@@ -25,11 +25,13 @@ from ...passes.rope_to_half import has_interleaved_rope
 from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry, write_new,
                     write_safetensors)
 from ..lowering import Plan, cached_plan, make_pass
+from ..options import HFOptions
 from . import families
 from .names import Rule, rules_for
 
 # Largest shard in bytes (transformers' default max_shard_size "5GB" = 5 * 10**9). Tests lower it to force
-# sharding; the environment variable MEXC_HF_MAX_SHARD_BYTES overrides it too.
+# sharding; the environment variable MEXC_HF_MAX_SHARD_BYTES overrides it too, and --max-shard-size
+# (HFOptions.max_shard_size) both.
 MAX_SHARD_BYTES = 5 * 10**9
 SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -170,6 +172,7 @@ def _shards(entries: list[TensorEntry], limit: int) -> list[list[TensorEntry]]:
 
 class HFBackend(Backend):
     name = "hf"
+    options = HFOptions
     description = "Hugging Face layout (config.json + model.safetensors) for transformers, vLLM, TRT-LLM PyTorch"
 
     def legalize(self, opts: CompileOptions, model: Model) -> list:
@@ -217,7 +220,7 @@ class HFBackend(Backend):
             text = json.dumps(data, indent=2) + "\n"
             write_new(out / fname, text)
             res.files[fname] = len(text.encode())
-        shards = _shards(entries, max_shard_bytes())
+        shards = _shards(entries, getattr(opts, "max_shard_size", None) or max_shard_bytes())
         total = sum(e.type.nbytes for e in entries)
         if progress:
             progress.start("write", total)

@@ -15,6 +15,7 @@ from ...errors import BackendError, ToolNotFoundError
 from ...ir import Model
 from ...ir.types import DType
 from ..base import Backend, CompileOptions, EmitResult, register_backend
+from ..options import OnnxOptions, TensorRTOptions
 from ...passes.fold_moe_scaling import has_topk_scale
 from .emit import emit_onnx
 from .tensorrt import build_engine, tensorrt_status, trtexec_command
@@ -38,6 +39,7 @@ def cpu_needs_float32(model: Model, opts: CompileOptions, profile: str) -> bool:
 
 class OnnxBackend(Backend):
     name = "onnx"
+    options = OnnxOptions
     description = "ONNX decoder with KV cache (profiles: ort = ONNX Runtime contrib ops, tensorrt = standard ops)"
 
     def profile(self, opts: CompileOptions) -> str:
@@ -101,6 +103,7 @@ class OnnxBackend(Backend):
 
 class TensorRTBackend(OnnxBackend):
     name = "tensorrt"
+    options = TensorRTOptions
     description = "TensorRT engine built from the tensorrt-profile ONNX (needs the tensorrt Python package)"
 
     def profile(self, opts: CompileOptions) -> str:

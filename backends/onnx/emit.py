@@ -8,6 +8,7 @@ from pathlib import Path
 from ...errors import BackendError
 from ...ir import Model
 from ..base import CompileOptions, EmitResult, write_new
+from ..options import OnnxOptions
 from .graph import ExternalData, GraphBuilder
 from .lower import MS, OPSET, Plan, lower
 
@@ -32,7 +33,7 @@ def emit_onnx(model: Model, out: Path, opts: CompileOptions, profile: str, progr
         g = GraphBuilder(data)
         max_positions = max(model.config.max_position_embeddings, opts.max_seq_len)
         plan = lower(model, g, profile, max_positions=max_positions, progress=progress,
-                     accuracy_level=opts.accuracy_level)
+                     accuracy_level=getattr(opts, "accuracy_level", OnnxOptions.accuracy_level))
     finally:
         data.close()
         if progress:

@@ -36,6 +36,7 @@ from ...passes.rope_to_half import has_interleaved_rope
 from ..base import (Backend, CompileOptions, EmitResult, TensorEntry, cache_bytes, recipe_entry,
                     register_backend, worker_thread_init, write_new, write_safetensors)
 from ..lowering import Facts, Plan, cached_plan, make_pass
+from ..options import TrtllmOptions
 from .build import build_engines, require_tool
 from .classes import REGISTRY
 from .classes.common import NO_SINKS, rope_config
@@ -80,6 +81,7 @@ def describe() -> str:
 
 class TRTLLMBackend(Backend):
     name = "trtllm"
+    options = TrtllmOptions
     description = "TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) and trtllm-build engines"
 
     def legalize(self, opts: CompileOptions, model: Model) -> list:

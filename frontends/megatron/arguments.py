@@ -16,99 +16,17 @@ The table is data: ``config.ARG_ALIASES`` (what ``from_args`` reads) is derived 
 ``mexc inspect --args CKPT`` prints the verdict for a checkpoint's args, and the lift calls :func:`refuse`.
 Argument names are Megatron-LM's ``argparse`` destinations (``megatron/training/arguments.py``); ``aliases``
 are the same setting under older names, megatron-core ``TransformerConfig`` names and NeMo config names.
-Release spans come from :mod:`.argument_versions` (see docs/arguments.md).
+Release spans come from :mod:`.argument_versions` (see docs/arguments.md). This module holds the rows; what a row
+is lives in :mod:`.argument_schema`, applying the table to saved args in :mod:`.argument_verdicts` (both
+re-exported here).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
 
-from ...errors import ConfigError
-from .argument_versions import RELEASES, SPANS
-
-HONOURED, REFUSED, IRRELEVANT = "honoured", "refused", "irrelevant"
-
-
-@dataclass(frozen=True)
-class Arg:
-    """One row: an argument, its default and mexc's verdict."""
-
-    name: str
-    default: Any
-    verdict: str
-    by: str = ""                     # honoured: IR attribute / ModelConfig field; irrelevant: why
-    fix: str = ""                    # refused: what the user can do
-    field: str | None = None         # the MegatronArch field (config.ARG_ALIASES) this argument feeds
-    aliases: tuple[str, ...] = ()    # older / TransformerConfig / NeMo names of the same setting
-    values: tuple | None = None      # honoured: the values honoured (None: all)
-    ok: tuple = ()                   # refused: values besides the default that are harmless
-    when: str | None = None          # judged only when this other argument is set (not at its default)
-    judge: Any = None                # honoured: value -> why it is not honoured (str) or None, for open value sets
-
-    def at_default(self, v: Any) -> bool:
-        """True when ``v`` means the same as the default (None / False / 0 / empty count as unset when the
-        default is unset)."""
-        unset = (None, False, 0, (), [], "")
-        if _eq(v, self.default) or any(_eq(v, o) for o in self.ok):
-            return True
-        return self.default in (None, False) and any(_eq(v, u) for u in unset)
-
-    def problem(self, v: Any) -> str | None:
-        """Why value ``v`` stops the lift, or None."""
-        if self.verdict == REFUSED and not self.at_default(v):
-            return f"{self.name}={_show(v)} ({self.fix})"
-        if self.verdict == HONOURED and self.judge is not None and not self.at_default(v) and self.judge(v):
-            return f"{self.name}={_show(v)} ({self.judge(v)})"
-        if self.verdict == HONOURED and self.values is not None and not self.at_default(v) and \
-                not any(_eq(v, o) for o in self.values):
-            return (f"{self.name}={_show(v)} (mexc honours {', '.join(_show(o) for o in self.values)}; "
-                    f"{self.fix or 'other values are not supported yet'})")
-        return None
-
-    @property
-    def versions(self) -> str:
-        """megatron-core releases whose Megatron-LM defines this argument (or an alias), e.g. ``0.9-0.19``."""
-        return release_span(self.name, *self.aliases)
-
-
-def _eq(a, b) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):   # True == 1 in Python; a switch is not a count
-        return type(a) is type(b) and a == b
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - values without a truth value (arrays) compare as different
-        return False
-
-
-def _show(v: Any) -> str:
-    s = repr(v) if not isinstance(v, str) else v
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
-def H(name, default, by, field=None, aliases=(), values=None, fix="", judge=None):  # noqa: N802 - row builders
-    return Arg(name, default, HONOURED, by, fix, field, tuple(aliases), values, judge=judge)
-
-
-def window_problem(v) -> str | None:
-    """megatron-core's window_size (left, right): mexc honours (L, 0), L >= 0 (see config._window)."""
-    if isinstance(v, str):
-        v = [p.strip() for p in v.strip("()[] ").split(",")]
-        v = [int(p) if p.lstrip("-").isdigit() else p for p in v]
-    ok = isinstance(v, (tuple, list)) and len(v) == 2 and all(type(x) is int for x in v) and v[0] >= 0 and v[1] == 0
-    return None if ok else ("mexc honours (L, 0) with L >= 0: keys i-L..i; a right window lets a query see later "
-                            "tokens, which no causal decoder target expresses, and -1 is unbounded to Transformer "
-                            "Engine but an empty window to megatron-core's local attention")
-
-
-def R(name, default, fix, aliases=(), ok=(), when=None):  # noqa: N802
-    return Arg(name, default, REFUSED, fix=fix, aliases=tuple(aliases), ok=tuple(ok), when=when)
-
-
-def I(name, default, why, field=None, aliases=()):  # noqa: N802, E743
-    return Arg(name, default, IRRELEVANT, why, field=field, aliases=tuple(aliases))
-
+from .argument_schema import (HONOURED, IRRELEVANT, REFUSED, Arg, H, I, R,  # noqa: F401 - re-exported
+                              release_span, window_problem)
 
 _NUMERICS = "precision only: the same math; the output dtype (--dtype) decides precision at inference"
 _IMPL = "an implementation choice (kernel, fusion, backend): the same math"
@@ -398,27 +316,6 @@ for _row in ROWS:
             raise AssertionError(f"argument {_n!r} has two rows")
         BY_NAME[_n] = _row
 
-_SPAN_OF: dict[str, str] = {n: span for span, names in SPANS.items() for n in names.split()}
-
-
-def release_span(*names: str) -> str:
-    """The megatron-core releases whose Megatron-LM defines any of ``names`` ("" when none does)."""
-    spans = [_SPAN_OF[n] for n in names if n in _SPAN_OF]
-    if not spans:
-        return ""
-    idx = sorted({i for s in spans for part in s.split(",") for i in _span_indices(part)})
-    runs, start = [], idx[0]
-    for a, b in zip(idx, idx[1:] + [None]):
-        if b != a + 1:
-            runs.append(RELEASES[a] if start == a else f"{RELEASES[start]}-{RELEASES[a]}")
-            start = b
-    return ",".join(runs)
-
-
-def _span_indices(part: str) -> range:
-    lo, _, hi = part.partition("-")
-    return range(RELEASES.index(lo), RELEASES.index(hi or lo) + 1)
-
 
 def lookup(name: str) -> Arg | None:
     """The row for ``name``: its own, or an ``irrelevant`` row of its training-only category; None if
@@ -437,89 +334,18 @@ def arg_aliases() -> dict[str, tuple[str, ...]]:
     return {r.field: (r.name, *r.aliases) for r in ROWS if r.field}
 
 
-def _items(args: Any) -> list[tuple[str, Any]]:
-    d = args if isinstance(args, dict) else vars(args) if hasattr(args, "__dict__") else {}
-    return sorted(d.items())
+# the judging code lives in .argument_verdicts, which imports this table: re-exported on first use (PEP 562)
+_VERDICTS = ("Verdicts", "apply", "refuse", "status", "describe")
 
 
-@dataclass(frozen=True)
-class Verdicts:
-    """The table applied to one checkpoint's args."""
+def __getattr__(name: str):
+    if name in _VERDICTS:
+        from . import argument_verdicts
 
-    rows: tuple[tuple[str, Any, Arg | None], ...]   # (name, saved value, row or None when unknown)
-
-    def problems_except(self, overridden=frozenset()) -> list[str]:
-        """What stops the lift, leaving out rows whose field the user overrode (--config / --set) and rows
-        whose ``when`` argument is unset (Megatron reads window_attn_skip_freq only with a window)."""
-        values = {n: v for n, v, _ in self.rows}
-        return [p for n, v, r in self.rows if r is not None and r.field not in overridden
-                and (r.when is None or not BY_NAME[r.when].at_default(values.get(r.when)))
-                for p in [r.problem(v)] if p]
-
-    @property
-    def problems(self) -> list[str]:
-        return self.problems_except()
-
-    @property
-    def unknown(self) -> list[str]:
-        return [n for n, _, r in self.rows if r is None]
+        return getattr(argument_verdicts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def apply(args: Any) -> Verdicts:
-    """Look up every saved argument."""
-    return Verdicts(tuple((n, v, lookup(n)) for n, v in _items(args)))
-
-
-def refuse(args: Any, where: str, overridden=frozenset()) -> Verdicts:
-    """Raise :class:`ConfigError` naming every saved argument that changes the math and is not honoured
-    (``overridden``: MegatronArch fields the user set, whose saved arguments are not judged)."""
-    v = apply(args)
-    problems = v.problems_except(overridden)
-    if problems:
-        raise ConfigError(f"{where}: the saved args set what mexc cannot express: " + "; ".join(problems),
-                          hint="mexc never drops a setting that changes the model's math; `mexc inspect "
-                            "--args "
-                               "CKPT` prints every argument's verdict (docs/arguments.md)")
-    return v
-
-
-def status(r: Arg | None, value: Any, values: dict | None = None) -> str:
-    """What one saved value amounts to: REFUSED, honoured, default (a refused/honoured row at its default, or
-    one whose ``when`` argument is unset in ``values``), irrelevant or UNKNOWN."""
-    if r is None:
-        return "UNKNOWN"
-    if r.when and values is not None and BY_NAME[r.when].at_default(values.get(r.when)):
-        return "default"
-    if r.problem(value):
-        return "REFUSED"
-    return "default" if r.verdict != IRRELEVANT and r.at_default(value) else r.verdict
-
-
-def describe(args: Any | None = None) -> str:
-    """The table as text: every row (``args`` None), or the verdict for each argument of one checkpoint."""
-    lines = []
-    if args is None:
-        for r in sorted(ROWS, key=lambda r: r.name):
-            extra = r.fix if r.verdict == REFUSED else r.by
-            names = r.name + (f" ({', '.join(r.aliases)})" if r.aliases else "")
-            lines.append(f"{r.verdict:10s} {names:58s} default={_show(r.default):12s} "
-                         f"[{r.versions or 'config'}] {extra}")
-        lines.append("irrelevant every other Megatron-LM argument, by category: "
-                     + "; ".join(why for _, why in CATEGORIES))
-        return "\n".join(lines)
-    rows = apply(args).rows
-    values = {n: v for n, v, _ in rows}
-    for name, value, r in rows:
-        if r is None:
-            lines.append(f"{'UNKNOWN':10s} {name:48s} = {_show(value)}")
-            continue
-        verdict = status(r, value, values)
-        problem = r.problem(value) if verdict == "REFUSED" else None
-        note = problem or r.by or (f"refused when set: {r.fix}" if r.fix else "")
-        lines.append(f"{verdict:10s} {name:48s} = {_show(value):14s} {note}")
-    return "\n".join(lines)
-
-
-__all__ = ["status", "Arg", "ROWS", "CATEGORIES", "BY_NAME",
-           "lookup", "apply", "refuse", "describe", "arg_aliases",
-           "release_span", "Verdicts", "HONOURED", "REFUSED", "IRRELEVANT"]
+__all__ = ["Arg", "ROWS", "CATEGORIES", "BY_NAME",
+           "lookup", "arg_aliases", *_VERDICTS,
+           "release_span", "HONOURED", "REFUSED", "IRRELEVANT"]
