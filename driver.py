@@ -122,7 +122,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     options class (:mod:`mexc.backends.options`; ``CompileOptions(target=..., ...)`` builds it). ``tokenizer`` (a path) or the
     one the checkpoint's args name is written beside the model (:mod:`mexc.frontends.tokenizer`).
     ``instruments``: extra :mod:`pass instruments <mexc.passes.instruments>` (``SemanticCheck()``)."""
-    from .backends.base import atomic_directory, check_output, tune_allocator, write_manifest
+    from .backends.base import atomic_directory, check_output, intra_op_threads, tune_allocator, write_manifest
     from .backends.layout import check_group_size, check_layout, check_print_ir_after, fit_sequence
     from .backends.options import for_target
     from .frontends import tokenizer as tokenizers
@@ -182,7 +182,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     if problems:
         raise lowering_error(opts.target, problems)
     tune_allocator()
-    with atomic_directory(out, opts.force, log=log) as tmp:
+    with atomic_directory(out, opts.force, log=log) as tmp, intra_op_threads(1):
         res = backend.emit(model, tmp, opts, progress=progress)
         if tok.tok is not None:
             res.files.update(tokenizers.write(tok.tok, tmp))
