@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 from ...errors import BackendError
-from ..base import CompileOptions, write_new
+from ..base import write_new
+from ..options import TensorRTOptions
 
 ENGINE_FILE = "model.plan"
 _BUILDER_API = ("Logger", "Builder", "OnnxParser", "NetworkDefinitionCreationFlag")
@@ -52,7 +53,7 @@ def _io_dims(onnx_path: Path) -> list[tuple[str, list]]:
     return out
 
 
-def profile_shapes(onnx_path: Path, opts: CompileOptions) -> dict[str, tuple[tuple, tuple, tuple]]:
+def profile_shapes(onnx_path: Path, opts: TensorRTOptions) -> dict[str, tuple[tuple, tuple, tuple]]:
     """input name -> (min, opt, max) shapes."""
     b_max, s_max, t_max = opts.max_batch_size, opts.max_input_len, opts.max_seq_len
     b_opt = max(1, b_max // 2)
@@ -76,7 +77,7 @@ def profile_shapes(onnx_path: Path, opts: CompileOptions) -> dict[str, tuple[tup
     return shapes
 
 
-def trtexec_command(out: Path, opts: CompileOptions) -> str:
+def trtexec_command(out: Path, opts: TensorRTOptions) -> str:
     onnx_path = Path(out) / "model.onnx"
     shapes = profile_shapes(onnx_path, opts)
 
@@ -87,7 +88,7 @@ def trtexec_command(out: Path, opts: CompileOptions) -> str:
             f"--minShapes={fmt(0)} --optShapes={fmt(1)} --maxShapes={fmt(2)}")
 
 
-def build_engine(out: Path, opts: CompileOptions, log: Callable[[str], None]) -> list[str]:  # pragma: no cover
+def build_engine(out: Path, opts: TensorRTOptions, log: Callable[[str], None]) -> list[str]:  # pragma: no cover
     """Build ``model.plan`` with the TensorRT Python API (needs TensorRT >= 10.15 for RMSNormalization,
     RotaryEmbedding and Attention). Precision comes from the ONNX dtypes (strongly typed network)."""
     import tensorrt as trt
