@@ -186,7 +186,8 @@ def _moe_rules(f) -> list[str]:
         return []
     p, dense = [], sorted(m.layer for m in f.mlps)
     if dense != [0]:
-        p.append(f"dense layers {dense} with MoE layers are not expressible with {CLS}: it builds a GatedMLP on layer "
+        p.append(f"dense (non-MoE) layers {dense or 'none'} with MoE layers are not expressible with {CLS}: it builds "
+                 "a GatedMLP on layer "
                  "0 and a MoE on every later layer (Megatron moe_layer_freq [0] + [1] * (num_layers - 1)); use --target "
                  "hf (DeepseekV3ForCausalLM, first_k_dense_replace)")
     for m in f.moes:
