@@ -4,7 +4,10 @@ kernels take; RMSNorm'd latents, YaRN on the decoupled rope with mscale_all_dim,
 1/sqrt(d)): ``--target trtllm`` at tp 1 / tp 2 / pp 2, read back by the test-side reader
 written from TensorRT-LLM's sources (tests/trtllm_reader_deepseek_v2.py), whose logits reproduce megatron-core's
 within 1e-4 in fp32 both as the engine's generation step computes them (the absorbed ``fused_q_proj``) and as its
-context phase does (``q_b_proj`` / ``kv_b_proj``); settings the class cannot express are refused in one line."""
+context phase does (``q_b_proj`` / ``kv_b_proj``); settings the class cannot express are refused in one line.
+MoE (kinds ``deepseek-v2``: layer 0 dense, default softmax router, ungated shared expert, scaled; and
+``deepseek-v2-group``: pre-softmax group-limited routing): the same at tp 1 / tp 2 / tp 2 x ep 2 / pp 2, the
+reader running MixtureOfExperts' routing and SharedMoE as TensorRT-LLM's sources do."""
 
 from __future__ import annotations
 
@@ -285,3 +288,14 @@ def test_moe_layouts_and_v3_routing_refused_in_one_line(tmp_path, capsys, kind, 
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert rc != 0 and len(lines) == 1 and match in lines[0] and "DeepseekV2ForCausalLM" in lines[0]
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("kind,profile", [("deepseek-v2", "ort"), ("deepseek-v2-group", "tensorrt")])
+def test_onnx_of_the_deepseek_v2_moe_fixtures_matches_megatron(tmp_path, kind, profile):
+    """The same fixtures through --target onnx (MLA as plain attention after up-projection, the softmax / group-limited
+    routing lowered): prefill and KV-cache decode steps reproduce megatron-core's logits."""
+    from family_checks import onnx_errors
+
+    d = megatron_checkpoint(kind)
+    compile_checkpoint(d / "ckpt", tmp_path / "onnx", CompileOptions(target="onnx", profile=profile, build="never"))
+    assert onnx_errors(tmp_path / "onnx" / "model.onnx", load_reference(d), prefix=5).worst < TOL
