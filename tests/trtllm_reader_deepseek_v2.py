@@ -119,8 +119,8 @@ def _layer_shapes(cfg: dict, tp: int, layer: int = 0) -> dict:
 
 
 def _replicated(name: str) -> bool:
-    return name.endswith(("layernorm.weight", "fused_a.weight", "router.weight")) or name in ("transformer.vocab_embedding.weight",
-                                                                                "transformer.ln_f.weight")
+    return name.endswith(("layernorm.weight", "fused_a.weight", "router.weight")) or name in (
+        "transformer.vocab_embedding.weight", "transformer.ln_f.weight")
 
 
 def read_checkpoint(ckpt_dir: str):

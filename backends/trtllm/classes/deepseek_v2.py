@@ -186,10 +186,9 @@ def _moe_rules(f) -> list[str]:
         return []
     p, dense = [], sorted(m.layer for m in f.mlps)
     if dense != [0]:
-        p.append(f"dense (non-MoE) layers {dense or 'none'} with MoE layers are not expressible with {CLS}: it builds "
-                 "a GatedMLP on layer "
-                 "0 and a MoE on every later layer (Megatron moe_layer_freq [0] + [1] * (num_layers - 1)); use --target "
-                 "hf (DeepseekV3ForCausalLM, first_k_dense_replace)")
+        p.append(f"dense (non-MoE) layers {dense or 'none'} with MoE layers are not expressible with {CLS}: it "
+                 "builds a GatedMLP on layer 0 and a MoE on every later layer (Megatron moe_layer_freq [0] + [1] * "
+                 "(num_layers - 1)); use --target hf (DeepseekV3ForCausalLM, first_k_dense_replace)")
     for m in f.moes:
         a = m.attrs
         if a["score"] != "softmax" or "expert_bias" in m.params:
@@ -241,8 +240,9 @@ def _read_moe(cfg: dict) -> dict:
     moe = cfg["moe"]
     E, k, mode = int(moe["num_experts"]), int(moe.get("top_k", 0)), int(moe.get("normalization_mode", 1))
     if int(cfg.get("first_k_dense_replace", 1)) != 1:
-        return {"refuse": f"first_k_dense_replace {cfg['first_k_dense_replace']}: {CLS} builds layer 0 dense and every "
-                          "later layer MoE, its converter the MoE on layers >= first_k_dense_replace; mexc reads 1 only"}
+        return {"refuse": f"first_k_dense_replace {cfg['first_k_dense_replace']}: {CLS} builds layer 0 dense and "
+                          "every later layer MoE, its converter the MoE on layers >= first_k_dense_replace; mexc "
+                          "reads 1 only"}
     if mode not in (0, 1, 3, 4):
         return {"refuse": f"moe.normalization_mode {mode}: mexc reads {CLS} with NONE, RENORMALIZE, DEVICE_LIMITED "
                           "or DEVICE_LIMITED_RENORM routing only"}
