@@ -172,7 +172,7 @@ def lift_trtllm(path: str | Path):
             continue
         x = b.node("add", x, a, layer=i)
         h = norm("post_norm", x)
-        if E:
+        if E and i not in info.get("dense_layers", ()):   # DeepseekV2: layer 0 dense
             mlp = _moe(b, h, i, s, cfg, info, leaf, ranks, name, tp, ep, merged)
         elif info.get("fused_up_gate"):   # Phi3: each rank's mlp.fc = [up_r; gate_r]
             mlp = _mlp(b, h, i, s, merged, gated, act, _up_gate([leaf(r, name("mlp", ("up", "gate"), i))
@@ -241,4 +241,5 @@ def _moe(b, h, i, s, cfg, info, leaf, ranks, name, tp, ep, merged):
         params["shared_fc2"] = merged(s, "moe", "shared_fc2", i)
         params["shared_expert_gate"] = merged(s, "moe", "shared_expert_gate", i)
     return b.node("moe", h, layer=i, num_experts=info["experts"], top_k=info["top_k"], activation="silu",
-                  gated=True, pre_softmax=info["pre_softmax"], shared_expert=shared, params=params)
+                  gated=True, pre_softmax=info["pre_softmax"], shared_expert=shared, params=params,
+                  **info.get("moe_attrs", {}))

@@ -15,6 +15,16 @@ mexc. Used by :mod:`trtllm_reader` for that architecture.
   ``k_pe`` (convert.py keeps DeepSeek's row order) with YaRN cos/sin; softmax scale
   ``1 / (q_scaling * sqrt(nope + rope))``, ``q_scaling = 1 / get_mscale(factor, mscale_all_dim)^2`` when
   ``mscale_all_dim`` is set.
+* MoE (``moe.num_experts`` set): ``DeepseekV2DecoderLayer`` builds a GatedMLP on layer 0 and ``MOE`` /
+  ``SharedMoE(use_shared_gate=False)`` on every later layer (convert.py writes the experts on layers ``>=
+  first_k_dense_replace``: 1 is the value on which both agree). Routing as ``MixtureOfExperts.forward`` by
+  ``moe.normalization_mode`` on the fp32 router logits: NONE softmax + top-k; RENORMALIZE top-k of the logits then
+  softmax over them; DEVICE_LIMITED(_RENORM) ``group_limited_greedy`` (softmax, groups ranked by their max score,
+  the best ``device_limited_topk_group`` kept, x ``device_limited_routed_scaling_factor``, top-k, RENORM divides by
+  the sum). Rank ``t`` holds experts block ``t % moe_ep_size`` and ffn slice ``t // moe_ep_size``
+  (``Mapping.moe_ep_rank`` / ``moe_tp_rank``); ``mlp.fc`` = ``[up; gate]`` per expert, ``swiglu`` = silu of the
+  second half times the first; the shared expert an MLP over the whole TP group; the rank's routed + shared
+  output summed over ranks (SharedMoE's all-reduce).
 """
 from __future__ import annotations
 
@@ -45,8 +55,25 @@ def check_config(cfg: dict) -> list:
     rs = cfg["rotary_scaling"]
     if not isinstance(rs, dict) or any(k not in rs for k in _YARN):
         p.append(f"rotary_scaling must hold {_YARN} (DeepseekV2Attention reads them)")
-    if int(cfg["moe"].get("num_experts", 0)):
-        p.append("MoE DeepseekV2 checkpoints are not read by this reader (dense layers only)")
+    moe, m = cfg["moe"], cfg["mapping"]
+    E, k = int(moe.get("num_experts", 0)), int(moe.get("top_k", 0))
+    if E:
+        mode = int(moe.get("normalization_mode", 1))
+        if "moe_inter_size" not in cfg:
+            p.append("missing moe_inter_size (the experts' ffn size)")
+        if int(cfg.get("first_k_dense_replace", 1)) != 1:
+            p.append("first_k_dense_replace must be 1: the model builds layer 0 dense and the MoE on layer_idx > 0, "
+                     "convert.py writes the experts on layers >= first_k_dense_replace")
+        if mode not in (0, 1, 3, 4):
+            p.append(f"normalization_mode {mode} is not a DeepseekV2 routing (NONE, RENORMALIZE, DEVICE_LIMITED*)")
+        if mode in (3, 4):
+            G, gk = int(moe.get("device_limited_n_group", 0)), int(moe.get("device_limited_topk_group", 0))
+            if not G or E % G or not 1 <= gk <= G or gk * (E // G) < k:
+                p.append(f"device_limited_n_group {G} / topk_group {gk} do not fit {E} experts, top_k {k}")
+        ep = int(m.get("moe_ep_size", 1))
+        mtp = int(m.get("moe_tp_size", int(m.get("tp_size", 1)) // ep))
+        if mtp * ep != int(m.get("tp_size", 1)) or E % ep or not 1 <= k <= E:
+            p.append(f"moe_tp_size {mtp} x moe_ep_size {ep} != tp_size, or {E} experts / top_k {k} do not fit")
     if cfg.get("hidden_act") != "swiglu":
         p.append(f"hidden_act {cfg.get('hidden_act')!r}: DeepseekV2 dense layers are non_gated_version(swiglu)")
     if cfg.get("num_key_value_heads") != 1 or \
@@ -60,7 +87,13 @@ def check_config(cfg: dict) -> list:
     return p
 
 
-def _layer_shapes(cfg: dict, tp: int) -> dict:
+def _moe_split(cfg: dict) -> tuple[int, int]:
+    m = cfg["mapping"]
+    ep = int(m.get("moe_ep_size", 1))
+    return int(m.get("moe_tp_size", int(m.get("tp_size", 1)) // ep)), ep
+
+
+def _layer_shapes(cfg: dict, tp: int, layer: int = 0) -> dict:
     H, nh, C = cfg["hidden_size"], cfg["num_attention_heads"] // tp, cfg["kv_lora_rank"]
     nope, rope, v, I = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["intermediate_size"]
     R = cfg.get("q_lora_rank")
@@ -72,12 +105,22 @@ def _layer_shapes(cfg: dict, tp: int) -> dict:
          "mlp.fc.weight": (I // tp, H), "mlp.gate.weight": (I // tp, H), "mlp.proj.weight": (H, I // tp)}
     if R:
         s[a + "q_a_layernorm.weight"] = (R,)
+    E, S = int(cfg["moe"].get("num_experts", 0)), int(cfg["moe"].get("shared_expert_intermediate_size", 0))
+    if E and layer > 0:      # DeepseekV2DecoderLayer: MOE / SharedMoE once num_experts > 0 and layer_idx > 0
+        mtp, ep = _moe_split(cfg)
+        F = int(cfg["moe_inter_size"])
+        for k in ("mlp.fc.weight", "mlp.gate.weight", "mlp.proj.weight"):
+            del s[k]
+        s.update({"mlp.router.weight": (E, H), "mlp.fc.weight": (E // ep, 2 * F // mtp, H),
+                  "mlp.proj.weight": (E // ep, H, F // mtp)})
+        if S:
+            s.update({"mlp.shared_expert.fc.weight": (2 * S // tp, H), "mlp.shared_expert.proj.weight": (H, S // tp)})
     return s
 
 
 def _replicated(name: str) -> bool:
-    return name.endswith(("layernorm.weight", "fused_a.weight")) or name in ("transformer.vocab_embedding.weight",
-                                                                                "transformer.ln_f.weight")
+    return name.endswith(("layernorm.weight", "fused_a.weight", "router.weight")) or name in (
+        "transformer.vocab_embedding.weight", "transformer.ln_f.weight")
 
 
 def read_checkpoint(ckpt_dir: str):
@@ -93,7 +136,6 @@ def read_checkpoint(ckpt_dir: str):
         _fail("config.json problems: " + "; ".join(p))
     tp, pp = int(cfg["mapping"].get("tp_size", 1)), int(cfg["mapping"].get("pp_size", 1))
     L, H, V = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
-    shapes = _layer_shapes(cfg, tp)
     if cfg.get("use_parallel_embedding"):
         _fail("this reader reads a replicated vocab_embedding only")
     ranks = [dict() for _ in range(tp)]
@@ -105,7 +147,8 @@ def read_checkpoint(ckpt_dir: str):
             if not os.path.exists(path):
                 _fail(f"missing rank{rank}.safetensors (tp={tp}, pp={pp})")
             got = load_file(path)
-            want = {f"transformer.layers.{i}.{k}": v for i in range(len(layers)) for k, v in shapes.items()}
+            want = {f"transformer.layers.{i}.{k}": v for i, g in enumerate(layers)
+                    for k, v in _layer_shapes(cfg, tp, g).items()}
             if s == 0:
                 want["transformer.vocab_embedding.weight"] = (V, H)
             if s == pp - 1:
@@ -119,6 +162,8 @@ def read_checkpoint(ckpt_dir: str):
                     _fail(f"rank{rank}: {k} has shape {tuple(w.shape)}, expected per-rank {want[k]}")
                 m = _LAYER.fullmatch(k)
                 g = f"transformer.layers.{layers[int(m.group(1))]}.{m.group(2)}" if m else k
+                if k.endswith("router.weight") and w.dtype != torch.float32:
+                    _fail(f"rank{rank}: {k} is {w.dtype}; MOE's router is a float32 RowLinear (strict_dtype)")
                 ranks[t][g] = w.float()
     for k in ranks[0]:
         if _replicated(k) and any(not torch.equal(r[k], ranks[0][k]) for r in ranks[1:]):
@@ -201,6 +246,50 @@ def _attention(cfg, w, pre, x, phase):
     return ctx.transpose(1, 2).reshape(b, s, nh * v) @ w[pre + "dense.weight"].T
 
 
+def _route(moe: dict, logits):
+    """(expert ids, weights) [T, k] as ``MixtureOfExperts.forward`` computes them from fp32 router logits [T, E]."""
+    k, mode = int(moe["top_k"]), int(moe.get("normalization_mode", 1))
+    if mode == 1:            # RENORMALIZE: top-k of the logits, softmax over those
+        top, idx = logits.topk(k, -1)
+        return idx, top.softmax(-1)
+    scores = logits.softmax(-1)
+    if mode == 0:            # NONE (default_routing): softmax over all, top-k
+        w, idx = scores.topk(k, -1)
+        return idx, w
+    G, gk = int(moe["device_limited_n_group"]), int(moe["device_limited_topk_group"])   # group_limited_greedy
+    groups = scores.view(scores.shape[0], G, -1)
+    keep = torch.zeros(scores.shape[0], G).scatter(1, groups.amax(-1).topk(gk, -1)[1], 1.0)
+    masked = (groups * keep.unsqueeze(-1)).view_as(scores) * float(moe.get("device_limited_routed_scaling_factor", 1))
+    w, idx = masked.topk(k, -1)
+    return idx, (w / w.sum(-1, keepdim=True) if mode == 4 else w)
+
+
+def _swiglu(x, fc, proj):
+    """TensorRT-LLM MLP with swiglu: fc = [up; gate] rows, silu(second half) * first half, then proj."""
+    up, gate = (x @ fc.T).chunk(2, -1)
+    return (torch.nn.functional.silu(gate) * up) @ proj.T
+
+
+def _moe(cfg, ranks, pre, x):
+    """The MoE layer over every rank (SharedMoE: the rank's routed experts + its shared-expert slice, all-reduced)."""
+    moe, (_, ep) = cfg["moe"], _moe_split(cfg)
+    b, s, H = x.shape
+    t = x.reshape(-1, H)
+    idx, wts = _route(moe, t @ ranks[0][pre + "router.weight"].T)
+    out = torch.zeros_like(t)
+    for r, w in enumerate(ranks):
+        fc, proj = w[pre + "fc.weight"], w[pre + "proj.weight"]
+        for j in range(fc.shape[0]):
+            e = (r % ep) * fc.shape[0] + j
+            hit = idx == e                                                       # [T, k]
+            rows = hit.any(-1)
+            if rows.any():
+                out[rows] += (wts * hit).sum(-1)[rows, None] * _swiglu(t[rows], fc[j], proj[j])
+        if pre + "shared_expert.fc.weight" in w:
+            out += _swiglu(t, w[pre + "shared_expert.fc.weight"], w[pre + "shared_expert.proj.weight"])
+    return out.reshape(b, s, H)
+
+
 @torch.no_grad()
 def forward(cfg: dict, ranks: list, tokens: torch.LongTensor, phase: str = "generation") -> torch.Tensor:
     """fp32 logits [b, s, vocab_size] of the checkpoint, TP ranks simulated (row-parallel outputs summed)."""
@@ -211,8 +300,11 @@ def forward(cfg: dict, ranks: list, tokens: torch.LongTensor, phase: str = "gene
         x = _rms(h, w0[pre + "input_layernorm.weight"], eps)
         h = h + sum(_attention(cfg, w, pre + "attention.", x, phase) for w in ranks)
         x = _rms(h, w0[pre + "post_layernorm.weight"], eps)
-        h = h + sum((torch.nn.functional.silu(x @ w[pre + "mlp.fc.weight"].T) * (x @ w[pre + "mlp.gate.weight"].T))
-                    @ w[pre + "mlp.proj.weight"].T for w in ranks)
+        if pre + "mlp.router.weight" in w0:
+            h = h + _moe(cfg, ranks, pre + "mlp.", x)
+        else:
+            h = h + sum((torch.nn.functional.silu(x @ w[pre + "mlp.fc.weight"].T) * (x @ w[pre + "mlp.gate.weight"].T))
+                        @ w[pre + "mlp.proj.weight"].T for w in ranks)
     h = _rms(h, w0["transformer.ln_f.weight"], eps)
     head = torch.cat([w["lm_head.weight"] for w in ranks])[:cfg["vocab_size"]]
     return h @ head.T

@@ -30,10 +30,31 @@ scale is ``1 / (q_scaling * sqrt(nope + rope))`` with ``q_scaling = 1 / get_msca
 when ``mscale_all_dim`` is set. Without MoE (``moe.num_experts`` 0) every layer is a GatedMLP (``hidden_act``
 swiglu, made non-gated silu for the dense layers; ``mlp.fc`` = gate_proj, ``mlp.gate`` = up_proj).
 
+MoE (DeepSeek-V2 / V2-Lite): ``DeepseekV2DecoderLayer`` builds a GatedMLP (``intermediate_size``) on layer 0 and,
+once ``moe.num_experts`` is set, ``MOE`` / ``SharedMoE(use_shared_gate=False)`` (``moe_inter_size``) on every
+later layer; convert.py writes the MoE tensors on layers ``>= first_k_dense_replace``: the two agree at 1 only, so
+mexc writes ``first_k_dense_replace: 1`` and refuses any other dense / MoE layout (Megatron ``moe_layer_freq``
+``[0] + [1] * (L - 1)`` is the one that fits). Per MoE layer and rank (convert.py): ``mlp.router.weight``
+``[E, H]`` fp32, replicated; ``mlp.fc.weight`` ``[E / ep, 2 F / moe_tp, H]`` = ``[up; gate]`` per expert (the rank's
+expert block ``tp_rank % moe_ep`` and ffn slice ``tp_rank // moe_ep``), ``mlp.proj.weight`` ``[E / ep, H, F / moe_tp]``;
+the shared experts ``mlp.shared_expert.fc.weight`` ``[2 S / tp, H]`` = ``[up_r; gate_r]`` and
+``mlp.shared_expert.proj.weight`` ``[H, S / tp]`` (a plain MLP over the whole TP group, no gate: DeepSeek's
+shared experts are ungated; ``S`` = ``n_shared_experts * moe_intermediate_size``). Routing (layers/moe.py
+``MixtureOfExperts.forward``, by ``moe.normalization_mode``): RENORMALIZE (1) = top-k of the fp32 logits, softmax
+over those k (Megatron's default softmax router), NONE (0) = softmax over all, top-k (``moe_router_pre_softmax``);
+DEVICE_LIMITED (3) / DEVICE_LIMITED_RENORM (4) = ``group_limited_greedy``: softmax over all, the
+``device_limited_topk_group`` groups (of ``device_limited_n_group``) with the best single score kept, times
+``device_limited_routed_scaling_factor``, top-k, (4) divided by their sum. Megatron's ``group_limited_topk`` ranks
+groups by the sum of their best ``topk // group_topk`` scores: the same when that is 1, refused otherwise.
+Megatron's ``moe_router_topk_scaling_factor`` is folded into the experts' ``proj`` (fold-moe-scaling), so the
+config's routed scaling factor is 1 (TensorRT-LLM's own converter also asserts 1 with greedy routing).
+
 Versions: this is the layout TensorRT-LLM's own converter writes (``fused_q_proj``, loaded by the 0.x
 ``DeepseekV2Attention``); later TensorRT-path sources declare ``k_b_proj_trans`` in its place and their
 GPTAttentionPlugin refuses MLA ("use the PyTorch workflow"): with such a release serve ``--target hf``. No engine
-was built from this layout here. MoE layers (routed + shared experts) are not written yet.
+was built from this layout here. Later MoeConfig versions add a ``topk_method`` field (with NOAUX_TC, DeepSeek-V3's
+routing): mexc writes only the ``moe`` keys both generations accept (``topk_method`` at the top level, as
+DeepSeekV2Config.from_hugging_face does) and refuses V3's sigmoid / expert-bias routing.
 """
 
 from __future__ import annotations
@@ -47,11 +68,17 @@ from ....ir import derive
 from ....ir.semantics import yarn_softmax_mscale
 from ....ir.tensors import recipe_op
 from ....ir.types import Rope, TensorType
-from .common import rule, trt_class
+from ....passes.fold_moe_scaling import has_topk_scale
+from .common import UNREWRITTEN, rule, trt_class
 
 CLS = "DeepseekV2ForCausalLM"
 _SHAPE = ("num_heads", "kv_lora_rank", "qk_head_dim", "qk_rope_dim", "v_head_dim", "rope", "latent_norm",
           "latent_norm_eps", "softmax_scale")
+ROWS = """
+moe   shared_up+shared_gate  transformer.layers.{L}.mlp.shared_expert.fc.weight     moe_fc  present
+moe   shared_fc2             transformer.layers.{L}.mlp.shared_expert.proj.weight   copy    present
+"""
+_MOE_KNOWN = {"router", "gate", "up", "fc2", "shared_up", "shared_gate", "shared_fc2"}
 
 
 @recipe_op("mla_absorb", "TensorRT-LLM DeepseekV2 fused_q_proj: per head [q_nope^T k_nope; q_rope] from a rank's "
@@ -117,9 +144,7 @@ def _rules(f) -> list[str]:
     p = []
     if f.attns:
         p.append(f"layers mixing multi-latent and plain attention are not expressible with {CLS}")
-    if f.moes:
-        return p + [f"MoE layers with multi-latent attention are not written for {CLS} yet (its MOE / SharedMoE "
-                    "layers, routing and shared experts); use --target hf (DeepseekV3ForCausalLM)"]
+    p += _moe_rules(f)
     a = f.mlas[0].attrs
     if (a["kv_lora_rank"], a["qk_rope_dim"]) != (512, 64) or a["qk_head_dim"] != a["v_head_dim"]:
         p.append(f"multi-latent attention with kv_lora_rank {a['kv_lora_rank']}, qk_pos_emb_head_dim "
@@ -155,6 +180,84 @@ def _rules(f) -> list[str]:
     return p
 
 
+def _moe_rules(f) -> list[str]:
+    """What DeepseekV2DecoderLayer's MOE / SharedMoE cannot express (see the module docstring)."""
+    if not f.moes:
+        return []
+    p, dense = [], sorted(m.layer for m in f.mlps)
+    if dense != [0]:
+        p.append(f"dense (non-MoE) layers {dense or 'none'} with MoE layers are not expressible with {CLS}: it "
+                 "builds a GatedMLP on layer 0 and a MoE on every later layer (Megatron moe_layer_freq [0] + [1] * "
+                 "(num_layers - 1)); use --target onnx (or hf for DeepSeek-V3's sigmoid routing)")
+    for m in f.moes:
+        a = m.attrs
+        if a["score"] != "softmax" or "expert_bias" in m.params:
+            return p + [f"MoE routing with score={a['score']!r} and expert bias (DeepSeek-V3's) is not expressible "
+                        f"with {CLS}, which routes by softmax (DeepSeek-V2's greedy / group-limited greedy); use "
+                        "--target hf (DeepseekV3ForCausalLM)"]
+        k, gk = a["top_k"], a["group_topk"]
+        if gk and k // gk != 1:
+            p.append(f"group-limited routing ranking groups by the sum of their best {k // gk} scores (Megatron "
+                     f"moe_router_topk {k} / moe_router_group_topk {gk}) is not expressible with {CLS}: its "
+                     "group_limited_greedy ranks groups by their best score (moe_router_topk // group_topk must be 1)")
+        if not a["gated"] or a["activation"] != "silu":
+            p.append(f"{CLS} is written for SwiGLU experts only")
+        if a["shared_expert"] == "sigmoid-gated":
+            p.append(f"a shared expert with a sigmoid gate (moe_shared_expert_gate) is not expressible with {CLS}: "
+                     "DeepseekV2DecoderLayer builds SharedMoE(use_shared_gate=False) (QWenForCausalLM qwen2_moe has "
+                     "the gate)")
+        if set(m.params) - _MOE_KNOWN - {"shared_expert_gate"}:
+            p.append(f"MoE params {sorted(set(m.params) - _MOE_KNOWN - {'shared_expert_gate'})} (biases) are not "
+                     f"expressible with {CLS} (its MOE and shared expert have bias=False)")
+        if p:
+            return p
+    if len({(m.attrs["num_experts"], k, m.attrs["pre_softmax"], m.attrs["num_groups"], m.attrs["group_topk"],
+             m.attrs["shared_expert"], m.params["fc2"].type.shape, _shared_size(m)) for m in f.moes}) > 1:
+        p.append(f"MoE layers differ in experts / top-k / routing / sizes; {CLS} has one moe config per model")
+    return p
+
+
+def _shared_size(m) -> int:
+    return m.params["shared_fc2"].type.shape[-1] if "shared_fc2" in m.params else 0
+
+
+def _moe_config(m) -> dict:
+    """config.json fields of the MoE layers (``m``: the first moe node; its topk_scale already folded)."""
+    a, S = m.attrs, _shared_size(m)
+    groups = bool(a["group_topk"])
+    moe = {"num_experts": a["num_experts"], "top_k": a["top_k"],
+           "normalization_mode": (3 if a["pre_softmax"] else 4) if groups else (0 if a["pre_softmax"] else 1),
+           "shared_expert_intermediate_size": S}
+    if groups:
+        moe.update(device_limited_n_group=a["num_groups"], device_limited_topk_group=a["group_topk"],
+                   device_limited_routed_scaling_factor=float(a["topk_scale"]))
+    return {"moe_inter_size": m.params["fc2"].type.shape[-1], "first_k_dense_replace": 1,
+            "topk_method": "group_limited_greedy" if groups else "greedy", "moe": moe}
+
+
+def _read_moe(cfg: dict) -> dict:
+    """The inverse of :func:`_moe_config`: the IR attributes of the MoE layers, or ``refuse``."""
+    moe = cfg["moe"]
+    E, k, mode = int(moe["num_experts"]), int(moe.get("top_k", 0)), int(moe.get("normalization_mode", 1))
+    if int(cfg.get("first_k_dense_replace", 1)) != 1:
+        return {"refuse": f"first_k_dense_replace {cfg['first_k_dense_replace']}: {CLS} builds layer 0 dense and "
+                          "every later layer MoE, its converter the MoE on layers >= first_k_dense_replace; mexc "
+                          "reads 1 only"}
+    if mode not in (0, 1, 3, 4):
+        return {"refuse": f"moe.normalization_mode {mode}: mexc reads {CLS} with NONE, RENORMALIZE, DEVICE_LIMITED "
+                          "or DEVICE_LIMITED_RENORM routing only"}
+    attrs = {}
+    if mode in (3, 4):
+        G, gk = int(moe.get("device_limited_n_group", 0)), int(moe.get("device_limited_topk_group", 0))
+        if not gk or k // gk != 1:
+            return {"refuse": f"group-limited routing with top_k {k}, topk_group {gk}: mexc reads it where top_k // "
+                              "topk_group is 1 (groups ranked by their best score, as Megatron's group_limited_topk)"}
+        attrs = {"num_groups": G, "group_topk": gk,
+                 "topk_scale": float(moe.get("device_limited_routed_scaling_factor", 1.0)) if mode == 3 else 1.0}
+    return {"experts": E, "top_k": k, "pre_softmax": mode in (0, 3), "dense_layers": (0,), "moe_attrs": attrs,
+            "shared_expert": "ungated" if int(moe.get("shared_expert_intermediate_size", 0)) else "none"}
+
+
 def _rotary_scaling(r, max_pos: int) -> dict:
     """config.json rotary_scaling: every knob DeepseekV2Attention reads (a plain rope: yarn with factor 1)."""
     if r.scaling == "yarn":
@@ -176,6 +279,8 @@ def config(f, cfg: dict) -> dict:
                mlp_bias=False, attn_bias=False, moe_inter_size=0, first_k_dense_replace=f.config.num_layers,
                moe_layer_freq=1, topk_method="greedy", coring_func="softmax", fp8_format=False,
                moe={"num_experts": 0, "top_k": 0, "normalization_mode": 0, "shared_expert_intermediate_size": 0})
+    if f.moes:
+        cfg.update(_moe_config(f.moes[0]))
     for k in ("rotary_pct",):
         cfg.pop(k, None)
     return cfg
@@ -257,18 +362,23 @@ def notes(f) -> list[str]:
 
 
 def read(cfg: dict) -> dict:
+    out = {"norm": "rmsnorm", "gated": True, "activation": "silu", "rope": {"base": float(cfg["rotary_base"])},
+           "mla": lift_mla}
     if int((cfg.get("moe") or {}).get("num_experts", 0)):
-        return {"refuse": f"mexc reads {CLS} with dense layers only (moe.num_experts is set)"}
-    return {"norm": "rmsnorm", "gated": True, "activation": "silu", "rope": {"base": float(cfg["rotary_base"])},
-            "mla": lift_mla}
+        out.update(_read_moe(cfg))
+    return out
 
 
 _cls = trt_class(CLS, signature=lambda f: bool(f.mlas),
-          rules=[rule("plain attention layers mixed in; MoE layers (not written yet); MLA shapes differing by layer; "
-                      "latent norms other than RmsNorm at norm_epsilon; partial rope, scaling other than yarn; a "
-                      "softmax scale rotary_scaling cannot give; biases; norms other than RmsNorm; a MLP other than "
-                      "SwiGLU; learned positions")(_rules)],
-          config=config, read=read, node_entries=node_entries, check_ranks=absorption_mismatches, notes=notes,
+          rules=[UNREWRITTEN,
+                 rule("plain attention layers mixed in; MLA shapes differing by layer; latent norms other than "
+                      "RmsNorm at norm_epsilon; partial rope, scaling other than yarn; a softmax scale rotary_scaling "
+                      "cannot give; biases; norms other than RmsNorm; a MLP other than SwiGLU; learned positions; "
+                      "(MoE) dense layers other than layer 0 alone, sigmoid / expert-bias routing, groups ranked by "
+                      "more than their best score, a gated shared expert, experts other than SwiGLU, MoE biases, "
+                      "differing MoE layers")(_rules)],
+          config=config, read=read, extra_rows=ROWS, node_entries=node_entries, check_ranks=absorption_mismatches,
+          notes=notes,
           before=("QWenForCausalLM", "LlamaForCausalLM", "GPTForCausalLM", "GemmaForCausalLM", "FalconForCausalLM"))
 # no attention node: its rows never apply (the mla tensors come from node_entries, listed in the docstring)
 _cls.rows[:] = [r for r in _cls.rows if r.role != "attention"]
