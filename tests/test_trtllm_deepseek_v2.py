@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from family_checks import err
 from megatron_fixtures import have_megatron_core, load_reference, megatron_checkpoint
 from safetensors.torch import load_file, save_file
 
@@ -29,12 +30,6 @@ from mexc.errors import BackendError  # noqa: E402
 from mexc.tools.cli import main  # noqa: E402
 
 TOL = 1e-4
-
-
-def err(a, b) -> float:
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    V = min(a.shape[-1], b.shape[-1])
-    return (a[..., :V] - b[..., :V]).abs().max().item()
 
 
 def _compile(tmp_path, kind, tp=1, pp=1):
