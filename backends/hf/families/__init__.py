@@ -6,6 +6,8 @@ family      HF class                IR shape
 =========== ======================  =======================================================================
 deepseek_v3 DeepseekV3ForCausalLM   multi-latent attention (mla), RMSNorm, dense SwiGLU layers first
                                     (first_k_dense_replace), then sigmoid-routed MoEs + shared experts
+deepseek_v2 DeepseekV2ForCausalLM   the same MLA, dense layers first, then pre-softmax (not renormalized) greedy /
+                                    group-limited softmax MoEs + ungated shared experts
 qwen3_moe   Qwen3MoeForCausalLM     like qwen3, softmax top-k MoEs (renormalized or not), mlp_only_layers
 qwen2_moe   Qwen2MoeForCausalLM     like qwen2, softmax top-k MoEs + a sigmoid-gated shared expert,
                                     mlp_only_layers

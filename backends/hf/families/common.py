@@ -209,10 +209,10 @@ COMMON = [
         lambda f: None if len({(a.attrs["num_heads"], a.attrs["num_kv_heads"], a.attrs["head_dim"], a.attrs["rope"])
                                for a in f.attns}) <= 1 else
         f"layers differ in attention shape or rotary settings; the {f.name} has one per model"),
-    rule("multi-latent attention (DeepseekV3 only)")(
-        lambda f: None if not f.mlas or f.cls.name == "deepseek_v3" else
+    rule("multi-latent attention (DeepseekV3 / DeepseekV2 only)")(
+        lambda f: None if not f.mlas or f.cls.name in ("deepseek_v3", "deepseek_v2") else
         f"multi-latent attention (DeepSeek MLA) cannot be expressed by the {f.name} (MLA models become "
-        "DeepseekV3ForCausalLM)"),
+        "DeepseekV3ForCausalLM, or DeepseekV2ForCausalLM with softmax-routed MoE layers)"),
     rule("an embedding and head of different vocab sizes")(
         lambda f: None if f.emb.params["word"].type.shape[0] == f.heads[0].params["weight"].type.shape[0] else
         f"embedding has {f.emb.params['word'].type.shape[0]} rows but lm_head "

@@ -12,7 +12,8 @@ with it = num_layers), the others a ``DeepseekV3MoE``: ``DeepseekV3TopkRouter`` 
 ``topk_group`` groups ranked by their best 2 scores, ``norm_topk_prob``, ``routed_scaling_factor`` =
 ``moe_router_topk_scaling_factor``; see :mod:`.glm4_moe`) over ``n_routed_experts`` SwiGLU experts of
 ``moe_intermediate_size``, plus ungated shared experts of ``moe_intermediate_size * n_shared_experts``
-(Megatron's SharedExpertMLP without ``moe_shared_expert_gate``). Softmax routing (DeepSeek-V2's) is refused.
+(Megatron's SharedExpertMLP without ``moe_shared_expert_gate``). Softmax routing (DeepSeek-V2's) is refused here
+(:mod:`.deepseek_v2`, tried first, takes it).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _moe(f):
     if soft:
         return [f"{soft[0].location}: score={soft[0].attrs['score']!r} routing cannot be expressed by the {f.name}: "
                 "its router is sigmoid with a correction bias (DeepSeek-V3; Megatron moe_router_score_function "
-                "sigmoid); softmax-routed MLA (DeepSeek-V2) has no hf class in mexc"]
+                "sigmoid); softmax-routed MLA (DeepSeek-V2) becomes DeepseekV2ForCausalLM"]
     return moe_rules(f, f.name, MOE_PARAMS, sigmoid=True, first_only=True) or _router(f)
 
 
