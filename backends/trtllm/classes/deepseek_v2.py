@@ -188,7 +188,8 @@ def _moe_rules(f) -> list[str]:
     if dense != [0]:
         p.append(f"dense (non-MoE) layers {dense or 'none'} with MoE layers are not expressible with {CLS}: it "
                  "builds a GatedMLP on layer 0 and a MoE on every later layer (Megatron moe_layer_freq [0] + [1] * "
-                 "(num_layers - 1)); use --target onnx (or hf for DeepSeek-V3's sigmoid routing)")
+                 "(num_layers - 1)); use --target onnx, or hf (DeepseekV2ForCausalLM for pre-softmax routing, "
+                 "DeepseekV3ForCausalLM for sigmoid routing)")
     for m in f.moes:
         a = m.attrs
         if a["score"] != "softmax" or "expert_bias" in m.params:
