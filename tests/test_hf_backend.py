@@ -339,3 +339,14 @@ def test_each_family_is_one_registered_class_in_declared_order():
             assert names.index(cls.name) < names.index(later), (cls.name, later)
     text = REGISTRY["qwen3"].describe()
     assert "cannot: a LayerNorm q/k norm" in text and "self_attn.q_norm.weight" in text
+
+
+def test_router_fp32_flag_follows_transformers():
+    """A family keeps its router fp32 under --dtype exactly when transformers' class keeps ``gate.weight`` fp32
+    (``_keep_in_fp32_modules_strict``: DeepseekV2/V3, Glm4Moe, NemotronH)."""
+    transformers = pytest.importorskip("transformers")
+    from mexc.backends.hf.families.common import REGISTRY
+
+    for cls in REGISTRY:
+        strict = getattr(getattr(transformers, cls.extra["architecture"]), "_keep_in_fp32_modules_strict", None)
+        assert cls.extra["router_fp32"] == ("gate.weight" in (strict or [])), cls.name

@@ -186,7 +186,8 @@ class HFBackend(Backend):
             ([make_pass("fold-moe-scaling")] if has_topk_scale(model) else [])   # exact rewrites (issue 16)
         steps = [*exact, *qkv, make_pass("canonicalize", fold_gamma=fold), make_pass("reshard", tp=1, pp=1, ep=1)]
         if opts.dtype:
-            steps.append(make_pass("lower-dtype", to=opts.dtype, keep_norms_fp32=False, keep_router_fp32=False))
+            router = cls is not None and cls.extra["router_fp32"]   # the class's _keep_in_fp32_modules_strict
+            steps.append(make_pass("lower-dtype", to=opts.dtype, keep_norms_fp32=False, keep_router_fp32=router))
         return steps
 
     def legalize_pipeline(self, opts: CompileOptions, model: Model) -> str:

@@ -60,14 +60,17 @@ def family(name: str, architecture: str, *, rows: str, signature: Callable[[Fact
            config: Callable[[Facts, dict], dict], model_type: str | None = None, zero_centered: bool = False,
            fused_qkv: bool = False, moe: bool = False, before: tuple[str, ...] = (),
            flags: Callable[[Facts, dict], dict] | None = None, windows: bool = False,
-           sinks: bool = False) -> TargetClass:
+           sinks: bool = False, router_fp32: bool = False) -> TargetClass:
     """Register one HF family (one file per class): its rows, signature, rules (after :data:`COMMON`) and
     config builder. ``zero_centered``: the HF norm computes with (1 + w), so the gamma is not folded;
     ``fused_qkv``: the class keeps Megatron's grouped fused QKV; ``flags(facts, base)`` adjusts the row
     conditions; ``moe``: the class has experts (the others never take a model with them); ``before``: classes
     whose signature also holds for this one's models and that must be tried after it; ``windows``: the class
     expresses sliding-window attention (its own rules say which patterns); ``sinks``: the class has attention
-    sinks (``self_attn.sinks``)."""
+    sinks (``self_attn.sinks``); ``router_fp32``: transformers keeps the router (``gate.weight``, and
+    ``e_score_correction_bias`` where the class has it) in fp32 whatever the model's dtype (the class's
+    ``_keep_in_fp32_modules_strict``), so ``--dtype`` leaves router-role params fp32 (tests/test_hf_backend.py
+    checks the flag against transformers)."""
     def dense(f: Facts, structure=signature) -> bool:   # only the MoE class takes a model with experts
         return not f.moes and structure(f)
 
@@ -76,7 +79,7 @@ def family(name: str, architecture: str, *, rows: str, signature: Callable[[Fact
                                  family=name),
                       config, {"architecture": architecture, "model_type": model_type or name, "before": before,
                                "zero_centered": zero_centered, "fused_qkv": fused_qkv, "flags": flags,
-                               "windows": windows, "sinks": sinks})
+                               "windows": windows, "sinks": sinks, "router_fp32": router_fp32})
     return REGISTRY.register(cls)
 
 

@@ -75,4 +75,4 @@ family("deepseek_v2", "DeepseekV2ForCausalLM", rows=ROWS, moe=True,
                    "than their best score; dense layers other than the first k; experts other than bias-free gated "
                    "SiLU; no or gated shared experts, a shared size not a multiple of the experts'; differing MoE "
                    "layers")(_router)],
-       config=config, flags=_flags, before=("deepseek_v3",))
+       config=config, flags=_flags, before=("deepseek_v3",), router_fp32=True)

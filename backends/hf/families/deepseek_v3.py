@@ -132,7 +132,10 @@ def config(f, flags) -> dict:
                    n_routed_experts=ea["num_experts"], num_experts_per_tok=ea["top_k"],
                    n_shared_experts=_shared(e) // F, routed_scaling_factor=float(ea["topk_scale"]),
                    n_group=ea["num_groups"] or 1, topk_group=ea["group_topk"] or 1,
-                   norm_topk_prob=bool(ea["norm_topk"]))
+                   norm_topk_prob=bool(ea["norm_topk"]),
+                   # transformers hard-codes both; vLLM's DeepseekV2MoE reads them (scoring_func defaults to
+                   # softmax, e_score_correction_bias exists only with noaux_tc), as in DeepSeek-V3's Hub config
+                   scoring_func="sigmoid", topk_method="noaux_tc")
     return cfg
 
 
@@ -146,4 +149,4 @@ family("deepseek_v3", "DeepseekV3ForCausalLM", rows=ROWS, moe=True,
               rule("softmax routing; dense layers other than the first k (first_k_dense_replace); experts other than "
                    "bias-free gated SiLU; no or gated shared experts, a shared expert size not a multiple of the "
                    "experts'; groups ranked by other than their best 2 scores; differing MoE layers")(_moe)],
-       config=config, flags=_flags)
+       config=config, flags=_flags, router_fp32=True)

@@ -92,4 +92,4 @@ family("glm4_moe", "Glm4MoeForCausalLM", rows=ROWS, moe=True,
                   lambda f: moe_rules(f, f.name, PARAMS, sigmoid=True, first_only=True)),
               rule("softmax routing, no or gated shared experts, a shared expert size not a multiple of the experts', "
                    "groups ranked by other than their best 2 scores, attention output or MLP biases")(_router)],
-       config=config, flags=_flags, before=("mixtral",))
+       config=config, flags=_flags, before=("mixtral",), router_fp32=True)

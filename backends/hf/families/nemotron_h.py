@@ -163,6 +163,7 @@ family(
     rows=ROWS,
     moe=True,
     before=_OTHERS,
+    router_fp32=True,   # its (refused) MoE layers would keep gate.weight fp32 in transformers
     signature=lambda f: bool(_mambas(f)),
     rules=[
         rule("layers with more than one mixer; MoE layers; LayerNorm")(_structure),
