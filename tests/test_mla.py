@@ -115,6 +115,13 @@ def test_onnx_refuses_quantized_mla_and_inspect_shows_its_sizes(tmp_path, capsys
     with pytest.raises(BackendError, match="multi-latent attention weights are not quantized"):
         compile_checkpoint(megatron_checkpoint("mla") / "ckpt", tmp_path / "o",
                            CompileOptions(target="onnx", quant="int4-wo", group_size=16, build="never"))
+    # without --group-size too: the MLA line, not a group size the user never gave (found by QA)
+    for quant in ("int8-wo", "int4-wo"):
+        assert main(["compile", str(megatron_checkpoint("deepseek-v3") / "ckpt"), "--target", "onnx", "--quant",
+                     quant, "-o", str(tmp_path / quant), "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert "multi-latent attention weights are not quantized" in err and "group-size" not in err, err
+        assert not (tmp_path / quant).exists()
     assert main(["inspect", str(megatron_checkpoint("mla-q") / "ckpt")]) == 0
     assert "heads 4 (kv 4, head_dim 24)" in capsys.readouterr().out
 

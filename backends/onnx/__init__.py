@@ -63,8 +63,8 @@ class OnnxBackend(Backend):
                 "CPU MatMulNBits has no bfloat16 kernel); pass --dtype float16 for a float16 graph")
         if dtype:
             passes.append(f"lower-dtype{{to={DTYPE_PASS[dtype]}}}")
-        if opts.quant in ("int4-wo", "int8-wo"):
-            gs = opts.group_size or 32
+        if opts.quant in ("int4-wo", "int8-wo") and not any(True for _ in model.graph.find("mla")):
+            gs = opts.group_size or 32      # (MLA models are refused by check, in one line, before any group size)
             exclude = '""' if quant_lm_head(opts, self.profile(opts)) else "lm_head"   # "" = nothing excluded
             passes.append(f"quantize{{scheme={opts.quant} group-size={gs} exclude={exclude}}}")
         return ",".join(passes)
