@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .backends.registry import BUILTIN, get_backend  # noqa: F401 - re-exported; stdlib only, like this module
-from .errors import BackendError, UsageError
+from .errors import BackendError, MexcError, UsageError
 
 if TYPE_CHECKING:   # the heavy modules (torch) load inside the functions: `mexc compile` judges flags first
     from .backends.base import Backend, CompileOptions, EmitResult
@@ -84,17 +84,42 @@ def check_apart(ckpt: str | Path, out: str | Path) -> None:
 _HINT = re.compile(r"\s*\(hint: (.*)\)\s*$")
 
 
-def lowering_error(target: str, problems: list[str]) -> BackendError:
+def lowering_error(target: str, problems: list[str], others: list[str] | None = None) -> BackendError:
     """One error for what ``backend.check`` found: the problems on the error line, their own ``(hint: ...)``
-    parts moved to the one hint line (never a second hint after the first)."""
+    parts moved to the one hint line (never a second hint after the first). ``others``: the built-in targets
+    that do take the model (:func:`targets_taking`), named on the hint line when given."""
     texts, hints = [], []
     for p in problems:
         m = _HINT.search(p)
         texts.append(p[:m.start()] if m else p)
         if m and m.group(1) not in hints:
             hints.append(m.group(1))
+    if others is not None:
+        hints.append(f"targets that take this model as it is: {', '.join(f'--target {t}' for t in others)}"
+                     if others else "no built-in target takes this model as it is")
     return BackendError(f"the {target} target cannot lower this model: " + "; ".join(texts),
                         hint="; ".join(hints) or "see docs/targets.md for what each target supports")
+
+
+def targets_taking(lift_again: Callable[[], Model], but: str) -> list[str]:
+    """The built-in targets other than ``but`` whose legalization and ``check`` accept the model with their
+    default options: each on a fresh lift (lazy: no tensor is read). Asked only on a refusal, so that its hint
+    never sends a user to a target that refuses the model too."""
+    from .backends.options import CompileOptions
+    from .passes import PassManager
+
+    ok = []
+    for t in BUILTIN:
+        if t == but or t == "tensorrt":    # tensorrt takes what onnx's tensorrt profile takes
+            continue
+        try:
+            model, opts, backend = lift_again(), CompileOptions(target=t), get_backend(t)
+            PassManager(build_pipeline(model, opts, backend))(model)
+            if not backend.check(model, opts):
+                ok.append(t)
+        except MexcError:
+            pass
+    return ok
 
 
 @dataclass
@@ -180,7 +205,9 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     t2 = time.perf_counter()
     problems = backend.check(model, opts)
     if problems:
-        raise lowering_error(opts.target, problems)
+        others = targets_taking(lambda: lift(ckpt, iteration=iteration, config=config, overrides=overrides),
+                                opts.target)
+        raise lowering_error(opts.target, problems, others)
     tune_allocator()
     with atomic_directory(out, opts.force, log=log) as tmp, intra_op_threads(1):
         res = backend.emit(model, tmp, opts, progress=progress)

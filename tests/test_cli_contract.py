@@ -281,3 +281,29 @@ def test_mexc_tokenizer_with_a_missing_source_names_its_own_flag(tmp_path):
     err, hint = one_error(r.stderr)
     assert err == f"error: {tmp_path / 'nope'}: no such file or directory (from --from)" and r.returncode == 1
     assert hint.startswith("hint: give --from the tokenizer's path") and "--tokenizer" not in hint
+
+
+@pytest.mark.parametrize("kind,target,takes", [
+    ("qwen", "trtllm", ["onnx"]),                  # q/k/v bias + partial rotary: no hf class either (found by QA)
+    ("deepseek-v3", "trtllm", ["hf", "onnx"]),     # sigmoid-routed MLA: DeepseekV3ForCausalLM, onnx
+    ("output-gate-plain", "hf", ["onnx"]),         # the gate without q/k norms: only the onnx lowering
+])
+def test_a_refusal_names_only_targets_that_take_the_model(tmp_path, capsys, kind, target, takes):
+    """The hint is computed (each other built-in target's legalization and check on a fresh lift), never a
+    hard-coded "use --target hf" that the other target refuses too."""
+    from megatron_fixtures import have_megatron_core, megatron_checkpoint
+
+    if not have_megatron_core():
+        pytest.skip("megatron-core not installed")
+    from mexc.tools.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compile", str(megatron_checkpoint(kind) / "ckpt"), "--target", target, "-o", str(out),
+                 "--build", "never", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("error: ") and err[1].startswith("hint: "), err
+    assert err[1].endswith("targets that take this model as it is: " + ", ".join(f"--target {t}" for t in takes))
+    assert "use --target" not in err[0] and not out.exists()
+    for t in takes:                       # and they do
+        assert main(["compile", str(megatron_checkpoint(kind) / "ckpt"), "--target", t, "-o", str(tmp_path / t),
+                     "--build", "never", "--quiet"]) == 0

@@ -181,7 +181,7 @@ def _clamped_glu(f: Facts):
     if m is not None and f.cls.name != "gpt_oss":
         return (f"a clamped / offset GLU ({m.location}: clamp {m.attrs['glu_clamp']}, up + {m.attrs['glu_offset']}; "
                 f"megatron-core activation_func_clamp_value / glu_linear_offset) cannot be expressed by the {f.name}; "
-                "mexc writes it only as GptOssForCausalLM's experts (MoE with sinks); use --target onnx")
+                "mexc writes it only as GptOssForCausalLM's experts (MoE with sinks)")
 
 
 def _zero_centered(f: Facts):

@@ -114,7 +114,7 @@ def decoder_attention(scaling_ok: tuple[str, ...], qk_norm: bool = False, moe: b
             p.append(f"interleaved (GPT-J) rotary is not expressible with {cls} (it hard-codes rope_gpt_neox)")
         elif rope.percent != 1.0:
             p.append(f"partial rotary (rotary_percent {rope.percent:g}) is not expressible with {cls}: its "
-                     "decoder layer rotates the whole head; use --target hf")
+                     "decoder layer rotates the whole head")
         elif rope.scaling not in scaling_ok:
             p.append(f"rope scaling {rope.scaling!r} is not expressible with {cls}")
         if a["qk_norm"] != "none" and not qk_norm:
@@ -145,8 +145,7 @@ def _per_model_attention(f: Facts) -> list[str]:
 
 NO_SINKS = Rule("attention sinks", lambda f: None if not any(a.attrs.get("sinks") for a in f.attns) else
                 "attention sinks (megatron-core softmax_type learnable / off-by-one, gpt-oss) cannot be expressed by "
-                "a TensorRT-LLM 1.2 checkpoint class (no class in tensorrt_llm/models has a sink logit); use --target "
-                "onnx, or hf for gpt-oss-shaped models")
+                "a TensorRT-LLM 1.2 checkpoint class (no class in tensorrt_llm/models has a sink logit)")
 NO_CLAMPED_GLU = Rule("a clamped / offset GLU", lambda f: None if not any(
     m.attrs.get("glu_clamp") is not None or m.attrs.get("glu_offset") for m in (*f.mlps, *f.moes)) else
     "a clamped / offset GLU (megatron-core activation_func_clamp_value / glu_linear_offset, gpt-oss) cannot be "

@@ -68,7 +68,6 @@ from ....ir import derive
 from ....ir.semantics import yarn_softmax_mscale
 from ....ir.tensors import recipe_op
 from ....ir.types import Rope, TensorType
-from ....passes.fold_moe_scaling import has_topk_scale
 from .common import UNREWRITTEN, rule, trt_class
 
 CLS = "DeepseekV2ForCausalLM"
@@ -151,7 +150,7 @@ def _rules(f) -> list[str]:
                  f"{a['qk_rope_dim']}, qk_head_dim {a['qk_head_dim']}, v_head_dim {a['v_head_dim']} is not expressible "
                  f"with {CLS}: TensorRT-LLM's MLA kernels are compiled for kv_lora_rank 512 and rope 64 only "
                  "(mlaKernels.cu applyMLARopeAndAssignQKVKernel*<T, 256, 512, 64>) and its kv_b_proj holds "
-                 "h * qk_head_dim * 2 rows (v_head_dim = qk_head_dim); use --target hf")
+                 "h * qk_head_dim * 2 rows (v_head_dim = qk_head_dim)")
     if len({tuple(m.attrs[k] for k in _SHAPE) for m in f.mlas}) > 1 or len({"q" in m.params for m in f.mlas}) > 1:
         p.append(f"layers differ in multi-latent attention shape, rope or q_lora_rank; {CLS} has one per model")
     eps = f.norms[0].attrs["eps"] if f.norms else None
@@ -188,14 +187,12 @@ def _moe_rules(f) -> list[str]:
     if dense != [0]:
         p.append(f"dense (non-MoE) layers {dense or 'none'} with MoE layers are not expressible with {CLS}: it "
                  "builds a GatedMLP on layer 0 and a MoE on every later layer (Megatron moe_layer_freq [0] + [1] * "
-                 "(num_layers - 1)); use --target onnx, or hf (DeepseekV2ForCausalLM for pre-softmax routing, "
-                 "DeepseekV3ForCausalLM for sigmoid routing)")
+                 "(num_layers - 1))")
     for m in f.moes:
         a = m.attrs
         if a["score"] != "softmax" or "expert_bias" in m.params:
             return p + [f"MoE routing with score={a['score']!r} and expert bias (DeepSeek-V3's) is not expressible "
-                        f"with {CLS}, which routes by softmax (DeepSeek-V2's greedy / group-limited greedy); use "
-                        "--target hf (DeepseekV3ForCausalLM)"]
+                        f"with {CLS}, which routes by softmax (DeepSeek-V2's greedy / group-limited greedy)"]
         k, gk = a["top_k"], a["group_topk"]
         if gk and k // gk != 1:
             p.append(f"group-limited routing ranking groups by the sum of their best {k // gk} scores (Megatron "

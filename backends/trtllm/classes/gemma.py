@@ -28,8 +28,7 @@ def _rules(f):
     if f.has(f.attns, ("qkv_bias", "proj_bias")) or any(k.endswith("bias") for n in f.mlps for k in n.params):
         p.append(f"linear biases are not emitted with {CLS}")
     if not f.heads[0].attrs["tied"]:
-        p.append("an untied output head: TensorRT-LLM's GemmaConfig forces share_embedding_table; "
-                 "use --target hf")
+        p.append("an untied output head: TensorRT-LLM's GemmaConfig forces share_embedding_table")
     if f.model.parallel.pp > 1:
         p.append(f"pipeline parallelism with {CLS}: its shared embedding table cannot be split over "
                  "pipeline stages (TensorRT-LLM refuses share_embedding_table with pp_size > 1)")

@@ -52,7 +52,7 @@ def _rules(f):
                      "TensorRT-LLM's Llama class")
     elif f.a0["position"] == "rope" and rope.percent != 1.0:
         p.append("partial rotary (rotary_percent < 1) on a Llama-style model: TensorRT-LLM's Llama "
-                 "class rotates the whole head (bias-free SwiGLU models are written as Phi3ForCausalLM); use --target hf")
+                 "class rotates the whole head (bias-free SwiGLU models are written as Phi3ForCausalLM)")
     return p
 
 

@@ -45,8 +45,7 @@ def _moe_rules(f) -> list[str]:
         a = m.attrs
         if a["score"] != "softmax":
             p.append(f"MoE routing with score={a['score']!r} (expert bias, group-limited top-k and all) has no "
-                     f"TensorRT-LLM checkpoint class: {CLS} and LlamaForCausalLM route by softmax; use --target hf "
-                     "(Glm4MoeForCausalLM)")
+                     f"TensorRT-LLM checkpoint class: {CLS} and LlamaForCausalLM route by softmax")
             return p
         if a["group_topk"]:
             p.append(f"group-limited top-k routing is not expressible with {CLS}")
