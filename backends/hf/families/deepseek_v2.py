@@ -22,7 +22,7 @@ from .common import ONE_MLP_SIZE, family, mlp_form, rule
 from .deepseek_v3 import ROWS as V3_ROWS
 from .deepseek_v3 import _flags, _mla, _no_learned
 from .deepseek_v3 import config as v3_config
-from .glm4_moe import _shared
+from .glm4_moe import _shared, moe_shape_problems
 from .qwen3_moe import MOE_PARAMS, moe_rules
 
 ROWS = "\n".join(r for r in V3_ROWS.splitlines() if "e_score_correction_bias" not in r)
@@ -32,20 +32,13 @@ PARAMS = MOE_PARAMS | {"shared_gate", "shared_up", "shared_fc2"}
 def _router(f) -> list[str]:
     p = moe_rules(f, f.name, PARAMS, sigmoid=True, first_only=True)  # sigmoid=True: groups allowed, checked here
     for m in f.moes:
-        a, F, why = m.attrs, m.params["fc2"].type.shape[-1], f"{m.location}: the {f.name}"
+        a, why = m.attrs, f"{m.location}: the {f.name}"
         if a["score"] != "softmax":
             p.append(f"{why} routes by softmax; score={a['score']!r} routing with MLA becomes DeepseekV3ForCausalLM")
         elif not a["pre_softmax"]:
             p.append(f"{why} weighs the top-k by their softmax over all experts, never renormalized: Megatron's "
                      "default router (softmax of the top-k logits) cannot be expressed; moe_router_pre_softmax can")
-        if a["group_topk"] and a["top_k"] // a["group_topk"] != 1:
-            p.append(f"{why} ranks expert groups by their best score; Megatron ranks them by the sum of their best "
-                     f"top_k // group_topk = {a['top_k'] // a['group_topk']}")
-        if a["shared_expert"] != "ungated":
-            p.append(f"{why} always adds ungated shared experts; this MoE has shared_expert={a['shared_expert']!r}")
-        elif _shared(m) % F:
-            p.append(f"{why} sizes the shared experts moe_intermediate_size x n_shared_experts; {_shared(m)} is not "
-                     f"a multiple of the experts' {F}")
+        p += moe_shape_problems(f, m, 1)
         if p:
             return p
     if len({(m.attrs["num_groups"], m.attrs["group_topk"], m.attrs["topk_scale"], _shared(m)) for m in f.moes}) > 1:

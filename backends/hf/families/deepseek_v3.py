@@ -22,6 +22,7 @@ import math
 
 from ....ir.semantics import yarn_softmax_mscale
 from .common import HIDDEN_ACT, ONE_MLP_SIZE, family, mlp_form, rope_fields, rule
+from .glm4_moe import MOE_ROWS
 from .glm4_moe import PARAMS as MOE_PARAMS
 from .glm4_moe import _router, _shared
 from .qwen3_moe import dense_layers, moe_rules
@@ -42,17 +43,9 @@ post_norm   weight    {_L}post_attention_layernorm.weight        copy  always
 mlp         gate      {_L}mlp.gate_proj.weight                   copy  always
 mlp         up        {_L}mlp.up_proj.weight                     copy  always
 mlp         fc2       {_L}mlp.down_proj.weight                   copy  always
-moe         router       {_L}mlp.gate.weight                     copy    always
-moe         expert_bias  {_L}mlp.gate.e_score_correction_bias    copy    always
-moe         gate         {_L}mlp.experts.{{E}}.gate_proj.weight    expert  always
-moe         up           {_L}mlp.experts.{{E}}.up_proj.weight      expert  always
-moe         fc2          {_L}mlp.experts.{{E}}.down_proj.weight    expert  always
-moe         shared_gate  {_L}mlp.shared_experts.gate_proj.weight copy    always
-moe         shared_up    {_L}mlp.shared_experts.up_proj.weight   copy    always
-moe         shared_fc2   {_L}mlp.shared_experts.down_proj.weight copy    always
 final_norm  weight    model.norm.weight                          copy  always
 lm_head     weight    lm_head.weight                             copy  untied
-"""
+""" + MOE_ROWS
 
 _SHAPE = ("num_heads", "kv_lora_rank", "qk_head_dim", "qk_rope_dim", "v_head_dim", "rope", "latent_norm",
           "latent_norm_eps", "softmax_scale")

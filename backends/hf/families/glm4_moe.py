@@ -19,7 +19,8 @@ from .common import MLP_BIAS, ROTARY_ONLY, decoder_rows, family, llama_config, n
 from .qwen3_moe import DENSE_ROWS, MOE_PARAMS, dense_layers, dense_size, moe_rules
 
 L = "model.layers.{L}."
-ROWS = decoder_rows(qkv_bias="attn_bias", mlp="none") + f"""
+# DeepSeek-V3's MoE names, which Glm4MoeForCausalLM keeps (and DeepseekV3ForCausalLM imports from here)
+MOE_ROWS = f"""
 moe   router       {L}mlp.gate.weight                              copy    always
 moe   expert_bias  {L}mlp.gate.e_score_correction_bias             copy    always
 moe   gate         {L}mlp.experts.{{E}}.gate_proj.weight             expert  always
@@ -28,26 +29,38 @@ moe   fc2          {L}mlp.experts.{{E}}.down_proj.weight             expert  alw
 moe   shared_gate  {L}mlp.shared_experts.gate_proj.weight          copy    always
 moe   shared_up    {L}mlp.shared_experts.up_proj.weight            copy    always
 moe   shared_fc2   {L}mlp.shared_experts.down_proj.weight          copy    always
-""" + DENSE_ROWS
+"""
+ROWS = decoder_rows(qkv_bias="attn_bias", mlp="none") + MOE_ROWS + DENSE_ROWS
 PARAMS = MOE_PARAMS | {"expert_bias", "shared_gate", "shared_up", "shared_fc2"}
+
+
+def moe_shape_problems(f, m, best: int) -> list[str]:
+    """What the DeepSeek-style MoE classes (Glm4Moe, DeepseekV2 / V3) cannot take from one ``moe`` node: shared
+    experts other than ungated ones of a multiple of the experts' size (``moe_intermediate_size x
+    n_shared_experts``), and expert groups ranked other than by the sum of their ``best`` scores (Megatron's
+    ``group_limited_topk`` sums the best ``top_k // group_topk``)."""
+    a, F, p = m.attrs, m.params["fc2"].type.shape[-1], []
+    if a["shared_expert"] != "ungated":
+        p.append(f"{m.location}: the {f.name} always adds ungated shared experts; this MoE has "
+                 f"shared_expert={a['shared_expert']!r}")
+    elif _shared(m) % F:
+        p.append(f"{m.location}: a shared expert of {_shared(m)} is not a multiple of the experts' {F}: the "
+                 f"{f.name} sizes it moe_intermediate_size x n_shared_experts")
+    if a["group_topk"] and a["top_k"] // a["group_topk"] != best:
+        n = a["top_k"] // a["group_topk"]
+        p.append(f"{m.location}: group-limited routing with top_k // group_topk = {n} (Megatron ranks a group by the "
+                 f"sum of its best {n}) cannot be expressed by the {f.name}: it ranks groups by their best "
+                 + ("score" if best == 1 else f"{best} scores"))
+    return p
 
 
 def _router(f):
     p = []
     for m in f.moes:
-        a, F = m.attrs, m.params["fc2"].type.shape[-1]
-        if a["score"] != "sigmoid":
-            p.append(f"{m.location}: score={a['score']!r} routing cannot be expressed by the {f.name}: it routes by "
-                     "sigmoid (softmax MoEs become Mixtral / Qwen2-MoE / Qwen3-MoE)")
-        if a["shared_expert"] != "ungated":
-            p.append(f"{m.location}: the {f.name} always adds ungated shared experts; this MoE has "
-                     f"shared_expert={a['shared_expert']!r}")
-        elif m.params["shared_fc2"].type.shape[-1] % F:
-            p.append(f"{m.location}: a shared expert of {m.params['shared_fc2'].type.shape[-1]} is not a multiple "
-                     f"of the experts' {F}: the {f.name} sizes it moe_intermediate_size x n_shared_experts")
-        if a["group_topk"] and a["top_k"] // a["group_topk"] != 2:
-            p.append(f"{m.location}: group-limited routing with top_k / group_topk = {a['top_k'] // a['group_topk']} "
-                     f"cannot be expressed by the {f.name}: it ranks groups by their best 2 scores")
+        if m.attrs["score"] != "sigmoid":
+            p.append(f"{m.location}: score={m.attrs['score']!r} routing cannot be expressed by the {f.name}: it "
+                     "routes by sigmoid (softmax MoEs become Mixtral / Qwen2-MoE / Qwen3-MoE)")
+        p += moe_shape_problems(f, m, 2)
         if p:
             return p
     if len({(m.attrs["num_groups"], m.attrs["group_topk"], m.attrs["norm_topk"], _shared(m)) for m in f.moes}) > 1:
