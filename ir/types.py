@@ -239,6 +239,12 @@ class Rope:
     def rotary_dim(self, head_dim: int) -> int:
         return int(head_dim * self.percent)
 
+    def rotated_dim(self, head_dim: int) -> int:
+        """The channels that actually rotate: 2 x the ``arange(0, rotary_dim, 2)`` frequencies, i.e.
+        ``rotary_dim`` rounded up to even (megatron-core ``RotaryEmbedding`` cats the frequencies twice and
+        ``_apply_rotary_pos_emb_bshd`` rotates ``freqs.shape[-1]`` channels: rotary_percent 0.3125 of 16 -> 6)."""
+        return 2 * ((self.rotary_dim(head_dim) + 1) // 2)
+
 
 @dataclass(frozen=True)
 class Parallelism:

@@ -177,7 +177,7 @@ class AttentionLowering:
             if a["position"] == "rope":
                 self.plan.uses_position_ids = True
                 cos, sin = self.rope_cache(a["rope"], d)
-                rd = a["rope"].rotary_dim(d)
+                rd = a["rope"].rotated_dim(d)   # even: the cos cache holds rd / 2
                 kw = dict(interleaved=int(a["rope"].interleaved), rotary_embedding_dim=rd if rd != d else None)
                 q = g.op("RotaryEmbedding", [q, "position_ids", cos, sin], f"{base}/q_rotary/RotaryEmbedding",
                          domain=MS, num_heads=nh, **kw)
@@ -207,7 +207,7 @@ class AttentionLowering:
         if a["position"] == "rope":
             self.plan.uses_position_ids = True
             cos, sin = self.rope_cache(a["rope"], d)
-            rd = a["rope"].rotary_dim(d)
+            rd = a["rope"].rotated_dim(d)   # even: the cos cache holds rd / 2
             kw = dict(interleaved=int(a["rope"].interleaved), rotary_embedding_dim=rd if rd != d else None)
             q = g.op("RotaryEmbedding", [q, cos, sin, "position_ids"], f"{base}/q_rotary/RotaryEmbedding", **kw)
             k = g.op("RotaryEmbedding", [k, cos, sin, "position_ids"], f"{base}/k_rotary/RotaryEmbedding", **kw)

@@ -93,7 +93,7 @@ def _rope(lo, rope, t, heads, d, name):
     """Rotary on ``t`` [B, S, heads*d] at ``position_ids`` with the caches of :meth:`Lowering.rope_cache`."""
     lo.plan.uses_position_ids = True
     cos, sin = lo.rope_cache(rope, d)
-    rd = rope.rotary_dim(d)
+    rd = rope.rotated_dim(d)   # even: the cos cache holds rd / 2
     kw = dict(interleaved=int(rope.interleaved), rotary_embedding_dim=rd if rd != d else None, num_heads=heads)
     if lo.profile == "ort":
         return lo.g.op("RotaryEmbedding", [t, "position_ids", cos, sin], f"{name}/RotaryEmbedding", domain=MS, **kw)

@@ -169,9 +169,15 @@ ROWS: tuple[Arg, ...] = (
     H("moe_router_pre_softmax", False, "moe.pre_softmax", "moe_pre_softmax"),
     H("moe_router_topk_scaling_factor", None, "moe.topk_scale (fold-moe-scaling folds it into fc2)",
       "moe_topk_scale"),
-    H("moe_layer_freq", 1, "per layer: a moe node where the layer has a router, else mlp", None),
+    H("moe_layer_freq", 1, "per layer: a moe node where the layer has a router, else mlp; the routers must be the "
+      "layers megatron-core expands it to (int N: every N-th from 0, a 0/1 list, or its text)", "moe_layer_freq"),
     H("moe_router_num_groups", None, "moe.num_groups (group-limited top-k)", "moe_num_groups"),
     H("moe_router_group_topk", None, "moe.group_topk (group-limited top-k)", "moe_group_topk"),
+    # no release's parse_args defines it (a development build between 0.10 and 0.11 did; TransformerConfig-only since)
+    R("moe_router_topk_limited_devices", None, "device-limited routing is not lifted: a pre-0.11 development build "
+      "picks ranks by their best expert score, megatron-core >= 0.11 reads it as moe_router_num_groups=<EP size>, "
+      "moe_router_group_topk=N (sum of top scores); the args cannot tell which, so save them in the >= 0.11 form",
+      ok=(0,)),
     H("moe_router_enable_expert_bias", False, "moe expert_bias param [E] (the router's saved expert_bias buffer)",
       "moe_expert_bias"),
     R("moe_router_force_load_balancing", False, "random-logit routing is a benchmark mode, not a model"),

@@ -61,6 +61,7 @@ class MegatronArch:
     moe_num_groups: int = 0               # moe_router_num_groups (0: not group-limited)
     moe_group_topk: int = 0               # moe_router_group_topk
     moe_expert_bias: bool = False         # moe_router_enable_expert_bias
+    moe_layer_freq: int | list | str | None = 1   # as saved; config_features.moe_layer_pattern expands it
     parallel_block: bool = False
     embedding_scale: float = 1.0
     tp: int = 1
@@ -192,6 +193,8 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None,
     else:
         dtype = DType.f32 if params_dtype is None else DType.from_torch(params_dtype)
     E = int(_get(args, "num_experts") or 0)
+    # absent (0.9: every layer MoE) reads as 1; a saved None stays None (megatron-core builds no model from it)
+    freq = args.get("moe_layer_freq", 1) if isinstance(args, dict) else getattr(args, "moe_layer_freq", 1)
     vp = _get(args, "vp") or 1
     # swiglu = gated SiLU; gated_linear_unit (NeMo) gates whichever activation the other flags pick (Gemma: GeGLU
     # with openai_gelu = tanh GELU); openai_gelu / squared_relu as in Megatron-LM's core_transformer_config_from_args
@@ -250,6 +253,7 @@ def from_args(args: Any, where: str, overrides: dict[str, Any] | None = None,
         moe_shared_gate=bool(_get(args, "moe_shared_gate", False)),
         moe_num_groups=int(_get(args, "moe_num_groups") or 0), moe_group_topk=int(_get(args, "moe_group_topk") or 0),
         moe_expert_bias=bool(_get(args, "moe_expert_bias", False)),
+        moe_layer_freq=freq,
         parallel_block=parallel,
         embedding_scale=emb_scale,
         tp=int(_get(args, "tp", 1) or 1), pp=int(_get(args, "pp", 1) or 1), vp=int(vp), ep=int(_get(args, "ep", 1) or 1),

@@ -184,3 +184,47 @@ def _hybrid(args: Any, where: str, hidden: int, overrides: dict | None = None) -
     if not out.get("mamba_num_heads"):
         out["mamba_num_heads"] = 2 * hidden // out.get("mamba_head_dim", 64)
     return out
+
+
+def _list_expression(text: str) -> list | None:
+    """Megatron-LM's list text (``moe_freq_type``: digits, commas, brackets, parentheses, ``+`` and ``*``, e.g.
+    ``([0]*1+[1]*2)``) evaluated without ``eval``: lists of ints, list + list, list * int; None if it is not one."""
+    import ast
+
+    def ev(n):
+        if isinstance(n, ast.Constant) and type(n.value) is int:
+            return n.value
+        if isinstance(n, (ast.List, ast.Tuple)):
+            return [ev(e) for e in n.elts]
+        if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Mult)):
+            a, b = ev(n.left), ev(n.right)
+            if isinstance(n.op, ast.Add) and isinstance(a, list) and isinstance(b, list):
+                return a + b
+            if isinstance(n.op, ast.Mult) and isinstance(a, list) != isinstance(b, list):
+                k = b if isinstance(a, list) else a
+                if 0 <= k <= 1 << 14:
+                    return a * k if isinstance(a, list) else b * k
+        raise ValueError(text)
+
+    try:
+        v = ev(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    return v if isinstance(v, list) else None
+
+
+def moe_layer_pattern(v: Any, num_layers: int, where: str) -> tuple[int, ...]:
+    """Megatron's ``moe_layer_freq`` as one 0/1 per layer (1: a MoE layer), as megatron-core 0.16.1 expands it
+    (``models/gpt/gpt_layer_specs.py`` ``get_gpt_decoder_layer_specs``): an int N is ``i % N == 0`` for layer i
+    (0-based); a list has one entry per layer; Megatron-LM's text form (``moe_freq_type``: ``"2"`` or
+    ``"([0]*1+[1]*2)"``) is read the same. Raises :class:`ConfigError` for anything else (megatron-core builds no
+    model from it)."""
+    if isinstance(v, str):
+        v = _list_expression(v) if "[" in v else int(v) if v.strip().isdigit() else v
+    fix = "give moe_layer_freq with --set / --config: an int N (every N-th layer from 0) or a 0/1 list per layer"
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+        return tuple(int(i % v == 0) for i in range(num_layers))
+    if isinstance(v, (list, tuple)) and len(v) == num_layers and all(type(x) is int and x in (0, 1) for x in v):
+        return tuple(v)
+    raise ConfigError(f"{where}: moe_layer_freq = {str(v)[:40]} is neither a positive int nor a 0/1 list of "
+                      f"num_layers={num_layers} entries (megatron-core builds no MoE model from it)", hint=fix)

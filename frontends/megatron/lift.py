@@ -20,7 +20,7 @@ from . import mapping
 from .arguments import apply as apply_arguments
 from .config import MegatronArch, from_args, load_overrides
 from .config_features import layer_window
-from .lift_layers import _get, _mamba, _mla, _mlp, _sinks
+from .lift_layers import _get, _mamba, _mla, _mlp, _sinks, check_moe_layers
 from .overrides import check_shapes, merge_overrides
 from .replicated import replicated as replicated_copies
 from .reader import CheckpointInfo, DcpStore, MegatronTorchStore, open_checkpoint, tensor_type
@@ -324,6 +324,7 @@ def _build(arch: MegatronArch, roles, store, info: CheckpointInfo) -> Model:
                               hint="set position_embedding_type in --config")
     x = b.node("embedding", b.input_ids, params={"word": word, "position": pos}, scale=arch.embedding_scale)
     norm_kw = dict(kind=arch.normalization, eps=arch.norm_eps, zero_centered=arch.zero_centered_gamma)
+    check_moe_layers(roles, arch, where)
     lay = QKVLayout("grouped", arch.num_heads, arch.num_kv_heads, arch.head_dim)
     for i in range(arch.num_layers):
         sym = arch.hybrid_pattern[i] if arch.hybrid_pattern else None

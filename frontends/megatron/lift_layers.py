@@ -153,6 +153,11 @@ def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
                                   hint="copy every expert-parallel rank (mp_rank_*_EEE)")
         fc1 = derive("stack", *[roles[("expert.fc1.weight", i, e)] for e in range(E)])
         fc2 = derive("stack", *[roles[("expert.fc2.weight", i, e)] for e in range(E)])
+    if fc2.type.shape[-1] != arch.moe_ffn_hidden_size:   # fc2 [E, H, F]: every TP / ETP shard merged
+        raise CheckpointError(f"{where}: layer {i} experts' linear_fc2 is {list(fc2.type.shape)} (ffn "
+                              f"{fc2.type.shape[-1]}, all tensor-parallel shards merged) but "
+                              f"moe_ffn_hidden_size={arch.moe_ffn_hidden_size} (saved args or --set)",
+                              hint=f"give the checkpoint's value: --set moe_ffn_hidden_size={fc2.type.shape[-1]}")
     params: dict[str, Recipe | None] = {"router": roles[("router.weight", i, None)], "fc2": fc2,
                                         "router_bias": roles.get(("router.bias", i, None)),
                                         "fc2_bias": _expert_bias(roles, "fc2", i, E)}
@@ -181,6 +186,24 @@ def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
                   activation=arch.activation, gated=arch.gated, score=arch.moe_score, **_glu(arch),
                   pre_softmax=arch.moe_pre_softmax, topk_scale=arch.moe_topk_scale,
                   norm_topk=arch.moe_score == "sigmoid" and arch.moe_topk > 1)  # Megatron renormalizes sigmoid top-k
+
+
+def check_moe_layers(roles, arch: MegatronArch, where: str) -> None:
+    """The layers with a router (``mlp.router.weight``) must be the MoE layers ``moe_layer_freq`` gives
+    (:func:`.config_features.moe_layer_pattern`, megatron-core's expansion); hybrid models place MoE by their
+    pattern instead. Raises :class:`CheckpointError` naming the first layer that differs."""
+    if not arch.num_experts or arch.hybrid_pattern:
+        return
+    from .config_features import moe_layer_pattern
+
+    want = moe_layer_pattern(arch.moe_layer_freq, arch.num_layers, where)
+    have = tuple(int(roles.get(("router.weight", i, None)) is not None) for i in range(arch.num_layers))
+    if want != have:
+        i = next(j for j in range(arch.num_layers) if want[j] != have[j])
+        raise CheckpointError(f"{where}: layer {i} {'has' if have[i] else 'has no'} router but the args say "
+                              f"moe_layer_freq={str(arch.moe_layer_freq)[:40]} (MoE layers {list(want)}, the "
+                              f"checkpoint's {list(have)})",
+                              hint=f"fix the args: --set moe_layer_freq=[{','.join(map(str, have))}]")
 
 
 def _shared_expert(roles, arch: MegatronArch, i, params, where) -> str:

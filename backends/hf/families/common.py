@@ -287,6 +287,18 @@ def full_rotary(f: Facts):
                 "rotates the whole head")
 
 
+def odd_rotary(f: Facts):
+    """An odd ``int(head_dim * rotary_percent)``: megatron-core rotates it rounded up to even (3 frequencies over
+    5 -> 6 channels, :meth:`Rope.rotated_dim`); a class that slices ``int(head_dim * partial_rotary_factor)``
+    channels itself (StableLM's ``rotary_ndims``) rotates another number."""
+    a = f.a0
+    rd = a["rope"].rotary_dim(a["head_dim"])
+    if a["position"] == "rope" and rd % 2:
+        return (f"an odd rotary dimension (int({a['head_dim']} x rotary_percent {a['rope'].percent:g}) = {rd}; "
+                f"megatron-core rotates {rd + 1} channels) cannot be expressed by the {f.name}: it rotates "
+                f"int(head_dim x partial_rotary_factor) = {rd} channels")
+
+
 def head_dim_from_hidden(f: Facts):
     a = f.a0
     if a["num_heads"] * a["head_dim"] != f.config.hidden_size:

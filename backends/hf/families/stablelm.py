@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .common import (HIDDEN_ACT, MLP_BIAS, ONE_MLP_SIZE, QKV_BIAS, ROTARY_ONLY, decoder_rows, family,
-                     head_dim_from_hidden, mlp_form, no_qk_norm, rotary_config, rule)
+                     head_dim_from_hidden, mlp_form, no_qk_norm, odd_rotary, rotary_config, rule)
 
 ROWS = decoder_rows(norm_bias=True, qkv_bias="attn_bias")
 
@@ -27,7 +27,7 @@ def config(f, flags) -> dict:
 
 family("stablelm", "StableLmForCausalLM", rows=ROWS,
        signature=lambda f: f.kinds == {"layernorm"} and f.positions == {"rope"} and f.gated == {True},
-       rules=[rule("q/k normalization")(no_qk_norm), ROTARY_ONLY,
+       rules=[rule("q/k normalization")(no_qk_norm), ROTARY_ONLY, rule("an odd rotary dimension")(odd_rotary),
               rule("head_dim != hidden/heads")(head_dim_from_hidden),
               rule("an MLP other than SwiGLU")(mlp_form(True, "silu", " (SwiGLU only)")), ONE_MLP_SIZE,
               rule("MLP biases, an attention output bias")(_biases)],

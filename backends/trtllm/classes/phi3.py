@@ -45,6 +45,12 @@ def _rules(f):
         p.append(f"head_dim {a['head_dim']} x {a['num_heads']} heads != hidden {f.config.hidden_size}: "
                  f"{f.name}'s Phi3DecoderLayer builds its Attention without attention_head_size "
                  "(hidden_size // num_attention_heads)")
+    rd = rope.rotary_dim(a["head_dim"])
+    if rd % 2:
+        p.append(f"an odd rotary dimension (int({a['head_dim']} x rotary_percent {rope.percent:g}) = {rd}; "
+                 f"megatron-core rotates {rd + 1} channels, 2 x the {rd // 2 + 1} frequencies over {rd}) is not "
+                 f"expressible with {f.name}: its attention rotates rotary_embedding_dim = int(head_size x "
+                 f"rotary_pct) = {rd} channels; use --target hf or onnx")
     if rope.scaling != "none":
         p.append(f"rope scaling {rope.scaling!r} is not expressible with {f.name}: Phi3DecoderLayer passes no "
                  "rotary_embedding_scaling to its Attention")
