@@ -184,3 +184,23 @@ def test_config_names_its_routing_for_vllm(tmp_path):
     assert (cfg["scoring_func"], cfg["topk_method"]) == ("sigmoid", "noaux_tc")
     c = transformers.AutoConfig.from_pretrained(out)          # transformers takes the extra keys
     assert type(c).__name__ == "DeepseekV3Config"
+
+
+def test_groups_that_keep_every_group_are_plain_top_k(tmp_path):
+    """moe_router_group_topk = moe_router_num_groups masks no expert (megatron-core group_limited_topk): the
+    lift drops the groups, so DeepseekV3ForCausalLM takes the model (it was refused for ranking groups by other
+    than their best 2 scores: found by QA) and the logits are those of the grouped model run by the interpreter."""
+    d = megatron_checkpoint(KIND)
+    ref = lift(d / "ckpt", overrides={"moe_group_topk": 2})            # 2 of the fixture's 2 groups
+    assert all(m.attrs["num_groups"] == 0 and m.attrs["group_topk"] == 0 for m in ref.graph.find("moe"))
+    grouped = lift(d / "ckpt")
+    for m in grouped.graph.find("moe"):
+        m.attrs["group_topk"] = 2                                       # the same routing, kept grouped
+    tokens = load_reference(d)["tokens"]
+    assert err(run(grouped, tokens), run(ref, tokens)) < 1e-6
+    out = tmp_path / "hf"
+    assert main(["compile", str(d / "ckpt"), "--target", "hf", "--set", "moe_group_topk=2", "-o", str(out),
+                 "--quiet"]) == 0
+    with torch.no_grad():
+        assert err(hf_model(out, "DeepseekV3ForCausalLM")(tokens).logits, run(ref, tokens)) < TOL
+    assert main(["verify", str(out), "--against", str(d / "ckpt")]) == 0

@@ -181,8 +181,11 @@ def _moe(b: Builder, roles, arch: MegatronArch, i, h, where):
     if bias is not None:
         params["expert_bias"] = bias
     shared = _shared_expert(roles, arch, i, params, where)
+    # group-limited routing that keeps every group (group_topk = num_groups) masks nothing: plain top-k, exactly
+    # (megatron-core moe_utils.group_limited_topk), so targets without groups take it too
+    groups = 0 < arch.moe_group_topk < arch.moe_num_groups
     return b.node("moe", h, layer=i, params=params, num_experts=E, top_k=arch.moe_topk, shared_expert=shared,
-                  num_groups=arch.moe_num_groups if arch.moe_group_topk else 0, group_topk=arch.moe_group_topk,
+                  num_groups=arch.moe_num_groups if groups else 0, group_topk=arch.moe_group_topk if groups else 0,
                   activation=arch.activation, gated=arch.gated, score=arch.moe_score, **_glu(arch),
                   pre_softmax=arch.moe_pre_softmax, topk_scale=arch.moe_topk_scale,
                   norm_topk=arch.moe_score == "sigmoid" and arch.moe_topk > 1)  # Megatron renormalizes sigmoid top-k
