@@ -57,6 +57,7 @@ def test_hf_llama_yarn_matches_megatron(tmp_path):
     assert (rp["factor"], rp["original_max_position_embeddings"], rp["beta_fast"], rp["truncate"]) == \
         (4.0, 256, 16.0, True)
     assert math.isclose(rp["attention_factor"], FACTOR, rel_tol=1e-12)
+    assert cfg["max_position_embeddings"] == 256 * 4        # the extended context (transformers warns below it)
     model = hf_model(out)
     assert math.isclose(model.model.rotary_emb.attention_scaling, FACTOR, rel_tol=1e-9)
     with torch.no_grad():

@@ -341,6 +341,10 @@ def rope_fields(rope, out: dict) -> None:
                       beta_fast=float(rope.beta_fast), beta_slow=float(rope.beta_slow), truncate=bool(rope.truncate),
                       attention_factor=float(yarn_attention_factor(rope)), mscale=float(rope.mscale),
                       mscale_all_dim=float(rope.mscale_all_dim))
+        # the context YaRN extends to, as DeepSeek-V3's Hub config has it (163840 = 4096 x 40): transformers warns
+        # below it, and readers that derive the factor from max_position_embeddings / original get ``factor``
+        out["max_position_embeddings"] = max(int(out.get("max_position_embeddings") or 0),
+                                             int(rope.original_max_positions * rope.factor))
     out["rope_parameters"] = params                  # transformers >= 5
     out["rope_theta"] = float(rope.base)            # transformers 4.x, vLLM
     if params["rope_type"] != "default":
