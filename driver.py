@@ -84,10 +84,10 @@ def check_apart(ckpt: str | Path, out: str | Path) -> None:
 _HINT = re.compile(r"\s*\(hint: (.*)\)\s*$")
 
 
-def lowering_error(target: str, problems: list[str], others: list[str] | None = None) -> BackendError:
+def lowering_error(target: str, problems: list[str], others: tuple[list[str], str] | None = None) -> BackendError:
     """One error for what ``backend.check`` found: the problems on the error line, their own ``(hint: ...)``
     parts moved to the one hint line (never a second hint after the first). ``others``: the built-in targets
-    that do take the model (:func:`targets_taking`), named on the hint line when given."""
+    that do take the model and the flags they take it without (:func:`targets_taking`), named on the hint line."""
     texts, hints = [], []
     for p in problems:
         m = _HINT.search(p)
@@ -95,31 +95,48 @@ def lowering_error(target: str, problems: list[str], others: list[str] | None = 
         if m and m.group(1) not in hints:
             hints.append(m.group(1))
     if others is not None:
-        hints.append(f"targets that take this model as it is: {', '.join(f'--target {t}' for t in others)}"
-                     if others else "no built-in target takes this model as it is")
+        names, without = others
+        how = f"without {without}" if without else "as it is"
+        hints.append(f"targets that take this model {how}: {', '.join(f'--target {t}' for t in names)}" if names
+                     else "no built-in target takes this model as it is")
     return BackendError(f"the {target} target cannot lower this model: " + "; ".join(texts),
                         hint="; ".join(hints) or "see docs/targets.md for what each target supports")
 
 
-def targets_taking(lift_again: Callable[[], Model], but: str) -> list[str]:
-    """The built-in targets other than ``but`` whose legalization and ``check`` accept the model with their
-    default options: each on a fresh lift (lazy: no tensor is read). Asked only on a refusal, so that its hint
-    never sends a user to a target that refuses the model too."""
+_CARRIED = {"tp": "--tp", "pp": "--pp", "ep": "--ep", "dtype": "--dtype", "quant": "--quant",
+            "group_size": "--group-size"}
+
+
+def targets_taking(lift_again: Callable[[], Model], opts: CompileOptions) -> tuple[list[str], str]:
+    """The built-in targets other than ``opts.target`` whose legalization and ``check`` accept the model, each
+    on a fresh lift (lazy: no tensor is read), with the user's layout, dtype and quantization flags; when none
+    does, those that take it with their defaults, and the flags they take it without (``"--quant, --tp"``).
+    Asked only on a refusal, so that its hint never sends a user to a target that refuses the model too."""
     from .backends.options import CompileOptions
     from .passes import PassManager
 
-    ok = []
-    for t in BUILTIN:
-        if t == but or t == "tensorrt":    # tensorrt takes what onnx's tensorrt profile takes
-            continue
-        try:
-            model, opts, backend = lift_again(), CompileOptions(target=t), get_backend(t)
-            PassManager(build_pipeline(model, opts, backend))(model)
-            if not backend.check(model, opts):
-                ok.append(t)
-        except Exception:   # noqa: BLE001 - a best-effort hint on an error path: never a second failure
-            pass
-    return ok
+    given = {k: getattr(opts, k) for k, d in ((f, CompileOptions.__dataclass_fields__[f].default) for f in _CARRIED)
+             if getattr(opts, k) != d}
+
+    def probe(fields: dict) -> list[str]:
+        ok = []
+        for t in BUILTIN:
+            if t == opts.target or t == "tensorrt":    # tensorrt takes what onnx's tensorrt profile takes
+                continue
+            try:
+                model, o, backend = lift_again(), CompileOptions(target=t, **fields), get_backend(t)
+                o.validate()
+                PassManager(build_pipeline(model, o, backend))(model)
+                if not backend.check(model, o):
+                    ok.append(t)
+            except Exception:   # noqa: BLE001 - a best-effort hint on an error path: never a second failure
+                pass
+        return ok
+
+    with_flags = probe(given)
+    if with_flags or not given:
+        return with_flags, ""
+    return probe({}), ", ".join(_CARRIED[k] for k in given)
 
 
 @dataclass
@@ -205,8 +222,7 @@ def compile_checkpoint(ckpt: str | Path, out: str | Path, opts: CompileOptions, 
     t2 = time.perf_counter()
     problems = backend.check(model, opts)
     if problems:
-        others = targets_taking(lambda: lift(ckpt, iteration=iteration, config=config, overrides=overrides),
-                                opts.target)
+        others = targets_taking(lambda: lift(ckpt, iteration=iteration, config=config, overrides=overrides), opts)
         raise lowering_error(opts.target, problems, others)
     tune_allocator()
     with atomic_directory(out, opts.force, log=log) as tmp, intra_op_threads(1):

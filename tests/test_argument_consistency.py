@@ -183,3 +183,21 @@ def test_odd_rotary_stablelm_is_refused_and_even_partial_is_not():
         odd = [p for p in problems if "odd rotary dimension" in p]
         assert family == "stablelm" and bool(odd) == refused, problems
     assert get_backend("hf").check(m, CompileOptions(target="hf"))
+
+
+@pytest.mark.parametrize("kind,override,words", [
+    ("deepseek-v2-group", "moe_group_topk=1", "hold fewer than moe_topk=3 experts"),
+    ("deepseek-v3", "moe_num_groups=4", "hold fewer than moe_topk=2 experts"),
+])
+def test_group_routing_that_cannot_hold_the_top_k_is_one_line(tmp_path, capsys, kind, override, words):
+    """Before: an IR verifier failure (found by QA); megatron-core's group_limited_topk needs group_topk x
+    experts per group >= top_k."""
+    from mexc.tools.cli import main
+
+    out = tmp_path / "o"
+    assert main(["compile", str(megatron_checkpoint(kind) / "ckpt"), "--target", "hf", "--set", override, "-o",
+                 str(out), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith(f"error: --set {override}: does not fit the checkpoint") and \
+        words in err[0], err
+    assert not out.exists()

@@ -307,3 +307,23 @@ def test_a_refusal_names_only_targets_that_take_the_model(tmp_path, capsys, kind
     for t in takes:                       # and they do
         assert main(["compile", str(megatron_checkpoint(kind) / "ckpt"), "--target", t, "-o", str(tmp_path / t),
                      "--build", "never", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("kind,target,flags,hint", [
+    # with the user's flags nothing else takes it: the targets that do without them, and which flags (found by QA)
+    ("glm4-moe", "trtllm", ["--quant", "int8-wo"], "without --quant: --target hf, --target onnx"),
+    ("deepseek-v3", "trtllm", ["--tp", "2"], "without --tp: --target hf, --target onnx"),
+    # flags another target takes too are carried over
+    ("deepseek-v3", "trtllm", ["--dtype", "bfloat16"], "as it is: --target hf, --target onnx"),
+])
+def test_a_refusal_hint_accounts_for_the_flags_given(tmp_path, capsys, kind, target, flags, hint):
+    from megatron_fixtures import have_megatron_core, megatron_checkpoint
+
+    if not have_megatron_core():
+        pytest.skip("megatron-core not installed")
+    from mexc.tools.cli import main
+
+    assert main(["compile", str(megatron_checkpoint(kind) / "ckpt"), "--target", target, *flags, "-o",
+                 str(tmp_path / "o"), "--build", "never", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1].endswith("targets that take this model " + hint), err

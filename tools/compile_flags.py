@@ -39,7 +39,7 @@ def _target_refusal(a) -> tuple[str, str] | None:
         if a.quant:
             return (f"--quant {a.quant} does nothing the hf target can express: mexc writes no loader-readable "
                     "quantization config", "drop --quant and quantize at load time (e.g. vllm serve OUT "
-                    "--quantization fp8), or use --target trtllm / onnx")
+                    "--quantization fp8); --target trtllm and onnx take --quant where the model allows it")
         if layout:
             return (f"{' '.join(layout)}: the hf target writes one unsharded model; loaders shard it at load time",
                     "drop --tp/--pp/--ep and shard when serving (vllm serve OUT --tensor-parallel-size N, "

@@ -94,7 +94,7 @@ class OnnxBackend(Backend):
             out.append("multi-latent attention weights are not quantized by the onnx lowering (hint: drop --quant)")
         for n in model.graph.nodes:
             if n.op == "moe" and any(p.type.dtype in (DType.i4, DType.i8) for p in n.params.values()):
-                out.append(f"{n.location}: quantized MoE experts are not supported (hint: exclude moe from quantize)")
+                out.append(f"{n.location}: quantized MoE experts have no ONNX lowering (hint: drop --quant)")
         return out
 
     def emit(self, model: Model, out: Path, opts: CompileOptions, progress=None) -> EmitResult:

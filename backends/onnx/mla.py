@@ -37,7 +37,7 @@ def lower_mla(lo, node, x: str, i: int) -> str:
     base = f"/model/layers.{node.layer}/attn"
     if any(p.type.dtype.bits < 16 or not p.type.dtype.is_float for p in node.params.values()):
         raise BackendError(f"{node.location}: quantized multi-latent attention weights are not lowered",
-                           hint="exclude mla from quantize")
+                           hint="drop --quant (the onnx target refuses it for MLA models before lowering)")
 
     def mm(t, w, name):  # t @ w^T for a float torch weight w [out, in]
         return g.op("MatMul", [t, lo.float_weight(f"{base}/{name}.weight", w.t().contiguous())], f"{base}/{name}/MatMul")

@@ -309,6 +309,13 @@ def _validate(a: MegatronArch, where: str, origins: dict[str, str] | None = None
             problems.append(f"num_experts={a.num_experts} is not a multiple of moe_num_groups={a.moe_num_groups}")
         if not 1 <= a.moe_group_topk <= a.moe_num_groups:
             problems.append(f"moe_group_topk={a.moe_group_topk} is not in 1..moe_num_groups={a.moe_num_groups}")
+        elif a.moe_group_topk * (a.num_experts // a.moe_num_groups) < a.moe_topk:   # top-k among the kept groups
+            problems.append(f"moe_group_topk={a.moe_group_topk} groups of {a.num_experts // a.moe_num_groups} experts "
+                            f"(num_experts={a.num_experts} / moe_num_groups={a.moe_num_groups}) hold fewer than "
+                            f"moe_topk={a.moe_topk} experts")
+        elif a.moe_topk < a.moe_group_topk:   # a group's score sums its best moe_topk // moe_group_topk = 0
+            problems.append(f"moe_topk={a.moe_topk} is below moe_group_topk={a.moe_group_topk}: megatron-core ranks a "
+                            "group by the sum of its best moe_topk // moe_group_topk scores")
     def said(f, p):   # problem p names field f (or a saved arg it replaces)
         names = {f, *ARG_ALIASES.get(f, ()), *(a for a, g in _FIELD_OF_ARG.items() if g == f)}
         return any(f"{n}=" in p or f" {n} " in f" {p} " for n in names)
